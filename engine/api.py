@@ -1,0 +1,138 @@
+"""The Python face of the engine: ``Engine(index_dir).index(corpus)`` and ``.search(...)``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine.boxes import Box
+from engine.config import EngineConfig, IndexConfig, default_index_dir
+from engine.errors import InvalidInputError
+from engine.results import Hit
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """A region retrieval engine over one index directory.
+
+    Models load lazily on first use and are kept for later calls; the index is opened read-only for
+    searching and with the writer lock for indexing.
+
+    Example::
+
+        engine = Engine("my-index")
+        engine.index("corpus/")
+        hits = engine.search(image="q.jpg", region=(40, 60, 200, 220), k=5)
+    """
+
+    def __init__(self, index_dir: Path | str | None = None, *, config: EngineConfig | None = None) -> None:
+        self.index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
+        self.config = config or EngineConfig()
+        self._extractor: Any = None
+        self._reader: Any = None
+
+    # -- models -------------------------------------------------------------------------------
+    @property
+    def extractor(self):  # -> RegionFeatureExtractor
+        if self._extractor is None:
+            from engine.device import resolve_device
+            from indexer.backbone import create_backbone
+            from indexer.region_features import RegionFeatureExtractor
+
+            device = resolve_device(self.config.device)
+            backbone = create_backbone(self.config.backbone, device=device)
+            self._extractor = RegionFeatureExtractor(backbone=backbone, config=self.config.features)
+        return self._extractor
+
+    def _models(self) -> dict[str, str]:
+        return {"backbone": self.extractor.backbone.version, "region_features": f"roi_align:{self.config.features.level}:{self.config.features.output_size}"}
+
+    def _array_shapes(self) -> dict[str, tuple[int, ...]]:
+        c, h, w = self.extractor.map_shape
+        return {"maps": (c, h, w), "visual": (c,)}
+
+    # -- indexing -----------------------------------------------------------------------------
+    def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
+        """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``."""
+        from indexer.pipeline import IndexingPipeline
+        from indexer.proposal_sources import create_proposal_provider
+        from indexer.store import IndexStore
+
+        config = config or IndexConfig()
+        corpus = Path(corpus)
+        if not corpus.is_dir():
+            raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
+        proposals = create_proposal_provider(config.proposals, corpus.resolve())
+        self._close_reader()
+        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._array_shapes()) as store:
+            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=self._models())
+            return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
+
+    # -- searching ----------------------------------------------------------------------------
+    def search(
+        self,
+        *,
+        image: Path | str | None = None,
+        region: Box | list[float] | None = None,
+        text: str | None = None,
+        k: int = 10,
+        exclude_self: bool = False,
+    ) -> list[Hit]:
+        """The ``k`` indexed regions most similar to ``region`` of ``image`` (the whole image when no region).
+
+        ``exclude_self`` drops hits from the query image itself (matched by content hash).
+        """
+        from query.encode import VisualQueryEncoder, load_query_region
+        from query.search import SearchOptions, visual_search
+
+        if text is not None:
+            raise InvalidInputError("text queries need a text-aware model, which this engine version does not ship yet; search by --image and --region")
+        if image is None:
+            raise InvalidInputError("a query needs an image: pass --image FILE (and optionally --region x1,y1,x2,y2)")
+        SearchOptions(k=k)  # validates k before any model loads
+        store = self._open_reader()
+        query = load_query_region(image, region)
+        _, vector = VisualQueryEncoder(self.extractor).encode(query)
+        options = SearchOptions(k=k, exclude_self_hash=query.content_hash if exclude_self else None)
+        return visual_search(store, vector, options)
+
+    def render(self, hits: list[Hit], *, image: Path | str, region: Box | list[float] | None, out_dir: Path | str) -> list[Path]:
+        """Draw the query region and each hit's box (PNG files plus a contact sheet) into ``out_dir``."""
+        from query.encode import load_query_region
+        from query.render import render_results
+
+        query = load_query_region(image, region)
+        return render_results(query.image, query.box, hits, Path(out_dir))
+
+    # -- inspection ---------------------------------------------------------------------------
+    def info(self):
+        """Counts, index type, device and models of the index (an ``IndexInfo``)."""
+        return self._open_reader().info()
+
+    def errors(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every image that could not be indexed."""
+        return self._open_reader().errors()
+
+    def close(self) -> None:
+        self._close_reader()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_reader(self):
+        from indexer.store import IndexStore
+
+        if self._reader is None:
+            self._reader = IndexStore.open(self.index_dir, config=self.config.store)
+        return self._reader
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

@@ -1,0 +1,39 @@
+"""Typed configuration of the engine. Each part configures one component family."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.backbone import BackboneConfig
+from indexer.region_features import RegionFeatureConfig
+from indexer.store import StoreConfig
+
+__all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "EngineConfig", "IndexConfig", "default_index_dir"]
+
+DEFAULT_INDEX_DIR = Path(".engine")
+INDEX_ENV_VAR = "ENGINE_INDEX"
+
+
+def default_index_dir() -> Path:
+    """``$ENGINE_INDEX`` when set, else ``.engine/`` in the working directory."""
+    return Path(os.environ.get(INDEX_ENV_VAR) or DEFAULT_INDEX_DIR)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Models and storage of an engine. ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    device: str = "auto"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """One indexing run: where proposals come from, how many images per batch, how often FAISS is saved."""
+
+    proposals: str = "auto"
+    batch_size: int = 8
+    save_every: int = 2000

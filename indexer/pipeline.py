@@ -1,0 +1,160 @@
+"""The indexing pipeline: scan a corpus, propose regions, extract their features, commit them image by image."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from engine.errors import ImageReadError, InvalidInputError
+from indexer.images import load_image
+from indexer.proposal_sources import ProposalProvider
+from indexer.region_features import RegionFeatureExtractor
+from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
+from indexer.store import ImageRecord, IndexStore, RegionBatch
+
+__all__ = ["IndexSummary", "IndexingPipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What one ``engine index`` run did."""
+
+    processed: int
+    unchanged: int
+    removed: int
+    regions_added: int
+    errors: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass
+class _Loaded:
+    entry: FileEntry
+    record: ImageRecord
+    image: Image.Image
+    boxes: np.ndarray
+    objectness: np.ndarray
+
+
+class IndexingPipeline:
+    """Runs one indexing pass of ``corpus`` into an open, writable :class:`IndexStore`.
+
+    Images are committed in batches of ``batch_size``; each image's regions become visible together
+    with its metadata at the commit, so an interrupted run loses nothing committed and resumes.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: IndexStore,
+        extractor: RegionFeatureExtractor,
+        proposals: ProposalProvider,
+        batch_size: int = 8,
+        save_every: int = 2000,
+        models: dict[str, str] | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise InvalidInputError(f"--batch-size must be a positive integer, got {batch_size}")
+        self.store = store
+        self.extractor = extractor
+        self.proposals = proposals
+        self.batch_size = batch_size
+        self.save_every = save_every
+        self.models = models or {}
+
+    def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
+        start = time.perf_counter()
+        corpus = corpus.resolve()
+        files = list_image_files(corpus, skip=skip)
+        plan = plan_scan(files, self.store.known_images(str(corpus)))
+        log.info("scan of %s: %d new, %d changed, %d unchanged, %d deleted", corpus, plan.new, plan.changed, plan.unchanged, len(plan.deleted))
+        run_id = self.store.begin_run(str(corpus), self.models)
+        counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
+        status = "failed"
+        try:
+            counts["removed"] = self.store.remove_images(plan.deleted) if plan.deleted else 0
+            since_save = 0
+            with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
+                for batch in _chunks(plan.todo, self.batch_size):
+                    done = self._process_batch(run_id, batch, counts)
+                    since_save += done
+                    bar.update(len(batch))
+                    bar.set_postfix(regions=counts["regions_added"], errors=counts["errors"])
+                    if since_save >= self.save_every:
+                        self.store.save_vectors()
+                        since_save = 0
+            status = "completed"
+        finally:
+            seconds = time.perf_counter() - start
+            self.store.save_vectors()
+            self.store.finish_run(run_id, status=status, unchanged=plan.unchanged, seconds=seconds, **counts)
+        return IndexSummary(unchanged=plan.unchanged, seconds=round(seconds, 3), **counts)
+
+    def _process_batch(self, run_id: int, batch: list[FileEntry], counts: dict[str, int]) -> int:
+        loaded: list[_Loaded] = []
+        for entry in batch:
+            try:
+                loaded.append(self._load(entry))
+            except ImageReadError as exc:
+                log.warning("skipping %s", exc)
+                self.store.record_error(run_id, _record_or_none(entry), str(entry.path), str(exc))
+                counts["errors"] += 1
+        if not loaded:
+            return 0
+        items: list[tuple[ImageRecord, RegionBatch]] = []
+        for group in _same_size_groups(loaded):
+            features = self.extractor([it.image for it in group], [it.boxes for it in group])
+            for it, (maps, vectors) in zip(group, features):
+                arrays = {"maps": maps, "visual": vectors}
+                items.append((it.record, RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
+        items.sort(key=lambda pair: pair[0].path)
+        self.store.commit_images(run_id, items)
+        counts["processed"] += len(items)
+        counts["regions_added"] += sum(len(b.boxes) for _, b in items)
+        return len(items)
+
+    def _load(self, entry: FileEntry) -> _Loaded:
+        try:
+            digest = content_hash(entry.path)
+        except OSError as exc:
+            raise ImageReadError(f"cannot read image {entry.path}: {exc.strerror or exc}") from None
+        image = load_image(entry.path)
+        w, h = image.size
+        record = ImageRecord(path=str(entry.path), content_hash=digest, size_bytes=entry.size_bytes, mtime_ns=entry.mtime_ns, width=w, height=h)
+        boxes, objectness = self.proposals(entry.path, image)
+        return _Loaded(entry=entry, record=record, image=image, boxes=np.asarray(boxes, np.float32), objectness=np.asarray(objectness, np.float32))
+
+
+def _record_or_none(entry: FileEntry) -> ImageRecord | None:
+    """A record for an unreadable file, so that an unchanged broken file is not retried on every run."""
+    try:
+        digest = content_hash(entry.path)
+    except OSError:
+        return None
+    return ImageRecord(path=str(entry.path), content_hash=digest, size_bytes=entry.size_bytes, mtime_ns=entry.mtime_ns, width=0, height=0)
+
+
+def _same_size_groups(items: list[_Loaded]) -> Iterator[list[_Loaded]]:
+    """Batch only images of the same size: padding to a common size would change features near the borders,
+    and a query image (processed alone) must get the same features as at index time."""
+    groups: dict[tuple[int, int], list[_Loaded]] = defaultdict(list)
+    for it in items:
+        groups[it.image.size].append(it)
+    yield from groups.values()
+
+
+def _chunks(items: list[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
