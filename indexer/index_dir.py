@@ -1,0 +1,165 @@
+"""The on-disk layout of an index directory, the writer lock, and durable-write helpers.
+
+::
+
+    DIR/
+      engine.db            SQLite database (+ engine.db-wal, engine.db-shm while open)
+      vectors.faiss        FAISS index: header + faiss.serialize_index bytes (atomic replace)
+      features/NAME.f16    feature-store arrays, float16, row-major, append-only
+      .lock                flock()ed by the one writer; readers take no lock
+
+See ``docs/index-layout.md``.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from engine.errors import IndexLockedError, InvalidInputError
+
+__all__ = ["IndexLayout", "WriterLock", "fsync_dir", "atomic_write", "remove_stale_temps", "check_array_name"]
+
+logger = logging.getLogger(__name__)
+
+_ARRAY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_array_name(name: str) -> str:
+    """Return ``name`` if it may name a feature-store array (a file name), else raise."""
+    if not isinstance(name, str) or not _ARRAY_NAME.match(name):
+        raise InvalidInputError(
+            f"feature array name {name!r} is not allowed; use lowercase letters, digits and '_', "
+            "starting with a letter (e.g. 'visual', 'maps')"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """Paths inside an index directory ``root``."""
+
+    root: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "engine.db"
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.root / "vectors.faiss"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def feature_path(self, name: str) -> Path:
+        return self.features_dir / f"{check_array_name(name)}.f16"
+
+    def exists(self) -> bool:
+        """Whether an index (its database) exists here."""
+        return self.db_path.is_file()
+
+
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``DIR/.lock``: at most one writer per index.
+
+    The kernel drops the lock when the process dies (even by ``kill -9``), so a crashed writer
+    never leaves a stale lock behind. Locks are per open file, so two writers in one process
+    exclude each other too.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise IndexLockedError(
+                    f"index at {self.path.parent} is being written by another process (lock "
+                    f"{self.path} is held); wait for that `engine index` run to finish, or stop it"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making renames and file creations inside it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` to ``path`` atomically: temp file in the same dir, fsync, rename, fsync dir.
+
+    After a crash at any point ``path`` holds either its old content or the complete new one; a
+    leftover ``.NAME.tmp-PID`` file is garbage that :func:`remove_stale_temps` deletes.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files that :func:`atomic_write` of ``path`` left behind in a crash."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        logger.info("removing %s left by an interrupted save", stale)
+        stale.unlink(missing_ok=True)

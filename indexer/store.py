@@ -1,0 +1,941 @@
+"""``IndexStore``: the one door to an index directory (SQLite + FAISS + feature store).
+
+The indexing pipeline writes through it (``begin_run`` / ``commit_images`` / ``record_error`` /
+``remove_images`` / ``save_vectors`` / ``finish_run``) and the query side reads through it
+(``search`` / ``regions`` / ``read_arrays``). Layout, tables and the crash-safety argument are in
+``docs/index-layout.md``; in short:
+
+* ``commit_images`` appends the feature rows first and fsyncs them, then inserts the image and
+  region rows and advances ``meta.next_row`` in ONE SQLite transaction. Rows past ``next_row``
+  are garbage from an interrupted write and are overwritten by the next append.
+* ``vectors.faiss`` is derived data: saved atomically with the highest region id and tombstone
+  ``seq`` it includes, and brought up to date on open (and before each search) from the database
+  and the feature store.
+* one writer at a time (``flock`` on ``DIR/.lock``); any number of readers, in any process, with
+  no lock (SQLite WAL).
+
+An ``IndexStore`` object is not thread-safe; give each thread its own.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from engine.errors import (
+    EngineError,
+    IndexNotFoundError,
+    IndexVersionError,
+    InvalidBoxError,
+    InvalidInputError,
+)
+from indexer.db.models import (
+    REGION_SOURCES,
+    RUN_STATUSES,
+    Image,
+    IndexRun,
+    Meta,
+    Region,
+    Tombstone,
+)
+from indexer.db.session import create_db_engine, upgrade_database
+from indexer.faiss_store import (
+    DEFAULT_FLAT_THRESHOLD,
+    VectorFileError,
+    VectorIndex,
+    num_faiss_gpus,
+)
+from indexer.feature_store import ArraySpec, FeatureStore
+from indexer.index_dir import IndexLayout, WriterLock, check_array_name, remove_stale_temps
+
+__all__ = [
+    "VECTOR_ARRAY",
+    "StoreConfig",
+    "ImageRecord",
+    "RegionBatch",
+    "RegionRow",
+    "IndexInfo",
+    "IndexStore",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The feature-store array whose rows are the FAISS vectors.
+VECTOR_ARRAY = "visual"
+_CHUNK = 500  # ids per SQL ``IN (...)``
+_CATCH_UP_CHUNK = 65_536  # vectors read per step when catching up
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Tunables of an opened index. ``faiss_device``: ``auto`` | ``cpu`` | ``cuda``."""
+
+    flat_threshold: int = DEFAULT_FLAT_THRESHOLD
+    faiss_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        threshold = self.flat_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise InvalidInputError(
+                f"flat_threshold={self.flat_threshold!r} is not allowed; use a positive number of "
+                f"vectors (default {DEFAULT_FLAT_THRESHOLD})"
+            )
+        if self.faiss_device not in ("auto", "cpu", "cuda"):
+            raise InvalidInputError(
+                f"faiss_device={self.faiss_device!r} is not allowed; use 'auto', 'cpu' or 'cuda'"
+            )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image file as scanned: absolute resolved ``path``, sha256 hex ``content_hash``, stat, size."""
+
+    path: str
+    content_hash: str
+    size_bytes: int
+    mtime_ns: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RegionBatch:
+    """The regions of ONE image.
+
+    ``boxes`` ``[n, 4]`` float xyxy pixels of the original image; ``objectness`` ``[n]``;
+    ``source`` one of ``'gt' | 'selective-search' | 'rpn'``; ``arrays`` one ``[n, *shape]`` array
+    per feature-store array of the index (e.g. ``{"maps": [n,112,7,7], "visual": [n,112]}``;
+    ``"visual"`` is the FAISS vector).
+    """
+
+    boxes: np.ndarray
+    objectness: np.ndarray
+    source: str
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RegionRow:
+    """A committed region with what the query side needs of its image. ``box`` is xyxy pixels."""
+
+    id: int
+    image_id: int
+    image_path: str
+    content_hash: str | None
+    box: tuple[float, float, float, float]
+    objectness: float
+    source: str
+    row: int
+    width: int | None
+    height: int | None
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What ``engine info`` shows. ``images`` counts indexed images, ``errors`` failed ones."""
+
+    path: Path
+    images: int
+    regions: int
+    errors: int
+    vectors: int
+    index_type: str
+    device: str
+    dims: dict[str, tuple[int, ...]]
+    models: dict[str, str]
+    runs: int
+    next_row: int = 0
+    nprobe: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable ``engine info --json`` form (keys are only ever added)."""
+        return {
+            "images": self.images,
+            "regions": self.regions,
+            "errors": self.errors,
+            "index_type": self.index_type,
+            "device": self.device,
+            "vectors": self.vectors,
+            "nprobe": self.nprobe,
+            "dims": {k: list(v) for k, v in self.dims.items()},
+            "models": dict(self.models),
+            "runs": self.runs,
+            "path": str(self.path),
+        }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class IndexStore:
+    """An opened index directory. Use :meth:`open`; close with :meth:`close` or ``with``."""
+
+    def __init__(
+        self,
+        *,
+        layout: IndexLayout,
+        specs: dict[str, ArraySpec],
+        config: StoreConfig,
+        writable: bool,
+        lock: WriterLock | None,
+    ) -> None:
+        self.layout = layout
+        self.path = layout.root
+        self.config = config
+        self.writable = writable
+        self._specs = specs
+        self._lock = lock
+        self._engine = create_db_engine(layout.db_path, immediate=writable)
+        self._features: FeatureStore | None = None
+        self._vectors: VectorIndex | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # opening and closing
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        index_dir: Path,
+        *,
+        create: bool = False,
+        writable: bool = False,
+        config: StoreConfig = StoreConfig(),
+        array_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> IndexStore:
+        """Open (and with ``create=True`` create) the index at ``index_dir``; migrate it to head.
+
+        ``array_shapes`` (row shape per feature array, must include ``"visual"``, 1-d) is needed
+        to create an index; for an existing one it is checked against the stored shapes.
+        ``writable=True`` takes the writer lock (:class:`IndexLockedError` if held elsewhere).
+        """
+        layout = IndexLayout(Path(index_dir).expanduser().resolve())
+        if config.faiss_device == "cuda" and num_faiss_gpus() == 0:
+            raise EngineError(
+                "faiss_device='cuda' but faiss sees no GPU (faiss.get_num_gpus() == 0); use "
+                "'auto' or 'cpu', or run on a machine with a CUDA device and faiss-gpu"
+            )
+        wanted = _specs_from_shapes(array_shapes) if array_shapes is not None else None
+        if not layout.exists() and not create:
+            raise IndexNotFoundError(
+                f"no index at {layout.root}; create one with `engine index CORPUS --index {layout.root}`"
+            )
+        lock: WriterLock | None = None
+        store: IndexStore | None = None
+        try:
+            if create or writable:
+                layout.root.mkdir(parents=True, exist_ok=True)
+            if writable or (create and not layout.exists()):
+                lock = WriterLock(layout.lock_path)
+                lock.acquire()
+            creating = not layout.exists()
+            if creating and wanted is None:
+                raise InvalidInputError(
+                    f"array_shapes is required to create the index at {layout.root}; pass the row "
+                    "shape of every feature array, e.g. {'visual': (112,), 'maps': (112, 7, 7)}"
+                )
+            upgrade_database(layout.db_path)
+            specs = _read_or_init_specs(layout, wanted, can_write=lock is not None)
+            if lock is not None and not writable:
+                lock.release()
+                lock = None
+            store = cls(layout=layout, specs=specs, config=config, writable=writable, lock=lock)
+            store._open_features()
+            if writable:
+                remove_stale_temps(layout.vectors_path)
+                store._fail_dead_runs()
+            return store
+        except BaseException:
+            if store is not None:
+                store.close()
+            elif lock is not None:
+                lock.release()
+            raise
+
+    def _open_features(self) -> None:
+        with self._read() as s:
+            next_row = _get_meta(s, "next_row", 0)
+        self._features = FeatureStore(
+            self.layout.features_dir, self._specs, committed_rows=next_row, writable=self.writable
+        )
+
+    def _fail_dead_runs(self) -> None:
+        """We hold the writer lock, so a run still marked 'running' died (crash, kill -9)."""
+        with self._write() as s:
+            dead = s.execute(
+                update(IndexRun).where(IndexRun.status == "running").values(status="failed")
+            ).rowcount
+        if dead:
+            logger.warning("marked %d interrupted index run(s) as failed", dead)
+
+    def close(self) -> None:
+        """Release files, database connections and the writer lock. Safe to call twice."""
+        if self._features is not None:
+            self._features.close()
+            self._features = None
+        self._vectors = None
+        self._engine.dispose()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # sessions
+    # ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """One read transaction: every query inside sees the same snapshot (WAL)."""
+        with Session(self._engine) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE``), committed on leaving the block."""
+        self._require_writable()
+        with Session(self._engine) as session, session.begin():
+            yield session
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise EngineError(
+                f"index at {self.path} is open read-only; open it with writable=True to change it"
+            )
+
+    @property
+    def features(self) -> FeatureStore:
+        if self._features is None:
+            raise EngineError(f"index at {self.path} is closed; open it again")
+        return self._features
+
+    @property
+    def array_specs(self) -> dict[str, ArraySpec]:
+        return dict(self._specs)
+
+    # ------------------------------------------------------------------------------------------
+    # writer side
+    # ------------------------------------------------------------------------------------------
+    def begin_run(self, corpus: str, models: dict[str, str]) -> int:
+        """Record the start of an index run over ``corpus`` with model versions ``models``."""
+        with self._write() as s:
+            run_id = s.execute(
+                insert(IndexRun)
+                .values(
+                    started_at=_now(),
+                    corpus=str(corpus),
+                    status="running",
+                    processed=0,
+                    unchanged=0,
+                    removed=0,
+                    regions_added=0,
+                    errors=0,
+                    seconds=0.0,
+                    models=json.dumps(dict(models), sort_keys=True),
+                )
+                .returning(IndexRun.id)
+            ).scalar_one()
+            _set_meta(s, "models", dict(models))
+        return int(run_id)
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        processed: int,
+        unchanged: int,
+        removed: int,
+        regions_added: int,
+        errors: int,
+        seconds: float,
+    ) -> None:
+        """Record the end of run ``run_id`` (``status`` 'completed' or 'failed') and its counts."""
+        if status not in RUN_STATUSES:
+            raise InvalidInputError(
+                f"run status {status!r} is not allowed; use one of {list(RUN_STATUSES)}"
+            )
+        with self._write() as s:
+            changed = s.execute(
+                update(IndexRun)
+                .where(IndexRun.id == run_id)
+                .values(
+                    status=status,
+                    finished_at=_now(),
+                    processed=int(processed),
+                    unchanged=int(unchanged),
+                    removed=int(removed),
+                    regions_added=int(regions_added),
+                    errors=int(errors),
+                    seconds=float(seconds),
+                )
+            ).rowcount
+            if not changed:
+                raise InvalidInputError(
+                    f"index run {run_id} does not exist in {self.path}; pass the id begin_run returned"
+                )
+
+    def commit_images(self, run_id: int, items: list[tuple[ImageRecord, RegionBatch]]) -> list[int]:
+        """Add images with their regions atomically; return the new image ids (in order).
+
+        Feature rows are appended and fsynced first; then one transaction replaces any earlier
+        row of each path (tombstoning its regions), inserts images and regions (``row`` = feature
+        row) and advances ``next_row``. Nothing is visible before that commit.
+        """
+        self._require_writable()
+        if not items:
+            return []
+        paths = [record.path for record, _ in items]
+        if len(set(paths)) != len(paths):
+            dupes = sorted({p for p in paths if paths.count(p) > 1})
+            raise InvalidInputError(
+                f"commit_images got the same path more than once ({dupes[0]!r}); commit each image once"
+            )
+        for record, batch in items:
+            _check_record(record)
+            _check_batch(record.path, batch, self._specs)
+        with np.errstate(over="ignore"):  # overflow shows up as inf, refused just below
+            arrays = {
+                name: np.concatenate(
+                    [np.asarray(batch.arrays[name], dtype=spec.np_dtype) for _, batch in items]
+                )
+                for name, spec in self._specs.items()
+            }
+        for name, array in arrays.items():
+            if not np.isfinite(array).all():
+                with np.errstate(over="ignore"):
+                    bad = next(
+                        r.path for r, b in items
+                        if not np.isfinite(np.asarray(b.arrays[name], dtype=np.float16)).all()
+                    )
+                raise InvalidInputError(
+                    f"feature array {name!r} of {bad} has NaN/inf values after conversion to "
+                    "float16 (|x| > 65504 overflows); pass finite, float16-range features"
+                )
+        features = self.features
+        first = features.append(arrays)
+        try:
+            features.flush()
+            with self._write() as s:
+                committed = _get_meta(s, "next_row", 0)
+                if committed != first:
+                    raise EngineError(
+                        f"feature store of {self.path} is at row {first} but the database says "
+                        f"{committed}; another writer changed the index; re-open it and re-run"
+                    )
+                now = _now()
+                row = first
+                image_ids: list[int] = []
+                for record, batch in items:
+                    _drop_path(s, record.path)
+                    image_id = s.execute(
+                        insert(Image)
+                        .values(
+                            path=record.path,
+                            content_hash=record.content_hash,
+                            size_bytes=int(record.size_bytes),
+                            mtime_ns=int(record.mtime_ns),
+                            width=int(record.width),
+                            height=int(record.height),
+                            status="indexed",
+                            error=None,
+                            run_id=run_id,
+                            indexed_at=now,
+                        )
+                        .returning(Image.id)
+                    ).scalar_one()
+                    boxes = np.asarray(batch.boxes, dtype=np.float64).reshape(-1, 4)
+                    scores = np.asarray(batch.objectness, dtype=np.float64).reshape(-1)
+                    if len(boxes):
+                        s.execute(
+                            insert(Region),
+                            [
+                                {
+                                    "image_id": image_id,
+                                    "x1": float(b[0]),
+                                    "y1": float(b[1]),
+                                    "x2": float(b[2]),
+                                    "y2": float(b[3]),
+                                    "objectness": float(o),
+                                    "source": batch.source,
+                                    "row": row + i,
+                                }
+                                for i, (b, o) in enumerate(zip(boxes, scores))
+                            ],
+                        )
+                    row += len(boxes)
+                    image_ids.append(int(image_id))
+                _set_meta(s, "next_row", row)
+        except BaseException:
+            # The database decides what is committed; anything past it gets overwritten.
+            features.rollback(self._committed_rows_or(features.committed_rows))
+            raise
+        features.mark_committed()
+        return image_ids
+
+    def _committed_rows_or(self, fallback: int) -> int:
+        try:
+            with self._read() as s:
+                return int(_get_meta(s, "next_row", 0))
+        except Exception:  # the database is unusable right now; the next open re-reads it
+            return fallback
+
+    def record_error(self, run_id: int, record: ImageRecord | None, path: str, reason: str) -> None:
+        """Record that ``path`` could not be indexed and why; replaces any earlier row of it."""
+        self._require_writable()
+        if record is not None and record.path != path:
+            raise InvalidInputError(
+                f"record_error got record.path={record.path!r} but path={path!r}; pass the same path"
+            )
+        _check_path(path)
+        with self._write() as s:
+            _drop_path(s, path)
+            s.execute(
+                insert(Image).values(
+                    path=path,
+                    content_hash=record.content_hash if record else None,
+                    size_bytes=int(record.size_bytes) if record else None,
+                    mtime_ns=int(record.mtime_ns) if record else None,
+                    width=int(record.width) if record else None,
+                    height=int(record.height) if record else None,
+                    status="error",
+                    error=str(reason),
+                    run_id=run_id,
+                    indexed_at=_now(),
+                )
+            )
+
+    def remove_images(self, paths: list[str]) -> int:
+        """Delete the images at ``paths`` (and their regions) in one transaction; return how many."""
+        self._require_writable()
+        removed = 0
+        with self._write() as s:
+            for chunk in _chunks(list(dict.fromkeys(paths))):
+                ids = list(s.scalars(select(Image.id).where(Image.path.in_(chunk))))
+                if not ids:
+                    continue
+                s.execute(
+                    insert(Tombstone).from_select(
+                        ["region_id"],
+                        select(Region.id).where(Region.image_id.in_(ids)).order_by(Region.id),
+                    )
+                )
+                removed += s.execute(delete(Image).where(Image.id.in_(ids))).rowcount
+        return removed
+
+    def save_vectors(self) -> None:
+        """Bring the FAISS index up to date, save it atomically, prune the tombstones it holds."""
+        self._require_writable()
+        vectors = self._synced_vectors(allow_rebuild=True)
+        vectors.save(self.layout.vectors_path)
+        with self._write() as s:
+            s.execute(delete(Tombstone).where(Tombstone.seq <= vectors.max_tombstone_seq))
+
+    # ------------------------------------------------------------------------------------------
+    # scanning support
+    # ------------------------------------------------------------------------------------------
+    def known_images(self, under: str) -> dict[str, tuple[int, int, str, str]]:
+        """``path -> (size_bytes, mtime_ns, content_hash, status)`` for paths under ``under``.
+
+        ``under`` is an absolute directory path; error rows may hold ``None`` for the first three.
+        """
+        base = str(under)
+        _check_path(base)
+        prefix = base if base.endswith(os.sep) else base + os.sep
+        upper = prefix[:-1] + chr(ord(os.sep) + 1)  # every string starting with prefix is < upper
+        with self._read() as s:
+            rows = s.execute(
+                select(Image.path, Image.size_bytes, Image.mtime_ns, Image.content_hash, Image.status)
+                .where((Image.path >= prefix) & (Image.path < upper))
+            ).all()
+        return {r.path: (r.size_bytes, r.mtime_ns, r.content_hash, r.status) for r in rows}
+
+    # ------------------------------------------------------------------------------------------
+    # reader side
+    # ------------------------------------------------------------------------------------------
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` regions by cosine similarity: scores ``[q, k]``, region ids ``[q, k]``.
+
+        Ids are -1 (score ``-inf``) where fewer than ``k`` results exist. Catches up with the
+        database first when it has moved on (one cheap query).
+        """
+        return self._synced_vectors(allow_rebuild=False).search(vectors, k)
+
+    def regions(self, ids: Sequence[int]) -> list[RegionRow]:
+        """The regions with these ids, in the given order; unknown (deleted) ids and -1 are skipped."""
+        wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if i >= 0]
+        found: dict[int, RegionRow] = {}
+        with self._read() as s:
+            for chunk in _chunks(sorted(set(wanted))):
+                for row in s.execute(_region_select().where(Region.id.in_(chunk))):
+                    found[row.id] = _region_row(row)
+        return [found[i] for i in wanted if i in found]
+
+    def regions_of_image(self, path: str) -> list[RegionRow]:
+        """All regions of the image at ``path`` (by region id); empty if it has none or is unknown."""
+        with self._read() as s:
+            rows = s.execute(_region_select().where(Image.path == str(path)).order_by(Region.id))
+            return [_region_row(row) for row in rows]
+
+    def read_arrays(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Feature-store rows ``rows`` of array ``name`` as float16 ``[*rows.shape, *shape]``."""
+        return self.features.read(name, rows)
+
+    def all_region_ids(self) -> np.ndarray:
+        """Every committed region id, ascending, int64."""
+        with self._read() as s:
+            ids = list(s.scalars(select(Region.id).order_by(Region.id)))
+        return np.asarray(ids, dtype=np.int64)
+
+    def info(self) -> IndexInfo:
+        vectors = self._synced_vectors(allow_rebuild=False)
+        with self._read() as s:
+            images = s.scalar(select(func.count()).select_from(Image).where(Image.status == "indexed"))
+            errors = s.scalar(select(func.count()).select_from(Image).where(Image.status == "error"))
+            regions = s.scalar(select(func.count()).select_from(Region))
+            runs = s.scalar(select(func.count()).select_from(IndexRun))
+            latest = s.scalar(select(IndexRun.models).order_by(IndexRun.id.desc()).limit(1))
+            next_row = _get_meta(s, "next_row", 0)
+        return IndexInfo(
+            path=self.path,
+            images=int(images or 0),
+            regions=int(regions or 0),
+            errors=int(errors or 0),
+            vectors=vectors.ntotal,
+            index_type=vectors.index_type,
+            device=vectors.device,
+            dims={name: spec.shape for name, spec in self._specs.items()},
+            models=json.loads(latest) if latest else {},
+            runs=int(runs or 0),
+            next_row=int(next_row),
+            nprobe=vectors.nprobe,
+        )
+
+    def errors(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every image recorded with status 'error', by path."""
+        with self._read() as s:
+            rows = s.execute(
+                select(Image.path, Image.error).where(Image.status == "error").order_by(Image.path)
+            ).all()
+        return [(r.path, r.error or "") for r in rows]
+
+    # ------------------------------------------------------------------------------------------
+    # FAISS catch-up
+    # ------------------------------------------------------------------------------------------
+    def _synced_vectors(self, *, allow_rebuild: bool) -> VectorIndex:
+        """The in-memory FAISS index, loaded on first use and caught up with the database.
+
+        Only the writer changes the index type (on first use and on save): a reader keeps the
+        type of the saved file, so readers never train an index in memory that the next save
+        replaces anyway.
+        """
+        if self._vectors is None:
+            self._vectors = self._load_vectors()
+            self._catch_up()
+            allow_rebuild = allow_rebuild or self.writable
+        elif self._db_moved_on(self._vectors):
+            self._catch_up()
+        vectors = self._vectors
+        assert vectors is not None
+        if allow_rebuild:
+            factory = vectors.wanted_factory()
+            if factory is not None:
+                logger.info("rebuilding the vector index of %s as %s", self.path, factory)
+                self._vectors = self._rebuild_vectors(factory)
+        return self._vectors
+
+    def _new_vector_index(self) -> VectorIndex:
+        return VectorIndex(
+            self._specs[VECTOR_ARRAY].shape[0],
+            flat_threshold=self.config.flat_threshold,
+            device=self.config.faiss_device,
+        )
+
+    def _load_vectors(self) -> VectorIndex:
+        path = self.layout.vectors_path
+        if path.is_file():
+            try:
+                vectors = VectorIndex.load(
+                    path,
+                    self._specs[VECTOR_ARRAY].shape[0],
+                    flat_threshold=self.config.flat_threshold,
+                    device=self.config.faiss_device,
+                )
+            except VectorFileError as exc:
+                logger.warning("%s; rebuilding the vector index from the feature store", exc)
+            else:
+                region_seq, tomb_seq = self._sequences()
+                if vectors.max_region_id <= region_seq and vectors.max_tombstone_seq <= tomb_seq:
+                    return vectors
+                logger.warning(
+                    "%s is ahead of the database (region %d > %d or tombstone %d > %d); rebuilding "
+                    "it from the feature store",
+                    path, vectors.max_region_id, region_seq, vectors.max_tombstone_seq, tomb_seq,
+                )
+        return self._rebuild_vectors(None)
+
+    def _rebuild_vectors(self, factory: str | None) -> VectorIndex:
+        with self._read() as s:
+            region_seq, tomb_seq = _sequences(s)
+            rows = s.execute(select(Region.id, Region.row).order_by(Region.id)).all()
+        ids = np.asarray([r.id for r in rows], dtype=np.int64)
+        feature_rows = np.asarray([r.row for r in rows], dtype=np.int64)
+        vectors = self._new_vector_index()
+        vectors.rebuild(ids, feature_rows, self._read_vectors, factory=factory)
+        vectors.max_region_id = region_seq
+        vectors.max_tombstone_seq = tomb_seq
+        return vectors
+
+    def _read_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.features.read(VECTOR_ARRAY, rows)
+
+    def _sequences(self) -> tuple[int, int]:
+        with self._read() as s:
+            return _sequences(s)
+
+    def _db_moved_on(self, vectors: VectorIndex) -> bool:
+        region_seq, tomb_seq = self._sequences()
+        return region_seq > vectors.max_region_id or tomb_seq > vectors.max_tombstone_seq
+
+    def _catch_up(self) -> None:
+        """Add regions newer than the index, apply tombstones newer than it (one DB snapshot)."""
+        for _ in range(3):
+            vectors = self._vectors
+            assert vectors is not None
+            with self._read() as s:
+                region_seq, tomb_seq = _sequences(s)
+                new = s.execute(
+                    select(Region.id, Region.row)
+                    .where(Region.id > vectors.max_region_id)
+                    .order_by(Region.id)
+                ).all()
+                tombs = s.execute(
+                    select(Tombstone.seq, Tombstone.region_id)
+                    .where(Tombstone.seq > vectors.max_tombstone_seq)
+                    .order_by(Tombstone.seq)
+                ).all()
+            if tomb_seq > vectors.max_tombstone_seq and (
+                not tombs or tombs[0].seq != vectors.max_tombstone_seq + 1
+            ):
+                # Tombstones we never applied were pruned: a newer saved file holds them.
+                logger.info("vector index of %s is behind pruned tombstones; reloading", self.path)
+                self._vectors = self._load_vectors()
+                continue
+            for chunk in _chunks(new, _CATCH_UP_CHUNK):
+                ids = np.asarray([r.id for r in chunk], dtype=np.int64)
+                rows = np.asarray([r.row for r in chunk], dtype=np.int64)
+                vectors.add(ids, self._read_vectors(rows))
+            if tombs:
+                vectors.remove(np.asarray([t.region_id for t in tombs], dtype=np.int64))
+            vectors.max_region_id = max(vectors.max_region_id, region_seq)
+            vectors.max_tombstone_seq = max(vectors.max_tombstone_seq, tomb_seq)
+            if new or tombs:
+                logger.debug(
+                    "caught up %s: +%d regions, -%d tombstones", self.path, len(new), len(tombs)
+                )
+            return
+        raise EngineError(
+            f"could not bring the vector index of {self.path} up to date (the writer kept pruning); "
+            "retry the search"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _specs_from_shapes(array_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ArraySpec]:
+    specs = {check_array_name(name): ArraySpec(tuple(shape)) for name, shape in array_shapes.items()}
+    if VECTOR_ARRAY not in specs or len(specs[VECTOR_ARRAY].shape) != 1:
+        raise InvalidInputError(
+            f"array_shapes {dict(array_shapes)} lack a 1-d {VECTOR_ARRAY!r} array (the FAISS "
+            f"vector); add e.g. {VECTOR_ARRAY!r}: (112,)"
+        )
+    return specs
+
+
+def _describe(specs: Mapping[str, ArraySpec]) -> str:
+    return ", ".join(f"{n}{spec.shape}" for n, spec in sorted(specs.items()))
+
+
+def _read_or_init_specs(
+    layout: IndexLayout, wanted: dict[str, ArraySpec] | None, *, can_write: bool
+) -> dict[str, ArraySpec]:
+    engine = create_db_engine(layout.db_path, immediate=can_write)
+    try:
+        with Session(engine) as s, s.begin():
+            stored = _get_meta(s, "arrays", None)
+            if stored is None:
+                if wanted is None or not can_write:
+                    raise IndexNotFoundError(
+                        f"index at {layout.root} was never completely created (no feature arrays "
+                        f"recorded); create it with `engine index CORPUS --index {layout.root}`"
+                    )
+                _set_meta(s, "arrays", {n: spec.to_json() for n, spec in wanted.items()})
+                _set_meta(s, "vector_array", VECTOR_ARRAY)
+                _set_meta(s, "next_row", 0)
+                _set_meta(s, "created_at", _now().isoformat())
+                return dict(wanted)
+            specs = {name: ArraySpec.from_json(value) for name, value in stored.items()}
+    finally:
+        engine.dispose()
+    if wanted is not None and wanted != specs:
+        raise IndexVersionError(
+            f"index at {layout.root} stores feature arrays [{_describe(specs)}] but this engine "
+            f"writes [{_describe(wanted)}]; re-index into a new directory with "
+            "`engine index CORPUS --index NEWDIR` (or use the models the index was built with)"
+        )
+    if VECTOR_ARRAY not in specs:
+        raise IndexVersionError(
+            f"index at {layout.root} has no {VECTOR_ARRAY!r} feature array; re-index it with "
+            "`engine index CORPUS --index NEWDIR`"
+        )
+    return specs
+
+
+def _get_meta(session: Session, key: str, default: Any) -> Any:
+    value = session.scalar(select(Meta.value).where(Meta.key == key))
+    return default if value is None else json.loads(value)
+
+
+def _set_meta(session: Session, key: str, value: Any) -> None:
+    encoded = json.dumps(value, sort_keys=True)
+    session.execute(
+        sqlite_insert(Meta)
+        .values(key=key, value=encoded)
+        .on_conflict_do_update(index_elements=[Meta.key], set_={"value": encoded})
+    )
+
+
+def _sequences(session: Session) -> tuple[int, int]:
+    """Highest region id and tombstone seq ever handed out (``sqlite_sequence``; 0 if none)."""
+    rows = dict(
+        session.execute(
+            text("SELECT name, seq FROM sqlite_sequence WHERE name IN ('regions', 'tombstones')")
+        ).all()
+    )
+    return int(rows.get("regions") or 0), int(rows.get("tombstones") or 0)
+
+
+def _drop_path(session: Session, path: str) -> None:
+    """Delete the image row of ``path`` (if any) and tombstone its regions."""
+    old = session.scalar(select(Image.id).where(Image.path == path))
+    if old is None:
+        return
+    session.execute(
+        insert(Tombstone).from_select(
+            ["region_id"], select(Region.id).where(Region.image_id == old).order_by(Region.id)
+        )
+    )
+    session.execute(delete(Image).where(Image.id == old))  # regions go by ON DELETE CASCADE
+
+
+def _region_select():  # type: ignore[no-untyped-def]
+    return select(
+        Region.id,
+        Region.image_id,
+        Image.path,
+        Image.content_hash,
+        Region.x1,
+        Region.y1,
+        Region.x2,
+        Region.y2,
+        Region.objectness,
+        Region.source,
+        Region.row,
+        Image.width,
+        Image.height,
+    ).join(Image, Region.image_id == Image.id)
+
+
+def _region_row(row: Any) -> RegionRow:
+    return RegionRow(
+        id=int(row.id),
+        image_id=int(row.image_id),
+        image_path=row.path,
+        content_hash=row.content_hash,
+        box=(float(row.x1), float(row.y1), float(row.x2), float(row.y2)),
+        objectness=float(row.objectness),
+        source=row.source,
+        row=int(row.row),
+        width=row.width,
+        height=row.height,
+    )
+
+
+def _check_path(path: str) -> None:
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise InvalidInputError(
+            f"image path {path!r} is not absolute; pass str(Path(p).resolve())"
+        )
+
+
+def _check_record(record: ImageRecord) -> None:
+    _check_path(record.path)
+    if not record.content_hash or not isinstance(record.content_hash, str):
+        raise InvalidInputError(
+            f"image {record.path} has content_hash {record.content_hash!r}; pass its sha256 hex digest"
+        )
+
+
+def _check_batch(path: str, batch: RegionBatch, specs: Mapping[str, ArraySpec]) -> None:
+    boxes = np.asarray(batch.boxes, dtype=np.float64)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise InvalidBoxError(
+            f"boxes of {path} have shape {tuple(boxes.shape)}; pass [n, 4] xyxy pixel boxes"
+        )
+    n = boxes.shape[0]
+    if not np.isfinite(boxes).all() or (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise InvalidBoxError(
+            f"boxes of {path} include a non-finite or inverted box; pass xyxy boxes with x2 >= x1, y2 >= y1"
+        )
+    objectness = np.asarray(batch.objectness, dtype=np.float64).reshape(-1)
+    if objectness.shape[0] != n or not np.isfinite(objectness).all():
+        raise InvalidInputError(
+            f"objectness of {path} has {objectness.shape[0]} finite-or-not values for {n} boxes; "
+            "pass one finite score per box"
+        )
+    if batch.source not in REGION_SOURCES:
+        raise InvalidInputError(
+            f"region source {batch.source!r} of {path} is not allowed; use one of {list(REGION_SOURCES)}"
+        )
+    if set(batch.arrays) != set(specs):
+        raise InvalidInputError(
+            f"regions of {path} carry feature arrays {sorted(batch.arrays)} but the index stores "
+            f"{sorted(specs)}; pass exactly those"
+        )
+    for name, spec in specs.items():
+        shape = tuple(np.shape(batch.arrays[name]))
+        if shape != (n, *spec.shape):
+            raise InvalidInputError(
+                f"feature array {name!r} of {path} has shape {shape}; expected {(n, *spec.shape)} "
+                f"(one {spec.shape} row per box)"
+            )
+

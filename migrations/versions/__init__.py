@@ -1,0 +1,1 @@
+"""Alembic revisions of ``engine.db`` (a package so that regular installs ship them)."""

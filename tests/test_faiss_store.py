@@ -1,0 +1,170 @@
+"""FAISS vector index: id mapping vs brute force, IVF recall, atomic file format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import EngineError, InvalidInputError
+from indexer.faiss_store import (
+    VectorFileError,
+    VectorIndex,
+    choose_factory,
+    ivf_nlist,
+    num_faiss_gpus,
+    read_header,
+)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force(db: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = _unit(queries) @ _unit(db).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+def _clustered(rng: np.random.Generator, centres: np.ndarray, n: int, noise: float) -> np.ndarray:
+    picks = centres[rng.integers(0, len(centres), n)]
+    return (picks + noise * rng.standard_normal(picks.shape)).astype(np.float32)
+
+
+def _recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def test_flat_matches_brute_force_with_sparse_ids() -> None:
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((300, 16))
+    ids = np.sort(rng.choice(10**12, size=300, replace=False)).astype(np.int64)  # 64-bit ids
+    queries = rng.standard_normal((7, 16))
+    index = VectorIndex(16, device="cpu")
+    index.add(ids[:200], db[:200])
+    index.add(ids[200:], db[200:].astype(np.float16).astype(np.float64))
+    db[200:] = db[200:].astype(np.float16)
+    scores, found = index.search(queries, k=10)
+    want_scores, want_ids = _brute_force(db, ids, queries, 10)
+    np.testing.assert_array_equal(found, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert index.index_type == "Flat" and index.device == "cpu" and index.ntotal == 300
+
+
+def test_remove_and_padding() -> None:
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((5, 8))
+    index = VectorIndex(8, device="cpu")
+    index.add(np.arange(10, 15), db)
+    assert index.remove(np.array([11, 13, 999])) == 2
+    scores, found = index.search(db[1:2], k=6)
+    assert 11 not in found and 13 not in found
+    assert sorted(found[0, :3].tolist()) == [10, 12, 14]
+    assert (found[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+    empty = VectorIndex(8, device="cpu")
+    scores, found = empty.search(db[:2], k=3)
+    assert found.shape == (2, 3) and (found == -1).all()
+
+
+def test_bad_arguments() -> None:
+    index = VectorIndex(8, device="cpu")
+    with pytest.raises(InvalidInputError, match="k=0 is not allowed"):
+        index.search(np.ones((1, 8)), k=0)
+    with pytest.raises(InvalidInputError, match=r"shape \(1, 4\); this index holds 8-d"):
+        index.search(np.ones((1, 4)), k=1)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        index.add(np.array([1]), np.full((1, 8), np.nan))
+    with pytest.raises(InvalidInputError, match="one id per vector"):
+        index.add(np.array([1, 2]), np.ones((1, 8)))
+    with pytest.raises(InvalidInputError, match="'auto', 'cpu' or 'cuda'"):
+        VectorIndex(8, device="tpu")
+
+
+@pytest.mark.skipif(num_faiss_gpus() > 0, reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_an_error() -> None:
+    with pytest.raises(EngineError, match="no GPU"):
+        VectorIndex(8, device="cuda")
+    assert VectorIndex(8, device="auto").device == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(num_faiss_gpus() == 0, reason="needs a CUDA device")
+def test_gpu_search_matches_cpu() -> None:  # pragma: no cover - needs a GPU
+    rng = np.random.default_rng(2)
+    db, queries = rng.standard_normal((500, 32)), rng.standard_normal((5, 32))
+    gpu, cpu = VectorIndex(32, device="cuda"), VectorIndex(32, device="cpu")
+    for index in (gpu, cpu):
+        index.add(np.arange(500), db)
+    assert gpu.device.startswith("cuda:")
+    np.testing.assert_array_equal(gpu.search(queries, 10)[1], cpu.search(queries, 10)[1])
+    gpu.remove(np.arange(100))
+    assert (gpu.search(queries, 10)[1] >= 100).all()
+
+
+def test_factory_choice() -> None:
+    assert choose_factory(49_999, 50_000) == "Flat"
+    assert choose_factory(50_000, 50_000) == f"IVF{ivf_nlist(50_000)},SQ8" == "IVF894,SQ8"
+    assert ivf_nlist(1_000_000) == 4000
+    assert ivf_nlist(100) == 2  # at least 39 training points per list
+    index = VectorIndex(4, flat_threshold=100, device="cpu")
+    assert index.wanted_factory(99) is None
+    assert index.wanted_factory(100) == "IVF2,SQ8"
+    index.factory, index.trained_on = "IVF2,SQ8", 100
+    assert index.wanted_factory(60) is None  # hysteresis: back to Flat only below half
+    assert index.wanted_factory(49) == "Flat"
+    assert index.wanted_factory(399) is None
+    assert index.wanted_factory(400) == f"IVF{ivf_nlist(400)},SQ8" == "IVF10,SQ8"
+
+
+def test_ivf_recall_vs_flat_on_clustered_data() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32))
+    db = _clustered(rng, centres, 3000, noise=0.6)
+    queries = _clustered(rng, centres, 100, noise=0.6)  # fresh points, same distribution
+    ids = np.arange(1, 3001, dtype=np.int64) * 7
+    rows = np.arange(3000)
+    index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
+    index.rebuild(ids, rows, lambda r: db[r])
+    assert index.index_type == f"IVF{ivf_nlist(3000)},SQ8" and index.nprobe is not None
+    flat = VectorIndex(32, device="cpu")
+    flat.add(ids, db)
+    _, truth = flat.search(queries, 10)
+    _, found = index.search(queries, 10)
+    assert _recall_at(found, truth) >= 0.95
+    _, brute = _brute_force(db, ids, queries, 10)
+    np.testing.assert_array_equal(truth, brute)
+    # ids map back to the right vectors after removal too
+    index.remove(ids[:1500])
+    _, found = index.search(db[2000:2001], 1)
+    assert found[0, 0] == ids[2000]
+
+
+def test_save_load_roundtrip_and_header(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    db = _clustered(rng, rng.standard_normal((10, 16)), 800, noise=0.5)
+    index = VectorIndex(16, flat_threshold=200, device="cpu")
+    index.rebuild(np.arange(800) + 5, np.arange(800), lambda r: db[r])
+    index.max_region_id, index.max_tombstone_seq = 804, 17
+    path = tmp_path / "vectors.faiss"
+    index.save(path)
+    assert not list(tmp_path.glob(".vectors.faiss.tmp-*"))
+    header = read_header(path)
+    assert header["factory"] == index.index_type and header["count"] == 800
+    assert (header["max_region_id"], header["max_tombstone_seq"], header["dim"]) == (804, 17, 16)
+    loaded = VectorIndex.load(path, 16, flat_threshold=200, device="cpu")
+    assert (loaded.max_region_id, loaded.max_tombstone_seq, loaded.nprobe) == (804, 17, index.nprobe)
+    queries = db[:5] + 0.01
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
+
+    with pytest.raises(VectorFileError, match="16-d vectors, the index 8-d"):
+        VectorIndex.load(path, 8, device="cpu")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(VectorFileError, match="damaged"):
+        VectorIndex.load(path, 16, device="cpu")
+    path.write_bytes(b"junk")
+    with pytest.raises(VectorFileError, match="truncated|not a vectors file"):
+        VectorIndex.load(path, 16, device="cpu")
