@@ -55,8 +55,11 @@ class GroundTruthProposals:
             raise ImageReadError(f"{path} has no boxes in {ANNOTATIONS_FILE}; --proposals gt needs at least one")
         w, h = image.size
         boxes = boxes.copy()
-        np.clip(boxes[:, [0, 2]], 0, w, out=boxes[:, [0, 2]])
-        np.clip(boxes[:, [1, 3]], 0, h, out=boxes[:, [1, 3]])
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
+        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+        if len(boxes) == 0:
+            raise ImageReadError(f"{path}: every box of {ANNOTATIONS_FILE} lies outside the {w}x{h} image")
         return boxes, np.ones(len(boxes), dtype=np.float32)
 
 
