@@ -102,17 +102,8 @@ class RegionFeatureExtractor:
         if sum(counts) == 0:
             return [(np.zeros((0, c, s, s), np.float16), np.zeros((0, c), np.float32)) for _ in images]
 
-        fmap = self._feature_map(images)
-        rois = self._rois(images, checked).to(device=fmap.device, dtype=fmap.dtype)
-        stride = self.backbone.strides[self.config.level]
-        pooled = roi_align(
-            fmap,
-            rois,
-            output_size=self.config.output_size,
-            spatial_scale=1.0 / stride,
-            sampling_ratio=self.config.sampling_ratio,
-            aligned=True,
-        ).float()
+        fmap = self.feature_map(images)
+        pooled = self.pool(fmap, [im.size for im in images], checked)
         vectors = pool_vectors(pooled)
         maps = pooled.cpu().numpy().astype(np.float16)
         out: list[tuple[np.ndarray, np.ndarray]] = []
@@ -132,7 +123,7 @@ class RegionFeatureExtractor:
         """
         if len(images) == 0:
             return []
-        fmap = self._feature_map(images).float().cpu().numpy()
+        fmap = self.feature_map(images).float().cpu().numpy()
         stride = self.backbone.strides[self.config.level]
         out = []
         for i, image in enumerate(images):
@@ -141,22 +132,41 @@ class RegionFeatureExtractor:
             out.append(fmap[i, :, :h, :w].astype(np.float16))
         return out
 
-    def _feature_map(self, images: Sequence[Image.Image]) -> Tensor:
+    @torch.no_grad()
+    def pool(self, fmap: Tensor, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> Tensor:
+        """RoIAlign maps ``[K, C, S, S]`` (float32) from an already computed level map.
+
+        Args:
+            fmap: ``[B, C, H, W]`` the configured level of :meth:`feature_map` (or a cached copy of it).
+            sizes: each image's ORIGINAL ``(width, height)``.
+            boxes: per image ``[n_i, 4]`` xyxy in original pixels (checked, non-empty boxes).
+        """
+        rois = self._rois(sizes, boxes).to(device=fmap.device, dtype=fmap.dtype)
+        stride = self.backbone.strides[self.config.level]
+        return roi_align(
+            fmap,
+            rois,
+            output_size=self.config.output_size,
+            spatial_scale=1.0 / stride,
+            sampling_ratio=self.config.sampling_ratio,
+            aligned=True,
+        ).float()
+
+    def feature_map(self, images: Sequence[Image.Image]) -> Tensor:
         batch, _ = preprocess(images, max_size=self.backbone.max_size)
         level = self.config.level
         return self.backbone(batch.to(self.backbone.device), levels=[level])[level]
 
-    def _rois(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> Tensor:
+    def _rois(self, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> Tensor:
         """``Tensor[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in resized pixels, shifted so that
         roi_align's ``aligned=True`` convention (cell ``i`` centred at ``(i + 0.5) * stride``) meets the
         backbone's true cell centres (``offsets[level] + i * stride``)."""
         level = self.config.level
         shift = self.backbone.strides[level] / 2 - self.backbone.offsets[level]
         rows = []
-        for i, (image, b) in enumerate(zip(images, boxes)):
+        for i, ((w, h), b) in enumerate(zip(sizes, boxes)):
             if len(b) == 0:
                 continue
-            w, h = image.size
             nw, nh = resized_size(w, h, self.backbone.max_size)
             scale = np.array([nw / w, nh / h, nw / w, nh / h])
             rows.append(np.column_stack([np.full(len(b), i, np.float64), b * scale + shift]))

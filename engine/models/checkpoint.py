@@ -1,0 +1,145 @@
+"""Checkpoints: a small ``NAME.pt`` (weights and whatever the model needs to rebuild, e.g. a vocabulary)
+plus ``NAME.json``, its manifest (model name and version, config, training command, data, seed,
+validation metrics, sha256 of the ``.pt``).
+
+The default checkpoints ship inside the package (``engine/checkpoints/``) so a fresh install works offline.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import CheckpointError
+
+__all__ = [
+    "Manifest",
+    "PACKAGE_CHECKPOINTS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_manifest",
+    "installed_checkpoints",
+    "default_checkpoint",
+]
+
+PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a checkpoint is and how it was made. ``sha256`` is the digest of the ``.pt`` file."""
+
+    model: str
+    version: str
+    config: dict[str, Any]
+    command: str
+    data: str
+    seed: int
+    metrics: dict[str, Any]
+    sha256: str = ""
+    created: str = ""
+    size_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def save_checkpoint(path: Path, manifest: Manifest, payload: dict[str, Any]) -> Manifest:
+    """Write ``payload`` (tensors, plain Python data) to ``path`` and its manifest beside it, atomically.
+
+    Returns the manifest with ``sha256``, ``size_bytes`` and ``created`` filled in.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": _FORMAT, "model": manifest.model, "version": manifest.version, "payload": payload}, buffer)
+    data = buffer.getvalue()
+    final = Manifest(
+        **{**asdict(manifest), "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    )
+    _atomic_write(path, data)
+    _atomic_write(_manifest_path(path), (json.dumps(final.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    return final
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of checkpoint ``path`` (``NAME.pt`` or ``NAME.json``)."""
+    mpath = _manifest_path(Path(path))
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint manifest {mpath} does not exist; a checkpoint is NAME.pt with NAME.json beside it, written by `engine train`")
+    try:
+        raw = json.loads(mpath.read_text())
+        return Manifest(**raw)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint manifest {mpath} is malformed ({exc}); retrain with `engine train` or restore the file") from None
+
+
+def load_checkpoint(path: Path, *, expected_model: str | tuple[str, ...] | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """Load and verify a checkpoint: the file exists, its sha256 matches the manifest, the model name fits.
+
+    Raises :class:`CheckpointError` naming the problem and the fix.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `engine train` or pass an existing file")
+    manifest = read_manifest(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 {digest[:12]}… does not match the manifest's {manifest.sha256[:12]}…; retrain or restore it")
+    allowed = (expected_model,) if isinstance(expected_model, str) else expected_model
+    if allowed is not None and manifest.model not in allowed:
+        raise CheckpointError(f"checkpoint {path} holds a {manifest.model!r} model, but a {' or '.join(map(repr, allowed))} model is needed here")
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged pickles
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); retrain or restore it") from None
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT or blob.get("model") != manifest.model:
+        raise CheckpointError(f"checkpoint {path} is not in this engine's format (format {_FORMAT}, model {manifest.model!r}); retrain it with `engine train`")
+    return manifest, blob["payload"]
+
+
+def installed_checkpoints(directory: Path = PACKAGE_CHECKPOINTS) -> list[tuple[Path, Manifest]]:
+    """The checkpoints in ``directory`` (the package's by default), by file name."""
+    if not directory.is_dir():
+        return []
+    return [(p.with_suffix(".pt"), read_manifest(p)) for p in sorted(directory.glob("*.json"))]
+
+
+def default_checkpoint(name: str) -> Path:
+    """Path of the shipped checkpoint ``name`` (e.g. ``"rpn"``, ``"grn"``); a clear error when it is missing."""
+    path = PACKAGE_CHECKPOINTS / f"{name}.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"the default {name!r} checkpoint {path} is missing from this install; reinstall the package or train one with `engine train {name}` and pass it explicitly"
+        )
+    return path
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

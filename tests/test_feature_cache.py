@@ -1,0 +1,42 @@
+"""The training feature cache gives exactly the region features that indexing computes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.datasets.annotations import read_annotations
+from engine.training.feature_cache import FeatureCache
+from indexer.backbone import BackboneConfig, create_backbone
+from indexer.images import load_image
+from indexer.region_features import RegionFeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def extractor() -> RegionFeatureExtractor:
+    return RegionFeatureExtractor(backbone=create_backbone(BackboneConfig(), device="cpu"))
+
+
+def test_cached_region_maps_equal_indexing_features(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor) -> None:
+    anns = read_annotations(tiny_corpus)[:3]
+    cache = FeatureCache(tiny_corpus, extractor, cache_dir=tmp_path / "cache")
+    cache.build(anns, progress=False)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    for ann in anns:
+        boxes = np.asarray([r.box for r in ann.regions], np.float32)
+        [(maps, _)] = extractor([load_image(tiny_corpus / ann.image)], [boxes])
+        cached = cache.region_maps(ann.image, boxes)
+        assert cached.shape == maps.shape
+        np.testing.assert_allclose(cached, maps.astype(np.float32), atol=2e-2, rtol=1e-2)  # float16 storage
+
+
+def test_get_computes_missing_entries_and_reads_them_back(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor) -> None:
+    ann = read_annotations(tiny_corpus)[0]
+    cache = FeatureCache(tiny_corpus, extractor, cache_dir=tmp_path / "c")
+    first = cache.get(ann.image)
+    again = cache.get(ann.image)
+    assert first.size == (ann.width, ann.height)
+    for lvl in ("c3", "c4", "c5"):
+        np.testing.assert_array_equal(first.maps[lvl], again.maps[lvl])
+    assert first.maps["c4"].shape[0] == 112
