@@ -1,0 +1,82 @@
+"""A small training loop shared by every head: epochs with a progress bar showing the loss, a validation
+metric per epoch, and the best epoch's weights kept."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["FitResult", "fit"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """The best epoch (by ``metric``, higher is better), its validation metrics, and every epoch's record."""
+
+    best_epoch: int
+    best_metrics: dict[str, float]
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    *,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    validate: Callable[[nn.Module], dict[str, float]],
+    metric: str,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Train ``model`` for ``epochs``; after each epoch run ``validate`` and keep the weights of the best one.
+
+    Args:
+        batches: ``batches(epoch)`` yields the epoch's batches (the caller shuffles with its own seeded RNG).
+        loss_fn: ``loss_fn(model, batch)`` returns a scalar loss.
+        validate: ``validate(model)`` returns metrics (model in eval mode, no grad); ``metric`` picks the best.
+    """
+    best: FitResult | None = None
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        items = list(batches(epoch))
+        with tqdm(items, desc=f"{desc} {epoch}/{epochs}", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in bar:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower the learning rate")
+                loss.backward()
+                optimizer.step()
+                total += float(loss.item())
+                count += 1
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        if scheduler is not None:
+            scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in validate(model).items()}
+        record = {"epoch": epoch, "loss": total / max(count, 1), **metrics}
+        history.append(record)
+        log.info("%s epoch %d: %s", desc, epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        value = metrics.get(metric, -math.inf)
+        if best is None or value > best.best_metrics.get(metric, -math.inf):
+            best = FitResult(best_epoch=epoch, best_metrics=metrics, best_state=copy.deepcopy(model.state_dict()))
+    assert best is not None  # epochs >= 1
+    best.history = history
+    model.load_state_dict(best.best_state)
+    return best
