@@ -1,0 +1,118 @@
+"""``engine train MODEL``: train a head on a dataset's cached backbone maps and write its checkpoint."""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["train_command", "model_names"]
+
+
+def model_names() -> tuple[str, ...]:
+    """``rpn`` and the GRN family's methods (``engine.training.grn.GRN_METHODS``)."""
+    from engine.training.grn import GRN_METHODS
+
+    return ("rpn", *GRN_METHODS)
+
+
+class _ModelChoice(click.Choice):
+    """A ``click.Choice`` whose names are read only when needed, so that ``engine --help`` does not import torch."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return model_names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns it
+        pass
+
+
+class _TrainCommand(click.Command):
+    """Lists the trainable models after the options (read lazily, like :class:`_ModelChoice`)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Models"):
+            formatter.write_text("\b\n" + ", ".join(model_names()))
+
+
+@click.command("train", cls=_TrainCommand)
+@click.argument("model", type=_ModelChoice(), metavar="MODEL")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to train; auto picks CUDA when present and logs the choice.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_command(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
+    """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
+
+    MODEL is `rpn` (the region proposal network) or a GRN-family method
+    (visual, vl-lstm, vl-concat, grn-no-residual, grn and the ablations; all
+    are listed under Models below). The best epoch by the validation split's
+    metric is kept; the test split's metrics go into the manifest.
+
+    \b
+    Example:
+      engine synth data/synth --images 1500 --seed 1
+      engine train rpn --data data/synth --out rpn.pt --seed 0
+      engine train grn --data data/synth --epochs 5
+    """
+    from engine.training.options import TrainOptions
+
+    options = TrainOptions(
+        data=data,
+        out=out if out is not None else Path(f"{model}.pt"),
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        progress=not quiet,
+        command=_command_line(model, data, out, epochs, seed, device),
+    )
+    started = time.perf_counter()
+    if model == "rpn":
+        from engine.training.rpn import train_rpn
+
+        manifest = train_rpn(options)
+    else:
+        from engine.training.grn import train_grn
+
+        manifest = train_grn(model, options)
+    click.echo(_summary(options.out, manifest, time.perf_counter() - started))
+
+
+def _command_line(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str) -> str:
+    """The reproducing command line recorded in the manifest (progress flags left out)."""
+    parts = ["engine", "train", model, "--data", str(data)]
+    if out is not None:
+        parts += ["--out", str(out)]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    parts += ["--seed", str(seed)]
+    if device != "auto":
+        parts += ["--device", device]
+    return shlex.join(parts)
+
+
+def _summary(path: Path | None, manifest: Any, seconds: float) -> str:
+    from engine.commands.models import flat_metrics
+
+    metrics = flat_metrics(manifest.metrics or {})
+    best = metrics.pop("best_epoch", None)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
+    epoch = f", best epoch {best:g}" if best is not None else ""
+    return (
+        f"wrote {path} ({manifest.size_bytes / 1e6:.2f} MB, sha256 {manifest.sha256[:12]}){epoch}"
+        f"{': ' + shown if shown else ''}; {seconds:.0f} s"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_command())

@@ -1,0 +1,107 @@
+"""``engine train rpn`` and ``engine models`` through the CLI, on a tiny seeded corpus."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.synth import SynthConfig, generate_corpus
+
+
+@pytest.fixture(scope="module")
+def split_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 scenes of 128x128; seed 2 gives 8 train, 2 val and 2 test images."""
+    root = tmp_path_factory.mktemp("train") / "corpus"
+    generate_corpus(root, SynthConfig(images=12, size=128, seed=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(split_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("ckpt") / "rpn.pt"
+    result = CliRunner().invoke(main, ["train", "rpn", "--data", str(split_corpus), "--out", str(out), "--epochs", "1", "--seed", "5", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_rpn_writes_checkpoint_and_manifest(trained: tuple[Path, str], split_corpus: Path) -> None:
+    out, output = trained
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert output.startswith(f"wrote {out} (") and "best epoch 1" in output and "val_recall@100=" in output
+    assert len(output.strip().splitlines()) == 1
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert {"model", "version", "config", "command", "data", "seed", "metrics", "sha256", "created", "size_bytes", "extra"} <= set(manifest)
+    assert manifest["model"] == "rpn" and manifest["seed"] == 5
+    assert manifest["command"] == f"engine train rpn --data {split_corpus} --out {out} --epochs 1 --seed 5 --device cpu"
+    metrics = manifest["metrics"]
+    assert metrics["best_epoch"] == 1 and 0 <= metrics["val_recall@100"] <= 1
+    assert metrics["test_images"] == 2
+    for kind in ("regions", "objects"):
+        values = [metrics[f"test_{kind}@{n}"] for n in (10, 50, 100, 300)]
+        assert all(0 <= v <= 1 for v in values) and values == sorted(values)  # recall grows with N
+    assert manifest["config"]["offsets"] == [7.5, 15.5, 31.5]
+    assert len(manifest["extra"]["history"]) == 1
+
+
+def test_trained_network_loads_and_proposes_inside_the_image(trained: tuple[Path, str], split_corpus: Path) -> None:
+    import torch
+
+    from engine.models.rpn import ProposalNetwork
+    from indexer.backbone import BackboneConfig, create_backbone, preprocess
+    from indexer.images import load_image
+
+    out, _ = trained
+    net = ProposalNetwork.from_checkpoint(out)
+    assert net.version.startswith("rpn-1@") and not net.training
+    image = load_image(split_corpus / "images" / "000000.jpg")
+    backbone = create_backbone(BackboneConfig(), device="cpu")
+    with torch.no_grad():
+        maps = backbone(preprocess([image], max_size=640)[0], levels=["c3", "c4", "c5"])
+    (boxes, scores), = net.propose(maps, [image.size], max_proposals=25)
+    assert 0 < len(boxes) <= 25
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 128).all()
+    assert (np.diff(scores) <= 0).all() and (scores > 0).all() and (scores <= 1).all()
+
+
+def test_rpn_recall_on_the_trained_checkpoint(trained: tuple[Path, str], split_corpus: Path) -> None:
+    from engine.evaluation.proposals_recall import rpn_recall
+
+    out, _ = trained
+    table = rpn_recall(split_corpus, checkpoint=out, split="test", ns=(10, 300))
+    assert table["images"] == 2 and set(table) == {"regions", "objects", "images"}
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert table["regions"][300] == pytest.approx(manifest["metrics"]["test_regions@300"])
+    assert table["objects"][10] == pytest.approx(manifest["metrics"]["test_objects@10"])
+
+
+def test_train_errors_are_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "nosuch", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "'nosuch' is not one of 'rpn'" in result.output
+    result = runner.invoke(main, ["train", "rpn", "--data", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "is not a folder" in result.output
+    line = {"image": "a.jpg", "width": 10, "height": 10, "objects": [], "regions": [], "refs": [], "captions": []}  # no split
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(line) + "\n")
+    result = runner.invoke(main, ["train", "rpn", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 1 and "no images of split 'train'" in result.output and result.output.count("\n") == 1
+
+
+def test_help_lists_models_and_has_an_example() -> None:
+    runner = CliRunner()
+    text = runner.invoke(main, ["train", "--help"]).output
+    assert "Example:" in text and "engine train rpn --data" in text and "rpn, " in text
+    assert "Example:" in runner.invoke(main, ["models", "--help"]).output
+
+
+def test_models_lists_the_shipped_rpn() -> None:
+    result = CliRunner().invoke(main, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)["checkpoints"]}
+    assert rows["rpn"]["model"] == "rpn" and len(rows["rpn"]["sha256"]) == 64
+    assert rows["rpn"]["key_metrics"]["test_regions@100"] >= 0.9
+    table = CliRunner().invoke(main, ["models"]).output
+    assert "rpn" in table and rows["rpn"]["sha256"][:12] in table
