@@ -13,7 +13,10 @@ from typing import Any
 import click
 
 from engine.boxes import Box, parse_box
+from engine.commands.eval import eval_group
+from engine.commands.models import models_command
 from engine.commands.synth import synth_command
+from engine.commands.train import train_command
 from engine.errors import EngineError
 
 __all__ = ["main"]
@@ -94,7 +97,7 @@ def _engine(index_dir: Path, device: str = "auto"):
 @index_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per backbone batch and per commit.")
-@click.option("--proposals", type=click.Choice(["auto", "gt", "selective-search"]), default="auto", show_default=True, help="Region source: gt = boxes of CORPUS/annotations.jsonl; auto = gt when that file exists, else selective search.")
+@click.option("--proposals", type=click.Choice(["auto", "rpn", "gt", "selective-search"]), default="auto", show_default=True, help="Region source: rpn (= auto) the shipped region proposal network, top 100 per image; gt the boxes of CORPUS/annotations.jsonl; selective-search (slow, no model).")
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, proposals: str, as_json: bool, quiet: bool) -> None:
@@ -126,7 +129,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @device_option
 @click.option("--image", type=click.Path(path_type=Path), help="Query image file.")
 @click.option("--region", type=BoxType(), help="Query region in the image, pixels x1,y1,x2,y2 (default: the whole image).")
-@click.option("--text", help="Description of the region (needs a text-aware model; not in this version).")
+@click.option("--text", help="Description of the region: the GRN reranks the visual shortlist with the text gating query and candidates.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png, hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
@@ -191,5 +194,8 @@ def info_command(index_dir: Path, as_json: bool, show_errors: bool) -> None:
 
 
 main.add_command(synth_command)
+main.add_command(train_command)
+main.add_command(models_command)
+main.add_command(eval_group)
 if __name__ == "__main__":
     main()

@@ -1,0 +1,103 @@
+"""``engine eval``: the papers' evaluation protocols on any dataset the engine reads."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+__all__ = ["eval_group"]
+
+
+def _comma_list(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise click.BadParameter(f"{value!r}: give a comma list of {', '.join(allowed)}", param_hint=option)
+    return items
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall).
+
+    \b
+    Example:
+      engine eval retrieval --data bench --proposals gt --json results.json
+      engine eval rpn --data bench --split test
+    """
+
+
+@eval_group.command("retrieval")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@click.option("--model", "models", multiple=True, help="A GRN-family checkpoint file, an installed model name (grn, grn-fc, vl-concat, …) or 'visual'; repeatable. Default: visual plus every installed GRN-family checkpoint.")
+@click.option("--split", default="test", show_default=True, help="Which split's queries and images to use.")
+@click.option("--proposals", default="gt,rpn", show_default=True, help="Candidate boxes: gt (ground-truth regions), rpn (top-100 RPN proposals per image), or both.")
+@click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint for --proposals rpn (default: the shipped one).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "proposals", "R@1", "R@10", "R@50", "R@100", "med_r", …}]} here (recalls in percent).')
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def retrieval_command(data: Path, models: tuple[str, ...], split: str, proposals: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
+    """Expressional region retrieval R@1/10/50/100 and median rank (GRN Table 2), per model and proposal setting.
+
+    Every candidate of the split's other images is scored exhaustively; recalls are percentages.
+
+    \b
+    Example:
+      engine eval retrieval --data bench --model grn --model vl-concat --proposals gt,rpn --markdown table.md
+    """
+    from engine.evaluation.retrieval import PROPOSAL_SETTINGS, evaluate_retrieval, resolve_models, rows_to_markdown
+
+    settings = _comma_list(proposals, PROPOSAL_SETTINGS, "--proposals")
+    loaded = resolve_models(list(models), device=device)
+    rows = evaluate_retrieval(data, loaded, split=split, proposals=settings, rpn_checkpoint=rpn_checkpoint, device=device, progress=not quiet)
+    table = rows_to_markdown(rows)
+    click.echo(table, nl=False)
+    if rows and rows[0].skipped:
+        click.echo(f"({rows[0].skipped} queries whose positives all lie in their own image are left out)")
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
+    if markdown_path is not None:
+        _write(markdown_path, table)
+
+
+@eval_group.command("rpn")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, images).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint (default: the shipped one).")
+@click.option("--split", default="test", show_default=True, help="train, val, test or all.")
+@click.option("--ns", default="10,50,100,300", show_default=True, help="Numbers of proposals per image, comma-separated.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"images", "rows": [{"n", "regions", "objects"}]} here (recalls in percent).')
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the RPN runs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, json_path: Path | None, device: str, quiet: bool) -> None:
+    """Recall (IoU > 0.5) of the split's region and object boxes by the RPN's top-N proposals.
+
+    \b
+    Example:
+      engine eval rpn --data bench --ns 10,100,300 --json rpn.json
+    """
+    from engine.evaluation.proposals_recall import rpn_recall
+
+    try:
+        numbers = tuple(int(n) for n in ns.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(f"{ns!r}: give positive integers separated by commas, e.g. 10,50,100,300", param_hint="--ns") from None
+    table = rpn_recall(data, checkpoint=checkpoint, split=split, ns=numbers, device=device, progress=not quiet)
+
+    def pct(v: float) -> float | None:
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(100.0 * v, 3)
+
+    rows = [{"n": n, "regions": pct(table["regions"][n]), "objects": pct(table["objects"][n])} for n in numbers]
+    click.echo(f"RPN proposal recall (IoU > 0.5), {split} split, {table['images']} images")
+    click.echo("| proposals | regions % | objects % |\n| ---: | ---: | ---: |")
+    for r in rows:
+        click.echo(f"| {r['n']} | " + " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("regions", "objects")) + " |")
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "images": table["images"], "rows": rows}, indent=2) + "\n")

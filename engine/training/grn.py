@@ -1,0 +1,360 @@
+"""Training of the GRN family (GRN paper §3.3–3.4, §4.2) on a dataset's train split.
+
+``train_grn(method, options)`` learns the vocabulary from the training text, builds the method's
+:class:`~engine.models.grn.RetrievalNet`, trains it with Eq. 6 on (query region, text, positive
+region) pairs with in-batch and hard negatives, keeps the epoch with the best validation R@10
+(ground-truth boxes), measures the test split, and writes ``<method>.pt`` + its manifest.
+
+Training pairs (see ``docs/grn.md``):
+
+* When the regions carry structured meanings (the synthetic corpus, ``docs/synth.md``), every
+  training region is a query with its own description, and its positives are derived exactly as
+  the benchmark defines them (:class:`engine.synth.queries.SplitIndex`: the regions whose contents
+  satisfy the meaning), as are its hard negatives (one attribute or the relation changed).
+* Otherwise the split's ``queries.jsonl`` lines are used, each positive also serving as the query
+  (with the same text) for the other positives, with the lines' ``hard_negatives``.
+
+Only positives in another image make training pairs (the benchmark never answers a query from its
+own image). Every epoch each query is paired with one of its positives at random (seeded). The
+negatives of query ``i`` are the other pairs' positives in the batch that are not positives of
+``i`` (§3.4) plus up to ``hard_negatives`` of its hard negatives; the query text gates the query
+region and every candidate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.datasets.annotations import QUERIES_FILE, read_dataset
+from engine.datasets.types import Dataset
+from engine.errors import InvalidInputError
+from engine.models.checkpoint import Manifest, save_checkpoint
+from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval_net, grn_loss, method_config
+from engine.models.retrieval import FORMAT_VERSION, MODEL_NAME, RegionRetrievalModel
+from engine.models.vocab import Vocabulary
+from engine.training.loop import fit
+from engine.training.options import TrainOptions
+
+__all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "build_training_pairs", "train_grn"]
+
+log = logging.getLogger(__name__)
+
+GRN_METHODS = ("visual", "vl-lstm", "vl-concat", "grn-no-residual", "grn", "grn-lstm", "grn-visual-residual", "grn-fc")
+"""Every trainable method name: GRN Table 2's rows, then the ablations of Tables 3–5."""
+assert set(GRN_METHODS) == set(METHODS)
+
+
+@dataclass(frozen=True)
+class GRNTrainConfig:
+    """Optimisation settings (the model's own settings are in :class:`GRNConfig`).
+
+    ``negatives``: in-batch negatives per query (``None``: all the batch offers); ``hard_negatives``:
+    hard negatives per query and step.
+    """
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    negatives: int | None = None
+    hard_negatives: int = 2
+    min_word_count: int = 2
+
+
+DEFAULT_EPOCHS: dict[str, int] = {"visual": 0}
+
+
+@dataclass
+class TrainingPairs:
+    """The training queries: region row, text, positives for pairing (other images), every positive, hard negatives.
+
+    Rows index ``region_ids`` (and the region map tensor built from them).
+    """
+
+    region_ids: np.ndarray  # int64 [R]: every region of the split
+    images: list[str]  # [R]
+    boxes: np.ndarray  # [R, 4]
+    anchors: np.ndarray  # int [A]: row of each query region
+    texts: list[str]  # [A]
+    pair_positives: list[np.ndarray]  # [A] rows, other images only (non-empty)
+    all_positives: list[frozenset[int]]  # [A] rows, any image (never negatives)
+    hard: list[np.ndarray]  # [A] rows
+    source: str  # "meanings" or "queries"
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+
+def build_training_pairs(split: Dataset, *, queries_path: Path | None = None) -> TrainingPairs:
+    """The training queries of ``split`` (see the module doc for the two sources)."""
+    regions = [(im, r) for im in split.images for r in im.regions]
+    if not regions:
+        raise InvalidInputError(f"{split.name or 'the split'} holds no regions to train on")
+    row = {r.id: i for i, (_, r) in enumerate(regions)}
+    image_of = [im.image for im, _ in regions]
+    anchors, texts, pair_pos, all_pos, hard = [], [], [], [], []
+    if all(r.meaning is not None for _, r in regions):
+        from engine.synth.meaning import SceneObject, objects_in_region
+        from engine.synth.queries import RegionRecord, SplitIndex
+
+        records = []
+        for im, r in regions:
+            objs = [SceneObject(o.id, o.attributes, o.box) for o in im.objects]
+            records.append(RegionRecord(r.id, im.image, im.split or "", r.box, r.description, r.meaning, "", tuple(objects_in_region(r.box, objs)), im.width, im.height))
+        index = SplitIndex(records)
+        for i, (im, r) in enumerate(regions):
+            positives = index.positives(r.meaning, exclude=r.id)
+            cross = [row[p] for p in positives if image_of[row[p]] != im.image]
+            if not cross:
+                continue
+            anchors.append(i)
+            texts.append(r.description)
+            pair_pos.append(np.asarray(cross, np.int64))
+            all_pos.append(frozenset(row[p] for p in positives) | {i})
+            hard.append(np.asarray([row[h] for h in index.hard_negatives(r.meaning, positives, exclude=r.id)], np.int64))
+        source = "meanings"
+    else:
+        extra = _hard_negatives_by_query(queries_path) if queries_path is not None else {}
+        for q in split.queries:
+            group = [q.region_id, *q.positives]
+            group = [g for g in group if g in row]
+            negs = np.asarray([row[h] for h in extra.get(q.region_id, ()) if h in row], np.int64)
+            for anchor in group:
+                cross = [row[p] for p in group if p != anchor and image_of[row[p]] != image_of[row[anchor]]]
+                if not cross:
+                    continue
+                anchors.append(row[anchor])
+                texts.append(q.text)
+                pair_pos.append(np.asarray(cross, np.int64))
+                all_pos.append(frozenset(row[g] for g in group))
+                hard.append(negs)
+        source = "queries"
+    if not anchors:
+        raise InvalidInputError(f"{split.name or 'the split'} yields no training pair (a query with a positive region in another image); check the corpus")
+    return TrainingPairs(
+        region_ids=np.asarray([r.id for _, r in regions], np.int64),
+        images=image_of,
+        boxes=np.asarray([r.box for _, r in regions], np.float64),
+        anchors=np.asarray(anchors, np.int64),
+        texts=texts,
+        pair_positives=pair_pos,
+        all_positives=all_pos,
+        hard=hard,
+        source=source,
+    )
+
+
+def _hard_negatives_by_query(path: Path) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            out[int(obj["region_id"])] = [int(h) for h in obj.get("hard_negatives", [])]
+    return out
+
+
+def _region_maps(cache: Any, images: Sequence[str], boxes: np.ndarray, *, progress: bool) -> torch.Tensor:
+    """float16 ``[R, C, 7, 7]`` maps of every (image, box) row, read once per image from the feature cache."""
+    rows_by_image: dict[str, list[int]] = defaultdict(list)
+    for i, image in enumerate(images):
+        rows_by_image[image].append(i)
+    out: torch.Tensor | None = None
+    for image, rows in tqdm(rows_by_image.items(), desc="region maps", unit="img", disable=not progress, dynamic_ncols=True):
+        maps = torch.from_numpy(cache.region_maps(image, boxes[rows]))
+        if out is None:
+            out = torch.zeros((len(images), *maps.shape[1:]), dtype=torch.float16)
+        out[torch.as_tensor(rows)] = maps.half()
+    assert out is not None
+    return out
+
+
+def _batches(pairs: TrainingPairs, cfg: GRNTrainConfig, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    order = rng.permutation(len(pairs))
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        if len(idx) < 2:
+            continue
+        pos = np.asarray([rng.choice(pairs.pair_positives[a]) for a in idx], np.int64)
+        hard = np.full((len(idx), cfg.hard_negatives), -1, np.int64)
+        for b, a in enumerate(idx):
+            h = pairs.hard[a]
+            if len(h) and cfg.hard_negatives:
+                pick = rng.choice(h, size=min(cfg.hard_negatives, len(h)), replace=False)
+                hard[b, : len(pick)] = pick
+        yield {"pairs": idx, "anchor": pairs.anchors[idx], "positive": pos, "hard": hard, "neg_seed": rng.integers(2**31, size=1)}
+
+
+class _Batcher:
+    """Turns a sampled batch into the loss of Eq. 6 (tokenised texts and region maps are held here)."""
+
+    def __init__(self, pairs: TrainingPairs, maps: torch.Tensor, vocab: Vocabulary, cfg: GRNTrainConfig, config: GRNConfig) -> None:
+        self.pairs = pairs
+        self.maps = maps
+        self.cfg = cfg
+        self.temperature = config.temperature
+        self.uses_text = config.uses_text
+        ids = [vocab.encode(t) if self.uses_text else [vocab.unk_index] for t in pairs.texts]
+        self.text_ids = ids
+
+    def loss(self, net: RetrievalNet, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        idx, anchor, pos, hard = batch["pairs"], batch["anchor"], batch["positive"], batch["hard"]
+        b = len(idx)
+        # unique region rows of the batch: anchors, positives, hard negatives
+        rows = np.concatenate([anchor, pos, hard[hard >= 0]])
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        a_col, p_col = inverse[:b], inverse[b : 2 * b]
+        h_col = np.full(hard.shape, -1, np.int64)
+        h_col[hard >= 0] = inverse[2 * b :]
+        # candidates of query i: its positive, the other pairs' positives that are not its positives, its hard negatives
+        cols = [np.concatenate([[p_col[i]], np.delete(p_col, i), h_col[i]]) for i in range(b)]
+        cand_rows = [np.concatenate([[pos[i]], np.delete(pos, i), hard[i]]) for i in range(b)]
+        valid = np.zeros((b, len(cols[0])), bool)
+        for i in range(b):
+            allp = self.pairs.all_positives[idx[i]]
+            valid[i] = [(k == 0) or (c >= 0 and int(r) not in allp) for k, (c, r) in enumerate(zip(cols[i], cand_rows[i]))]
+        if self.cfg.negatives is not None:
+            neg_rng = np.random.default_rng(int(batch["neg_seed"][0]))
+            for i in range(b):
+                in_batch = np.flatnonzero(valid[i, 1:b]) + 1
+                if len(in_batch) > self.cfg.negatives:
+                    valid[i, neg_rng.choice(in_batch, size=len(in_batch) - self.cfg.negatives, replace=False)] = False
+        cols_arr = np.stack(cols)
+        use = valid.copy()
+        cols_arr[~use] = 0
+        texts = [self.text_ids[a] for a in idx]
+        lengths = torch.tensor([len(t) for t in texts])
+        ids = torch.zeros(b, int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids[i, : len(t)] = torch.tensor(t)
+        text = net.text_features(ids, lengths)
+        prepared = net.prepare(self.maps[torch.as_tensor(uniq)])
+        # only the valid (query, candidate) pairs are embedded; the query text gates both sides (§3.4)
+        qi, kj = np.nonzero(use)
+        query = net.embed_prepared(prepared, text, torch.as_tensor(a_col), torch.arange(b))
+        cand_flat = net.embed_prepared(prepared, text, torch.as_tensor(cols_arr[qi, kj]), torch.as_tensor(qi))
+        cands = torch.zeros(b, use.shape[1], cand_flat.shape[1])
+        cands[torch.as_tensor(qi), torch.as_tensor(kj)] = cand_flat
+        return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature)
+
+
+def train_grn(method: str, options: TrainOptions, *, train_config: GRNTrainConfig | None = None, model_overrides: dict[str, Any] | None = None) -> Manifest:
+    """Train ``method`` (one of :data:`GRN_METHODS`) on ``options.data`` and write its checkpoint.
+
+    ``visual`` has nothing to learn: it is evaluated and written as is. The manifest's metrics hold the
+    best epoch's validation R@K and the test split's R@1/10/50/100 and median rank with ground-truth
+    boxes (percent), and the training time. Reproducible: the same options give the same weights.
+    """
+    if method not in GRN_METHODS:
+        raise InvalidInputError(f"method {method!r} is not known; choose one of {', '.join(GRN_METHODS)}")
+    from engine.evaluation.retrieval import build_benchmark, gt_candidates, score_benchmark
+    from engine.training.feature_cache import FeatureCache
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    started = time.perf_counter()
+    cfg = train_config or GRNTrainConfig()
+    epochs = options.epochs if options.epochs is not None else DEFAULT_EPOCHS.get(method, cfg.epochs)
+    config = method_config(method, **(model_overrides or {}))
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+
+    data = Path(options.data)
+    dataset = read_dataset(data)
+    train, val, test = (dataset.split(s) for s in ("train", "val", "test"))
+    if not train.images:
+        raise InvalidInputError(f"{data} has no images in the train split; generate a corpus with splits (`engine synth`)")
+    backbone = create_backbone(BackboneConfig(), device="cpu")
+    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
+    cache.build(dataset.images, progress=options.progress)
+
+    pairs = build_training_pairs(train, queries_path=data / QUERIES_FILE)
+    vocab = Vocabulary.build([r.description for im in train.images for r in im.regions] + [q.text for q in train.queries], min_count=cfg.min_word_count)
+    net = create_retrieval_net(config, vocab_size=len(vocab))
+    maps = _region_maps(cache, pairs.images, pairs.boxes, progress=options.progress)
+    with torch.no_grad():
+        rms = maps[:: max(1, len(maps) // 2000)].float().pow(2).mean().sqrt().item()
+    net.input_scale.fill_(1.0 / max(rms, 1e-6))
+    log.info("%s: %d training queries from %s, %d regions, vocabulary of %d", method, len(pairs), pairs.source, len(maps), len(vocab))
+
+    benches = {}
+    for name, part in (("val", val), ("test", test)):
+        if part.images and part.queries:
+            benches[name] = (build_benchmark(part, cache.region_maps), gt_candidates(part.images, cache.region_maps))
+
+    def evaluate(model: RetrievalNet, name: str) -> dict[str, float]:
+        if name not in benches:
+            return {}
+        was_training = model.training
+        result = score_benchmark(RegionRetrievalModel(net=model, vocab=vocab), *benches[name])
+        model.train(was_training)
+        out = {f"R@{k}": 100.0 * v for k, v in result.r_at.items()}
+        out["med_r"] = result.median_rank
+        return out
+
+    history: list[dict[str, float]] = []
+    best_epoch = 0
+    if config.uses_text and epochs > 0:
+        if "val" not in benches:
+            raise InvalidInputError(f"{data} has no val split with queries; validation R@10 picks the best epoch")
+        batcher = _Batcher(pairs, maps, vocab, cfg, config)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + np.cos(np.pi * e / epochs)))
+        epoch_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+        result = fit(
+            net,
+            batches=lambda e: list(_batches(pairs, cfg, epoch_rngs[e - 1])),
+            loss_fn=batcher.loss,
+            validate=lambda m: evaluate(m, "val"),
+            metric="R@10",
+            epochs=epochs,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress=options.progress,
+            desc=method,
+        )
+        history, best_epoch = result.history, result.best_epoch
+    net.eval()
+    with torch.no_grad():
+        val_metrics = evaluate(net, "val")
+        test_metrics = evaluate(net, "test")
+    seconds = time.perf_counter() - started
+    log.info("%s: val %s, test %s, %.0f s", method, val_metrics, test_metrics, seconds)
+
+    payload = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict() if config.uses_text else None, "config": config.to_dict()}
+    out = Path(options.out) if options.out is not None else Path(f"{method}.pt")
+    manifest = Manifest(
+        model=MODEL_NAME,
+        version=FORMAT_VERSION,
+        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs}, "vocab_size": len(vocab)},
+        command=options.command or f"train_grn({method!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}))",
+        data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(pairs)} training queries from {pairs.source})",
+        seed=options.seed,
+        metrics={
+            "method": method,
+            "val_gt": _finite(val_metrics),
+            "test_gt": _finite(test_metrics),
+            "best_epoch": best_epoch,
+            "history": [_finite(h) for h in history],
+            "train_seconds": round(seconds, 1),
+            "val_queries": len(benches["val"][0].queries) if "val" in benches else 0,
+            "test_queries": len(benches["test"][0].queries) if "test" in benches else 0,
+        },
+    )
+    return save_checkpoint(out, manifest, payload)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for a JSON manifest: an infinite median rank becomes ``None``."""
+    return {k: (None if isinstance(v, float) and np.isinf(v) else v) for k, v in metrics.items()}

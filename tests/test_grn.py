@@ -1,0 +1,286 @@
+"""GRN (paper §3.2–3.4) and its baselines: layer maths against literal references, training, checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.errors import CheckpointError, InvalidInputError
+from engine.models.grn import (
+    METHODS,
+    GatedResidualNetwork,
+    LanguageGating,
+    conv_mean,
+    create_retrieval_net,
+    grn_loss,
+    method_config,
+)
+from engine.models.retrieval import RegionRetrievalModel
+from engine.models.vocab import Vocabulary
+from engine.training.grn import GRN_METHODS, GRNTrainConfig, build_training_pairs, train_grn
+from engine.training.options import TrainOptions
+
+C, D, H = 12, 6, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tests run tiny tensors, where extra threads only spin (and CI cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _maps(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, C, 7, 7, generator=torch.Generator().manual_seed(seed))
+
+
+def test_method_names_are_the_paper_rows_and_ablations() -> None:
+    assert GRN_METHODS == ("visual", "vl-lstm", "vl-concat", "grn-no-residual", "grn", "grn-lstm", "grn-visual-residual", "grn-fc")
+    assert set(METHODS) == set(GRN_METHODS)
+    grn = METHODS["grn"]
+    assert (grn.text_encoder, grn.residual, grn.variant) == ("attention", "compose", "conv")
+    assert METHODS["grn-lstm"].text_encoder == "lstm" and METHODS["grn-visual-residual"].residual == "visual"
+    assert METHODS["grn-fc"].variant == "fc" and METHODS["grn-no-residual"].residual == "none"
+    with pytest.raises(InvalidInputError, match="not known"):
+        method_config("grn-xl")
+    with pytest.raises(InvalidInputError):
+        method_config("grn", residual="sideways")
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+@pytest.mark.parametrize("residual", ["compose", "visual", "none"])
+def test_grn_shapes_and_pooled_equals_mean_of_full_output(spatial: bool, residual: str) -> None:
+    torch.manual_seed(0)
+    grn = GatedResidualNetwork(visual_dim=C, text_dim=D, hidden=H, residual=residual, spatial=spatial)
+    x = _maps(4) if spatial else _maps(4).mean((2, 3))
+    text = torch.randn(3, D)
+    mi, ti = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([0, 0, 1, 2, 2])
+    full = grn(x[mi], text[ti])
+    assert full.shape == ((5, C, 7, 7) if spatial else (5, C))
+    size = (7, 7) if spatial else None
+    pooled = grn.pooled(grn.visual_terms(x), grn.text_terms(text, size), mi, ti)
+    assert pooled.shape == (5, C)
+    torch.testing.assert_close(pooled, full.mean((2, 3)) if spatial else full, atol=1e-5, rtol=1e-4)
+
+
+def test_w_g_and_w_r_start_at_one_and_learn() -> None:
+    grn = GatedResidualNetwork(visual_dim=C, text_dim=D, hidden=H, residual="compose")
+    assert grn.w_g.item() == 1.0 and grn.w_r.item() == 1.0
+    assert grn.w_g.requires_grad and grn.w_r.requires_grad
+    grn(_maps(2), torch.randn(2, D)).square().sum().backward()
+    assert grn.w_g.grad is not None and grn.w_g.grad.abs() > 0
+    assert grn.w_r.grad is not None and grn.w_r.grad.abs() > 0
+    assert GatedResidualNetwork(visual_dim=C, text_dim=D, hidden=H, residual="none").w_r is None
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+def test_gating_output_is_x_times_the_gate(spatial: bool) -> None:
+    gating = LanguageGating(visual_dim=C, text_dim=D, hidden=H, spatial=spatial)
+    bias = torch.linspace(-3, 3, C)
+    with torch.no_grad():  # hand-set gate: W_g2 = 0, so the gate is sigmoid(bias) whatever X and L are
+        gating.second.weight.zero_()
+        gating.second.bias.copy_(bias)
+    x = _maps(3) if spatial else _maps(3).mean((2, 3))
+    gate = torch.sigmoid(bias)[None, :, None, None] if spatial else torch.sigmoid(bias)[None, :]
+    torch.testing.assert_close(gating(x, torch.randn(3, D)), x * gate)
+
+
+def test_split_first_layer_equals_the_convolution_over_the_concatenation() -> None:
+    torch.manual_seed(0)
+    gating = LanguageGating(visual_dim=C, text_dim=D, hidden=H, spatial=True)
+    x, text = _maps(2), torch.randn(2, D)
+    concat = torch.cat([x, text[:, :, None, None].expand(-1, -1, 7, 7)], dim=1)  # [X, L] with L tiled (§3.2)
+    first = gating.first
+    reference = F.conv2d(concat, first.concat_weight(), first.visual.bias, padding=1)
+    torch.testing.assert_close(first.visual_term(x) + first.text_term(text, (7, 7)), reference, atol=1e-5, rtol=1e-4)
+    # Eq. 1 literally
+    literal = torch.sigmoid(gating.second(F.relu(reference))) * x
+    torch.testing.assert_close(gating(x, text), literal, atol=1e-5, rtol=1e-4)
+
+
+def test_conv_mean_equals_mean_of_the_convolution() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(H, C, 3, padding=1)
+    z = torch.randn(4, H, 7, 7)
+    torch.testing.assert_close(conv_mean(z, conv), conv(z).mean((2, 3)), atol=1e-5, rtol=1e-4)
+
+
+def test_loss_is_eq6_and_reduces_to_soft_triplet_for_one_negative() -> None:
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    c = F.normalize(torch.randn(3, 2, 8), dim=2)
+    valid = torch.ones(3, 2, dtype=torch.bool)
+    s = torch.einsum("be,bke->bk", q, c) / 0.5
+    soft_triplet = F.softplus(s[:, 1] - s[:, 0]).mean()
+    torch.testing.assert_close(grn_loss(q, c, valid, temperature=0.5), soft_triplet)
+    # a masked-out negative does not count
+    valid[:, 1] = False
+    assert grn_loss(q, c, valid, temperature=0.5).abs() < 1e-6
+
+
+@pytest.mark.parametrize("method", [m for m in GRN_METHODS])
+def test_every_method_embeds_normalised_vectors(method: str) -> None:
+    torch.manual_seed(0)
+    config = method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=10)
+    net = create_retrieval_net(config, vocab_size=9)
+    ids, lengths = torch.tensor([[2, 3, 4], [5, 6, 0]]), torch.tensor([3, 2])
+    text = net.text_features(ids, lengths)
+    emb = net.embed(_maps(4), text, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]))
+    assert emb.shape == (4, net.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
+
+
+@pytest.mark.parametrize("method", ["grn", "grn-fc", "vl-concat", "vl-lstm"])
+def test_loss_decreases_on_a_tiny_separable_problem(method: str) -> None:
+    """Two kinds of region (signal in different channels), each with its text: the loss must fall."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    net = create_retrieval_net(method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=8, temperature=0.2), vocab_size=6)
+    kinds = torch.tensor([0, 1] * 8)
+    maps = torch.randn(16, C, 7, 7, generator=gen) * 0.5
+    maps[kinds == 0, :3] += 2.0
+    maps[kinds == 1, 3:6] += 2.0
+    ids = torch.where(kinds[:, None] == 0, torch.tensor([[2, 3]]), torch.tensor([[4, 5]]))
+    lengths = torch.full((16,), 2)
+    anchors, positives = torch.arange(0, 16, 2), torch.arange(2, 18, 2) % 16  # same kind, another region
+    anchors = torch.cat([anchors, anchors + 1])
+    positives = torch.cat([positives, (positives + 1) % 16])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def loss() -> torch.Tensor:
+        text = net.text_features(ids[anchors], lengths[anchors])
+        b = len(anchors)
+        query = net.embed(maps[anchors], text)
+        cand_idx = positives[None, :].expand(b, b)  # column i of row i is the positive; others are negatives
+        order = torch.cat([torch.arange(b)[:, None], torch.tensor([[j for j in range(b) if j != i] for i in range(b)])], dim=1)
+        cols = torch.gather(cand_idx, 1, order)
+        cands = net.embed(maps, text, cols.reshape(-1), torch.arange(b).repeat_interleave(b)).reshape(b, b, -1)
+        valid = kinds[cols] != kinds[anchors][:, None]
+        valid[:, 0] = True
+        return grn_loss(query, cands, valid, temperature=0.2)
+
+    first = loss().item()
+    for _ in range(40):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert loss().item() < 0.5 * first
+
+
+# --------------------------------------------------------------------------- training on a tiny corpus
+
+
+@pytest.fixture(scope="module")
+def grn_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 scenes of 128 px with few meanings, half of them training, so that val and test have answerable queries."""
+    from engine.synth import SynthConfig, generate_corpus
+
+    root = tmp_path_factory.mktemp("grn") / "corpus"
+    generate_corpus(root, SynthConfig(images=32, seed=1, size=128, meaning_pool=4, split_fractions=(0.5, 0.25, 0.25)), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(grn_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "grn.pt"
+    train_grn("grn", TrainOptions(data=grn_corpus, out=out, epochs=1, progress=False, seed=3), train_config=GRNTrainConfig(batch_size=8))
+    return out
+
+
+def test_training_pairs_are_true_positives(grn_corpus: Path) -> None:
+    from engine.datasets.annotations import read_dataset
+
+    dataset = read_dataset(grn_corpus)
+    train = dataset.split("train")
+    pairs = build_training_pairs(train)
+    assert pairs.source == "meanings" and len(pairs) > 0
+    positives_of = {q.region_id: set(q.positives) for q in train.queries}
+    for a, pos in zip(pairs.anchors, pairs.pair_positives):
+        rid = int(pairs.region_ids[a])
+        assert all(pairs.images[p] != pairs.images[a] for p in pos)  # other images only
+        if rid in positives_of:  # the benchmark's own queries: the derived positives are exactly its positives
+            assert {int(pairs.region_ids[p]) for p in pos} <= positives_of[rid]
+
+
+def test_train_grn_writes_a_loadable_checkpoint(trained: Path) -> None:
+    model = RegionRetrievalModel.from_checkpoint(trained)
+    assert model.method == "grn" and model.version.startswith("grn:1:")
+    metrics = model.manifest.metrics
+    assert metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
+    assert {"R@1", "R@10", "R@50", "R@100", "med_r"} <= set(metrics["test_gt"])
+    assert model.manifest.seed == 3 and trained.with_suffix(".json").is_file()
+    maps = _real_maps(model)
+    scores = model.score(maps[0], "a red circle", maps)
+    assert scores.shape == (len(maps),) and np.isfinite(scores).all()
+    emb = model.embed(maps.astype(np.float16), model.encode_text("a red circle"))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(scores, emb @ emb[0], atol=1e-5)  # the query text gates the query and the candidates
+
+
+def test_training_is_reproducible(grn_corpus: Path, tmp_path: Path) -> None:
+    states = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.pt"
+        train_grn("grn-fc", TrainOptions(data=grn_corpus, out=out, epochs=2, progress=False, seed=5), train_config=GRNTrainConfig(batch_size=8))
+        states.append(RegionRetrievalModel.from_checkpoint(out).net.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=0, rtol=0)
+
+
+def _real_maps(model: RegionRetrievalModel) -> np.ndarray:
+    gen = np.random.default_rng(0)
+    return gen.standard_normal((40, model.net.config.visual_dim, 7, 7)).astype(np.float32)
+
+
+def test_the_model_is_text_sensitive(trained: Path) -> None:
+    model = RegionRetrievalModel.from_checkpoint(trained)
+    maps = _real_maps(model)
+    a = model.score(maps[0], "a red circle to the left of a blue square", maps[1:])
+    b = model.score(maps[0], "a large green star above a small yellow heart", maps[1:])
+    assert not np.array_equal(np.argsort(-a), np.argsort(-b))
+
+
+def test_unknown_words_never_crash_and_empty_text_is_a_clear_error(trained: Path) -> None:
+    model = RegionRetrievalModel.from_checkpoint(trained)
+    maps = _real_maps(model)
+    assert np.isfinite(model.score(maps[0], "a quizzical zebra juggling", maps)).all()
+    with pytest.raises(InvalidInputError, match="holds no words"):
+        model.encode_text("?!")
+    with pytest.raises(InvalidInputError, match="holds no words"):
+        model.score(maps[0], "", maps)
+    with pytest.raises(InvalidInputError, match="shape"):
+        model.embed(np.zeros((2, 5, 7, 7), np.float32), model.encode_text("a red circle"))
+
+
+def test_visual_method_ignores_text_and_is_the_faiss_vector() -> None:
+    from indexer.region_features import pool_vectors
+
+    model = RegionRetrievalModel.visual()
+    maps = np.random.default_rng(0).standard_normal((5, 112, 7, 7)).astype(np.float32)
+    emb = model.embed(maps, model.encode_text(None))
+    np.testing.assert_allclose(emb, pool_vectors(maps), atol=1e-6)
+    np.testing.assert_allclose(model.score(maps[0], "anything", maps), model.score(maps[0], None, maps))
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused(trained: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(trained.read_bytes()[:-10])
+    bad.with_suffix(".json").write_text(trained.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="corrupt"):
+        RegionRetrievalModel.from_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        RegionRetrievalModel.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_vocabulary_is_stored_with_the_checkpoint(trained: Path, grn_corpus: Path) -> None:
+    from engine.datasets.annotations import read_dataset
+
+    model = RegionRetrievalModel.from_checkpoint(trained)
+    train = read_dataset(grn_corpus).split("train")
+    expected = Vocabulary.build([r.description for im in train.images for r in im.regions] + [q.text for q in train.queries])
+    assert model.vocab == expected
