@@ -33,6 +33,7 @@ class Engine:
         self.config = config or EngineConfig()
         self._extractor: Any = None
         self._reader: Any = None
+        self._retrieval_model: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -48,7 +49,7 @@ class Engine:
         return self._extractor
 
     def _models(self) -> dict[str, str]:
-        return {"backbone": self.extractor.backbone.version, "region_features": f"roi_align:{self.config.features.level}:{self.config.features.output_size}"}
+        return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
     def _array_shapes(self) -> dict[str, tuple[int, ...]]:
         c, h, w = self.extractor.map_shape
@@ -65,10 +66,11 @@ class Engine:
         corpus = Path(corpus)
         if not corpus.is_dir():
             raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
-        proposals = create_proposal_provider(config.proposals, corpus.resolve())
+        proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
         with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._array_shapes()) as store:
-            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=self._models())
+            models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
+            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
 
     # -- searching ----------------------------------------------------------------------------
@@ -81,23 +83,44 @@ class Engine:
         k: int = 10,
         exclude_self: bool = False,
     ) -> list[Hit]:
-        """The ``k`` indexed regions most similar to ``region`` of ``image`` (the whole image when no region).
+        """The ``k`` indexed regions that show the same thing as ``region`` of ``image``.
 
-        ``exclude_self`` drops hits from the query image itself (matched by content hash).
+        ``region`` defaults to the whole image. With ``text``, stage 1 shortlists ``config.shortlist``
+        candidates by visual similarity and stage 2 reranks them with the GRN: the text gates the
+        query region and every candidate. ``exclude_self`` drops hits from the query image itself
+        (matched by content hash).
         """
         from query.encode import VisualQueryEncoder, load_query_region
-        from query.search import SearchOptions, visual_search
+        from query.rerank import GrnRescorer
+        from query.search import SearchOptions, search_regions
 
-        if text is not None:
-            raise InvalidInputError("text queries need a text-aware model, which this engine version does not ship yet; search by --image and --region")
         if image is None:
-            raise InvalidInputError("a query needs an image: pass --image FILE (and optionally --region x1,y1,x2,y2)")
-        SearchOptions(k=k)  # validates k before any model loads
+            if text is not None:
+                raise InvalidInputError("text-only search needs the SAN model, which this engine version does not ship yet; pass --image (and --region) with --text")
+            raise InvalidInputError("a query needs an image: pass --image FILE (and optionally --region x1,y1,x2,y2 and --text)")
+        if text is not None and not text.strip():
+            raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
+        SearchOptions(k=k, shortlist=self.config.shortlist)  # validates before any model loads
         store = self._open_reader()
         query = load_query_region(image, region)
-        _, vector = VisualQueryEncoder(self.extractor).encode(query)
-        options = SearchOptions(k=k, exclude_self_hash=query.content_hash if exclude_self else None)
-        return visual_search(store, vector, options)
+        query_map, vector = VisualQueryEncoder(self.extractor).encode(query)
+        options = SearchOptions(k=k, exclude_self_hash=query.content_hash if exclude_self else None, shortlist=self.config.shortlist)
+        rescore = None
+        if text is not None:
+            model = self.retrieval_model
+            model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
+            rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
+        return search_regions(store, vector, options, rescore)
+
+    @property
+    def retrieval_model(self):  # -> RegionRetrievalModel
+        """The text-gated reranker (GRN), loaded once from ``config.grn_checkpoint`` or the shipped default."""
+        if self._retrieval_model is None:
+            from engine.device import resolve_device
+            from engine.models.retrieval import RegionRetrievalModel
+
+            self._retrieval_model = RegionRetrievalModel.from_checkpoint(self.config.grn_checkpoint, device=resolve_device(self.config.device))
+        return self._retrieval_model
 
     def render(self, hits: list[Hit], *, image: Path | str, region: Box | list[float] | None, out_dir: Path | str) -> list[Path]:
         """Draw the query region and each hit's box (PNG files plus a contact sheet) into ``out_dir``."""

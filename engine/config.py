@@ -22,9 +22,15 @@ def default_index_dir() -> Path:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Models and storage of an engine. ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    """Models and storage of an engine.
+
+    ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``grn_checkpoint`` is the text-gated
+    reranker (``None``: the shipped ``grn.pt``); ``shortlist`` the stage-1 candidates it rescores.
+    """
 
     device: str = "auto"
+    grn_checkpoint: Path | None = None
+    shortlist: int = 1000
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -1,7 +1,7 @@
 """Typed results of the public API. Their ``to_dict`` forms are the stable ``--json`` output."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.boxes import Box
 
@@ -10,12 +10,25 @@ __all__ = ["Hit"]
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: a region of an indexed image. ``box`` is pixel ``(x1, y1, x2, y2)``."""
+    """One search result: a region of an indexed image. ``box`` is pixel ``(x1, y1, x2, y2)``.
+
+    ``score`` ranks the hits; ``scores`` holds its parts when several stages scored it (e.g. the
+    stage-1 ``visual`` cosine and the stage-2 ``grn`` similarity).
+    """
 
     image: str
     box: Box
     score: float
     region_id: int
+    scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        return {"image": self.image, "box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 6), "region_id": int(self.region_id)}
+        out: dict[str, object] = {
+            "image": self.image,
+            "box": [round(float(v), 2) for v in self.box],
+            "score": round(float(self.score), 6),
+            "region_id": int(self.region_id),
+        }
+        if self.scores:
+            out["scores"] = {k: round(float(v), 6) for k, v in self.scores.items()}
+        return out

@@ -115,7 +115,7 @@ class IndexingPipeline:
             return 0
         items: list[tuple[ImageRecord, RegionBatch]] = []
         for group in _same_size_groups(loaded):
-            features = self.extractor([it.image for it in group], [it.boxes for it in group])
+            features = self._features(group)
             for it, (maps, vectors) in zip(group, features):
                 arrays = {"maps": maps, "visual": vectors}
                 items.append((it.record, RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
@@ -125,6 +125,19 @@ class IndexingPipeline:
         counts["regions_added"] += sum(len(b.boxes) for _, b in items)
         return len(items)
 
+    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Region maps and vectors of one same-size group. A batch proposal network (the RPN) runs the
+        backbone once and proposes from its maps; the region features are pooled from the same maps."""
+        images = [it.image for it in group]
+        propose_batch = getattr(self.proposals, "propose_batch", None)
+        if propose_batch is None:
+            return self.extractor(images, [it.boxes for it in group])
+        maps, proposals = propose_batch(images)
+        for it, (boxes, objectness) in zip(group, proposals):
+            it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
+        level = self.extractor.config.level
+        return self.extractor.from_feature_map(maps[level], [im.size for im in images], [it.boxes for it in group])
+
     def _load(self, entry: FileEntry) -> _Loaded:
         try:
             digest = content_hash(entry.path)
@@ -133,7 +146,10 @@ class IndexingPipeline:
         image = load_image(entry.path)
         w, h = image.size
         record = ImageRecord(path=str(entry.path), content_hash=digest, size_bytes=entry.size_bytes, mtime_ns=entry.mtime_ns, width=w, height=h)
-        boxes, objectness = self.proposals(entry.path, image)
+        if hasattr(self.proposals, "propose_batch"):  # proposed per batch, from the backbone's maps
+            boxes, objectness = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        else:
+            boxes, objectness = self.proposals(entry.path, image)
         return _Loaded(entry=entry, record=record, image=image, boxes=np.asarray(boxes, np.float32), objectness=np.asarray(objectness, np.float32))
 
 

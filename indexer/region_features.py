@@ -97,13 +97,22 @@ class RegionFeatureExtractor:
         if len(images) == 0:
             return []
         checked = [_check_boxes(b, i) for i, b in enumerate(boxes)]
+        if sum(len(b) for b in checked) == 0:
+            return self.from_feature_map(None, [im.size for im in images], checked)
+        return self.from_feature_map(self.feature_map(images), [im.size for im in images], checked)
+
+    @torch.no_grad()
+    def from_feature_map(self, fmap: Tensor | None, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Like :meth:`__call__`, from an already computed map of the configured level ``[B, C, H, W]``
+        (e.g. the one a proposal network just used), the images' original ``sizes`` and their boxes."""
+        checked = [_check_boxes(b, i) for i, b in enumerate(boxes)]
         counts = [len(b) for b in checked]
         c, s, _ = self.map_shape
         if sum(counts) == 0:
-            return [(np.zeros((0, c, s, s), np.float16), np.zeros((0, c), np.float32)) for _ in images]
-
-        fmap = self.feature_map(images)
-        pooled = self.pool(fmap, [im.size for im in images], checked)
+            return [(np.zeros((0, c, s, s), np.float16), np.zeros((0, c), np.float32)) for _ in sizes]
+        if fmap is None:
+            raise InvalidInputError("a feature map is needed to pool regions; compute it with feature_map(images)")
+        pooled = self.pool(fmap, sizes, checked)
         vectors = pool_vectors(pooled)
         maps = pooled.cpu().numpy().astype(np.float16)
         out: list[tuple[np.ndarray, np.ndarray]] = []

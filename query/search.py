@@ -1,63 +1,89 @@
-"""Visual region search: FAISS candidates, per-image duplicate suppression, self-exclusion, top k."""
+"""Region search: stage 1 FAISS candidates, optional stage 2 rescoring, per-image duplicate suppression,
+self-exclusion, top k."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import InvalidInputError
 from engine.results import Hit
-from indexer.store import IndexStore
+from indexer.store import IndexStore, RegionRow
 from query.grouping import suppress_per_image
 
-__all__ = ["SearchOptions", "visual_search"]
+__all__ = ["SearchOptions", "Rescorer", "search_regions"]
 
 log = logging.getLogger(__name__)
+
+Rescorer = Callable[[list[RegionRow]], dict[str, np.ndarray]]
+"""Stage 2: scores the shortlisted regions; returns named score arrays, ``"final"`` among them."""
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Options of one search. ``nms_iou``: boxes of one image overlapping more than this collapse to the best."""
+    """Options of one search.
+
+    ``shortlist``: stage-1 candidates handed to stage 2 (when there is one). ``nms_iou``: boxes of one
+    image overlapping more than this collapse to the best one.
+    """
 
     k: int = 10
     exclude_self_hash: str | None = None
     nms_iou: float = 0.5
     first_fetch: int = 100
+    shortlist: int = 1000
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k <= 0:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k <= 0:
             raise InvalidInputError(f"k must be a positive integer, got {self.k!r}; e.g. -k 10")
+        if self.shortlist <= 0:
+            raise InvalidInputError(f"shortlist must be a positive integer, got {self.shortlist!r}")
 
 
-def visual_search(store: IndexStore, vector: np.ndarray, options: SearchOptions) -> list[Hit]:
+def search_regions(store: IndexStore, vector: np.ndarray, options: SearchOptions, rescore: Rescorer | None = None) -> list[Hit]:
     """The ``options.k`` best regions for a query vector ``[D]``.
 
-    FAISS is asked for more candidates than ``k`` (duplicates of one image and the query image itself
-    are dropped afterwards), doubling the fetch until ``k`` hits survive or the index is exhausted.
+    Stage 1 asks FAISS for candidates by visual similarity. Without ``rescore`` the FAISS score is the
+    score, and the fetch doubles until ``k`` hits survive the filters (duplicates within an image, the
+    query image itself). With ``rescore`` the top ``options.shortlist`` candidates are rescored
+    (stage 2) and ranked by the ``"final"`` score.
     """
     total = store.info().regions
     if total == 0:
         return []
-    fetch = min(total, max(options.first_fetch, 8 * options.k))
     query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+    fetch = min(total, options.shortlist if rescore else max(options.first_fetch, 8 * options.k))
     while True:
         scores, ids = store.search(query, fetch)
-        hits = _filter(store, scores[0], ids[0], options)
-        if len(hits) >= options.k or fetch >= total:
+        rows, visual = _rows(store, scores[0], ids[0])
+        parts = {"visual": visual}
+        if rescore is not None and rows:
+            parts.update(rescore(rows))
+        final = parts.get("final", visual)
+        hits = _filter(rows, final, parts, options)
+        if len(hits) >= options.k or fetch >= total or rescore is not None:
             return hits[: options.k]
         fetch = min(total, fetch * 4)
 
 
-def _filter(store: IndexStore, scores: np.ndarray, ids: np.ndarray, options: SearchOptions) -> list[Hit]:
+def _rows(store: IndexStore, scores: np.ndarray, ids: np.ndarray) -> tuple[list[RegionRow], np.ndarray]:
     valid = ids >= 0
-    rows = store.regions(ids[valid].tolist())
-    by_id = {r.id: r for r in rows}
-    kept = [(float(s), by_id[int(i)]) for s, i in zip(scores[valid], ids[valid]) if int(i) in by_id]
-    if options.exclude_self_hash is not None:
-        kept = [(s, r) for s, r in kept if r.content_hash != options.exclude_self_hash]
-    if not kept:
+    by_id = {r.id: r for r in store.regions(ids[valid].tolist())}
+    pairs = [(by_id[int(i)], float(s)) for s, i in zip(scores[valid], ids[valid]) if int(i) in by_id]
+    return [r for r, _ in pairs], np.asarray([s for _, s in pairs], np.float32)
+
+
+def _filter(rows: list[RegionRow], final: np.ndarray, parts: dict[str, np.ndarray], options: SearchOptions) -> list[Hit]:
+    keep = [i for i, r in enumerate(rows) if options.exclude_self_hash is None or r.content_hash != options.exclude_self_hash]
+    if not keep:
         return []
-    boxes = np.asarray([r.box for _, r in kept], np.float32)
-    order = suppress_per_image(boxes, np.asarray([s for s, _ in kept]), np.asarray([r.image_id for _, r in kept]), iou_threshold=options.nms_iou)
-    return [Hit(image=kept[i][1].image_path, box=kept[i][1].box, score=kept[i][0], region_id=kept[i][1].id) for i in order]
+    boxes = np.asarray([rows[i].box for i in keep], np.float32)
+    order = suppress_per_image(boxes, final[keep], np.asarray([rows[i].image_id for i in keep]), iou_threshold=options.nms_iou)
+    hits = []
+    for j in order:
+        i = keep[j]
+        named = {name: float(values[i]) for name, values in parts.items() if name != "final"} if len(parts) > 1 else {}
+        hits.append(Hit(image=rows[i].image_path, box=rows[i].box, score=float(final[i]), region_id=rows[i].id, scores=named))
+    return hits

@@ -21,11 +21,11 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_engine(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
     """An :class:`Engine` over an index of :func:`tiny_corpus` (GT boxes), CPU."""
     from engine.api import Engine
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, IndexConfig
 
     index_dir = tmp_path_factory.mktemp("index") / "idx"
     engine = Engine(index_dir, config=EngineConfig(device="cpu"))
-    engine.index(tiny_corpus)
+    engine.index(tiny_corpus, config=IndexConfig(proposals="gt"))
     yield engine
     engine.close()
 

@@ -19,7 +19,7 @@ def runner() -> CliRunner:
 @pytest.fixture(scope="module")
 def cli_index(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     index_dir = tmp_path_factory.mktemp("cli") / "idx"
-    result = CliRunner().invoke(main, ["index", str(tiny_corpus), "--index", str(index_dir), "--device", "cpu", "--json"])
+    result = CliRunner().invoke(main, ["index", str(tiny_corpus), "--index", str(index_dir), "--device", "cpu", "--proposals", "gt", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert set(summary) == {"processed", "unchanged", "removed", "regions_added", "errors", "seconds"}
@@ -67,7 +67,8 @@ def test_info_json_and_errors(runner: CliRunner, cli_index: Path) -> None:
         (["--image", "{image}", "--region", "30,30,10,10"], "empty"),
         (["--image", "{image}", "--region", "1,2,three,4"], "four comma-separated numbers"),
         (["--image", "{image}", "-k", "0"], "0"),
-        (["--image", "{image}", "--text", "a red circle"], "text"),
+        (["--image", "{image}", "--text", " "], "empty"),
+        (["--text", "a red circle"], "text-only"),
         (["--region", "1,2,3,4"], "--region needs --image"),
         ([], "needs an image"),
     ],

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from engine.api import Engine
-from engine.config import EngineConfig
+from engine.config import EngineConfig, IndexConfig
 from engine.datasets.annotations import read_annotations
 from engine.errors import ImageReadError, IndexNotFoundError, InvalidBoxError, InvalidInputError
 
@@ -68,7 +68,8 @@ def test_info_counts(tiny_engine: Engine, tiny_corpus: Path) -> None:
     "kwargs, error, match",
     [
         ({"image": None}, InvalidInputError, "needs an image"),
-        ({"text": "a red circle"}, InvalidInputError, "text"),
+        ({"text": "   "}, InvalidInputError, "empty"),
+        ({"image": None, "text": "a red circle"}, InvalidInputError, "text-only"),
         ({"k": 0}, InvalidInputError, "positive"),
         ({"region": (0, 0, 10_000, 10)}, InvalidBoxError, "outside"),
         ({"region": (50, 50, 50, 80)}, InvalidBoxError, "empty"),
@@ -90,10 +91,11 @@ def test_missing_query_image_and_missing_index(tiny_engine: Engine, tmp_path: Pa
 
 def test_incremental_reindex_changes_deletes_and_errors(corpus_copy: Path, tmp_path: Path) -> None:
     engine = Engine(tmp_path / "idx", config=EngineConfig(device="cpu"))
-    first = engine.index(corpus_copy)
+    gt = IndexConfig(proposals="gt")
+    first = engine.index(corpus_copy, config=gt)
     n = len(read_annotations(corpus_copy))
     assert (first.processed, first.unchanged, first.removed, first.errors) == (n, 0, 0, 0)
-    assert engine.index(corpus_copy).processed == 0  # unchanged corpus: nothing to do
+    assert engine.index(corpus_copy, config=gt).processed == 0  # unchanged corpus: nothing to do
 
     anns = read_annotations(corpus_copy)
     images = [corpus_copy / a.image for a in anns]
@@ -105,7 +107,7 @@ def test_incremental_reindex_changes_deletes_and_errors(corpus_copy: Path, tmp_p
     (corpus_copy / "broken" / "empty.jpg").write_bytes(b"")  # zero-byte
     (corpus_copy / "broken" / "text.png").write_text("not an image")
     (corpus_copy / "broken" / "cut.jpg").write_bytes(images[3].read_bytes()[:300])  # truncated
-    second = engine.index(corpus_copy)
+    second = engine.index(corpus_copy, config=gt)
     assert (second.processed, second.removed, second.errors) == (1, 1, 3)
     assert second.unchanged == n - 2
     errors = dict(engine.errors())
@@ -120,5 +122,5 @@ def test_incremental_reindex_changes_deletes_and_errors(corpus_copy: Path, tmp_p
     assert Path(hits[0].image) == images[1].resolve() and hits[0].score == pytest.approx(1.0, abs=1e-3)
     assert hits[0].region_id != before.region_id
     assert before.region_id not in {h.region_id for h in hits}
-    assert engine.index(corpus_copy).processed == 0  # broken files are not retried until they change
+    assert engine.index(corpus_copy, config=gt).processed == 0  # broken files are not retried until they change
     engine.close()
