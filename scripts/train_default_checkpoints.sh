@@ -11,7 +11,8 @@
 #   2. backbone feature cache (built by the first `engine train`, reused)     ~3 min (1500 images, ~9 images/s)
 #   3. engine train rpn (12 epochs of ~30 s from the cached maps)             6 min 22 s with the cache built
 #      -> engine/checkpoints/rpn.pt, 0.29 MB; test split recall@100 (IoU > 0.5): regions 95.7 %, objects 99.0 %
-#   4. engine train grn                                                       see engine/checkpoints/grn.json
+#   4. engine train grn (conv GRN)                                            ~9 min; the baselines and ablations
+#      0.5-5 min each (times and metrics are in each engine/checkpoints/NAME.json manifest)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,8 +41,11 @@ if need "$OUT/rpn.pt"; then
     step $ENGINE train rpn --data "$DATA" --out "$OUT/rpn.pt" --seed 0 --quiet
 fi
 
-if need "$OUT/grn.pt"; then
-    step $ENGINE train grn --data "$DATA" --out "$OUT/grn.pt" --seed 0 --quiet
-fi
+# The GRN and the rows of GRN Tables 2-5 (baselines and ablations); `visual` needs no training.
+for method in grn vl-lstm vl-concat grn-no-residual grn-lstm grn-visual-residual grn-fc; do
+    if need "$OUT/$method.pt"; then
+        step $ENGINE train "$method" --data "$DATA" --out "$OUT/$method.pt" --seed 0 --quiet
+    fi
+done
 
 $ENGINE models
