@@ -284,3 +284,64 @@ def test_vocabulary_is_stored_with_the_checkpoint(trained: Path, grn_corpus: Pat
     train = read_dataset(grn_corpus).split("train")
     expected = Vocabulary.build([r.description for im in train.images for r in im.regions] + [q.text for q in train.queries])
     assert model.vocab == expected
+
+
+class _StubRPN(torch.nn.Module):
+    """Proposes each region box shifted by 1 px (IoU > 0.7) and a corner box that overlaps nothing much."""
+
+    class config:  # noqa: N801 - mimics ProposalNetwork.config
+        levels = ("c4",)
+
+    def __init__(self, boxes_by_size: list[np.ndarray]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.queue = list(boxes_by_size)
+        self.version = "stub"
+
+    def propose(self, maps, sizes, *, max_proposals: int = 300):
+        out = []
+        for _ in sizes:
+            boxes = self.queue.pop(0)
+            shifted = np.clip(boxes + 1.0, 0, 127)
+            corner = np.array([[0, 0, 6, 6]], np.float64)
+            out.append((np.concatenate([shifted, corner]).astype(np.float32), np.ones(len(boxes) + 1, np.float32)))
+        return out
+
+
+def test_proposal_pool_positives_overlap_and_negatives_do_not(grn_corpus: Path) -> None:
+    from engine.boxes import box_iou
+    from engine.datasets.annotations import read_dataset
+    from engine.training.feature_cache import FeatureCache
+    from engine.training.grn import _batches, _is_negative, build_proposal_pool
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    train = read_dataset(grn_corpus).split("train")
+    pairs = build_training_pairs(train)
+    cache = FeatureCache(grn_corpus, RegionFeatureExtractor(backbone=create_backbone(BackboneConfig(), device="cpu")))
+    images = [im for im in train.images if im.regions]
+    stub = _StubRPN([np.asarray([r.box for r in im.regions], np.float64) for im in images])
+    cfg = GRNTrainConfig(batch_size=4, jitter_per_region=2, other_proposals=100, proposal_positive_prob=1.0)  # keeps all
+    pool = build_proposal_pool(pairs, images, cache, stub, cfg, np.random.default_rng(0))
+    assert pool.start == len(pairs.region_ids) and len(pool.maps) == len(pool.overlaps) > 0
+    proposal_boxes, proposal_image = {}, {}
+    for im in images:
+        boxes = np.concatenate([np.clip(np.asarray([r.box for r in im.regions]) + 1.0, 0, 127), [[0, 0, 6, 6]]])
+        assert len(pool.by_image[im.image]) == len(boxes)
+        for k, b in zip(pool.by_image[im.image], boxes):
+            proposal_boxes[int(k)], proposal_image[int(k)] = b, im.image
+    seen = {"positive": 0, "negative": 0}
+    for batch in _batches(pairs, cfg, np.random.default_rng(1), pool):
+        for b, a in enumerate(batch["pairs"]):
+            allp = pairs.all_positives[a]
+            p = int(batch["positive"][b])
+            if p >= pool.start:  # a positive replaced by one of its proposals: IoU > 0.7 with a positive region
+                seen["positive"] += 1
+                assert any(box_iou(proposal_boxes[p][None], pairs.boxes[[r]])[0, 0] > 0.7 for r in allp)
+            for n in batch["hard"][b, cfg.hard_negatives :]:
+                if n >= 0:  # false-positive proposals: no IoU > 0.5 with any positive of the query
+                    seen["negative"] += 1
+                    assert _is_negative(int(n), allp, pool)
+                    same_image = [r for r in allp if pairs.images[r] == proposal_image[int(n)]]
+                    assert all(box_iou(proposal_boxes[int(n)][None], pairs.boxes[[r]])[0, 0] <= 0.5 for r in same_image)
+    assert seen["positive"] > 0 and seen["negative"] > 0

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from engine.datasets.annotations import QUERIES_FILE, read_dataset
-from engine.datasets.types import Dataset
+from engine.datasets.types import Dataset, ImageAnn
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval_net, grn_loss, method_config
@@ -45,7 +45,7 @@ from engine.models.vocab import Vocabulary
 from engine.training.loop import fit
 from engine.training.options import TrainOptions
 
-__all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "build_training_pairs", "train_grn"]
+__all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "ProposalPool", "build_training_pairs", "build_proposal_pool", "train_grn"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ class GRNTrainConfig:
 
     ``negatives``: in-batch negatives per query (``None``: all the batch offers); ``hard_negatives``:
     hard negatives per query and step.
+
+    RPN proposals (GRN §4.2: "we use the proposals got from the pretrained RPN for training"):
+    ``proposals`` turns them on (when an RPN checkpoint is available); a positive is replaced with
+    probability ``proposal_positive_prob`` by one of its proposals with IoU > 0.7, and each query
+    gets ``proposal_negatives`` false-positive proposals (IoU <= 0.5 with all of its positives) of
+    its positive's image. Per image, up to ``jitter_per_region`` proposals per region and
+    ``other_proposals`` further ones are kept (of the top ``RPN_TOP``).
     """
 
     epochs: int = 6
@@ -69,6 +76,11 @@ class GRNTrainConfig:
     negatives: int | None = None
     hard_negatives: int = 2
     min_word_count: int = 2
+    proposals: bool = True
+    proposal_positive_prob: float = 0.5
+    proposal_negatives: int = 2
+    jitter_per_region: int = 4
+    other_proposals: int = 16
 
 
 DEFAULT_EPOCHS: dict[str, int] = {"visual": 0}
@@ -180,28 +192,115 @@ def _region_maps(cache: Any, images: Sequence[str], boxes: np.ndarray, *, progre
     return out
 
 
-def _batches(pairs: TrainingPairs, cfg: GRNTrainConfig, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+@dataclass
+class ProposalPool:
+    """RPN proposals of the training images, as map rows after the ``start`` region rows.
+
+    ``overlaps[k]``: the region rows that proposal row ``start + k`` overlaps with IoU > 0.5 (it is a
+    positive for a query exactly when one of them is); ``jitter[r]``: proposal rows with IoU > 0.7
+    with region row ``r``; ``by_image``: each image's proposal rows.
+    """
+
+    start: int
+    maps: torch.Tensor  # float16 [M, C, 7, 7]
+    overlaps: list[frozenset[int]]
+    jitter: list[np.ndarray]
+    by_image: dict[str, np.ndarray]
+    version: str = ""
+
+
+def build_proposal_pool(pairs: TrainingPairs, images: Sequence[ImageAnn], cache: Any, network: Any, cfg: GRNTrainConfig, rng: np.random.Generator, *, progress: bool = False) -> ProposalPool:
+    """Run the RPN (``network``, a :class:`~engine.models.rpn.ProposalNetwork`) on the training ``images``
+    (maps from ``cache``) and keep the proposals that training samples from."""
+    from engine.boxes import box_iou
+    from engine.evaluation.proposals_recall import propose_images
+    from engine.evaluation.retrieval import RPN_TOP
+
+    rows_by_image: dict[str, list[int]] = defaultdict(list)
+    for r, image in enumerate(pairs.images):
+        rows_by_image[image].append(r)
+    images = [im for im in images if im.image in rows_by_image]
+    proposals = propose_images(network, cache, images, max_proposals=RPN_TOP, progress=progress)
+    start = len(pairs.images)
+    jitter: list[list[int]] = [[] for _ in range(start)]
+    overlaps: list[frozenset[int]] = []
+    by_image: dict[str, np.ndarray] = {}
+    maps: list[torch.Tensor] = []
+    row = start
+    for ann, (boxes, _) in tqdm(zip(images, proposals), total=len(images), desc="proposal maps", unit="img", disable=not progress, dynamic_ncols=True):
+        image = ann.image
+        regions = np.asarray(rows_by_image[image])
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        if len(boxes) == 0:
+            by_image[image] = np.zeros(0, np.int64)
+            continue
+        iou = box_iou(boxes, pairs.boxes[regions])  # [P, R_img]
+        keep: set[int] = set()
+        for j in range(len(regions)):
+            close = np.flatnonzero(iou[:, j] > 0.7)
+            keep.update(rng.choice(close, size=min(cfg.jitter_per_region, len(close)), replace=False).tolist())
+        rest = np.asarray(sorted(set(range(len(boxes))) - keep), np.int64)
+        keep.update(rng.choice(rest, size=min(cfg.other_proposals, len(rest)), replace=False).tolist())
+        kept = np.asarray(sorted(keep), np.int64)
+        maps.append(torch.from_numpy(cache.region_maps(image, boxes[kept])).half())
+        ids = np.arange(row, row + len(kept), dtype=np.int64)
+        by_image[image] = ids
+        for k, p in zip(ids, kept):
+            overlaps.append(frozenset(int(regions[j]) for j in np.flatnonzero(iou[p] > 0.5)))
+            for j in np.flatnonzero(iou[p] > 0.7):
+                jitter[int(regions[j])].append(int(k))
+        row += len(kept)
+    return ProposalPool(
+        start=start,
+        maps=torch.cat(maps) if maps else torch.zeros((0, *cache.extractor.map_shape), dtype=torch.float16),
+        overlaps=overlaps,
+        jitter=[np.asarray(j, np.int64) for j in jitter],
+        by_image=by_image,
+        version=str(getattr(network, "version", "")),
+    )
+
+
+def _is_negative(row: int, positives: frozenset[int], pool: ProposalPool | None) -> bool:
+    """Whether map row ``row`` (a region, or a proposal after ``pool.start``) is a negative for a query with ``positives``."""
+    if pool is None or row < pool.start:
+        return row not in positives
+    return not (pool.overlaps[row - pool.start] & positives)
+
+
+def _batches(pairs: TrainingPairs, cfg: GRNTrainConfig, rng: np.random.Generator, pool: ProposalPool | None = None) -> Iterator[dict[str, np.ndarray]]:
     order = rng.permutation(len(pairs))
+    n_prop = cfg.proposal_negatives if pool is not None else 0
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         if len(idx) < 2:
             continue
         pos = np.asarray([rng.choice(pairs.pair_positives[a]) for a in idx], np.int64)
-        hard = np.full((len(idx), cfg.hard_negatives), -1, np.int64)
+        hard = np.full((len(idx), cfg.hard_negatives + n_prop), -1, np.int64)
         for b, a in enumerate(idx):
             h = pairs.hard[a]
             if len(h) and cfg.hard_negatives:
                 pick = rng.choice(h, size=min(cfg.hard_negatives, len(h)), replace=False)
                 hard[b, : len(pick)] = pick
+            if pool is None:
+                continue
+            # false-positive proposals of the positive's image (GRN §4.2), then maybe the positive as a proposal
+            allp = pairs.all_positives[a]
+            false = [r for r in pool.by_image.get(pairs.images[pos[b]], ()) if _is_negative(int(r), allp, pool)]
+            if false and n_prop:
+                pick = rng.choice(np.asarray(false), size=min(n_prop, len(false)), replace=False)
+                hard[b, cfg.hard_negatives : cfg.hard_negatives + len(pick)] = pick
+            if len(pool.jitter[pos[b]]) and rng.random() < cfg.proposal_positive_prob:
+                pos[b] = rng.choice(pool.jitter[pos[b]])
         yield {"pairs": idx, "anchor": pairs.anchors[idx], "positive": pos, "hard": hard, "neg_seed": rng.integers(2**31, size=1)}
 
 
 class _Batcher:
     """Turns a sampled batch into the loss of Eq. 6 (tokenised texts and region maps are held here)."""
 
-    def __init__(self, pairs: TrainingPairs, maps: torch.Tensor, vocab: Vocabulary, cfg: GRNTrainConfig, config: GRNConfig) -> None:
+    def __init__(self, pairs: TrainingPairs, maps: torch.Tensor, vocab: Vocabulary, cfg: GRNTrainConfig, config: GRNConfig, pool: ProposalPool | None = None) -> None:
         self.pairs = pairs
-        self.maps = maps
+        self.pool = pool
+        self.maps = maps if pool is None else torch.cat([maps, pool.maps])
         self.cfg = cfg
         self.temperature = config.temperature
         self.uses_text = config.uses_text
@@ -223,7 +322,7 @@ class _Batcher:
         valid = np.zeros((b, len(cols[0])), bool)
         for i in range(b):
             allp = self.pairs.all_positives[idx[i]]
-            valid[i] = [(k == 0) or (c >= 0 and int(r) not in allp) for k, (c, r) in enumerate(zip(cols[i], cand_rows[i]))]
+            valid[i] = [(k == 0) or (c >= 0 and _is_negative(int(r), allp, self.pool)) for k, (c, r) in enumerate(zip(cols[i], cand_rows[i]))]
         if self.cfg.negatives is not None:
             neg_rng = np.random.default_rng(int(batch["neg_seed"][0]))
             for i in range(b):
@@ -249,10 +348,19 @@ class _Batcher:
         return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature)
 
 
-def train_grn(method: str, options: TrainOptions, *, train_config: GRNTrainConfig | None = None, model_overrides: dict[str, Any] | None = None) -> Manifest:
+def train_grn(
+    method: str,
+    options: TrainOptions,
+    *,
+    train_config: GRNTrainConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    rpn_checkpoint: Path | None = None,
+) -> Manifest:
     """Train ``method`` (one of :data:`GRN_METHODS`) on ``options.data`` and write its checkpoint.
 
-    ``visual`` has nothing to learn: it is evaluated and written as is. The manifest's metrics hold the
+    Proposals of the RPN ``rpn_checkpoint`` (``None``: the shipped one) join the training data when
+    ``train_config.proposals`` is on; without a shipped RPN the training uses ground-truth boxes only
+    and says so in the log and the manifest. ``visual`` has nothing to learn: it is evaluated and written as is. The manifest's metrics hold the
     best epoch's validation R@K and the test split's R@1/10/50/100 and median rank with ground-truth
     boxes (percent), and the training time. Reproducible: the same options give the same weights.
     """
@@ -305,16 +413,24 @@ def train_grn(method: str, options: TrainOptions, *, train_config: GRNTrainConfi
 
     history: list[dict[str, float]] = []
     best_epoch = 0
+    rpn_version = None
     if config.uses_text and epochs > 0:
         if "val" not in benches:
             raise InvalidInputError(f"{data} has no val split with queries; validation R@10 picks the best epoch")
-        batcher = _Batcher(pairs, maps, vocab, cfg, config)
+        pool = None
+        if cfg.proposals:
+            network = _load_rpn(rpn_checkpoint, backbone)
+            if network is not None:
+                pool = build_proposal_pool(pairs, train.images, cache, network, cfg, np.random.default_rng(np.random.SeedSequence(options.seed).spawn(epochs + 1)[-1]), progress=options.progress)
+                rpn_version = pool.version
+                log.info("%s: %d RPN proposals of %d training images join the training data", method, len(pool.maps), len(pool.by_image))
+        batcher = _Batcher(pairs, maps, vocab, cfg, config, pool)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + np.cos(np.pi * e / epochs)))
         epoch_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
         result = fit(
             net,
-            batches=lambda e: list(_batches(pairs, cfg, epoch_rngs[e - 1])),
+            batches=lambda e: list(_batches(pairs, cfg, epoch_rngs[e - 1], pool)),
             loss_fn=batcher.loss,
             validate=lambda m: evaluate(m, "val"),
             metric="R@10",
@@ -337,7 +453,7 @@ def train_grn(method: str, options: TrainOptions, *, train_config: GRNTrainConfi
     manifest = Manifest(
         model=MODEL_NAME,
         version=FORMAT_VERSION,
-        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs}, "vocab_size": len(vocab)},
+        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs, "rpn": rpn_version}, "vocab_size": len(vocab)},
         command=options.command or f"train_grn({method!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}))",
         data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(pairs)} training queries from {pairs.source})",
         seed=options.seed,
@@ -353,6 +469,20 @@ def train_grn(method: str, options: TrainOptions, *, train_config: GRNTrainConfi
         },
     )
     return save_checkpoint(out, manifest, payload)
+
+
+def _load_rpn(path: Path | None, backbone: Any) -> Any:
+    """The RPN whose proposals join training: ``path``, else the shipped one; ``None`` (with a warning)
+    when no path is given and none is shipped."""
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+    from engine.models.rpn import ProposalNetwork
+
+    if path is None and not (PACKAGE_CHECKPOINTS / "rpn.pt").is_file():
+        log.warning("no RPN checkpoint is installed (engine/checkpoints/rpn.pt): training on ground-truth boxes only; pass rpn_checkpoint to train with proposals")
+        return None
+    network = ProposalNetwork.from_checkpoint(path)
+    network.check_backbone(backbone.version, backbone.max_size)
+    return network
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
