@@ -7,7 +7,7 @@ from typing import Any
 
 from engine.boxes import Box
 from engine.config import EngineConfig, IndexConfig, default_index_dir
-from engine.errors import InvalidInputError
+from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
 
 __all__ = ["Engine"]
@@ -34,6 +34,7 @@ class Engine:
         self._extractor: Any = None
         self._reader: Any = None
         self._retrieval_model: Any = None
+        self._san_encoder: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -51,9 +52,28 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self) -> dict[str, tuple[int, ...]]:
+    def _array_shapes(self, *, san: bool | None = None) -> dict[str, tuple[int, ...]]:
         c, h, w = self.extractor.map_shape
-        return {"maps": (c, h, w), "visual": (c,)}
+        shapes: dict[str, tuple[int, ...]] = {"maps": (c, h, w), "visual": (c,)}
+        if self.config.san if san is None else san:
+            shapes["san"] = (self.san_encoder.dim,)
+        return shapes
+
+    @property
+    def san_encoder(self):  # -> indexer.san_features.SanRegionEncoder
+        """SAN's region encoder (saliency network + SAN), loaded once from the configured or shipped checkpoints."""
+        if self._san_encoder is None:
+            from engine.models.saliency import SaliencyNet
+            from engine.models.san import SANModel
+            from indexer.san_features import SanRegionEncoder
+
+            backbone = self.extractor.backbone
+            saliency = SaliencyNet.from_checkpoint(self.config.saliency_checkpoint, device=backbone.device)
+            saliency.check_backbone(backbone.version, backbone.max_size)
+            model = SANModel.from_checkpoint(self.config.san_checkpoint)
+            model.check_saliency(saliency)
+            self._san_encoder = SanRegionEncoder(backbone=backbone, saliency=saliency, model=model)
+        return self._san_encoder
 
     # -- indexing -----------------------------------------------------------------------------
     def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
@@ -68,10 +88,30 @@ class Engine:
             raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
         proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
-        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._array_shapes()) as store:
+        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes()) as store:
+            san = self.san_encoder if store.has_array("san") else None
             models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models)
+            if san is not None:
+                models["san"] = san.version
+            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
+
+    def _index_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The arrays to index: with SAN for a new index (when configured); an existing index keeps
+        its arrays (one built without SAN stays without it, with a warning: text-only search then
+        needs a re-index into a new directory)."""
+        from indexer.index_dir import IndexLayout
+        from indexer.store import IndexStore
+
+        if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
+            return self._array_shapes()
+        with IndexStore.open(self.index_dir, config=self.config.store) as existing:
+            stored = {name: spec.shape for name, spec in existing.array_specs.items()}
+        if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
+            return self._array_shapes(san=True)
+        if self.config.san:
+            log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
+        return self._array_shapes(san=False)
 
     # -- searching ----------------------------------------------------------------------------
     def search(
@@ -86,31 +126,77 @@ class Engine:
         """The ``k`` indexed regions that show the same thing as ``region`` of ``image``.
 
         ``region`` defaults to the whole image. With ``text``, stage 1 shortlists ``config.shortlist``
-        candidates by visual similarity and stage 2 reranks them with the GRN: the text gates the
-        query region and every candidate. ``exclude_self`` drops hits from the query image itself
+        candidates by visual similarity, joined by the text's top ``config.san_candidates`` SAN
+        matches, and stage 2 reranks them with the GRN: the text gates the query region and every
+        candidate. With ``text`` alone (no image), SAN's text vector searches the index's SAN
+        embeddings and the full SAN (saliency-guided textual attention per candidate) reranks them. ``exclude_self`` drops hits from the query image itself
         (matched by content hash).
         """
         from query.encode import VisualQueryEncoder, load_query_region
         from query.rerank import GrnRescorer
         from query.search import SearchOptions, search_regions
 
-        if image is None:
-            if text is not None:
-                raise InvalidInputError("text-only search needs the SAN model, which this engine version does not ship yet; pass --image (and --region) with --text")
-            raise InvalidInputError("a query needs an image: pass --image FILE (and optionally --region x1,y1,x2,y2 and --text)")
         if text is not None and not text.strip():
             raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
+        if image is None:
+            if text is None:
+                raise InvalidInputError("a query needs an image or a text: pass --image FILE (and optionally --region x1,y1,x2,y2) and/or --text \"...\"")
+            if region is not None:
+                raise InvalidInputError("--region needs --image: the region is a box in that image")
+            return self._search_text(text, k)
         SearchOptions(k=k, shortlist=self.config.shortlist)  # validates before any model loads
         store = self._open_reader()
         query = load_query_region(image, region)
         query_map, vector = VisualQueryEncoder(self.extractor).encode(query)
         options = SearchOptions(k=k, exclude_self_hash=query.content_hash if exclude_self else None, shortlist=self.config.shortlist)
         rescore = None
+        extra: list[int] = []
         if text is not None:
             model = self.retrieval_model
             model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
             rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
-        return search_regions(store, vector, options, rescore)
+            extra = self._san_candidates(store, text)
+        return search_regions(store, vector, options, rescore, extra_ids=extra)
+
+    def _check_san_index(self, store) -> None:  # noqa: ANN001
+        """A clear error when the index holds no SAN embeddings, or ones of another SAN model."""
+        if not store.has_array("san"):
+            raise IndexVersionError(
+                f"index {self.index_dir} was built without SAN embeddings, which text-only search needs; "
+                f"re-index the corpus into a new directory: engine index CORPUS --index NEWDIR"
+            )
+        indexed = store.info().models.get("san")
+        if indexed and indexed != self.san_encoder.version:
+            raise IndexVersionError(
+                f"index {self.index_dir} holds SAN embeddings of {indexed}, but this engine loads {self.san_encoder.version}; "
+                f"re-index the corpus into a new directory (engine index CORPUS --index NEWDIR) or configure the SAN checkpoint it was built with"
+            )
+
+    def _search_text(self, text: str, k: int) -> list[Hit]:
+        """Text-only search: SAN's ``t_g`` searches the ``san`` FAISS file (stage 1), the full STA reranks."""
+        from query.rerank import SanRescorer
+        from query.search import SearchOptions, search_regions
+
+        options = SearchOptions(k=k, shortlist=self.config.shortlist)
+        store = self._open_reader()
+        self._check_san_index(store)
+        model = self.san_encoder.model
+        vector = model.text_vector(text)
+        return search_regions(store, vector, options, SanRescorer(store=store, model=model, text=text), array="san", stage1="san_text")
+
+    def _san_candidates(self, store, text: str) -> list[int]:  # noqa: ANN001
+        """Region ids of the text's top SAN matches (they join stage 1's shortlist); none when the
+        index has no SAN embeddings or the SAN model cannot read the text."""
+        if not self.config.san or self.config.san_candidates <= 0 or not store.has_array("san"):
+            return []
+        try:
+            self._check_san_index(store)
+            vector = self.san_encoder.model.text_vector(text)
+        except (IndexVersionError, InvalidInputError) as exc:
+            log.info("no SAN candidates: %s", exc)
+            return []
+        _, ids = store.search(vector[None], self.config.san_candidates, array="san")
+        return [int(i) for i in ids[0] if i >= 0]
 
     @property
     def retrieval_model(self):  # -> RegionRetrievalModel

@@ -15,6 +15,7 @@ import click
 from engine.boxes import Box, parse_box
 from engine.commands.eval import eval_group
 from engine.commands.models import models_command
+from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
 from engine.errors import EngineError
@@ -129,21 +130,24 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @device_option
 @click.option("--image", type=click.Path(path_type=Path), help="Query image file.")
 @click.option("--region", type=BoxType(), help="Query region in the image, pixels x1,y1,x2,y2 (default: the whole image).")
-@click.option("--text", help="Description of the region: the GRN reranks the visual shortlist with the text gating query and candidates.")
+@click.option("--text", help="Description of the region. With --image: the GRN reranks the visual shortlist (joined by SAN's matches of the text) with the text gating query and candidates. Alone: text-only search with SAN.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png, hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
 @json_option
 def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, text: str | None, k: int, exclude_self: bool, save_vis: Path | None, as_json: bool) -> None:
-    """Find the indexed regions that show the same thing as REGION of IMAGE.
+    """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
     Example:
       engine query --image q.jpg --region 40,60,200,220 -k 5 --save-vis out/
+      engine query --text "a red circle left of a blue square" -k 5
     """
     engine = _engine(index_dir, device)
     if region is not None and image is None:
         raise click.UsageError("--region needs --image: the region is a box in that image")
+    if save_vis is not None and image is None:
+        raise click.UsageError("--save-vis needs --image: it draws the query region beside the hits")
     hits = engine.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self)
     if save_vis is not None:
         engine.render(hits, image=image, region=region, out_dir=save_vis)
@@ -197,5 +201,6 @@ main.add_command(synth_command)
 main.add_command(train_command)
 main.add_command(models_command)
 main.add_command(eval_group)
+main.add_command(saliency_command)
 if __name__ == "__main__":
     main()

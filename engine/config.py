@@ -26,11 +26,18 @@ class EngineConfig:
 
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``grn_checkpoint`` is the text-gated
     reranker (``None``: the shipped ``grn.pt``); ``shortlist`` the stage-1 candidates it rescores.
+    ``san``: index SAN region embeddings (text-only search) with ``san_checkpoint`` and
+    ``saliency_checkpoint`` (``None``: the shipped ``san.pt`` / ``saliency.pt``); ``san_candidates``:
+    how many SAN candidates of the text join stage 1's shortlist of a combined query.
     """
 
     device: str = "auto"
     grn_checkpoint: Path | None = None
     shortlist: int = 1000
+    san: bool = True
+    san_checkpoint: Path | None = None
+    saliency_checkpoint: Path | None = None
+    san_candidates: int = 100
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -55,6 +55,10 @@ class IndexLayout:
     def vectors_path(self) -> Path:
         return self.root / "vectors.faiss"
 
+    def vector_file(self, array: str) -> Path:
+        """The FAISS file of feature array ``array``: ``vectors.faiss`` for ``visual``, else ``vectors-NAME.faiss``."""
+        return self.vectors_path if array == "visual" else self.root / f"vectors-{check_array_name(array)}.faiss"
+
     @property
     def features_dir(self) -> Path:
         return self.root / "features"

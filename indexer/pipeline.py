@@ -16,8 +16,9 @@ from engine.errors import ImageReadError, InvalidInputError
 from indexer.images import load_image
 from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor
+from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
-from indexer.store import ImageRecord, IndexStore, RegionBatch
+from indexer.store import SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline"]
 
@@ -64,6 +65,7 @@ class IndexingPipeline:
         batch_size: int = 8,
         save_every: int = 2000,
         models: dict[str, str] | None = None,
+        san: SanRegionEncoder | None = None,
     ) -> None:
         if batch_size <= 0:
             raise InvalidInputError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -73,6 +75,7 @@ class IndexingPipeline:
         self.batch_size = batch_size
         self.save_every = save_every
         self.models = models or {}
+        self.san = san
 
     def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
         start = time.perf_counter()
@@ -116,8 +119,10 @@ class IndexingPipeline:
         items: list[tuple[ImageRecord, RegionBatch]] = []
         for group in _same_size_groups(loaded):
             features = self._features(group)
-            for it, (maps, vectors) in zip(group, features):
+            for it, (maps, vectors, san) in zip(group, features):
                 arrays = {"maps": maps, "visual": vectors}
+                if san is not None:
+                    arrays[SAN_ARRAY] = san
                 items.append((it.record, RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
         items.sort(key=lambda pair: pair[0].path)
         self.store.commit_images(run_id, items)
@@ -125,18 +130,40 @@ class IndexingPipeline:
         counts["regions_added"] += sum(len(b.boxes) for _, b in items)
         return len(items)
 
-    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Region maps and vectors of one same-size group. A batch proposal network (the RPN) runs the
-        backbone once and proposes from its maps; the region features are pooled from the same maps."""
+    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Region maps, vectors and SAN vectors (``None`` without SAN) of one same-size group. A batch
+        proposal network (the RPN) runs the backbone once and proposes from its maps; the region
+        features (and SAN's saliency grids) are pooled from the same maps."""
         images = [it.image for it in group]
         propose_batch = getattr(self.proposals, "propose_batch", None)
-        if propose_batch is None:
-            return self.extractor(images, [it.boxes for it in group])
-        maps, proposals = propose_batch(images)
-        for it, (boxes, objectness) in zip(group, proposals):
-            it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
+        if propose_batch is None and self.san is None:
+            return [(m, v, None) for m, v in self.extractor(images, [it.boxes for it in group])]
+        if propose_batch is not None:
+            maps, proposals = propose_batch(images)
+            for it, (boxes, objectness) in zip(group, proposals):
+                it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
+        else:
+            maps = self._backbone_maps(images)
+        sizes = [im.size for im in images]
+        boxes = [it.boxes for it in group]
         level = self.extractor.config.level
-        return self.extractor.from_feature_map(maps[level], [im.size for im in images], [it.boxes for it in group])
+        features = self.extractor.from_feature_map(maps[level], sizes, boxes)
+        if self.san is None:
+            return [(m, v, None) for m, v in features]
+        san = self.san.encode(maps, sizes, boxes, [m for m, _ in features])
+        return [(m, v, s) for (m, v), s in zip(features, san)]
+
+    def _backbone_maps(self, images: list[Image.Image]) -> dict:
+        """The backbone levels SAN's saliency network and the region features need, in one pass."""
+        import torch
+
+        from indexer.backbone import preprocess
+        from indexer.san_features import SALIENCY_LEVELS
+
+        backbone = self.extractor.backbone
+        batch, _ = preprocess(images, max_size=backbone.max_size)
+        with torch.no_grad():
+            return backbone(batch.to(backbone.device), levels=sorted({*SALIENCY_LEVELS, self.extractor.config.level}))
 
     def _load(self, entry: FileEntry) -> _Loaded:
         try:

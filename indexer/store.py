@@ -62,6 +62,7 @@ from indexer.index_dir import IndexLayout, WriterLock, check_array_name, remove_
 
 __all__ = [
     "VECTOR_ARRAY",
+    "SAN_ARRAY",
     "StoreConfig",
     "ImageRecord",
     "RegionBatch",
@@ -74,6 +75,8 @@ logger = logging.getLogger(__name__)
 
 #: The feature-store array whose rows are the FAISS vectors.
 VECTOR_ARRAY = "visual"
+#: The feature-store array of SAN region embeddings; when an index has it, it gets its own FAISS file.
+SAN_ARRAY = "san"
 _CHUNK = 500  # ids per SQL ``IN (...)``
 _CATCH_UP_CHUNK = 65_536  # vectors read per step when catching up
 
@@ -205,7 +208,7 @@ class IndexStore:
         self._lock = lock
         self._engine = create_db_engine(layout.db_path, immediate=writable)
         self._features: FeatureStore | None = None
-        self._vectors: VectorIndex | None = None
+        self._vector_sets: dict[str, VectorIndex] = {}
 
     # ------------------------------------------------------------------------------------------
     # opening and closing
@@ -259,7 +262,8 @@ class IndexStore:
             store = cls(layout=layout, specs=specs, config=config, writable=writable, lock=lock)
             store._open_features()
             if writable:
-                remove_stale_temps(layout.vectors_path)
+                for name in store.vector_arrays:
+                    remove_stale_temps(layout.vector_file(name))
                 store._fail_dead_runs()
             return store
         except BaseException:
@@ -290,7 +294,7 @@ class IndexStore:
         if self._features is not None:
             self._features.close()
             self._features = None
-        self._vectors = None
+        self._vector_sets = {}
         self._engine.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -338,6 +342,14 @@ class IndexStore:
     @property
     def array_specs(self) -> dict[str, ArraySpec]:
         return dict(self._specs)
+
+    @property
+    def vector_arrays(self) -> tuple[str, ...]:
+        """The feature arrays with a FAISS file: ``visual``, and ``san`` when the index stores it."""
+        return tuple(n for n in (VECTOR_ARRAY, SAN_ARRAY) if n in self._specs)
+
+    def has_array(self, name: str) -> bool:
+        return name in self._specs
 
     # ------------------------------------------------------------------------------------------
     # writer side
@@ -552,10 +564,13 @@ class IndexStore:
     def save_vectors(self) -> None:
         """Bring the FAISS index up to date, save it atomically, prune the tombstones it holds."""
         self._require_writable()
-        vectors = self._synced_vectors(allow_rebuild=True)
-        vectors.save(self.layout.vectors_path)
-        with self._write() as s:
-            s.execute(delete(Tombstone).where(Tombstone.seq <= vectors.max_tombstone_seq))
+        saved = []
+        for name in self.vector_arrays:
+            vectors = self._synced_vectors(allow_rebuild=True, array=name)
+            vectors.save(self.layout.vector_file(name))
+            saved.append(vectors.max_tombstone_seq)
+        with self._write() as s:  # every file holds the tombstones up to the smallest of theirs
+            s.execute(delete(Tombstone).where(Tombstone.seq <= min(saved)))
 
     # ------------------------------------------------------------------------------------------
     # scanning support
@@ -579,13 +594,19 @@ class IndexStore:
     # ------------------------------------------------------------------------------------------
     # reader side
     # ------------------------------------------------------------------------------------------
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int, *, array: str = VECTOR_ARRAY) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` regions by cosine similarity: scores ``[q, k]``, region ids ``[q, k]``.
 
-        Ids are -1 (score ``-inf``) where fewer than ``k`` results exist. Catches up with the
-        database first when it has moved on (one cheap query).
+        ``array`` picks the FAISS file (``visual``, or ``san`` for text-only queries). Ids are -1
+        (score ``-inf``) where fewer than ``k`` results exist. Catches up with the database first
+        when it has moved on (one cheap query).
         """
-        return self._synced_vectors(allow_rebuild=False).search(vectors, k)
+        if array not in self.vector_arrays:
+            raise IndexVersionError(
+                f"index at {self.path} has no {array!r} vectors; re-index into a new directory with "
+                "`engine index CORPUS --index NEWDIR`"
+            )
+        return self._synced_vectors(allow_rebuild=False, array=array).search(vectors, k)
 
     def regions(self, ids: Sequence[int]) -> list[RegionRow]:
         """The regions with these ids, in the given order; unknown (deleted) ids and -1 are skipped."""
@@ -648,42 +669,41 @@ class IndexStore:
     # ------------------------------------------------------------------------------------------
     # FAISS catch-up
     # ------------------------------------------------------------------------------------------
-    def _synced_vectors(self, *, allow_rebuild: bool) -> VectorIndex:
+    def _synced_vectors(self, *, allow_rebuild: bool, array: str = VECTOR_ARRAY) -> VectorIndex:
         """The in-memory FAISS index, loaded on first use and caught up with the database.
 
         Only the writer changes the index type (on first use and on save): a reader keeps the
         type of the saved file, so readers never train an index in memory that the next save
         replaces anyway.
         """
-        if self._vectors is None:
-            self._vectors = self._load_vectors()
-            self._catch_up()
+        if array not in self._vector_sets:
+            self._vector_sets[array] = self._load_vectors(array)
+            self._catch_up(array)
             allow_rebuild = allow_rebuild or self.writable
-        elif self._db_moved_on(self._vectors):
-            self._catch_up()
-        vectors = self._vectors
-        assert vectors is not None
+        elif self._db_moved_on(self._vector_sets[array]):
+            self._catch_up(array)
+        vectors = self._vector_sets[array]
         if allow_rebuild:
             factory = vectors.wanted_factory()
             if factory is not None:
-                logger.info("rebuilding the vector index of %s as %s", self.path, factory)
-                self._vectors = self._rebuild_vectors(factory)
-        return self._vectors
+                logger.info("rebuilding the %s vector index of %s as %s", array, self.path, factory)
+                self._vector_sets[array] = self._rebuild_vectors(factory, array)
+        return self._vector_sets[array]
 
-    def _new_vector_index(self) -> VectorIndex:
+    def _new_vector_index(self, array: str = VECTOR_ARRAY) -> VectorIndex:
         return VectorIndex(
-            self._specs[VECTOR_ARRAY].shape[0],
+            self._specs[array].shape[0],
             flat_threshold=self.config.flat_threshold,
             device=self.config.faiss_device,
         )
 
-    def _load_vectors(self) -> VectorIndex:
-        path = self.layout.vectors_path
+    def _load_vectors(self, array: str = VECTOR_ARRAY) -> VectorIndex:
+        path = self.layout.vector_file(array)
         if path.is_file():
             try:
                 vectors = VectorIndex.load(
                     path,
-                    self._specs[VECTOR_ARRAY].shape[0],
+                    self._specs[array].shape[0],
                     flat_threshold=self.config.flat_threshold,
                     device=self.config.faiss_device,
                 )
@@ -698,16 +718,16 @@ class IndexStore:
                     "it from the feature store",
                     path, vectors.max_region_id, region_seq, vectors.max_tombstone_seq, tomb_seq,
                 )
-        return self._rebuild_vectors(None)
+        return self._rebuild_vectors(None, array)
 
-    def _rebuild_vectors(self, factory: str | None) -> VectorIndex:
+    def _rebuild_vectors(self, factory: str | None, array: str = VECTOR_ARRAY) -> VectorIndex:
         with self._read() as s:
             region_seq, tomb_seq = _sequences(s)
             rows = s.execute(select(Region.id, Region.row).order_by(Region.id)).all()
         ids = np.asarray([r.id for r in rows], dtype=np.int64)
         feature_rows = np.asarray([r.row for r in rows], dtype=np.int64)
-        vectors = self._new_vector_index()
-        vectors.rebuild(ids, feature_rows, self._read_vectors, factory=factory)
+        vectors = self._new_vector_index(array)
+        vectors.rebuild(ids, feature_rows, lambda r: self.features.read(array, r), factory=factory)
         vectors.max_region_id = region_seq
         vectors.max_tombstone_seq = tomb_seq
         return vectors
@@ -723,11 +743,10 @@ class IndexStore:
         region_seq, tomb_seq = self._sequences()
         return region_seq > vectors.max_region_id or tomb_seq > vectors.max_tombstone_seq
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, array: str = VECTOR_ARRAY) -> None:
         """Add regions newer than the index, apply tombstones newer than it (one DB snapshot)."""
         for _ in range(3):
-            vectors = self._vectors
-            assert vectors is not None
+            vectors = self._vector_sets[array]
             with self._read() as s:
                 region_seq, tomb_seq = _sequences(s)
                 new = s.execute(
@@ -745,12 +764,12 @@ class IndexStore:
             ):
                 # Tombstones we never applied were pruned: a newer saved file holds them.
                 logger.info("vector index of %s is behind pruned tombstones; reloading", self.path)
-                self._vectors = self._load_vectors()
+                self._vector_sets[array] = self._load_vectors(array)
                 continue
             for chunk in _chunks(new, _CATCH_UP_CHUNK):
                 ids = np.asarray([r.id for r in chunk], dtype=np.int64)
                 rows = np.asarray([r.row for r in chunk], dtype=np.int64)
-                vectors.add(ids, self._read_vectors(rows))
+                vectors.add(ids, self.features.read(array, rows))
             if tombs:
                 vectors.remove(np.asarray([t.region_id for t in tombs], dtype=np.int64))
             vectors.max_region_id = max(vectors.max_region_id, region_seq)

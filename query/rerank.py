@@ -6,7 +6,7 @@ import numpy as np
 
 from indexer.store import IndexStore, RegionRow
 
-__all__ = ["GrnRescorer"]
+__all__ = ["GrnRescorer", "SanRescorer"]
 
 
 class GrnRescorer:
@@ -29,3 +29,27 @@ class GrnRescorer:
         maps = self.store.read_arrays("maps", np.asarray([r.row for r in rows], np.int64))
         scores = np.asarray(self.model.score(self.query_map, self.text, maps), np.float32)
         return {"grn": scores, "final": scores}
+
+
+class SanRescorer:
+    """Stage 2 of a text-only query: the full SAN scores each shortlisted region against the text.
+
+    With FT(G-S) the text's representation depends on each candidate (STA's gated fusion of the
+    candidate's visual vector and the sentence, SAN Eq. 8–9), so it is computed per candidate from the
+    SAN vectors read from the feature store (array ``san``).
+
+    Args:
+        store: the open index (feature array ``san``).
+        model: a :class:`engine.models.san.SANModel`.
+        text: the query sentence.
+    """
+
+    def __init__(self, *, store: IndexStore, model, text: str) -> None:
+        self.store = store
+        self.model = model
+        self.text = text
+
+    def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
+        vectors = self.store.read_arrays("san", np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+        scores = np.asarray(self.model.score(self.text, vectors), np.float32)
+        return {"san": scores, "final": scores}

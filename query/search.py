@@ -3,14 +3,14 @@ self-exclusion, top k."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import InvalidInputError
 from engine.results import Hit
-from indexer.store import IndexStore, RegionRow
+from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
 from query.grouping import suppress_per_image
 
 __all__ = ["SearchOptions", "Rescorer", "search_regions"]
@@ -42,13 +42,24 @@ class SearchOptions:
             raise InvalidInputError(f"shortlist must be a positive integer, got {self.shortlist!r}")
 
 
-def search_regions(store: IndexStore, vector: np.ndarray, options: SearchOptions, rescore: Rescorer | None = None) -> list[Hit]:
+def search_regions(
+    store: IndexStore,
+    vector: np.ndarray,
+    options: SearchOptions,
+    rescore: Rescorer | None = None,
+    *,
+    array: str = VECTOR_ARRAY,
+    stage1: str = "visual",
+    extra_ids: Sequence[int] = (),
+) -> list[Hit]:
     """The ``options.k`` best regions for a query vector ``[D]``.
 
-    Stage 1 asks FAISS for candidates by visual similarity. Without ``rescore`` the FAISS score is the
-    score, and the fetch doubles until ``k`` hits survive the filters (duplicates within an image, the
-    query image itself). With ``rescore`` the top ``options.shortlist`` candidates are rescored
-    (stage 2) and ranked by the ``"final"`` score.
+    Stage 1 asks FAISS (the file of feature array ``array``; its score is named ``stage1``) for
+    candidates. Without ``rescore`` the FAISS score is the score, and the fetch doubles until ``k``
+    hits survive the filters (duplicates within an image, the query image itself). With ``rescore``
+    the top ``options.shortlist`` candidates, plus the regions ``extra_ids`` (e.g. SAN's matches of the
+    query text; their stage-1 score is computed from their stored vectors), are rescored (stage 2)
+    and ranked by the ``"final"`` score.
     """
     total = store.info().regions
     if total == 0:
@@ -56,9 +67,11 @@ def search_regions(store: IndexStore, vector: np.ndarray, options: SearchOptions
     query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
     fetch = min(total, options.shortlist if rescore else max(options.first_fetch, 8 * options.k))
     while True:
-        scores, ids = store.search(query, fetch)
+        scores, ids = store.search(query, fetch, array=array)
         rows, visual = _rows(store, scores[0], ids[0])
-        parts = {"visual": visual}
+        if rescore is not None and extra_ids:
+            rows, visual = _join(store, rows, visual, extra_ids, query[0], array)
+        parts = {stage1: visual}
         if rescore is not None and rows:
             parts.update(rescore(rows))
         final = parts.get("final", visual)
@@ -66,6 +79,18 @@ def search_regions(store: IndexStore, vector: np.ndarray, options: SearchOptions
         if len(hits) >= options.k or fetch >= total or rescore is not None:
             return hits[: options.k]
         fetch = min(total, fetch * 4)
+
+
+def _join(store: IndexStore, rows: list[RegionRow], scores: np.ndarray, extra_ids: Sequence[int], query: np.ndarray, array: str) -> tuple[list[RegionRow], np.ndarray]:
+    """``rows`` plus the regions ``extra_ids`` not among them, with their stage-1 cosine from the stored vectors."""
+    have = {r.id for r in rows}
+    extra = [r for r in store.regions([i for i in dict.fromkeys(extra_ids) if i not in have])]
+    if not extra:
+        return rows, scores
+    vectors = store.read_arrays(array, np.asarray([r.row for r in extra], np.int64)).astype(np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    return rows + extra, np.concatenate([scores, vectors @ q]).astype(np.float32)
 
 
 def _rows(store: IndexStore, scores: np.ndarray, ids: np.ndarray) -> tuple[list[RegionRow], np.ndarray]:

@@ -48,4 +48,15 @@ for method in grn vl-lstm vl-concat grn-no-residual grn-lstm grn-visual-residual
     fi
 done
 
+# SAN (docs/san.md): stage 1 the saliency network (~1.5 min), stage 2 the full SAN and the ablation
+# rows of SAN Tables 4-6 (~2-3 min each); SAN reads the saliency checkpoint, so it goes first.
+if need "$OUT/saliency.pt"; then
+    step $ENGINE train saliency --data "$DATA" --out "$OUT/saliency.pt" --seed 0 --quiet
+fi
+for name in san san-gv+gt san-sv+gt san-fv+gt san-fv+it; do
+    if need "$OUT/$name.pt"; then
+        step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
+    fi
+done
+
 $ENGINE models

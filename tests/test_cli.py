@@ -68,7 +68,7 @@ def test_info_json_and_errors(runner: CliRunner, cli_index: Path) -> None:
         (["--image", "{image}", "--region", "1,2,three,4"], "four comma-separated numbers"),
         (["--image", "{image}", "-k", "0"], "0"),
         (["--image", "{image}", "--text", " "], "empty"),
-        (["--text", "a red circle"], "text-only"),
+        (["--text", "zorblax quuxly"], "none of the words"),
         (["--region", "1,2,3,4"], "--region needs --image"),
         ([], "needs an image"),
     ],

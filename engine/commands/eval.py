@@ -25,7 +25,7 @@ def _write(path: Path, text: str) -> None:
 
 @click.group("eval")
 def eval_group() -> None:
-    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall).
+    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall; matching: SAN).
 
     \b
     Example:
@@ -101,3 +101,30 @@ def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, json_p
         click.echo(f"| {r['n']} | " + " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("regions", "objects")) + " |")
     if json_path is not None:
         _write(json_path, json.dumps({"data": str(data), "split": split, "images": table["images"], "rows": rows}, indent=2) + "\n")
+
+
+@eval_group.command("matching")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with captions, region descriptions and saliency masks; images).")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="A SAN checkpoint; repeatable. Default: the installed ablation rows gv+gt, sv+gt, fv+gt, fv+it and the full fv+ft (san.pt).")
+@click.option("--saliency-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Saliency network (default: the shipped saliency.pt).")
+@click.option("--split", default="test", show_default=True, help="Which split's images, captions and regions to use.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "direction", "R@1", "R@5", "R@10", "mR"}, …], "saliency": {"mae", "iou"}} here (percent).')
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpoint: Path | None, split: str, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+    """Image<->sentence and region<->sentence R@1/5/10 and mR (SAN Tables 3-6), and saliency MAE / IoU.
+
+    \b
+    Example:
+      engine eval matching --data data/synth --json matching.json --markdown matching.md
+    """
+    from engine.evaluation.matching import default_checkpoints, evaluate_matching, rows_to_markdown
+
+    paths = list(checkpoints) or default_checkpoints()
+    rows, saliency = evaluate_matching(data, paths, split=split, saliency_checkpoint=saliency_checkpoint, progress=not quiet)
+    table = rows_to_markdown(rows, saliency)
+    click.echo(table, nl=False)
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "rows": rows, "saliency": saliency}, indent=2) + "\n")
+    if markdown_path is not None:
+        _write(markdown_path, table)

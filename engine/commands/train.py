@@ -13,10 +13,12 @@ __all__ = ["train_command", "model_names"]
 
 
 def model_names() -> tuple[str, ...]:
-    """``rpn`` and the GRN family's methods (``engine.training.grn.GRN_METHODS``)."""
+    """``rpn``, the GRN family's methods (``engine.training.grn.GRN_METHODS``), ``saliency`` and SAN's
+    (``san`` = the full model, and the ablations ``engine.training.san.SAN_ABLATIONS``)."""
     from engine.training.grn import GRN_METHODS
+    from engine.training.san import SAN_NAMES
 
-    return ("rpn", *GRN_METHODS)
+    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES)
 
 
 class _ModelChoice(click.Choice):
@@ -81,11 +83,25 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
         from engine.training.rpn import train_rpn
 
         manifest = train_rpn(options)
+    elif model == "saliency":
+        from engine.training.saliency import train_saliency
+
+        manifest = train_saliency(options)
+    elif model in _san_names():
+        from engine.training.san import train_san
+
+        manifest = train_san(model, options)
     else:
         from engine.training.grn import train_grn
 
         manifest = train_grn(model, options)
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
+
+
+def _san_names() -> tuple[str, ...]:
+    from engine.training.san import SAN_NAMES
+
+    return SAN_NAMES
 
 
 def _command_line(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str) -> str:

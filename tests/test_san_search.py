@@ -1,0 +1,117 @@
+"""Text-only search with SAN: the shipped checkpoints, the ``san`` FAISS file, STA reranking, clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.api import Engine
+from engine.boxes import box_iou
+from engine.cli import main
+from engine.config import EngineConfig, IndexConfig
+from engine.datasets.annotations import read_annotations
+from engine.errors import IndexVersionError, InvalidInputError
+from engine.synth import SynthConfig, generate_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus320(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("san320") / "corpus"
+    generate_corpus(root, SynthConfig(images=30, seed=11, size=320))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine320(corpus320: Path, tmp_path_factory: pytest.TempPathFactory):
+    """30 synthetic scenes at the training resolution (320 px), indexed with their GT boxes and SAN."""
+    engine = Engine(tmp_path_factory.mktemp("sanidx") / "idx", config=EngineConfig(device="cpu"))
+    engine.index(corpus320, config=IndexConfig(proposals="gt"))
+    yield engine
+    engine.close()
+
+
+def _found(hits, image: str, box) -> int:  # noqa: ANN001
+    """1-based rank of the first hit on ``box`` of ``image`` (IoU > 0.5), else 0."""
+    for rank, h in enumerate(hits, start=1):
+        if Path(h.image).name == Path(image).name and box_iou([h.box], [box])[0, 0] > 0.5:
+            return rank
+    return 0
+
+
+def test_a_described_region_is_found_by_its_description_alone(engine320: Engine, corpus320: Path) -> None:
+    """Each image's first region, searched by its description only, is among the top 10 of ~300 regions
+    for most images (chance: about 3 %)."""
+    anns = read_annotations(corpus320)
+    total = engine320.info().regions
+    found = 0
+    for ann in anns:
+        region = ann.regions[0]
+        hits = engine320.search(text=region.description, k=10)
+        assert len(hits) == 10
+        assert all(set(h.scores) == {"san_text", "san"} and h.score == h.scores["san"] for h in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        found += _found(hits, ann.image, region.box) > 0
+    assert total > 250
+    assert found >= 0.5 * len(anns), (found, len(anns))
+
+
+def test_stage2_is_the_full_sta_score_of_each_candidate(engine320: Engine) -> None:
+    store = engine320._open_reader()
+    text = "a red circle left of a blue square"
+    hits = engine320.search(text=text, k=5)
+    rows = store.regions([h.region_id for h in hits])
+    vectors = store.read_arrays("san", np.asarray([r.row for r in rows])).astype(np.float32)
+    model = engine320.san_encoder.model
+    np.testing.assert_allclose([h.score for h in hits], model.score(text, vectors), atol=1e-5)
+    q = model.text_vector(text)
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose([h.scores["san_text"] for h in hits], v @ q, atol=2e-3)
+
+
+def test_cli_text_only_query(engine320: Engine) -> None:
+    result = CliRunner().invoke(main, ["query", "--index", str(engine320.index_dir), "--text", "a small green triangle", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)["hits"]
+    assert len(hits) == 3 and all(len(h["box"]) == 4 and "san" in h["scores"] for h in hits)
+    bad = CliRunner().invoke(main, ["query", "--index", str(engine320.index_dir), "--text", "?!"])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_wordless_or_unknown_text_is_an_error(engine320: Engine) -> None:
+    with pytest.raises(InvalidInputError):
+        engine320.search(text="   ")
+    with pytest.raises(InvalidInputError, match="none of the words"):
+        engine320.search(text="zorblax quuxly")
+
+
+def test_an_index_without_san_says_to_reindex(tiny_corpus: Path, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    engine = Engine(index, config=EngineConfig(device="cpu", san=False))
+    engine.index(tiny_corpus, config=IndexConfig(proposals="gt"))
+    assert not (index / "vectors-san.faiss").exists()
+    with pytest.raises(IndexVersionError, match="re-index"):
+        engine.search(text="a red circle")
+    engine.close()
+    # the default engine (SAN on) still updates that index, without SAN
+    with Engine(index, config=EngineConfig(device="cpu")) as again:
+        summary = again.index(tiny_corpus, config=IndexConfig(proposals="gt"))
+        assert summary.unchanged == 16 and summary.errors == 0
+        q = read_annotations(tiny_corpus)[0]
+        assert again.search(image=tiny_corpus / q.image, region=q.regions[0].box, text=q.regions[0].description, k=3)
+    result = CliRunner().invoke(main, ["query", "--index", str(index), "--text", "a red circle"])
+    assert result.exit_code == 1 and "re-index" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_san_file_is_rebuilt_when_missing(engine320: Engine, tmp_path: Path) -> None:
+    """Like vectors.faiss, the SAN file is derived data: a lost file is rebuilt from the feature store."""
+    copy = tmp_path / "idx"
+    shutil.copytree(engine320.index_dir, copy)
+    (copy / "vectors-san.faiss").unlink()
+    with Engine(copy, config=EngineConfig(device="cpu")) as other:
+        a = other.search(text="a big blue square", k=5)
+    b = engine320.search(text="a big blue square", k=5)
+    assert [h.region_id for h in a] == [h.region_id for h in b]
