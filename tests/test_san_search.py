@@ -115,3 +115,30 @@ def test_san_file_is_rebuilt_when_missing(engine320: Engine, tmp_path: Path) -> 
         a = other.search(text="a big blue square", k=5)
     b = engine320.search(text="a big blue square", k=5)
     assert [h.region_id for h in a] == [h.region_id for h in b]
+
+
+def test_san_candidates_join_the_shortlist_of_a_combined_query(engine320: Engine, corpus320: Path) -> None:
+    """With a stage-1 shortlist of 5, the GRN also rescores the text's top SAN matches."""
+    from dataclasses import replace
+
+    from query.encode import VisualQueryEncoder, load_query_region
+
+    ann = read_annotations(corpus320)[3]
+    region = ann.regions[0]
+    small = Engine(engine320.index_dir, config=replace(engine320.config, shortlist=5, san_candidates=20))
+    try:
+        hits = small.search(image=corpus320 / ann.image, region=region.box, text=region.description, k=25)
+        store = small._open_reader()
+        _, vector = VisualQueryEncoder(small.extractor).encode(load_query_region(corpus320 / ann.image, region.box))
+        _, visual_ids = store.search(vector[None], 5)
+        _, san_ids = store.search(small.san_encoder.model.text_vector(region.description)[None], 20, array="san")
+        got = {h.region_id for h in hits}
+        assert got - set(visual_ids[0].tolist())  # more than the visual shortlist was rescored
+        assert got <= set(visual_ids[0].tolist()) | set(san_ids[0].tolist())
+        assert all(set(h.scores) == {"visual", "grn"} for h in hits)
+        off = replace(small.config, san_candidates=0)
+        with Engine(engine320.index_dir, config=off) as none:
+            only = none.search(image=corpus320 / ann.image, region=region.box, text=region.description, k=25)
+        assert {h.region_id for h in only} <= set(visual_ids[0].tolist())
+    finally:
+        small.close()
