@@ -14,6 +14,7 @@ import click
 
 from engine.boxes import Box, parse_box
 from engine.commands.eval import eval_group
+from engine.commands.ground import ground_command
 from engine.commands.models import models_command
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
@@ -134,8 +135,9 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png, hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
+@click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the attention map of the text over the hit image (MCB).")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, text: str | None, k: int, exclude_self: bool, save_vis: Path | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, text: str | None, k: int, exclude_self: bool, save_vis: Path | None, explain: Path | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -148,15 +150,23 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
         raise click.UsageError("--region needs --image: the region is a box in that image")
     if save_vis is not None and image is None:
         raise click.UsageError("--save-vis needs --image: it draws the query region beside the hits")
+    if explain is not None and not text:
+        raise click.UsageError("--explain needs --text: it shows where the text is in each hit image")
     hits = engine.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self)
     if save_vis is not None:
         engine.render(hits, image=image, region=region, out_dir=save_vis)
+    if explain is not None and text:
+        from query.explain import AttentionGrounder, explain_hits
+
+        explain_hits(AttentionGrounder(device=device), hits, text, explain)
     if as_json:
         click.echo(json.dumps({"hits": [h.to_dict() for h in hits]}))
     else:
         _print_hits(hits)
         if save_vis is not None:
             click.echo(f"pictures written to {save_vis}/ (contact_sheet.png shows them all)")
+        if explain is not None:
+            click.echo(f"attention pictures written to {explain}/ (explain_NN.png per hit)")
 
 
 def _print_hits(hits: list) -> None:
@@ -202,5 +212,6 @@ main.add_command(train_command)
 main.add_command(models_command)
 main.add_command(eval_group)
 main.add_command(saliency_command)
+main.add_command(ground_command)
 if __name__ == "__main__":
     main()

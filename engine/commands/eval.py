@@ -25,7 +25,7 @@ def _write(path: Path, text: str) -> None:
 
 @click.group("eval")
 def eval_group() -> None:
-    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall; matching: SAN).
+    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall; matching: SAN; attention: MCB).
 
     \b
     Example:
@@ -126,5 +126,40 @@ def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpo
     click.echo(table, nl=False)
     if json_path is not None:
         _write(json_path, json.dumps({"data": str(data), "split": split, "rows": rows, "saliency": saliency}, indent=2) + "\n")
+    if markdown_path is not None:
+        _write(markdown_path, table)
+
+
+@eval_group.command("attention")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with region descriptions / referring expressions and boxes; images).")
+@click.option("--model", "models", multiple=True, help="An MCB grounding checkpoint file or installed name (mcb, mcb-no-sparsity); repeatable. Default: every installed one.")
+@click.option("--split", default="test", show_default=True, help="Which split's phrases to ground.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "acc@0.3", "acc@0.4", "acc@0.5", "mean_iou"}, …], "by_kind": [...]} here (percent); rows hold center-box and every model over all phrases.')
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def attention_command(data: Path, models: tuple[str, ...], split: str, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+    """Weakly supervised phrase localization (MCB attention paper, Tables 1-2): accuracy at IoU 0.3/0.4/0.5 and mean IoU.
+
+    Each region description and referring expression of the split is grounded on its image by its
+    attention map (threshold + largest connected component); `center-box` is a centred box of the
+    training phrases' median size.
+
+    \b
+    Example:
+      engine eval attention --data data/synth --json attention.json --markdown attention.md
+    """
+    from engine.evaluation.attention import evaluate_attention, rows_to_markdown
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+    from engine.models.mcb import GroundingModel
+
+    names = list(models) or [n for n in ("mcb", "mcb-no-sparsity") if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
+    loaded = [GroundingModel.from_checkpoint(n) for n in names]
+    rows = evaluate_attention(data, loaded, split=split, progress=not quiet)
+    table = rows_to_markdown(rows)
+    click.echo(table, nl=False)
+    if json_path is not None:
+        main_rows = [r.to_dict() for r in rows if r.phrases == "all"]
+        by_kind = [r.to_dict() for r in rows if r.phrases != "all"]
+        _write(json_path, json.dumps({"data": str(data), "split": split, "rows": main_rows, "by_kind": by_kind}, indent=2) + "\n")
     if markdown_path is not None:
         _write(markdown_path, table)

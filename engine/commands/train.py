@@ -14,11 +14,13 @@ __all__ = ["train_command", "model_names"]
 
 def model_names() -> tuple[str, ...]:
     """``rpn``, the GRN family's methods (``engine.training.grn.GRN_METHODS``), ``saliency`` and SAN's
-    (``san`` = the full model, and the ablations ``engine.training.san.SAN_ABLATIONS``)."""
+    (``san`` = the full model, and the ablations ``engine.training.san.SAN_ABLATIONS``) and MCB's
+    weakly supervised attention (``mcb``, ``mcb-no-sparsity``)."""
     from engine.training.grn import GRN_METHODS
+    from engine.training.mcb import MCB_NAMES
     from engine.training.san import SAN_NAMES
 
-    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES)
+    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES, *MCB_NAMES)
 
 
 class _ModelChoice(click.Choice):
@@ -87,6 +89,10 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
         from engine.training.saliency import train_saliency
 
         manifest = train_saliency(options)
+    elif model in ("mcb", "mcb-no-sparsity"):
+        from engine.training.mcb import train_mcb
+
+        manifest = train_mcb(model, options)
     elif model in _san_names():
         from engine.training.san import train_san
 

@@ -1,0 +1,148 @@
+"""``engine eval attention``: weakly supervised phrase localization (MCB attention paper, Tables 1–2).
+
+Every phrase of the split is grounded on its own image: a region's ``description`` (ground truth:
+the region box) and a referring expression (ground truth: its object's box). The predicted box is
+:func:`engine.models.mcb.map_to_box` of the phrase's attention map; localization accuracy is the
+fraction of phrases with IoU > 0.3 / 0.4 / 0.5, and the mean IoU (:func:`engine.metrics.localization_accuracy`).
+
+Baseline ``center-box``: the same box for every phrase, centred on the image, its width and height
+the median width and height (as fractions of the image's) of the training split's phrase boxes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.datasets.types import Dataset, ImageAnn
+from engine.errors import InvalidInputError
+from engine.metrics import localization_accuracy
+
+__all__ = ["Phrase", "AttentionRow", "image_phrases", "center_box", "center_box_size", "ground_split", "localization_row", "evaluate_attention", "rows_to_markdown", "THRESHOLDS"]
+
+THRESHOLDS = (0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """A phrase of an image with its ground-truth box; ``kind`` is ``"region"`` or ``"ref"``."""
+
+    text: str
+    box: tuple[float, float, float, float]
+    kind: str
+
+
+def image_phrases(image: ImageAnn) -> list[Phrase]:
+    """The image's region descriptions and referring expressions with their boxes (wordless texts left out)."""
+    from engine.models.vocab import tokenize
+
+    objects = {o.id: o.box for o in image.objects}
+    out = [Phrase(r.description, tuple(map(float, r.box)), "region") for r in image.regions]
+    out += [Phrase(r.expression, tuple(map(float, objects[r.object])), "ref") for r in image.refs if r.object in objects]
+    return [p for p in out if tokenize(p.text)]
+
+
+def center_box_size(split: Dataset) -> tuple[float, float]:
+    """Median phrase-box width and height of ``split`` as fractions of the image's width and height."""
+    rel = [((p.box[2] - p.box[0]) / im.width, (p.box[3] - p.box[1]) / im.height) for im in split.images for p in image_phrases(im)]
+    if not rel:
+        raise InvalidInputError(f"{split.name or 'the split'} has no phrases (region descriptions or referring expressions) to size the centre box")
+    arr = np.asarray(rel)
+    return float(np.median(arr[:, 0])), float(np.median(arr[:, 1]))
+
+
+def center_box(size: tuple[int, int], rel: tuple[float, float]) -> tuple[float, float, float, float]:
+    """The box of relative size ``rel`` (w, h fractions) centred on an image of ``size`` (w, h)."""
+    w, h = size
+    bw, bh = rel[0] * w, rel[1] * h
+    return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+
+
+@dataclass(frozen=True)
+class AttentionRow:
+    """One method's localization figures (accuracies and mean IoU in percent) over ``n`` phrases."""
+
+    method: str
+    acc: dict[float, float]
+    mean_iou: float
+    n: int
+    phrases: str = "all"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        out.update({f"acc@{t}": round(v, 3) for t, v in self.acc.items()})
+        out["mean_iou"] = round(self.mean_iou, 3)
+        out["phrases"] = self.phrases
+        out["n"] = self.n
+        return out
+
+
+def localization_row(method: str, pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]], phrases: str = "all") -> AttentionRow:
+    """The row of ``method`` from predicted and ground-truth boxes paired by position (percent)."""
+    res = localization_accuracy(np.asarray(pred, np.float64), np.asarray(gt, np.float64), thresholds=THRESHOLDS)
+    return AttentionRow(method, {t: 100.0 * a for t, a in res.accuracy_at.items()}, 100.0 * res.mean_iou, res.n, phrases)
+
+
+def ground_split(model: Any, images: Sequence[ImageAnn], get_levels: Any, *, progress: bool = False, threshold: float | None = None) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]], list[str]]:
+    """``(predicted boxes, ground-truth boxes, kinds)`` of every phrase of ``images``; ``model`` is a
+    :class:`~engine.models.mcb.GroundingModel`, ``get_levels(image)`` returns the image's cached maps
+    (a :class:`~engine.training.feature_cache.CachedImage`)."""
+    pred, gt, kinds = [], [], []
+    for im in tqdm(images, desc=f"ground {getattr(model, 'name', '')}", unit="img", disable=not progress, dynamic_ncols=True):
+        phrases = image_phrases(im)
+        if not phrases:
+            continue
+        cached = get_levels(im.image)
+        pred += model.boxes(cached.maps, cached.size, [p.text for p in phrases], threshold=threshold)
+        gt += [p.box for p in phrases]
+        kinds += [p.kind for p in phrases]
+    return pred, gt, kinds
+
+
+def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test", progress: bool = True) -> list[AttentionRow]:
+    """Rows for ``center-box`` and each :class:`~engine.models.mcb.GroundingModel` over every phrase of
+    ``split``, followed by the same rows restricted to each phrase kind (``phrases`` = ``region`` / ``ref``)."""
+    from engine.datasets.annotations import read_dataset
+    from engine.training.feature_cache import FeatureCache
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    dataset = read_dataset(Path(data))
+    part = dataset.split(split)
+    if not part.images:
+        raise InvalidInputError(f"{data} has no images in the {split!r} split; choose train, val or test")
+    train = dataset.split("train")
+    rel = center_box_size(train if train.images else part)
+    per_method: list[tuple[str, list, list, list]] = []
+    gt_all = [(p.box, p.kind) for im in part.images for p in image_phrases(im)]
+    if not gt_all:
+        raise InvalidInputError(f"the {split!r} split of {data} has no phrases (region descriptions or referring expressions)")
+    center = [center_box((im.width, im.height), rel) for im in part.images for _ in image_phrases(im)]
+    per_method.append(("center-box", center, [b for b, _ in gt_all], [k for _, k in gt_all]))
+    if models:
+        backbone = create_backbone(BackboneConfig(max_size=models[0].config.max_size), device="cpu")
+        cache = FeatureCache(Path(data), RegionFeatureExtractor(backbone=backbone), levels=tuple(models[0].config.levels))
+        for model in models:
+            if model.config.backbone and model.config.backbone != backbone.version:
+                raise InvalidInputError(f"model {model.name} was trained on backbone {model.config.backbone}, this engine runs {backbone.version}; retrain it")
+            pred, gt, kinds = ground_split(model, part.images, cache.get, progress=progress)
+            per_method.append((model.name, pred, gt, kinds))
+    rows = [localization_row(name, pred, gt) for name, pred, gt, _ in per_method]
+    for kind in ("region", "ref"):
+        for name, pred, gt, kinds in per_method:
+            keep = [i for i, k in enumerate(kinds) if k == kind]
+            if keep:
+                rows.append(localization_row(name, [pred[i] for i in keep], [gt[i] for i in keep], kind))
+    return rows
+
+
+def rows_to_markdown(rows: Sequence[AttentionRow]) -> str:
+    """The rows as a markdown table (percent)."""
+    lines = ["| method | phrases | n | acc@0.3 | acc@0.4 | acc@0.5 | mean IoU |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.phrases} | {r.n} | " + " | ".join(f"{r.acc[t]:.2f}" for t in THRESHOLDS) + f" | {r.mean_iou:.2f} |")
+    return "\n".join(lines) + "\n"
