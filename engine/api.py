@@ -208,13 +208,30 @@ class Engine:
             self._retrieval_model = RegionRetrievalModel.from_checkpoint(self.config.grn_checkpoint, device=resolve_device(self.config.device))
         return self._retrieval_model
 
-    def render(self, hits: list[Hit], *, image: Path | str, region: Box | list[float] | None, out_dir: Path | str) -> list[Path]:
-        """Draw the query region and each hit's box (PNG files plus a contact sheet) into ``out_dir``."""
+    def render(
+        self,
+        hits: list[Hit],
+        *,
+        image: Path | str | None = None,
+        region: Box | list[float] | None = None,
+        text: str | None = None,
+        out_dir: Path | str,
+    ) -> list[Path]:
+        """Draw the query (its region, or a card with its text) and each hit's box into ``out_dir``.
+
+        Writes ``query.png``, ``hit_NN.png`` and ``contact_sheet.png``; a query needs an image or a text.
+        """
         from query.encode import load_query_region
         from query.render import render_results
 
+        if image is None:
+            if region is not None:
+                raise InvalidInputError("a region needs an image: the region is a box in that image")
+            if text is None or not text.strip():
+                raise InvalidInputError("nothing to draw: give the query image or the query text")
+            return render_results(None, None, hits, Path(out_dir), text=text.strip())
         query = load_query_region(image, region)
-        return render_results(query.image, query.box, hits, Path(out_dir))
+        return render_results(query.image, query.box, hits, Path(out_dir), text=text)
 
     # -- inspection ---------------------------------------------------------------------------
     def info(self):

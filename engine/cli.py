@@ -134,7 +134,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--text", help="Description of the region. With --image: the GRN reranks the visual shortlist (joined by SAN's matches of the text) with the text gating query and candidates. Alone: text-only search with SAN.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
-@click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png, hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
+@click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the attention map of the text over the hit image (MCB).")
 @json_option
 def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, text: str | None, k: int, exclude_self: bool, save_vis: Path | None, explain: Path | None, as_json: bool) -> None:
@@ -148,13 +148,11 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
     engine = _engine(index_dir, device)
     if region is not None and image is None:
         raise click.UsageError("--region needs --image: the region is a box in that image")
-    if save_vis is not None and image is None:
-        raise click.UsageError("--save-vis needs --image: it draws the query region beside the hits")
     if explain is not None and not text:
         raise click.UsageError("--explain needs --text: it shows where the text is in each hit image")
     hits = engine.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self)
     if save_vis is not None:
-        engine.render(hits, image=image, region=region, out_dir=save_vis)
+        engine.render(hits, image=image, region=region, text=text, out_dir=save_vis)
     if explain is not None and text:
         from query.explain import AttentionGrounder, explain_hits
 

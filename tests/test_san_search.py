@@ -81,6 +81,24 @@ def test_cli_text_only_query(engine320: Engine) -> None:
     assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
 
 
+def test_cli_text_only_query_draws_its_pictures(engine320: Engine, tmp_path: Path) -> None:
+    """--save-vis on a text-only query: a text card as query.png, each hit's box drawn on its image."""
+    from PIL import Image
+
+    vis = tmp_path / "vis"
+    args = ["query", "--index", str(engine320.index_dir), "--text", "a small green triangle", "-k", "2", "--json", "--save-vis", str(vis)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)["hits"]
+    assert sorted(p.name for p in vis.iterdir()) == ["contact_sheet.png", "hit_01.png", "hit_02.png", "query.png"]
+    card = np.asarray(Image.open(vis / "query.png").convert("RGB"))
+    assert (card[2, 2] == (40, 220, 60)).all() and (card.max(axis=-1) < 100).sum() > 50  # green frame, dark text
+    pic = np.asarray(Image.open(vis / "hit_01.png").convert("RGB")).astype(int)
+    x1, y1, x2, y2 = (round(v) for v in hits[0]["box"])
+    edge = pic[min(max(y1, 0), pic.shape[0] - 1), max(x1, 0) : min(x2, pic.shape[1])]
+    assert (np.abs(edge - (255, 40, 40)).sum(axis=-1) < 30).mean() > 0.8  # the red box on its top edge
+
+
 def test_wordless_or_unknown_text_is_an_error(engine320: Engine) -> None:
     with pytest.raises(InvalidInputError):
         engine320.search(text="   ")
