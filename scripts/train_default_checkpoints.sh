@@ -11,8 +11,10 @@
 #   2. backbone feature cache (built by the first `engine train`, reused)     ~3 min (1500 images, ~9 images/s)
 #   3. engine train rpn (12 epochs of ~30 s from the cached maps)             6 min 22 s with the cache built
 #      -> engine/checkpoints/rpn.pt, 0.29 MB; test split recall@100 (IoU > 0.5): regions 95.7 %, objects 99.0 %
-#   4. engine train grn (conv GRN)                                            ~9 min; the baselines and ablations
-#      0.5-5 min each (times and metrics are in each engine/checkpoints/NAME.json manifest)
+#   4. engine train grn (conv GRN)                                            ~8 min; the baselines and ablations
+#      1-10 min each (times and metrics are in each engine/checkpoints/NAME.json manifest)
+#   5. engine train saliency, then san and its four ablations                 1.5 min, then 2-3 min each
+#   6. engine train mcb and mcb-no-sparsity                                    6-7 min each
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -54,6 +56,14 @@ if need "$OUT/saliency.pt"; then
     step $ENGINE train saliency --data "$DATA" --out "$OUT/saliency.pt" --seed 0 --quiet
 fi
 for name in san san-gv+gt san-sv+gt san-fv+gt san-fv+it; do
+    if need "$OUT/$name.pt"; then
+        step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
+    fi
+done
+
+# MCB attention grounding (docs/mcb.md): trained from image-level phrase labels only; with and
+# without the sparsity term (MCB paper Tables 1-2).
+for name in mcb mcb-no-sparsity; do
     if need "$OUT/$name.pt"; then
         step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
     fi

@@ -122,6 +122,18 @@ def test_loss_is_eq6_and_reduces_to_soft_triplet_for_one_negative() -> None:
     assert grn_loss(q, c, valid, temperature=0.5).abs() < 1e-6
 
 
+def test_an_extra_negative_adds_one_term_to_the_denominator() -> None:
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    c = F.normalize(torch.randn(3, 2, 8), dim=2)
+    valid = torch.ones(3, 2, dtype=torch.bool)
+    extra = torch.tensor([0.3, float("-inf"), -0.2])
+    s = torch.einsum("be,bke->bk", q, c) / 0.5
+    full = torch.cat([s, (extra / 0.5)[:, None]], dim=1)
+    expected = -(s[:, 0] - torch.logsumexp(full, dim=1)).mean()
+    torch.testing.assert_close(grn_loss(q, c, valid, temperature=0.5, extra_negatives=extra), expected)
+    assert grn_loss(q, c, valid, temperature=0.5, extra_negatives=extra) > grn_loss(q, c, valid, temperature=0.5)
+
+
 @pytest.mark.parametrize("method", [m for m in GRN_METHODS])
 def test_every_method_embeds_normalised_vectors(method: str) -> None:
     torch.manual_seed(0)
@@ -345,3 +357,29 @@ def test_proposal_pool_positives_overlap_and_negatives_do_not(grn_corpus: Path) 
                     same_image = [r for r in allp if pairs.images[r] == proposal_image[int(n)]]
                     assert all(box_iou(proposal_boxes[int(n)][None], pairs.boxes[[r]])[0, 0] <= 0.5 for r in same_image)
     assert seen["positive"] > 0 and seen["negative"] > 0
+
+
+def test_wrong_texts_are_texts_that_neither_region_satisfies(grn_corpus: Path) -> None:
+    from engine.datasets.annotations import read_dataset
+    from engine.training.grn import _batches
+
+    pairs = build_training_pairs(read_dataset(grn_corpus).split("train"))
+    cfg = GRNTrainConfig(batch_size=8, text_swap=True)
+    checked = 0
+    for batch in _batches(pairs, cfg, np.random.default_rng(0)):
+        for b, j in enumerate(batch["swap"]):
+            if j < 0:
+                continue
+            other = pairs.all_positives[batch["pairs"][j]]
+            assert j != b and int(batch["anchor"][b]) not in other and int(batch["positive"][b]) not in other
+            checked += 1
+    assert checked > 0
+    off = next(iter(_batches(pairs, GRNTrainConfig(batch_size=8), np.random.default_rng(0))))
+    assert (off["swap"] == -1).all()
+
+
+def test_training_with_wrong_text_negatives_runs(grn_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "swap.pt"
+    train_grn("grn-fc", TrainOptions(data=grn_corpus, out=out, epochs=1, progress=False, seed=2), train_config=GRNTrainConfig(batch_size=8, text_swap=True))
+    model = RegionRetrievalModel.from_checkpoint(out)
+    assert model.manifest.config["train"]["text_swap"] is True

@@ -413,13 +413,15 @@ def create_retrieval_net(config: GRNConfig, *, vocab_size: int) -> RetrievalNet:
     return RetrievalNet(config=config, vocab_size=vocab_size)
 
 
-def grn_loss(query: Tensor, candidates: Tensor, valid: Tensor, *, temperature: float) -> Tensor:
+def grn_loss(query: Tensor, candidates: Tensor, valid: Tensor, *, temperature: float, extra_negatives: Tensor | None = None) -> Tensor:
     """Eq. 6 with ``Sim = exp(cos / τ)``: ``-mean_i log(Sim(ϕ_i, φ⁺_i) / Σ_j Sim(ϕ_i, φ_j))``.
 
     Args:
         query: ``[B, E]`` normalised query embeddings ``ϕ_i``.
         candidates: ``[B, K, E]`` normalised candidate embeddings, column 0 the positive ``φ⁺_i``.
         valid: bool ``[B, K]``, which candidates take part (column 0 must be True).
+        extra_negatives: optional ``[B]`` cosines of one more negative per query, computed
+            elsewhere (the wrong-text negative of training); ``-inf`` where a query has none.
 
     The sum in the denominator runs over the positive and the valid negatives, so with one negative
     it is the soft triplet loss ``log(1 + exp((cos⁻ − cos⁺) / τ))`` as §3.3 says of N = 2. The
@@ -427,4 +429,6 @@ def grn_loss(query: Tensor, candidates: Tensor, valid: Tensor, *, temperature: f
     """
     logits = torch.einsum("be,bke->bk", query, candidates) / temperature
     logits = logits.masked_fill(~valid, float("-inf"))
+    if extra_negatives is not None:
+        logits = torch.cat([logits, (extra_negatives / temperature).unsqueeze(1)], dim=1)
     return -torch.log_softmax(logits, dim=1)[:, 0].mean()

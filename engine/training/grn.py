@@ -67,6 +67,12 @@ class GRNTrainConfig:
     gets ``proposal_negatives`` false-positive proposals (IoU <= 0.5 with all of its positives) of
     its positive's image. Per image, up to ``jitter_per_region`` proposals per region and
     ``other_proposals`` further ones are kept (of the top ``RPN_TOP``).
+
+    ``text_swap`` (not in the paper): each query also gets one *wrong-text* negative, the similarity
+    of its own region and its positive both gated by the text of another batch query that neither
+    of them satisfies. Eq. 6 alone never contrasts texts for the same pair of regions, so a model
+    can score mostly on looks; this term asks that the right text make the pair more similar than
+    a wrong one (docs/grn.md).
     """
 
     epochs: int = 6
@@ -81,6 +87,7 @@ class GRNTrainConfig:
     proposal_negatives: int = 2
     jitter_per_region: int = 4
     other_proposals: int = 16
+    text_swap: bool = False
 
 
 DEFAULT_EPOCHS: dict[str, int] = {"visual": 0}
@@ -275,6 +282,7 @@ def _batches(pairs: TrainingPairs, cfg: GRNTrainConfig, rng: np.random.Generator
         if len(idx) < 2:
             continue
         pos = np.asarray([rng.choice(pairs.pair_positives[a]) for a in idx], np.int64)
+        orig_pos = pos.copy()
         hard = np.full((len(idx), cfg.hard_negatives + n_prop), -1, np.int64)
         for b, a in enumerate(idx):
             h = pairs.hard[a]
@@ -291,7 +299,18 @@ def _batches(pairs: TrainingPairs, cfg: GRNTrainConfig, rng: np.random.Generator
                 hard[b, cfg.hard_negatives : cfg.hard_negatives + len(pick)] = pick
             if len(pool.jitter[pos[b]]) and rng.random() < cfg.proposal_positive_prob:
                 pos[b] = rng.choice(pool.jitter[pos[b]])
-        yield {"pairs": idx, "anchor": pairs.anchors[idx], "positive": pos, "hard": hard, "neg_seed": rng.integers(2**31, size=1)}
+        swap = _wrong_texts(pairs, idx, pairs.anchors[idx], orig_pos, rng) if cfg.text_swap else np.full(len(idx), -1, np.int64)
+        yield {"pairs": idx, "anchor": pairs.anchors[idx], "positive": pos, "hard": hard, "swap": swap, "neg_seed": rng.integers(2**31, size=1)}
+
+
+def _wrong_texts(pairs: TrainingPairs, idx: np.ndarray, anchors: np.ndarray, positives: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each batch query, another batch query (position) whose text neither its anchor nor its positive satisfies; -1 if none."""
+    out = np.full(len(idx), -1, np.int64)
+    for b in range(len(idx)):
+        ok = [j for j in range(len(idx)) if j != b and int(anchors[b]) not in pairs.all_positives[idx[j]] and int(positives[b]) not in pairs.all_positives[idx[j]]]
+        if ok:
+            out[b] = rng.choice(ok)
+    return out
 
 
 class _Batcher:
@@ -345,7 +364,16 @@ class _Batcher:
         cand_flat = net.embed_prepared(prepared, text, torch.as_tensor(cols_arr[qi, kj]), torch.as_tensor(qi))
         cands = torch.zeros(b, use.shape[1], cand_flat.shape[1])
         cands[torch.as_tensor(qi), torch.as_tensor(kj)] = cand_flat
-        return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature)
+        swap = torch.as_tensor(batch.get("swap", np.full(b, -1)))
+        if not self.uses_text or not bool((swap >= 0).any()):
+            return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature)
+        # wrong-text negative: anchor and positive both gated by another query's text (GRNTrainConfig.text_swap)
+        has = torch.nonzero(swap >= 0).squeeze(1)
+        q_sw = net.embed_prepared(prepared, text, torch.as_tensor(a_col)[has], swap[has])
+        p_sw = net.embed_prepared(prepared, text, torch.as_tensor(p_col)[has], swap[has])
+        wrong = torch.full((b,), float("-inf"))
+        wrong[has] = (q_sw * p_sw).sum(-1)
+        return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature, extra_negatives=wrong)
 
 
 def train_grn(
