@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.datasets.annotations import QUERIES_FILE, read_dataset
+from engine.datasets.annotations import QUERIES_FILE
 from engine.datasets.types import Dataset, ImageAnn
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
@@ -43,7 +43,7 @@ from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval
 from engine.models.retrieval import FORMAT_VERSION, MODEL_NAME, RegionRetrievalModel
 from engine.models.vocab import Vocabulary
 from engine.training.loop import fit
-from engine.training.options import TrainOptions
+from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "ProposalPool", "build_training_pairs", "build_proposal_pool", "train_grn"]
 
@@ -407,10 +407,7 @@ def train_grn(
     rng = np.random.default_rng(options.seed)
 
     data = Path(options.data)
-    dataset = read_dataset(data)
-    train, val, test = (dataset.split(s) for s in ("train", "val", "test"))
-    if not train.images:
-        raise InvalidInputError(f"{data} has no images in the train split; generate a corpus with splits (`engine synth`)")
+    dataset, train, val, test = read_splits(data)
     backbone = create_backbone(BackboneConfig(), device="cpu")
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.datasets.annotations import read_dataset
 from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
 from engine.evaluation.attention import image_phrases
@@ -41,7 +40,7 @@ from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.mcb import MODEL_NAME, MODEL_VERSION, GroundingModel, MCBConfig, MCBGrounder, valid_cells, visual_map
 from engine.models.vocab import Vocabulary, tokenize
 from engine.training.loop import fit
-from engine.training.options import TrainOptions
+from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["MCB_NAMES", "MCBTrainConfig", "PhraseData", "build_phrase_data", "image_tags", "mcb_loss", "train_mcb"]
 
@@ -239,10 +238,7 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     rng = np.random.default_rng(options.seed)
 
     data = Path(options.data)
-    dataset = read_dataset(data)
-    train, val, test = (dataset.split(s) for s in ("train", "val", "test"))
-    if not train.images:
-        raise InvalidInputError(f"{data} has no images in the train split; generate a corpus with splits (`engine synth`)")
+    dataset, train, val, test = read_splits(data)
     backbone = create_backbone(BackboneConfig(), device="cpu")
     level_names = ("c3", "c4")
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=level_names, cache_dir=options.cache_dir)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInputError
 
-__all__ = ["TrainOptions"]
+if TYPE_CHECKING:
+    from engine.datasets.types import Dataset
+
+__all__ = ["TrainOptions", "read_splits"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +34,14 @@ class TrainOptions:
             raise InvalidInputError(f"--epochs must be a positive integer, got {self.epochs}")
         if not Path(self.data).is_dir():
             raise InvalidInputError(f"--data {self.data} is not a folder; pass a dataset folder (e.g. made by `engine synth`)")
+
+
+def read_splits(data: Path) -> tuple["Dataset", "Dataset", "Dataset", "Dataset"]:
+    """The dataset in ``data`` and its train, val and test splits; a clear error when the train split is empty."""
+    from engine.datasets.annotations import read_dataset
+
+    dataset = read_dataset(Path(data))
+    train, val, test = (dataset.split(s) for s in ("train", "val", "test"))
+    if not train.images:
+        raise InvalidInputError(f"{data} has no images in the train split; generate a corpus with splits (`engine synth`)")
+    return dataset, train, val, test

@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.datasets.annotations import read_dataset
 from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.san import METHODS, MODEL_NAME, MODEL_VERSION, SANet, method_config, triplet_loss
 from engine.models.vocab import Vocabulary
 from engine.training.loop import fit
-from engine.training.options import TrainOptions
+from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["SAN_NAMES", "SAN_ABLATIONS", "SANTrainConfig", "MatchingItems", "build_matching_items", "train_san"]
 
@@ -187,10 +186,8 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     config = method_config(method, **(model_overrides or {}))
     torch.manual_seed(options.seed)
     data = Path(options.data)
-    dataset = read_dataset(data)
-    splits = {s: dataset.split(s).images for s in ("train", "val", "test")}
-    if not splits["train"]:
-        raise InvalidInputError(f"{data} has no images in the train split; generate a corpus with splits (`engine synth`)")
+    dataset, train_split, val_split, test_split = read_splits(data)
+    splits = {"train": train_split.images, "val": val_split.images, "test": test_split.images}
     backbone = create_backbone(BackboneConfig(), device="cpu")
     saliency = SaliencyNet.from_checkpoint(saliency_checkpoint)
     saliency.check_backbone(backbone.version, backbone.max_size)
