@@ -133,7 +133,7 @@ class Engine:
         (matched by content hash).
         """
         from query.encode import VisualQueryEncoder, load_query_region
-        from query.rerank import GrnRescorer
+        from query.rerank import FusedRescorer, GrnRescorer, SanRescorer
         from query.search import SearchOptions, search_regions
 
         if text is not None and not text.strip():
@@ -156,6 +156,8 @@ class Engine:
             model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
             rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
             extra = self._san_candidates(store, text)
+            if self._san_usable(store, text) and self.config.text_weight > 0:
+                rescore = FusedRescorer(rescore, SanRescorer(store=store, model=self.san_encoder.model, text=text), text_weight=self.config.text_weight)
         return search_regions(store, vector, options, rescore, extra_ids=extra)
 
     def _check_san_index(self, store) -> None:  # noqa: ANN001
@@ -184,17 +186,24 @@ class Engine:
         vector = model.text_vector(text)
         return search_regions(store, vector, options, SanRescorer(store=store, model=model, text=text), array="san", stage1="san_text")
 
-    def _san_candidates(self, store, text: str) -> list[int]:  # noqa: ANN001
-        """Region ids of the text's top SAN matches (they join stage 1's shortlist); none when the
-        index has no SAN embeddings or the SAN model cannot read the text."""
-        if not self.config.san or self.config.san_candidates <= 0 or not store.has_array("san"):
-            return []
+    def _san_usable(self, store, text: str) -> bool:  # noqa: ANN001
+        """Whether SAN can serve a combined query: the engine uses SAN, the index holds this SAN
+        model's embeddings, and SAN knows a word of the text (otherwise the GRN works alone)."""
+        if not self.config.san or not store.has_array("san"):
+            return False
         try:
             self._check_san_index(store)
-            vector = self.san_encoder.model.text_vector(text)
+            self.san_encoder.model.text_vector(text)
         except (IndexVersionError, InvalidInputError) as exc:
-            log.info("no SAN candidates: %s", exc)
+            log.info("SAN does not serve this query: %s", exc)
+            return False
+        return True
+
+    def _san_candidates(self, store, text: str) -> list[int]:  # noqa: ANN001
+        """Region ids of the text's top SAN matches (they join stage 1's shortlist); none when SAN cannot serve the query."""
+        if self.config.san_candidates <= 0 or not self._san_usable(store, text):
             return []
+        vector = self.san_encoder.model.text_vector(text)
         _, ids = store.search(vector[None], self.config.san_candidates, array="san")
         return [int(i) for i in ids[0] if i >= 0]
 

@@ -13,6 +13,8 @@ __all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "EngineConfig", "IndexConfig", 
 
 DEFAULT_INDEX_DIR = Path(".engine")
 INDEX_ENV_VAR = "ENGINE_INDEX"
+TEXT_WEIGHT = 1.0
+"""Default weight of SAN's text–region score in a combined query's stage 2 (``engine eval fusion`` fits it)."""
 
 
 def default_index_dir() -> Path:
@@ -28,7 +30,10 @@ class EngineConfig:
     reranker (``None``: the shipped ``grn.pt``); ``shortlist`` the stage-1 candidates it rescores.
     ``san``: index SAN region embeddings (text-only search) with ``san_checkpoint`` and
     ``saliency_checkpoint`` (``None``: the shipped ``san.pt`` / ``saliency.pt``); ``san_candidates``:
-    how many SAN candidates of the text join stage 1's shortlist of a combined query.
+    how many SAN candidates of the text join stage 1's shortlist of a combined query;
+    ``text_weight``: stage 2 of a combined query ranks by ``grn + text_weight · san`` (SAN's
+    text–region score; 0 ranks by the GRN alone), fitted on the validation split by
+    ``engine eval fusion`` (docs/grn.md).
     """
 
     device: str = "auto"
@@ -38,6 +43,7 @@ class EngineConfig:
     san_checkpoint: Path | None = None
     saliency_checkpoint: Path | None = None
     san_candidates: int = 100
+    text_weight: float = TEXT_WEIGHT
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

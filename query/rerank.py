@@ -1,12 +1,13 @@
 """Stage 2: the query text gates the query region and every shortlisted candidate (GRN, paper Eq. 1–5),
-and candidates are ranked by the cosine similarity of the gated representations."""
+and candidates are ranked by the cosine similarity of the gated representations, plus, when the
+index holds SAN embeddings, a weighted text–region match score (SAN, Eq. 8–9)."""
 from __future__ import annotations
 
 import numpy as np
 
 from indexer.store import IndexStore, RegionRow
 
-__all__ = ["GrnRescorer", "SanRescorer"]
+__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer"]
 
 
 class GrnRescorer:
@@ -53,3 +54,24 @@ class SanRescorer:
         vectors = self.store.read_arrays("san", np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
         scores = np.asarray(self.model.score(self.text, vectors), np.float32)
         return {"san": scores, "final": scores}
+
+
+class FusedRescorer:
+    """Stage 2 of a combined query: ``final = grn + text_weight · san``.
+
+    The GRN compares the query region with each candidate through the text's gates; a candidate that
+    looks like the query region keeps most of its similarity under any text, because the same gates
+    act on both sides. SAN's score says how well the candidate itself fits the words, so a
+    description changes which look-alikes come first. ``text_weight`` is fitted on the validation
+    split (``engine eval fusion``).
+    """
+
+    def __init__(self, grn: GrnRescorer, san: SanRescorer, *, text_weight: float) -> None:
+        self.grn = grn
+        self.san = san
+        self.text_weight = text_weight
+
+    def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
+        grn = self.grn(rows)["grn"]
+        san = self.san(rows)["san"]
+        return {"grn": grn, "san": san, "final": (grn + self.text_weight * san).astype(np.float32)}

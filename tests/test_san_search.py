@@ -153,7 +153,8 @@ def test_san_candidates_join_the_shortlist_of_a_combined_query(engine320: Engine
         got = {h.region_id for h in hits}
         assert got - set(visual_ids[0].tolist())  # more than the visual shortlist was rescored
         assert got <= set(visual_ids[0].tolist()) | set(san_ids[0].tolist())
-        assert all(set(h.scores) == {"visual", "grn"} for h in hits)
+        assert all(set(h.scores) == {"visual", "grn", "san"} for h in hits)
+        assert all(h.score == pytest.approx(h.scores["grn"] + small.config.text_weight * h.scores["san"], abs=1e-5) for h in hits)
         off = replace(small.config, san_candidates=0)
         with Engine(engine320.index_dir, config=off) as none:
             only = none.search(image=corpus320 / ann.image, region=region.box, text=region.description, k=25)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +28,28 @@ def _first_rank(hits, positives: set[int], boxes: dict[int, tuple[str, tuple]]) 
     return 10**9
 
 
-def test_stage2_equals_exhaustive_grn_scoring(tiny_engine: Engine, tiny_corpus: Path) -> None:
-    """The shortlist is honest: the top 10 equal exhaustive GRN scoring of every indexed region."""
+@pytest.mark.parametrize("text_weight", [0.0, 1.5])
+def test_stage2_equals_exhaustive_scoring(tiny_engine: Engine, tiny_corpus: Path, text_weight: float) -> None:
+    """The shortlist is honest: the top 10 equal exhaustive scoring of every indexed region,
+    ``grn + text_weight · san`` (the GRN alone at weight 0)."""
     q = read_queries(tiny_corpus)[0]
     image = tiny_corpus / q.image
-    hits = tiny_engine.search(image=image, region=q.region, text=q.text, k=10)
-
-    store = tiny_engine._open_reader()
-    ids = store.all_region_ids()
-    rows = store.regions(ids.tolist())
-    maps = store.read_arrays("maps", np.asarray([r.row for r in rows]))
-    query_map, _ = VisualQueryEncoder(tiny_engine.extractor).encode(load_query_region(image, q.region))
-    scores = tiny_engine.retrieval_model.score(query_map, q.text, maps)
+    engine = Engine(tiny_engine.index_dir, config=replace(tiny_engine.config, text_weight=text_weight))
+    try:
+        hits = engine.search(image=image, region=q.region, text=q.text, k=10)
+        store = engine._open_reader()
+        rows = store.regions(store.all_region_ids().tolist())
+        row_index = np.asarray([r.row for r in rows])
+        query_map, _ = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region))
+        scores = engine.retrieval_model.score(query_map, q.text, store.read_arrays("maps", row_index))
+        if text_weight:
+            scores = scores + text_weight * engine.san_encoder.model.score(q.text, store.read_arrays("san", row_index).astype(np.float32))
+    finally:
+        engine.close()
     keep = suppress_per_image(np.asarray([r.box for r in rows]), scores, np.asarray([r.image_id for r in rows]))[:10]
     assert [h.region_id for h in hits] == [rows[i].id for i in keep]
     assert [h.score for h in hits] == pytest.approx([float(scores[i]) for i in keep], abs=1e-5)
-    assert all(set(h.scores) == {"visual", "grn"} for h in hits)
+    assert all(set(h.scores) == ({"visual", "grn", "san"} if text_weight else {"visual", "grn"}) for h in hits)
 
 
 @pytest.fixture(scope="module")

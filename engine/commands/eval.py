@@ -163,3 +163,35 @@ def attention_command(data: Path, models: tuple[str, ...], split: str, json_path
         _write(json_path, json.dumps({"data": str(data), "split": split, "rows": main_rows, "by_kind": by_kind}, indent=2) + "\n")
     if markdown_path is not None:
         _write(markdown_path, table)
+
+
+@eval_group.command("fusion")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@click.option("--split", default="val", show_default=True, help="Which split to index and query (fit on val, report on test).")
+@click.option("--weights", default="0,0.25,0.5,1,2,4", show_default=True, help="Text weights w to measure (stage 2 ranks by grn + w * san), comma-separated.")
+@click.option("--proposals", type=click.Choice(["gt", "rpn"]), default="gt", show_default=True, help="Regions to index: ground-truth boxes or RPN proposals.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"weight", "R@1", "R@10", "R@100", "med_r", "wins", "losses", "queries"}], "best": w} here.')
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def fusion_command(data: Path, split: str, weights: str, proposals: str, json_path: Path | None, device: str, quiet: bool) -> None:
+    """Fit the weight of SAN's text score in combined queries: index the split, search its queries end to end.
+
+    Prints R@1/10/100 and median rank per weight, and how often a query's own text ranks its first
+    positive earlier (wins) or later (losses) than another query's text.
+
+    \b
+    Example:
+      engine eval fusion --data data/synth --split val --weights 0,0.5,1,2
+    """
+    from engine.evaluation.fusion import best_weight, evaluate_fusion, rows_to_markdown
+
+    try:
+        values = [float(w) for w in weights.split(",") if w.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers, e.g. 0,0.5,1", param_hint="--weights") from None
+    rows = evaluate_fusion(data, values, split=split, proposals=proposals, device=device, progress=not quiet)
+    best = best_weight(rows)
+    click.echo(rows_to_markdown(rows), nl=False)
+    click.echo(f"best text weight on {split}: {best.weight:g} (R@10 {best.r10:.2f}, R@1 {best.r1:.2f})")
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "proposals": proposals, "rows": [r.to_dict() for r in rows], "best": best.weight}, indent=2) + "\n")
