@@ -127,8 +127,9 @@ class Engine:
 
         ``region`` defaults to the whole image. With ``text``, stage 1 shortlists ``config.shortlist``
         candidates by visual similarity, joined by the text's top ``config.san_candidates`` SAN
-        matches, and stage 2 reranks them with the GRN: the text gates the query region and every
-        candidate. With ``text`` alone (no image), SAN's text vector searches the index's SAN
+        matches, and stage 2 reranks them by ``grn + config.text_weight · san``: the GRN similarity
+        (the text gates the query region and every candidate) plus SAN's score of how well each
+        candidate fits the text (the GRN alone when the index holds no SAN vectors). With ``text`` alone (no image), SAN's text vector searches the index's SAN
         embeddings and the full SAN (saliency-guided textual attention per candidate) reranks them. ``exclude_self`` drops hits from the query image itself
         (matched by content hash).
         """

@@ -131,7 +131,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @device_option
 @click.option("--image", type=click.Path(path_type=Path), help="Query image file.")
 @click.option("--region", type=BoxType(), help="Query region in the image, pixels x1,y1,x2,y2 (default: the whole image).")
-@click.option("--text", help="Description of the region. With --image: the GRN reranks the visual shortlist (joined by SAN's matches of the text) with the text gating query and candidates. Alone: text-only search with SAN.")
+@click.option("--text", help="Description of the region. With --image: the visual shortlist (joined by SAN's matches of the text) is reranked by the GRN similarity (the text gates query and candidates) plus the weighted SAN score of how well each candidate fits the text. Alone: text-only search with SAN.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
