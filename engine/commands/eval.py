@@ -195,3 +195,55 @@ def fusion_command(data: Path, split: str, weights: str, proposals: str, json_pa
     click.echo(f"best text weight on {split}: {best.weight:g} (R@10 {best.r10:.2f}, R@1 {best.r1:.2f})")
     if json_path is not None:
         _write(json_path, json.dumps({"data": str(data), "split": split, "proposals": proposals, "rows": [r.to_dict() for r in rows], "best": best.weight}, indent=2) + "\n")
+
+
+@eval_group.command("proposals")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
+@click.option("--model", "models", multiple=True, help="A Ref-NMS checkpoint file or installed name (ref-nms-b, ref-nms-r); repeatable. Default: every installed one.")
+@click.option("--split", default="test", show_default=True, help="Which split's referring expressions to use.")
+@click.option("--ns", default="1,3,5,10,100", show_default=True, help="Numbers of proposals kept per image, comma-separated (the 'real' setting is always added).")
+@click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint (default: the shipped one).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method": "nms" | "ref-nms-b" | "ref-nms-r", "n": N | "real", "referent_recall": x, "context_recall": x}, …]} here (percent).')
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+    """Recall of the referent and the context objects with few proposals: plain NMS vs Ref-NMS (Ref-NMS Table 1).
+
+    \b
+    Example:
+      engine eval proposals --data data/synth --ns 1,3,5,10,100 --json table1.json
+    """
+    from engine.evaluation.ref_nms import evaluate_ref_proposals, image_proposals, rows_to_markdown
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+    from engine.models.ref_nms import REF_NMS_NAMES, RefNMSModel
+    from engine.models.rpn import ProposalNetwork
+    from engine.training.feature_cache import FeatureCache
+    from engine.training.options import read_splits
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    try:
+        counts = sorted({int(n) for n in ns.split(",") if n.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{ns!r} is not a comma-separated list of integers, e.g. 1,5,10", param_hint="--ns") from None
+    if not counts or counts[0] < 1:
+        raise click.BadParameter(f"{ns!r}: every N must be >= 1", param_hint="--ns")
+    names = list(models) or [n for n in REF_NMS_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
+    loaded = [RefNMSModel.from_checkpoint(Path(m) if m.endswith(".pt") or "/" in m else PACKAGE_CHECKPOINTS / f"{m}.pt") for m in names]
+    _, *parts = read_splits(data)
+    part = {"train": parts[0], "val": parts[1], "test": parts[2]}.get(split)
+    if part is None:
+        raise click.BadParameter(f"{split!r} is not a split; choose train, val or test", param_hint="--split")
+    backbone = create_backbone(BackboneConfig(), device="cpu")
+    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone))
+    network = ProposalNetwork.from_checkpoint(rpn_checkpoint)
+    network.check_backbone(backbone.version, backbone.max_size)
+    proposals = image_proposals(network, cache, part.images, progress=not quiet)
+    config = loaded[0].config if loaded else None
+    rows = evaluate_ref_proposals(part.images, proposals, cache.region_maps, loaded, ns=counts, **({"delta": config.delta, "nms_iou": config.nms_iou} if config else {}), progress=not quiet)
+    table = rows_to_markdown(rows)
+    click.echo(table, nl=False)
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
+    if markdown_path is not None:
+        _write(markdown_path, table)
