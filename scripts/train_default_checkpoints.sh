@@ -15,6 +15,7 @@
 #      1-10 min each (times and metrics are in each engine/checkpoints/NAME.json manifest)
 #   5. engine train saliency, then san and its four ablations                 1.5 min, then 2-3 min each
 #   6. engine train mcb and mcb-no-sparsity                                    6-7 min each
+#   7. engine train ref-nms-b and ref-nms-r                                    ~13 min each (two side by side)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -64,6 +65,13 @@ done
 # MCB attention grounding (docs/mcb.md): trained from image-level phrase labels only; with and
 # without the sparsity term (MCB paper Tables 1-2).
 for name in mcb mcb-no-sparsity; do
+    if need "$OUT/$name.pt"; then
+        step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
+    fi
+done
+
+# Ref-NMS relatedness (docs/ref-nms.md): binary XE (B) and ranking loss (R) on the RPN's proposals.
+for name in ref-nms-b ref-nms-r; do
     if need "$OUT/$name.pt"; then
         step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
     fi

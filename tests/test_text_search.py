@@ -11,21 +11,10 @@ import pytest
 from engine.api import Engine
 from engine.config import EngineConfig, IndexConfig
 from engine.synth import SynthConfig, generate_corpus
-from engine.boxes import box_iou
+from engine.evaluation.fusion import first_positive_rank
 from engine.datasets.annotations import read_annotations, read_queries
 from query.encode import VisualQueryEncoder, load_query_region
 from query.grouping import suppress_per_image
-
-
-def _first_rank(hits, positives: set[int], boxes: dict[int, tuple[str, tuple]]) -> int:
-    """Rank of the first hit on a positive: the same region, or a box of its image with IoU > 0.5
-    (per-image NMS may keep an overlapping region in its place)."""
-    for rank, h in enumerate(hits, start=1):
-        for p in positives:
-            image, box = boxes[p]
-            if Path(h.image).name == Path(image).name and box_iou([h.box], [box])[0, 0] > 0.5:
-                return rank
-    return 10**9
 
 
 @pytest.mark.parametrize("text_weight", [0.0, 1.5])
@@ -87,7 +76,7 @@ def test_same_region_two_texts_rank_the_matching_positives(engine320: tuple[Engi
         own = engine.search(image=image, region=a.region, text=a.text, k=100, exclude_self=True)
         other = engine.search(image=image, region=a.region, text=b.text, k=100, exclude_self=True)
         assert [h.region_id for h in own] != [h.region_id for h in other]
-        rank_own, rank_other = _first_rank(own, elsewhere(a), boxes), _first_rank(other, elsewhere(a), boxes)
+        rank_own, rank_other = first_positive_rank(own, elsewhere(a), boxes), first_positive_rank(other, elsewhere(a), boxes)
         wins += rank_own < rank_other
         losses += rank_own > rank_other
     assert len(queries) >= 10

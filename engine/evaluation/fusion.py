@@ -34,7 +34,7 @@ from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, read_dat
 from engine.datasets.types import RetrievalQuery
 from engine.errors import InvalidInputError
 
-__all__ = ["FusionRow", "evaluate_fusion", "best_weight", "rows_to_markdown"]
+__all__ = ["FusionRow", "evaluate_fusion", "best_weight", "first_positive_rank", "rows_to_markdown"]
 
 MISS = 10**9
 """The rank given to a query whose positives are not among its hits."""
@@ -110,11 +110,11 @@ def _measure(engine, corpus: Path, queries: Sequence[RetrievalQuery], boxes, mea
     ranks, wins, losses = [], 0, 0
     for i, q in enumerate(tqdm(queries, desc=f"text weight {weight:g}", unit="query", disable=not progress, dynamic_ncols=True)):
         targets = _elsewhere(q, boxes)
-        own = _first_rank(engine.search(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True), targets, boxes)
+        own = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True), targets, boxes)
         ranks.append(own)
         other = _other_text(queries, i, meanings)
         if other is not None:
-            rank_other = _first_rank(engine.search(image=corpus / q.image, region=q.region, text=other, k=100, exclude_self=True), targets, boxes)
+            rank_other = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=other, k=100, exclude_self=True), targets, boxes)
             wins += own < rank_other
             losses += own > rank_other
     r = np.asarray(ranks, np.float64)
@@ -136,7 +136,7 @@ def _elsewhere(q: RetrievalQuery, boxes: dict[int, tuple[str, tuple]]) -> set[in
     return {p for p in q.positives if p in boxes and boxes[p][0] != q.image}
 
 
-def _first_rank(hits, positives: set[int], boxes: dict[int, tuple[str, tuple]]) -> int:  # noqa: ANN001
+def first_positive_rank(hits, positives: set[int], boxes: dict[int, tuple[str, tuple]]) -> int:  # noqa: ANN001
     """1-based rank of the first hit on a positive (same image, IoU > 0.5); :data:`MISS` if none."""
     for rank, h in enumerate(hits, start=1):
         for p in positives:
