@@ -213,14 +213,9 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
     Example:
       engine eval proposals --data data/synth --ns 1,3,5,10,100 --json table1.json
     """
-    from engine.evaluation.ref_nms import evaluate_ref_proposals, image_proposals, rows_to_markdown
+    from engine.evaluation.ref_nms import evaluate_ref_proposals, rows_to_markdown
     from engine.models.checkpoint import PACKAGE_CHECKPOINTS
     from engine.models.ref_nms import REF_NMS_NAMES, RefNMSModel
-    from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
-    from engine.training.options import read_splits
-    from indexer.backbone import BackboneConfig, create_backbone
-    from indexer.region_features import RegionFeatureExtractor
 
     try:
         counts = sorted({int(n) for n in ns.split(",") if n.strip()})
@@ -230,15 +225,7 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
         raise click.BadParameter(f"{ns!r}: every N must be >= 1", param_hint="--ns")
     names = list(models) or [n for n in REF_NMS_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
     loaded = [RefNMSModel.from_checkpoint(Path(m) if m.endswith(".pt") or "/" in m else PACKAGE_CHECKPOINTS / f"{m}.pt") for m in names]
-    _, *parts = read_splits(data)
-    part = {"train": parts[0], "val": parts[1], "test": parts[2]}.get(split)
-    if part is None:
-        raise click.BadParameter(f"{split!r} is not a split; choose train, val or test", param_hint="--split")
-    backbone = create_backbone(BackboneConfig(), device="cpu")
-    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone))
-    network = ProposalNetwork.from_checkpoint(rpn_checkpoint)
-    network.check_backbone(backbone.version, backbone.max_size)
-    proposals = image_proposals(network, cache, part.images, progress=not quiet)
+    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
     config = loaded[0].config if loaded else None
     rows = evaluate_ref_proposals(part.images, proposals, cache.region_maps, loaded, ns=counts, **({"delta": config.delta, "nms_iou": config.nms_iou} if config else {}), progress=not quiet)
     table = rows_to_markdown(rows)
@@ -247,3 +234,62 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
         _write(json_path, json.dumps({"data": str(data), "split": split, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
     if markdown_path is not None:
         _write(markdown_path, table)
+
+
+@eval_group.command("grounding")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
+@click.option("--model", "models", multiple=True, help="A CM-Att checkpoint file or installed name (cm-att, cm-att-erase); repeatable. Default: every installed one.")
+@click.option("--ref-nms", "ref_nms_model", default="ref-nms-b", show_default=True, help="Ref-NMS checkpoint file or installed name for the +ref-nms rows; 'none' to leave them out.")
+@click.option("--split", default="test", show_default=True, help="Which split's referring expressions to ground.")
+@click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint for the detected proposals (default: the shipped one).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method": "cm-att" | "cm-att-erase" | "cm-att+ref-nms" | "cm-att-erase+ref-nms", "proposals": "gt" | "det", "acc": x}, …]} here (percent).')
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, split: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+    """Referring-expression grounding top-1 accuracy with ground-truth boxes and detected proposals (Ref-NMS Table 2).
+
+    \b
+    Example:
+      engine eval grounding --data data/synth --json table2.json
+    """
+    from engine.evaluation.grounding import evaluate_grounding, rows_to_markdown
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+    from engine.models.cm_att import CM_ATT_NAMES, GroundingScorer
+    from engine.models.ref_nms import RefNMSModel
+
+    def resolve(name: str) -> Path:
+        return Path(name) if name.endswith(".pt") or "/" in name else PACKAGE_CHECKPOINTS / f"{name}.pt"
+
+    names = list(models) or [n for n in CM_ATT_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
+    if not names:
+        raise click.UsageError("no CM-Att checkpoint is installed; pass --model FILE (train one with `engine train cm-att-erase`)")
+    scorers = [GroundingScorer.from_checkpoint(resolve(m)) for m in names]
+    ref_nms = None if ref_nms_model.lower() == "none" else RefNMSModel.from_checkpoint(resolve(ref_nms_model))
+    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
+    rows = evaluate_grounding(part.images, cache, scorers, proposals, ref_nms, progress=not quiet)
+    table = rows_to_markdown(rows)
+    click.echo(table, nl=False)
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
+    if markdown_path is not None:
+        _write(markdown_path, table)
+
+
+def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, quiet: bool):  # noqa: ANN202
+    """The split's dataset part, the backbone cache of ``data`` and the RPN's boxes of the split's images."""
+    from engine.evaluation.ref_nms import image_proposals
+    from engine.models.rpn import ProposalNetwork
+    from engine.training.feature_cache import FeatureCache
+    from engine.training.options import read_splits
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    _, *parts = read_splits(data)
+    part = {"train": parts[0], "val": parts[1], "test": parts[2]}.get(split)
+    if part is None:
+        raise click.BadParameter(f"{split!r} is not a split; choose train, val or test", param_hint="--split")
+    backbone = create_backbone(BackboneConfig(), device="cpu")
+    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone))
+    network = ProposalNetwork.from_checkpoint(rpn_checkpoint)
+    network.check_backbone(backbone.version, backbone.max_size)
+    return part, cache, image_proposals(network, cache, part.images, progress=not quiet)

@@ -1,0 +1,190 @@
+"""Training CM-Att and CM-Att-Erase (``engine train cm-att`` / ``cm-att-erase``).
+
+* Candidates: the ground-truth object boxes of each training image (as the paper trains on
+  ground-truth regions); RoIAlign maps from the dataset's backbone cache; context objects: the five
+  nearest other objects.
+* Each expression ``Q_i`` with its referent ``O_i`` is paired with a negative object ``O_j`` of the
+  same image and a negative expression ``Q_j`` of another image in the batch; ranking loss Eq. 1
+  with margin ``m``.
+* ``cm-att``: ``epochs + erase_epochs`` epochs of Eq. 1. ``cm-att-erase``: the same first ``epochs``
+  (stage 1, no erasing), then ``erase_epochs`` with ``L = L_erase + L_rank`` (Eq. 2–3): per
+  expression one word drawn from the overall word attention is replaced by ``<unk>`` (Q*), and one
+  module drawn from the module weights has its input erased (O*): subject — the 3×3 window of the RoI
+  map with the most spatial attention is zeroed; location / relationship — the most attended context
+  object is dropped.
+* The epoch with the best validation top-1 accuracy (ground-truth boxes) is kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import InvalidInputError
+from engine.evaluation.grounding import GroundingData, build_grounding_data, grounding_accuracy
+from engine.models.checkpoint import Manifest, save_checkpoint
+from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
+from engine.models.vocab import Vocabulary
+from engine.training.loop import fit
+from engine.training.options import TrainOptions, read_splits
+
+__all__ = ["CMAttTrainConfig", "train_cm_att"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CMAttTrainConfig:
+    epochs: int = 6
+    erase_epochs: int = 4
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    margin: float = 0.1
+    min_word_count: int = 2
+
+
+class _Batcher:
+    """Turns batches of expression indices into Eq. 1 (and Eq. 2) losses."""
+
+    def __init__(self, data: GroundingData, vocab: Vocabulary, cfg: CMAttTrainConfig, seed: int) -> None:
+        self.data, self.vocab, self.cfg = data, vocab, cfg
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batches(self, rng: np.random.Generator, erase: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        d = self.data
+        usable = np.flatnonzero(d.counts[d.ref_image] >= 2)
+        order = rng.permutation(usable)
+        out = []
+        for start in range(0, len(order), self.cfg.batch_size):
+            idx = order[start : start + self.cfg.batch_size]
+            if len(idx) < 2 or len(set(d.ref_image[idx].tolist())) < 2:
+                continue
+            neg_obj = np.asarray([self._other_object(i, rng) for i in idx])
+            neg_text = np.asarray([self._other_text(idx, b, rng) for b in range(len(idx))])
+            out.append((idx, neg_obj, neg_text, erase))
+        return out
+
+    def _other_object(self, i: int, rng: np.random.Generator) -> int:
+        d = self.data
+        first = d.offsets[d.ref_image[i]]
+        choices = [first + k for k in range(d.counts[d.ref_image[i]]) if first + k != d.ref_row[i]]
+        return int(rng.choice(choices))
+
+    def _other_text(self, idx: np.ndarray, b: int, rng: np.random.Generator) -> int:
+        d = self.data
+        choices = [k for k in range(len(idx)) if d.ref_image[idx[k]] != d.ref_image[idx[b]]]
+        return int(rng.choice(choices))
+
+    def loss(self, net: CMAttNet, batch: tuple[np.ndarray, np.ndarray, np.ndarray, bool]) -> torch.Tensor:
+        idx, neg_obj, neg_text, erase = batch
+        d, m = self.data, self.cfg.margin
+        ids, lengths = self.vocab.encode_batch([d.texts[i] for i in idx])
+        image = d.image_vectors[torch.as_tensor(d.ref_image[idx])]
+        pos = d.candidates.select(torch.as_tensor(d.ref_row[idx]))
+        neg = d.candidates.select(torch.as_tensor(neg_obj))
+        own, other = torch.arange(len(idx)), torch.as_tensor(neg_text)
+        s_ii, att = net(pos, own, ids, lengths, image)
+        s_ij, _ = net(pos, other, ids, lengths, image)
+        s_ji, _ = net(neg, own, ids, lengths, image)
+        loss = (F.relu(m - s_ii + s_ij) + F.relu(m - s_ii + s_ji)).mean()  # Eq. 1
+        if not erase:
+            return loss
+        # Eq. 2: erased query Q*_i with O_i and O_j; erased visual input O*_i with Q_i and Q_j
+        q_star = erase_query(ids, lengths, att["words"], self.vocab.unk_index, self.gen)
+        s_iq, _ = net(pos, own, q_star, lengths, image)
+        s_jq, _ = net(neg, own, q_star, lengths, image)
+        o_star = self._erase_visual(pos, att)
+        s_oi, _ = net(o_star, own, ids, lengths, image)
+        s_oj, _ = net(o_star, other, ids, lengths, image)
+        erase_loss = (F.relu(m - s_oi + s_oj) + F.relu(m - s_iq + s_jq)).mean()
+        return loss + erase_loss  # Eq. 3
+
+    def _erase_visual(self, pos, att: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
+        """O*: per expression, a module drawn from ``w`` (``Multinomial(3, [w_subj, w_loc, w_rel])``) has its input erased."""
+        module = torch.multinomial(att["w"].detach(), 1, generator=self.gen).squeeze(1)
+        maps = erase_subject(pos.maps, att["subj"], self.data.config.erase_k)
+        loc_mask = erase_context(pos.loc_mask, att["loc"], keep_first=True)
+        rel_mask = erase_context(pos.rel_mask, att["rel"])
+        pick = module[:, None, None, None]
+        return type(pos)(
+            maps=torch.where(pick == 0, maps, pos.maps),
+            loc_ctx=pos.loc_ctx,
+            rel_ctx=pos.rel_ctx,
+            loc_mask=torch.where(module[:, None] == 1, loc_mask, pos.loc_mask),
+            rel_mask=torch.where(module[:, None] == 2, rel_mask, pos.rel_mask),
+        )
+
+
+def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainConfig | None = None) -> Manifest:
+    """Train ``cm-att`` or ``cm-att-erase`` on ``options.data`` and write its checkpoint and manifest
+    (validation and test top-1 accuracy with ground-truth boxes, per-epoch history, training time)."""
+    if name not in CM_ATT_NAMES:
+        raise InvalidInputError(f"{name!r} is not a CM-Att model name; choose one of {', '.join(CM_ATT_NAMES)}")
+    from engine.training.feature_cache import FeatureCache
+    from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.region_features import RegionFeatureExtractor
+
+    started = time.perf_counter()
+    cfg = train_config or CMAttTrainConfig()
+    stage1 = options.epochs if options.epochs is not None else cfg.epochs
+    stage2 = cfg.erase_epochs if options.epochs is None else max(1, options.epochs // 2)
+    epochs = stage1 + stage2
+    torch.manual_seed(options.seed)
+    data = Path(options.data)
+    dataset, train, val, test = read_splits(data)
+    backbone = create_backbone(BackboneConfig(), device="cpu")
+    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
+    cache.build(dataset.images, progress=options.progress)
+    config = CMAttConfig()
+    train_data = build_grounding_data(train.images, cache, config)
+    if not len(train_data.texts):
+        raise InvalidInputError(f"{data} has no referring expressions (refs) in the train split to train CM-Att on")
+    val_data = build_grounding_data(val.images, cache, config)
+    vocab = Vocabulary.build(train_data.texts, min_count=cfg.min_word_count)
+    net = CMAttNet(config, vocab_size=len(vocab))
+    rms = float(train_data.candidates.maps.float().pow(2).mean().sqrt())
+    net.input_scale.fill_(1.0 / max(rms, 1e-6))
+    batcher = _Batcher(train_data, vocab, cfg, options.seed)
+    log.info("%s: %d training expressions over %d objects, vocabulary of %d", name, len(train_data.texts), len(train_data.candidates.maps), len(vocab))
+
+    def validate(model: CMAttNet) -> dict[str, float]:
+        return {"acc": grounding_accuracy(GroundingScorer(model, vocab, name=name), val_data)} if len(val_data.texts) else {}
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+    result = fit(
+        net,
+        batches=lambda e: batcher.batches(rngs[e - 1], erase=name == "cm-att-erase" and e > stage1),
+        loss_fn=batcher.loss,
+        validate=validate,
+        metric="acc",
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress=options.progress,
+        desc=name,
+    )
+    net.eval()
+    scorer = GroundingScorer(net, vocab, name=name)
+    test_data = build_grounding_data(test.images, cache, config)
+    test_acc = grounding_accuracy(scorer, test_data) if len(test_data.texts) else None
+    seconds = time.perf_counter() - started
+    out = Path(options.out) if options.out is not None else Path(f"{name}.pt")
+    manifest = Manifest(
+        model=MODEL_NAME,
+        version=f"{MODEL_NAME}:{FORMAT_VERSION}",
+        config={**config.to_dict(), "train": {**asdict(cfg), "stage1_epochs": stage1, "stage2_epochs": stage2, "erasing": name == "cm-att-erase"}, "vocab_size": len(vocab)},
+        command=options.command or f"train_cm_att({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}))",
+        data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(train_data.texts)} training expressions)",
+        seed=options.seed,
+        metrics={"name": name, "best_epoch": result.best_epoch, "val": result.best_metrics, "history": result.history, "test_gt_acc": test_acc, "train_seconds": round(seconds, 1)},
+    )
+    return save_checkpoint(out, manifest, scorer.payload())

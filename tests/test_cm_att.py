@@ -1,0 +1,120 @@
+"""CM-Att / CM-Att-Erase (paper Eq. 1-11): modules, erasing, training and the grounding eval on tiny data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.errors import CheckpointError
+from engine.models.cm_att import CMAttConfig, CMAttNet, GroundingScorer, build_candidates, context_features, erase_context, erase_query, erase_subject
+from engine.training.cm_att import CMAttTrainConfig, train_cm_att
+from engine.training.options import TrainOptions
+
+CFG = CMAttConfig(visual_dim=12, word_dim=8, hidden=8, dim=8, contexts=2)
+
+
+def _image(n: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    maps = rng.standard_normal((n, 12, 7, 7)).astype(np.float32)
+    xy = rng.uniform(0, 60, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 30, (n, 2))], axis=1)
+    return maps, boxes
+
+
+def test_context_is_the_nearest_other_boxes_with_their_offsets() -> None:
+    boxes = np.array([[0, 0, 10, 10], [12, 0, 22, 10], [50, 50, 60, 60], [0, 12, 10, 22]], np.float64)
+    vectors = np.arange(8, dtype=np.float32).reshape(4, 2)
+    loc, loc_mask, rel, rel_mask = context_features(boxes, vectors, (100, 100), k=2)
+    assert loc.shape == (4, 3, 6) and rel.shape == (4, 2, 7)
+    np.testing.assert_allclose(loc[0, 0], [0, 0, 0.1, 0.1, 0.01, 1.0], atol=1e-6)  # own location, flag 1
+    assert {tuple(r) for r in rel[0, :, :2]} == {tuple(vectors[1]), tuple(vectors[3])}  # the far box 2 is not a context of box 0
+    np.testing.assert_allclose(loc[0, 1, :5], [(12 - 5) / 10, (0 - 5) / 10, (22 - 5) / 10, (10 - 5) / 10, 1.0])  # box 1 first (equal distance, lower index)
+    assert loc_mask.all() and rel_mask.all()
+    single = context_features(boxes[:1], vectors[:1], (100, 100), k=2)
+    assert single[1].tolist() == [[True, False, False]] and not single[3].any()
+
+
+def test_scores_module_weights_and_attentions() -> None:
+    torch.manual_seed(0)
+    net = CMAttNet(CFG, vocab_size=20).eval()
+    maps, boxes = _image()
+    cand = build_candidates(maps, boxes, (100, 100), k=2)
+    ids, lengths = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]]), torch.tensor([3, 4])
+    s, att = net(cand, torch.tensor([0, 0, 1, 1]), ids, lengths, torch.randn(2, 12))
+    assert s.shape == (4,) and (s.abs() <= 1 + 1e-5).all()  # Σ w_m cos_m with Σ w_m = 1
+    torch.testing.assert_close(att["w"].sum(1), torch.ones(2))
+    torch.testing.assert_close(att["words"].sum(1), torch.ones(2))  # Eq. 7 mixes distributions
+    assert att["words"][0, 3] == 0  # padding
+    torch.testing.assert_close(att["subj"].sum(1), torch.ones(4))
+    assert att["subj"].shape == (4, 49) and att["loc"].shape == (4, 3) and att["rel"].shape == (4, 2)
+
+
+def test_query_erasing_replaces_one_real_word_by_unk() -> None:
+    ids, lengths = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]]), torch.tensor([3, 4])
+    weights = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    out = erase_query(ids, lengths, weights, unk=1, generator=torch.Generator().manual_seed(0))
+    assert out[0].tolist() == [3, 1, 5, 0]  # the only attended word is gone
+    assert (out[1] == 1).sum() == 1 and (out[1] != ids[1]).sum() == 1
+    assert (ids == torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]])).all()  # inputs untouched
+
+
+def test_subject_erasing_zeroes_the_most_attended_3x3_window() -> None:
+    maps = torch.ones(1, 4, 7, 7)
+    att = torch.zeros(1, 49)
+    att[0, 5 * 7 + 5] = 1.0  # cell (5, 5): windows with top-left (3..4, 3..4) hold it; the first such is (3, 3)
+    out = erase_subject(maps, att, 3)
+    assert (out[0, :, 3:6, 3:6] == 0).all() and out.sum() == 4 * (49 - 9)
+    assert (maps == 1).all()
+
+
+def test_context_erasing_drops_the_most_attended_object() -> None:
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    att = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0]])
+    assert erase_context(mask, att).tolist() == [[False, True, True], [False, False, False]]
+    assert erase_context(mask, att, keep_first=True).tolist() == [[True, False, True], [True, False, False]]  # own location stays
+
+
+@pytest.fixture(scope="module")
+def ground_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.synth import SynthConfig, generate_corpus
+
+    root = tmp_path_factory.mktemp("cmatt") / "corpus"
+    generate_corpus(root, SynthConfig(images=16, seed=4, size=160, split_fractions=(0.5, 0.25, 0.25)), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module", params=["cm-att", "cm-att-erase"])
+def trained(request: pytest.FixtureRequest, ground_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / f"{request.param}.pt"
+    train_cm_att(request.param, TrainOptions(data=ground_corpus, out=out, epochs=2, progress=False, seed=1), train_config=CMAttTrainConfig(batch_size=4))
+    return out
+
+
+def test_training_writes_a_loadable_checkpoint(trained: Path) -> None:
+    scorer = GroundingScorer.from_checkpoint(trained)
+    m = scorer.manifest
+    assert scorer.name == trained.stem and len(m.metrics["history"]) == 3  # 2 epochs + 1 (erasing stage or its no-erase twin)
+    assert m.config["train"]["erasing"] == (trained.stem == "cm-att-erase") and 0 <= m.metrics["test_gt_acc"] <= 100
+    maps, boxes = _image(seed=2)
+    maps = np.random.default_rng(0).standard_normal((4, 112, 7, 7)).astype(np.float32)
+    s = scorer.score(maps, boxes, (160, 160), np.zeros(112, np.float32), "the red circle left of a zorblax")
+    assert s.shape == (4,) and np.isfinite(s).all()
+    bad = trained.parent / "bad.pt"
+    bad.write_bytes(trained.read_bytes()[:-5])
+    bad.with_suffix(".json").write_text(trained.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="corrupt"):
+        GroundingScorer.from_checkpoint(bad)
+
+
+def test_eval_grounding_writes_table2_rows(trained: Path, ground_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t2.json"
+    result = CliRunner().invoke(main, ["eval", "grounding", "--data", str(ground_corpus), "--model", str(trained), "--ref-nms", "none", "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["proposals"]) for r in rows} == {(trained.stem, "gt"), (trained.stem, "det")}
+    assert all(0 <= r["acc"] <= 100 for r in rows)
