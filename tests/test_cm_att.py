@@ -118,3 +118,34 @@ def test_eval_grounding_writes_table2_rows(trained: Path, ground_corpus: Path, t
     rows = json.loads(out.read_text())["rows"]
     assert {(r["method"], r["proposals"]) for r in rows} == {(trained.stem, "gt"), (trained.stem, "det")}
     assert all(0 <= r["acc"] <= 100 for r in rows)
+
+
+def test_referring_grounder_picks_one_of_the_ref_nms_candidates(trained: Path, ground_corpus: Path, tmp_path: Path) -> None:
+    from engine.datasets.annotations import read_annotations
+    from engine.training.ref_nms import RefNMSTrainConfig, train_ref_nms
+    from indexer.images import load_image
+    from query.referring import ReferringGrounder, referring_picture
+
+    ref_nms = tmp_path / "ref-nms-b.pt"
+    train_ref_nms("ref-nms-b", TrainOptions(data=ground_corpus, out=ref_nms, epochs=1, progress=False), train_config=RefNMSTrainConfig(batch_size=4))
+    ann = next(a for a in read_annotations(ground_corpus) if a.refs)
+    grounder = ReferringGrounder(trained, ref_nms=ref_nms)
+    g = grounder.ground(ground_corpus / ann.image, ann.refs[0].expression)
+    assert len(g.candidates) >= 1 and any(np.allclose(g.box, c) for c in g.candidates)
+    x1, y1, x2, y2 = g.box
+    assert 0 <= x1 < x2 <= ann.width and 0 <= y1 < y2 <= ann.height
+    picture = referring_picture(load_image(ground_corpus / ann.image), g)
+    assert picture.size == (ann.width, ann.height)
+    with pytest.raises(Exception, match="holds no words"):
+        grounder.ground(ground_corpus / ann.image, "?!")
+
+
+def test_cli_ground_with_cm_att_uses_the_shipped_checkpoints(ground_corpus: Path, tmp_path: Path) -> None:
+    from engine.datasets.annotations import read_annotations
+
+    ann = next(a for a in read_annotations(ground_corpus) if a.refs)
+    out = tmp_path / "g.png"
+    result = CliRunner().invoke(main, ["ground", str(ground_corpus / ann.image), "--text", ann.refs[0].expression, "--method", "cm-att", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.output)
+    assert obj["method"] == "cm-att" and len(obj["box"]) == 4 and obj["candidates"] >= 1 and out.is_file()
