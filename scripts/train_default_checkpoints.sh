@@ -15,7 +15,8 @@
 #      1-10 min each (times and metrics are in each engine/checkpoints/NAME.json manifest)
 #   5. engine train saliency, then san and its four ablations                 1.5 min, then 2-3 min each
 #   6. engine train mcb and mcb-no-sparsity                                    6-7 min each
-#   7. engine train ref-nms-b and ref-nms-r                                    ~13 min each (two side by side)
+#   7. engine train ref-nms-b and ref-nms-r                                    ~12 min each alone (38-44 min with 4 jobs on 2 cores)
+#   8. engine train cm-att and cm-att-erase                                    ~10-14 min each
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -72,6 +73,13 @@ done
 
 # Ref-NMS relatedness (docs/ref-nms.md): binary XE (B) and ranking loss (R) on the RPN's proposals.
 for name in ref-nms-b ref-nms-r; do
+    if need "$OUT/$name.pt"; then
+        step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
+    fi
+done
+
+# CM-Att grounding (docs/cm-att.md): 10 epochs; cm-att-erase erases in the last 4.
+for name in cm-att cm-att-erase; do
     if need "$OUT/$name.pt"; then
         step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
     fi

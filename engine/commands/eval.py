@@ -239,7 +239,7 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
 @eval_group.command("grounding")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
 @click.option("--model", "models", multiple=True, help="A CM-Att checkpoint file or installed name (cm-att, cm-att-erase); repeatable. Default: every installed one.")
-@click.option("--ref-nms", "ref_nms_model", default="ref-nms-b", show_default=True, help="Ref-NMS checkpoint file or installed name for the +ref-nms rows; 'none' to leave them out.")
+@click.option("--ref-nms", "ref_nms_model", default="ref-nms-r", show_default=True, help="Ref-NMS checkpoint file or installed name for the +ref-nms rows; 'none' to leave them out.")
 @click.option("--split", default="test", show_default=True, help="Which split's referring expressions to ground.")
 @click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint for the detected proposals (default: the shipped one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method": "cm-att" | "cm-att-erase" | "cm-att+ref-nms" | "cm-att-erase+ref-nms", "proposals": "gt" | "det", "acc": x}, …]} here (percent).')

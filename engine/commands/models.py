@@ -32,7 +32,7 @@ def key_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {
         k: v
         for k, v in flat.items()
-        if k == "best_epoch" or k.startswith("val_") or (k.startswith("test_") and any(k.endswith(p) for p in _KEY_PATTERNS))
+        if k in ("best_epoch", "test_gt_acc") or k.startswith(("val_", "val.")) or (k.startswith("test_") and any(k.endswith(p) for p in _KEY_PATTERNS))
     }
 
 

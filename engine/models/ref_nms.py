@@ -133,8 +133,8 @@ class RefNMSModel:
 
     @classmethod
     def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "RefNMSModel":
-        """Load ``path`` (``None``: the shipped ``ref-nms-b.pt``); a clear :class:`CheckpointError` when it does not fit."""
-        path = Path(path) if path is not None else default_checkpoint("ref-nms-b")
+        """Load ``path`` (``None``: the shipped ``ref-nms-r.pt``, the better of the two on the synthetic test split); a clear :class:`CheckpointError` when it does not fit."""
+        path = Path(path) if path is not None else default_checkpoint("ref-nms-r")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         try:
             config = RefNMSConfig(**payload["config"])
