@@ -156,8 +156,9 @@ class Engine:
             model = self.retrieval_model
             model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
             rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
-            extra = self._san_candidates(store, text)
-            if self._san_usable(store, text) and self.config.text_weight > 0:
+            san_ok = self._san_usable(store, text)
+            extra = self._san_candidates(store, text) if san_ok else []
+            if san_ok and self.config.text_weight > 0:
                 rescore = FusedRescorer(rescore, SanRescorer(store=store, model=self.san_encoder.model, text=text), text_weight=self.config.text_weight)
         return search_regions(store, vector, options, rescore, extra_ids=extra)
 
@@ -201,8 +202,8 @@ class Engine:
         return True
 
     def _san_candidates(self, store, text: str) -> list[int]:  # noqa: ANN001
-        """Region ids of the text's top SAN matches (they join stage 1's shortlist); none when SAN cannot serve the query."""
-        if self.config.san_candidates <= 0 or not self._san_usable(store, text):
+        """Region ids of the text's top SAN matches (they join stage 1's shortlist); the caller checked :meth:`_san_usable`."""
+        if self.config.san_candidates <= 0:
             return []
         vector = self.san_encoder.model.text_vector(text)
         _, ids = store.search(vector[None], self.config.san_candidates, array="san")

@@ -100,8 +100,8 @@ def test_training_writes_a_loadable_checkpoint(trained: Path) -> None:
     m = scorer.manifest
     assert scorer.name == trained.stem and len(m.metrics["history"]) == 3  # 2 epochs + 1 (erasing stage or its no-erase twin)
     assert m.config["train"]["erasing"] == (trained.stem == "cm-att-erase") and 0 <= m.metrics["test_gt_acc"] <= 100
-    maps, boxes = _image(seed=2)
-    maps = np.random.default_rng(0).standard_normal((4, 112, 7, 7)).astype(np.float32)
+    _, boxes = _image(seed=2)
+    maps = np.random.default_rng(0).standard_normal((4, 112, 7, 7)).astype(np.float32)  # the shipped visual_dim
     s = scorer.score(maps, boxes, (160, 160), np.zeros(112, np.float32), "the red circle left of a zorblax")
     assert s.shape == (4,) and np.isfinite(s).all()
     bad = trained.parent / "bad.pt"
