@@ -156,9 +156,9 @@ class Engine:
             model = self.retrieval_model
             model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
             rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
-            san_ok = self._san_usable(store, text)
-            extra = self._san_candidates(store, text) if san_ok else []
-            if san_ok and self.config.text_weight > 0:
+            san_vector = self._san_text_vector(store, text)
+            extra = self._san_candidates(store, san_vector) if san_vector is not None else []
+            if san_vector is not None and self.config.text_weight > 0:
                 rescore = FusedRescorer(rescore, SanRescorer(store=store, model=self.san_encoder.model, text=text), text_weight=self.config.text_weight)
         return search_regions(store, vector, options, rescore, extra_ids=extra)
 
@@ -188,24 +188,22 @@ class Engine:
         vector = model.text_vector(text)
         return search_regions(store, vector, options, SanRescorer(store=store, model=model, text=text), array="san", stage1="san_text")
 
-    def _san_usable(self, store, text: str) -> bool:  # noqa: ANN001
-        """Whether SAN can serve a combined query: the engine uses SAN, the index holds this SAN
-        model's embeddings, and SAN knows a word of the text (otherwise the GRN works alone)."""
+    def _san_text_vector(self, store, text: str):  # noqa: ANN001, ANN202
+        """SAN's text vector when SAN can serve a combined query (the engine uses SAN, the index holds
+        this SAN model's embeddings, SAN knows a word of the text); ``None`` and the GRN works alone."""
         if not self.config.san or not store.has_array("san"):
-            return False
+            return None
         try:
             self._check_san_index(store)
-            self.san_encoder.model.text_vector(text)
+            return self.san_encoder.model.text_vector(text)
         except (IndexVersionError, InvalidInputError) as exc:
             log.info("SAN does not serve this query: %s", exc)
-            return False
-        return True
+            return None
 
-    def _san_candidates(self, store, text: str) -> list[int]:  # noqa: ANN001
-        """Region ids of the text's top SAN matches (they join stage 1's shortlist); the caller checked :meth:`_san_usable`."""
+    def _san_candidates(self, store, vector) -> list[int]:  # noqa: ANN001
+        """Region ids of the SAN text ``vector``'s top matches (they join stage 1's shortlist)."""
         if self.config.san_candidates <= 0:
             return []
-        vector = self.san_encoder.model.text_vector(text)
         _, ids = store.search(vector[None], self.config.san_candidates, array="san")
         return [int(i) for i in ids[0] if i >= 0]
 

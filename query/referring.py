@@ -42,8 +42,8 @@ class ReferringGrounder:
         self.backbone = create_backbone(BackboneConfig(), device=device)
         self.rpn = ProposalNetwork.from_checkpoint(None)
         self.rpn.check_backbone(self.backbone.version, self.backbone.max_size)
-        self.ref_nms = RefNMSModel.from_checkpoint(_resolve(ref_nms))
-        self.scorer = GroundingScorer.from_checkpoint(_resolve(model))
+        self.ref_nms = RefNMSModel.from_checkpoint(ref_nms)
+        self.scorer = GroundingScorer.from_checkpoint(model)
 
     def ground(self, image: Path, text: str) -> ReferringGrounding:
         """Ground ``text`` in the image file ``image``."""
@@ -90,13 +90,3 @@ def referring_picture(image: Image.Image, grounding: ReferringGrounding) -> Imag
     for b in grounding.candidates:
         draw.rectangle([float(v) for v in b], outline=(160, 160, 160), width=1)
     return draw_box(out, grounding.box, colour=HIT_COLOUR, label=f"{grounding.score:.2f}")
-
-
-def _resolve(name: Path | str | None) -> Path | None:
-    """A checkpoint path from a file name or an installed model name (``None``: the shipped default)."""
-    if name is None:
-        return None
-    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
-
-    text = str(name)
-    return Path(text) if text.endswith(".pt") or "/" in text else PACKAGE_CHECKPOINTS / f"{text}.pt"

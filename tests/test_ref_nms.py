@@ -139,3 +139,16 @@ def test_ref_targets_hold_the_referent_and_the_mentioned_objects(ref_corpus: Pat
         assert t.expression == ref.expression
         np.testing.assert_allclose(t.referent, boxes[ref.object])
         np.testing.assert_allclose(t.context.reshape(-1, 4), np.asarray([boxes[c] for c in ref.context_objects]).reshape(-1, 4))
+
+
+def test_checkpoints_load_by_installed_name_or_path_and_a_missing_name_is_a_clear_error(tmp_path: Path) -> None:
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS, checkpoint_path
+
+    assert checkpoint_path(None, default="ref-nms-r") == PACKAGE_CHECKPOINTS / "ref-nms-r.pt"
+    assert checkpoint_path("ref-nms-b", default="ref-nms-r") == PACKAGE_CHECKPOINTS / "ref-nms-b.pt"
+    assert checkpoint_path(str(tmp_path / "x.pt"), default="ref-nms-r") == tmp_path / "x.pt"
+    assert RefNMSModel.from_checkpoint("ref-nms-b").name == "ref-nms-b"
+    with pytest.raises(CheckpointError, match="no-such-model"):
+        RefNMSModel.from_checkpoint("no-such-model")
+    result = CliRunner().invoke(main, ["eval", "grounding", "--data", str(tmp_path), "--model", "no-such-model"])
+    assert result.exit_code == 1 and "no-such-model" in result.output and "Traceback" not in result.output

@@ -224,7 +224,7 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
     if not counts or counts[0] < 1:
         raise click.BadParameter(f"{ns!r}: every N must be >= 1", param_hint="--ns")
     names = list(models) or [n for n in REF_NMS_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
-    loaded = [RefNMSModel.from_checkpoint(Path(m) if m.endswith(".pt") or "/" in m else PACKAGE_CHECKPOINTS / f"{m}.pt") for m in names]
+    loaded = [RefNMSModel.from_checkpoint(m) for m in names]
     part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
     config = loaded[0].config if loaded else None
     rows = evaluate_ref_proposals(part.images, proposals, cache.region_maps, loaded, ns=counts, **({"delta": config.delta, "nms_iou": config.nms_iou} if config else {}), progress=not quiet)
@@ -257,14 +257,11 @@ def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, s
     from engine.models.cm_att import CM_ATT_NAMES, GroundingScorer
     from engine.models.ref_nms import RefNMSModel
 
-    def resolve(name: str) -> Path:
-        return Path(name) if name.endswith(".pt") or "/" in name else PACKAGE_CHECKPOINTS / f"{name}.pt"
-
     names = list(models) or [n for n in CM_ATT_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
     if not names:
         raise click.UsageError("no CM-Att checkpoint is installed; pass --model FILE (train one with `engine train cm-att-erase`)")
-    scorers = [GroundingScorer.from_checkpoint(resolve(m)) for m in names]
-    ref_nms = None if ref_nms_model.lower() == "none" else RefNMSModel.from_checkpoint(resolve(ref_nms_model))
+    scorers = [GroundingScorer.from_checkpoint(m) for m in names]
+    ref_nms = None if ref_nms_model.lower() == "none" else RefNMSModel.from_checkpoint(ref_nms_model)
     part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
     rows = evaluate_grounding(part.images, cache, scorers, proposals, ref_nms, progress=not quiet)
     table = rows_to_markdown(rows)

@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,7 @@ class FusionRow:
     queries: int
 
     def to_dict(self) -> dict[str, float | int | None]:
-        d = asdict(self)
-        return {"weight": d["weight"], "R@1": d["r1"], "R@10": d["r10"], "R@100": d["r100"], "med_r": d["med_r"], "wins": self.wins, "losses": self.losses, "queries": self.queries}
+        return {"weight": self.weight, "R@1": self.r1, "R@10": self.r10, "R@100": self.r100, "med_r": self.med_r, "wins": self.wins, "losses": self.losses, "queries": self.queries}
 
 
 def evaluate_fusion(

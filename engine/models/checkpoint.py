@@ -28,6 +28,9 @@ __all__ = [
     "read_manifest",
     "installed_checkpoints",
     "default_checkpoint",
+    "checkpoint_path",
+    "load_text_model",
+    "text_model_payload",
 ]
 
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -126,6 +129,42 @@ def default_checkpoint(name: str) -> Path:
             f"the default {name!r} checkpoint {path} is missing from this install; reinstall the package or train one with `engine train {name}` and pass it explicitly"
         )
     return path
+
+
+def checkpoint_path(spec: Path | str | None, *, default: str) -> Path:
+    """A checkpoint file from ``spec``: ``None`` is the shipped ``default``; a bare name (no ``/``, not
+    ending in ``.pt``) an installed checkpoint (a clear error when it is not installed); else a file path."""
+    if spec is None:
+        return default_checkpoint(default)
+    text = str(spec)
+    if isinstance(spec, str) and not text.endswith(".pt") and "/" not in text:
+        return default_checkpoint(text)
+    return Path(spec)
+
+
+def load_text_model(spec: Path | str | None, *, default: str, expected_model: str, config_cls: Any, net_cls: Any, retrain: str) -> tuple[Manifest, Any, Any, Path]:
+    """Load a model saved by :func:`text_model_payload`: ``(manifest, vocabulary, network, path)``.
+
+    ``config_cls(**payload["config"])`` and ``net_cls(config, vocab_size=...)`` rebuild the network; a
+    payload that does not fit them is a :class:`CheckpointError` naming the retraining command ``retrain``.
+    """
+    from engine.errors import InvalidInputError
+    from engine.models.vocab import Vocabulary
+
+    path = checkpoint_path(spec, default=default)
+    manifest, payload = load_checkpoint(path, expected_model=expected_model)
+    try:
+        vocab = Vocabulary(payload["vocab"])
+        net = net_cls(config_cls(**payload["config"]), vocab_size=len(vocab))
+        net.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this engine's {expected_model} ({type(exc).__name__}: {exc}); retrain it with `{retrain}`") from None
+    return manifest, vocab, net, path
+
+
+def text_model_payload(config: Any, vocab: Any, net: torch.nn.Module) -> dict[str, Any]:
+    """What :func:`load_text_model` reads: the config (``to_dict()``), the vocabulary's words and the weights."""
+    return {"config": config.to_dict(), "vocab": vocab.itos[2:], "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
 def _manifest_path(path: Path) -> Path:

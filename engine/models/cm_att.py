@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import Manifest, default_checkpoint, load_checkpoint
+from engine.models.checkpoint import Manifest, load_text_model, text_model_payload
 from engine.models.vocab import Vocabulary
 
 __all__ = [
@@ -185,7 +184,7 @@ class CMAttNet(nn.Module):
         q = torch.einsum("bmt,bte->bme", alpha, e)
         return w, alpha, q
 
-    def modules_(self, cand: Candidates, q: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def module_scores(self, cand: Candidates, q: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-module cosine scores ``[N, 3]`` of candidates with their queries ``q [N, 3, E]``, and the attentions."""
         n = cand.maps.shape[0]
         cells = self.cell(cand.maps.float() * self.input_scale).flatten(2).transpose(1, 2)  # [N, 49, D]
@@ -207,7 +206,7 @@ class CMAttNet(nn.Module):
     def forward(self, cand: Candidates, text: Tensor, ids: Tensor, lengths: Tensor, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Scores ``[N]`` of candidates against their expressions ``text[i]``, and the attentions used for erasing."""
         w, alpha, q = self.language(ids, lengths, image)
-        s, att = self.modules_(cand, q[text])
+        s, att = self.module_scores(cand, q[text])
         att.update(w=w, words=(w[:, :, None] * alpha).sum(1))  # Eq. 7: α_t = Σ_m w_m α^m_t
         return (w[text] * s).sum(1), att
 
@@ -258,21 +257,14 @@ class GroundingScorer:
         self.name = name
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "GroundingScorer":
-        """Load ``path`` (``None``: the shipped ``cm-att-erase.pt``); a clear :class:`CheckpointError` when it does not fit."""
-        path = Path(path) if path is not None else default_checkpoint("cm-att-erase")
-        manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
-        try:
-            config = CMAttConfig(**payload["config"])
-            vocab = Vocabulary(payload["vocab"])
-            net = CMAttNet(config, vocab_size=len(vocab))
-            net.load_state_dict(payload["state_dict"])
-        except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this engine's CM-Att ({type(exc).__name__}: {exc}); retrain it with `engine train cm-att-erase`") from None
+    def from_checkpoint(cls, spec: Path | str | None = None, *, device: str | torch.device = "cpu") -> "GroundingScorer":
+        """Load a checkpoint file or installed name (``None``: the shipped ``cm-att-erase``); a clear
+        :class:`CheckpointError` when it is missing or does not fit."""
+        manifest, vocab, net, path = load_text_model(spec, default="cm-att-erase", expected_model=MODEL_NAME, config_cls=CMAttConfig, net_cls=CMAttNet, retrain="engine train cm-att-erase")
         return cls(net.to(device), vocab, manifest=manifest, name=str(manifest.metrics.get("name", path.stem)))
 
     def payload(self) -> dict[str, Any]:
-        return {"config": self.net.config.to_dict(), "vocab": self.vocab.itos[2:], "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
+        return text_model_payload(self.net.config, self.vocab, self.net)
 
     @torch.no_grad()
     def score(self, maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int], image_vector: np.ndarray, text: str) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import Manifest, default_checkpoint, load_checkpoint
+from engine.models.checkpoint import Manifest, checkpoint_path, load_checkpoint
 from engine.models.text_encoders import SelfAttentionEncoder
 from engine.models.vocab import Vocabulary
 
@@ -250,10 +250,7 @@ class GroundingModel:
     def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "GroundingModel":
         """Load a checkpoint (``None`` or ``"mcb"``/``"mcb-no-sparsity"``: the shipped one); :class:`CheckpointError`
         when it is missing, corrupt or not an MCB grounding model."""
-        if path is None or (isinstance(path, str) and not path.endswith(".pt") and "/" not in path):
-            name = path or "mcb"
-            path = default_checkpoint(str(name))
-        path = Path(path)
+        path = checkpoint_path(path, default="mcb")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         if manifest.version != MODEL_VERSION:
             raise CheckpointError(f"checkpoint {path} is {MODEL_NAME} version {manifest.version!r}, this engine reads {MODEL_VERSION!r}; retrain it with `engine train mcb`")

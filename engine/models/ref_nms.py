@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import Manifest, default_checkpoint, load_checkpoint
+from engine.errors import InvalidInputError
+from engine.models.checkpoint import Manifest, load_text_model, text_model_payload
 from engine.models.vocab import Vocabulary
 
 __all__ = ["MODEL_NAME", "REF_NMS_NAMES", "RefNMSConfig", "RelatednessModule", "RefNMSModel", "fused_nms"]
@@ -132,21 +132,14 @@ class RefNMSModel:
         return self.net.config
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "RefNMSModel":
-        """Load ``path`` (``None``: the shipped ``ref-nms-r.pt``, the better of the two on the synthetic test split); a clear :class:`CheckpointError` when it does not fit."""
-        path = Path(path) if path is not None else default_checkpoint("ref-nms-r")
-        manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
-        try:
-            config = RefNMSConfig(**payload["config"])
-            vocab = Vocabulary(payload["vocab"])
-            net = RelatednessModule(config, vocab_size=len(vocab))
-            net.load_state_dict(payload["state_dict"])
-        except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this engine's Ref-NMS ({type(exc).__name__}: {exc}); retrain it with `engine train ref-nms-b`") from None
+    def from_checkpoint(cls, spec: Path | str | None = None, *, device: str | torch.device = "cpu") -> "RefNMSModel":
+        """Load a checkpoint file or installed name (``None``: the shipped ``ref-nms-r``, the better of the
+        two on the synthetic test split); a clear :class:`CheckpointError` when it is missing or does not fit."""
+        manifest, vocab, net, path = load_text_model(spec, default="ref-nms-r", expected_model=MODEL_NAME, config_cls=RefNMSConfig, net_cls=RelatednessModule, retrain="engine train ref-nms-r")
         return cls(net.to(device), vocab, manifest=manifest, name=str(manifest.metrics.get("name", path.stem)))
 
     def payload(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "vocab": self.vocab.itos[2:], "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}}
+        return text_model_payload(self.config, self.vocab, self.net)
 
     @torch.no_grad()
     def relatedness(self, maps: np.ndarray, text: str) -> np.ndarray:
