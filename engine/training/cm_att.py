@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from engine.evaluation.grounding import GroundingData, build_grounding_data, gro
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
 from engine.models.vocab import Vocabulary
-from engine.training.loop import fit
+from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["CMAttTrainConfig", "train_cm_att"]
@@ -158,8 +157,8 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
         return {"acc": grounding_accuracy(GroundingScorer(model, vocab, name=name), val_data)} if len(val_data.texts) else {}
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+    scheduler = cosine_schedule(optimizer, epochs)
+    rngs = epoch_rngs(options.seed, epochs)
     result = fit(
         net,
         batches=lambda e: batcher.batches(rngs[e - 1], erase=name == "cm-att-erase" and e > stage1),

@@ -42,7 +42,7 @@ from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval_net, grn_loss, method_config
 from engine.models.retrieval import FORMAT_VERSION, MODEL_NAME, RegionRetrievalModel
 from engine.models.vocab import Vocabulary
-from engine.training.loop import fit
+from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "ProposalPool", "build_training_pairs", "build_proposal_pool", "train_grn"]
@@ -451,11 +451,11 @@ def train_grn(
                 log.info("%s: %d RPN proposals of %d training images join the training data", method, len(pool.maps), len(pool.by_image))
         batcher = _Batcher(pairs, maps, vocab, cfg, config, pool)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + np.cos(np.pi * e / epochs)))
-        epoch_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+        scheduler = cosine_schedule(optimizer, epochs)
+        rngs = epoch_rngs(options.seed, epochs)
         result = fit(
             net,
-            batches=lambda e: list(_batches(pairs, cfg, epoch_rngs[e - 1], pool)),
+            batches=lambda e: list(_batches(pairs, cfg, rngs[e - 1], pool)),
             loss_fn=batcher.loss,
             validate=lambda m: evaluate(m, "val"),
             metric="R@10",

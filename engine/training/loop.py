@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -80,3 +81,13 @@ def fit(
     best.history = history
     model.load_state_dict(best.best_state)
     return best
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr · ½(1 + cos(π · e / epochs))`` after epoch ``e`` (stepped once per epoch by :func:`fit`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+
+
+def epoch_rngs(seed: int, epochs: int) -> list[np.random.Generator]:
+    """One independent, seeded random generator per epoch (epoch ``e`` uses item ``e - 1``)."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(epochs)]

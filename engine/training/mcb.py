@@ -39,7 +39,7 @@ from engine.evaluation.attention import image_phrases
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.mcb import MODEL_NAME, MODEL_VERSION, GroundingModel, MCBConfig, MCBGrounder, valid_cells, visual_map
 from engine.models.vocab import Vocabulary, tokenize
-from engine.training.loop import fit
+from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["MCB_NAMES", "MCBTrainConfig", "PhraseData", "build_phrase_data", "image_tags", "mcb_loss", "train_mcb"]
@@ -280,11 +280,11 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
         return val_batcher.accuracy(model, val_batches) if val_batcher is not None else {}
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + np.cos(np.pi * e / epochs)))
-    epoch_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+    scheduler = cosine_schedule(optimizer, epochs)
+    rngs = epoch_rngs(options.seed, epochs)
     result = fit(
         net,
-        batches=lambda e: list(_batches(train_data, cfg, epoch_rngs[e - 1])),
+        batches=lambda e: list(_batches(train_data, cfg, rngs[e - 1])),
         loss_fn=batcher.loss,
         validate=validate,
         metric="cls_acc",

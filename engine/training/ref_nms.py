@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from engine.evaluation.ref_nms import RefTarget, evaluate_ref_proposals, image_p
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.ref_nms import FORMAT_VERSION, MODEL_NAME, REF_NMS_NAMES, RefNMSConfig, RefNMSModel, RelatednessModule
 from engine.models.vocab import Vocabulary
-from engine.training.loop import fit
+from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
 __all__ = ["RefNMSTrainConfig", "train_ref_nms", "rank_pairs"]
@@ -180,11 +179,11 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
         return out
 
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
-    epoch_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(epochs)]
+    scheduler = cosine_schedule(optimizer, epochs)
+    rngs = epoch_rngs(options.seed, epochs)
     result = fit(
         net,
-        batches=lambda e: list(batcher.batches(epoch_rngs[e - 1])),
+        batches=lambda e: list(batcher.batches(rngs[e - 1])),
         loss_fn=batcher.loss,
         validate=validate,
         metric="referent@real",
