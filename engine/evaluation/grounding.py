@@ -144,14 +144,14 @@ def evaluate_grounding(
         boxes, objectness = proposals[im.image]
         keep = objectness >= delta
         boxes, objectness = boxes[keep], objectness[keep]
-        if len(boxes) == 0:
-            total += sum(1 for r in im.refs)
+        objects = {o.id: np.asarray(o.box, np.float64) for o in im.objects}
+        if len(boxes) == 0:  # nothing detected: every expression of the image is a miss
+            total += sum(1 for r in im.refs if r.object in objects)
             continue
         maps = cache.region_maps(im.image, boxes)
         plain = fused_nms(boxes, objectness, None, iou=iou)
         n = max(1, int((objectness[plain] >= REAL_THRESHOLD).sum()))
         vector = _image_vector(cache, im.image)
-        objects = {o.id: np.asarray(o.box, np.float64) for o in im.objects}
         for ref in im.refs:
             if ref.object not in objects:
                 continue
