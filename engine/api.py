@@ -2,17 +2,41 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.boxes import Box
 from engine.config import EngineConfig, IndexConfig, default_index_dir
-from engine.errors import IndexVersionError, InvalidInputError
+from engine.errors import EngineError, IndexVersionError, InvalidInputError
 from engine.results import Hit
+from query.filters import HitFilter
+from query.request import SearchRequest
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "SearchRequest", "Stage2Query"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage2Query:
+    """A visual or combined query after encoding: what stages 1–2 need (:meth:`Engine.stage2`)."""
+
+    store: Any
+    vector: Any  # np.ndarray [D], the query region's stage-1 vector
+    options: Any  # query.search.SearchOptions
+    rescore: Any  # stage-2 scorer, None for a visual-only query
+    extra: list[int]
+
+    def run(self, k: int | None = None) -> list[Hit]:
+        """Stages 1–2: the ``k`` (default ``options.k``) best hits."""
+        from dataclasses import replace
+
+        from query.search import search_regions
+
+        options = self.options if k is None else replace(self.options, k=k)
+        return search_regions(self.store, self.vector, options, self.rescore, extra_ids=self.extra)
 
 
 class Engine:
@@ -35,6 +59,7 @@ class Engine:
         self._reader: Any = None
         self._retrieval_model: Any = None
         self._san_encoder: Any = None
+        self._grounding: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -122,45 +147,152 @@ class Engine:
         text: str | None = None,
         k: int = 10,
         exclude_self: bool = False,
+        region_id: int | None = None,
+        filters: HitFilter | None = None,
     ) -> list[Hit]:
         """The ``k`` indexed regions that show the same thing as ``region`` of ``image``.
 
-        ``region`` defaults to the whole image. With ``text``, stage 1 shortlists ``config.shortlist``
-        candidates by visual similarity, joined by the text's top ``config.san_candidates`` SAN
-        matches, and stage 2 reranks them by ``grn + config.text_weight · san``: the GRN similarity
-        (the text gates the query region and every candidate) plus SAN's score of how well each
-        candidate fits the text (the GRN alone when the index holds no SAN vectors). With ``text`` alone (no image), SAN's text vector searches the index's SAN
-        embeddings and the full SAN (saliency-guided textual attention per candidate) reranks them. ``exclude_self`` drops hits from the query image itself
-        (matched by content hash).
+        ``region`` defaults to the whole image; ``region_id`` instead queries with an indexed region
+        (its stored features: "more like this hit"). With ``text``, stage 1 shortlists
+        ``config.shortlist`` candidates by visual similarity, joined by the text's top
+        ``config.san_candidates`` SAN matches, and stage 2 reranks them by
+        ``config.image_weight · grn + config.text_weight · san``: the GRN similarity (the text gates
+        the query region and every candidate) plus SAN's score of how well each candidate fits the
+        text (the GRN alone when the index holds no SAN vectors). Stage 3 (with ``config.stage3``)
+        then grounds the text in the best images with Ref-NMS and CM-Att and returns their grounded
+        regions first, scored ``stage2 + w_r · relatedness + w_g · grounding``
+        (``query/localize.py``). With ``text`` alone (no image), SAN's text vector searches the
+        index's SAN embeddings and the full SAN (saliency-guided textual attention per candidate)
+        reranks them. ``exclude_self`` drops hits from the query image itself (matched by content
+        hash); ``filters`` (:class:`query.filters.HitFilter`) restrict the hits.
         """
-        from query.encode import VisualQueryEncoder, load_query_region
-        from query.rerank import FusedRescorer, GrnRescorer, SanRescorer
-        from query.search import SearchOptions, search_regions
+        request = SearchRequest(image=image, region=region, text=text, k=k, exclude_self=exclude_self, region_id=region_id, filters=filters)
+        return self._run(request, None)
 
-        if text is not None and not text.strip():
-            raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
-        if image is None:
-            if text is None:
-                raise InvalidInputError("a query needs an image or a text: pass --image FILE (and optionally --region x1,y1,x2,y2) and/or --text \"...\"")
-            if region is not None:
-                raise InvalidInputError("--region needs --image: the region is a box in that image")
-            return self._search_text(text, k)
-        SearchOptions(k=k, shortlist=self.config.shortlist)  # validates before any model loads
+    def search_batch(self, requests: Sequence[SearchRequest], *, batch_size: int = 16) -> list[list[Hit] | EngineError]:
+        """Each request's hits, or the :class:`EngineError` that request raised (the others still run).
+
+        The query regions are encoded in batches: the regions of one image share one backbone pass,
+        and images of the same size are batched ``batch_size`` at a time.
+        """
+        from query.batch import encode_requests
+
+        encoded = encode_requests(self.extractor, requests, batch_size=batch_size)
+        out: list[list[Hit] | EngineError] = []
+        for i, request in enumerate(requests):
+            try:
+                enc = encoded.get(i)
+                if isinstance(enc, EngineError):
+                    raise enc
+                out.append(self._run(request, enc))
+            except EngineError as exc:
+                out.append(exc)
+        return out
+
+    def region(self, region_id: int):  # -> indexer.store.RegionRow
+        """The indexed region ``region_id`` (image path, box, …); a clear error when it is not in the index."""
+        rows = self._open_reader().regions([region_id])
+        if not rows:
+            raise InvalidInputError(f"region {region_id} is not in index {self.index_dir}; region ids come from earlier hits (engine query --json)")
+        return rows[0]
+
+    def _run(self, request: SearchRequest, encoded: Any) -> list[Hit]:  # noqa: ANN401
+        request.validate()
+        if request.image is None and request.region_id is None:
+            return self._search_text(request)
+        query = self.stage2(request, encoded)
+        if request.text is not None and self.config.stage3:
+            return self._search_grounded(query, request)
+        return query.run()
+
+    def stage2(self, request: SearchRequest, encoded: Any = None) -> "Stage2Query":  # noqa: ANN401
+        """Stages 1–2 of a visual (or combined) query, ready to run: the query vector, the stage-2
+        scorer (``None`` without text) and the extra candidates SAN adds (see :meth:`search`).
+        ``encoded``: the request's ``(QueryRegion, map, vector)`` when already encoded (batches)."""
+        from query.search import SearchOptions
+
+        request.validate()
+        SearchOptions(k=request.k, shortlist=self.config.shortlist)  # validates before any model loads
         store = self._open_reader()
-        query = load_query_region(image, region)
-        query_map, vector = VisualQueryEncoder(self.extractor).encode(query)
-        options = SearchOptions(k=k, exclude_self_hash=query.content_hash if exclude_self else None, shortlist=self.config.shortlist)
+        query_map, vector, digest = self._encode(store, request, encoded)
+        options = SearchOptions(k=request.k, exclude_self_hash=digest if request.exclude_self else None, shortlist=self.config.shortlist, filters=request.filters)
         rescore = None
         extra: list[int] = []
-        if text is not None:
-            model = self.retrieval_model
-            model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
-            rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
-            san_vector = self._san_text_vector(store, text)
-            extra = self._san_candidates(store, san_vector) if san_vector is not None else []
-            if san_vector is not None and self.config.text_weight > 0:
-                rescore = FusedRescorer(rescore, SanRescorer(store=store, model=self.san_encoder.model, text=text), text_weight=self.config.text_weight)
-        return search_regions(store, vector, options, rescore, extra_ids=extra)
+        if request.text is not None:
+            rescore, extra = self._stage2_scorer(store, query_map, request.text)
+        return Stage2Query(store=store, vector=vector, options=options, rescore=rescore, extra=extra)
+
+    def _encode(self, store, request: SearchRequest, encoded: Any):  # noqa: ANN001, ANN202, ANN401
+        """``(query map, query vector, content hash of the query image)``."""
+        import numpy as np
+
+        if request.region_id is not None:
+            row = self.region(request.region_id)
+            rows = np.asarray([row.row], np.int64)
+            vector = store.read_arrays("visual", rows)[0].astype(np.float32)
+            return store.read_arrays("maps", rows)[0], vector / max(float(np.linalg.norm(vector)), 1e-12), row.content_hash
+        if encoded is None:
+            from query.encode import VisualQueryEncoder, load_query_region
+
+            query = load_query_region(request.image, request.region)
+            return (*VisualQueryEncoder(self.extractor).encode(query), query.content_hash)
+        query, query_map, vector = encoded
+        return query_map, vector, query.content_hash
+
+    def _stage2_scorer(self, store, query_map, text: str):  # noqa: ANN001, ANN202
+        """The stage-2 scorer of a combined query and the SAN candidates that join its shortlist."""
+        from query.rerank import FusedRescorer, GrnRescorer, SanRescorer
+
+        model = self.retrieval_model
+        model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
+        rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
+        san_vector = self._san_text_vector(store, text)
+        extra = self._san_candidates(store, san_vector) if san_vector is not None else []
+        if san_vector is not None and self.config.text_weight > 0:
+            san = SanRescorer(store=store, model=self.san_encoder.model, text=text)
+            return FusedRescorer(rescore, san, text_weight=self.config.text_weight, image_weight=self.config.image_weight), extra
+        return rescore, extra
+
+    def _search_grounded(self, query: "Stage2Query", request: SearchRequest) -> list[Hit]:
+        """Stages 1–2 ranked in full, then stage 3 over the best images (``query/localize.py``)."""
+        from query.localize import best_images, rank_stage3
+
+        ranked = query.run(k=self.config.shortlist)
+        weights, stage = self.grounding_stage(query.store)
+        grounded = {}
+        for path in best_images(ranked, weights.images):
+            candidates = stage.candidates(path, str(request.text), query.rescore, query.vector)
+            if candidates is not None:
+                grounded[path] = candidates
+        hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
+        if request.filters is not None:
+            hits = request.filters.apply(hits)
+        return hits[: request.k]
+
+    def grounding_stage(self, store):  # noqa: ANN001, ANN201
+        """Stage 3's weights and :class:`query.localize.GroundingStage` (models loaded once)."""
+        from query.localize import GroundingStage, load_stage3_weights
+
+        if self._grounding is None:
+            from engine.device import resolve_device
+            from engine.models.cm_att import REGION_GROUNDING_NAME, GroundingScorer
+            from engine.models.ref_nms import RefNMSModel
+
+            device = resolve_device(self.config.device)
+            weights = self.config.stage3_weights or load_stage3_weights()
+            ref_nms = RefNMSModel.from_checkpoint(self.config.ref_nms_checkpoint, device=device)
+            scorer = GroundingScorer.from_checkpoint(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device)
+            self._grounding = (weights, ref_nms, scorer)
+        weights, ref_nms, scorer = self._grounding
+        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector)
+
+    def _image_vector(self, path: str):  # noqa: ANN202
+        """The mean backbone feature of an image file (for images indexed before they were stored)."""
+        from indexer.images import load_image
+
+        with __import__("torch").no_grad():
+            fmap = self.extractor.feature_map([load_image(Path(path))])
+        return fmap[0].float().mean(dim=(1, 2)).cpu().numpy()
 
     def _check_san_index(self, store) -> None:  # noqa: ANN001
         """A clear error when the index holds no SAN embeddings, or ones of another SAN model."""
@@ -176,15 +308,16 @@ class Engine:
                 f"re-index the corpus into a new directory (engine index CORPUS --index NEWDIR) or configure the SAN checkpoint it was built with"
             )
 
-    def _search_text(self, text: str, k: int) -> list[Hit]:
+    def _search_text(self, request: SearchRequest) -> list[Hit]:
         """Text-only search: SAN's ``t_g`` searches the ``san`` FAISS file (stage 1), the full STA reranks."""
         from query.rerank import SanRescorer
         from query.search import SearchOptions, search_regions
 
-        options = SearchOptions(k=k, shortlist=self.config.shortlist)
+        options = SearchOptions(k=request.k, shortlist=self.config.shortlist, filters=request.filters)
         store = self._open_reader()
         self._check_san_index(store)
         model = self.san_encoder.model
+        text = str(request.text)
         vector = model.text_vector(text)
         return search_regions(store, vector, options, SanRescorer(store=store, model=model, text=text), array="san", stage1="san_text")
 
@@ -250,6 +383,30 @@ class Engine:
     def errors(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of every image that could not be indexed."""
         return self._open_reader().errors()
+
+    # -- maintenance --------------------------------------------------------------------------
+    def remove(self, paths: list[Path | str] | tuple[Path | str, ...]):  # -> indexer.removal.RemoveSummary
+        """Remove the images at ``paths`` (image files, or folders: every image indexed under them).
+
+        All or nothing: a path with no indexed image at or under it raises ``InvalidInputError``
+        naming it, and nothing is removed. Takes the writer lock; the FAISS files are saved without
+        the removed regions, whose feature rows stay dead until :meth:`compact`.
+        """
+        from indexer.removal import remove_paths
+        from indexer.store import IndexStore
+
+        self._close_reader()
+        with IndexStore.open(self.index_dir, writable=True, config=self.config.store) as store:
+            return remove_paths(store, list(paths))
+
+    def compact(self):  # -> indexer.compaction.CompactSummary
+        """Rewrite the feature store without the rows of removed or replaced images (crash-safe,
+        under the writer lock); returns the bytes before and after (``docs/index-layout.md``)."""
+        from indexer.store import IndexStore
+
+        self._close_reader()
+        with IndexStore.open(self.index_dir, writable=True, config=self.config.store) as store:
+            return store.compact()
 
     def close(self) -> None:
         self._close_reader()

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from engine.boxes import Box, parse_box
+from engine.commands.bench import bench_command
 from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
@@ -20,6 +21,7 @@ from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
 from engine.errors import EngineError
+from engine.commands.remove import compact_command, remove_command
 
 __all__ = ["main"]
 
@@ -87,11 +89,12 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _engine(index_dir: Path, device: str = "auto"):
+def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None):
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    return Engine(index_dir, config=EngineConfig(device=device))
+    weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight)) if v is not None}
+    return Engine(index_dir, config=EngineConfig(device=device, stage3=stage3, **weights))
 
 
 @main.command("index")
@@ -131,40 +134,98 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @device_option
 @click.option("--image", type=click.Path(path_type=Path), help="Query image file.")
 @click.option("--region", type=BoxType(), help="Query region in the image, pixels x1,y1,x2,y2 (default: the whole image).")
+@click.option("--region-id", type=int, help="Query with an indexed region (an id from earlier hits, e.g. --json): more like this hit. Instead of --image/--region.")
 @click.option("--text", help="Description of the region. With --image: the visual shortlist (joined by SAN's matches of the text) is reranked by the GRN similarity (the text gates query and candidates) plus the weighted SAN score of how well each candidate fits the text. Alone: text-only search with SAN.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
+@click.option("--weight-text", type=click.FloatRange(min=0), help="Combined queries: weight of SAN's text score in stage 2 (default 1, fitted on val).")
+@click.option("--weight-image", type=click.FloatRange(min=0), help="Combined queries: weight of the GRN image similarity in stage 2 (default 1).")
+@click.option("--ground/--no-ground", default=True, show_default=True, help="Stage 3 of a combined query (image + text): ground the text in the best images with Ref-NMS and CM-Att; their hits are the grounded regions, scored stage2 + w_r*relatedness + w_g*grounding (--json shows each part).")
+@click.option("--path-glob", help="Keep only hits whose image path matches this glob (fnmatch on the absolute path; * matches / too), e.g. '*/beach/*'.")
+@click.option("--min-score", type=float, help="Keep only hits with at least this score.")
+@click.option("--max-per-image", type=click.IntRange(min=1), help="At most this many hits per image.")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False, path_type=Path), help="Run every query of this JSONL file (one object per line: image, region, text, region_id, k, exclude_self, id, path_glob, min_score, max_per_image); needs --out.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="With --batch: write one JSON line per query here ({\"id\", \"hits\"} or {\"id\", \"error\"}).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a self-contained gallery page (query, hits with boxes, every score) to this file.")
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the attention map of the text over the hit image (MCB).")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, text: str | None, k: int, exclude_self: bool, save_vis: Path | None, explain: Path | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
     Example:
       engine query --image q.jpg --region 40,60,200,220 -k 5 --save-vis out/
-      engine query --text "a red circle left of a blue square" -k 5
+      engine query --text "a red circle left of a blue square" -k 5 --html hits.html
+      engine query --region-id 1234 --max-per-image 1
+      engine query --batch queries.jsonl --out results.jsonl
     """
-    engine = _engine(index_dir, device)
-    if region is not None and image is None:
-        raise click.UsageError("--region needs --image: the region is a box in that image")
-    if explain is not None and not text:
-        raise click.UsageError("--explain needs --text: it shows where the text is in each hit image")
-    hits = engine.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self)
+    from query.filters import HitFilter
+
+    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file)
+    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image)
+    filters = HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image)
+    if batch_file is not None:
+        _run_batch(engine, batch_file, out_file, k=k, exclude_self=exclude_self, filters=filters)
+        return
+    hits = engine.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self, region_id=region_id, filters=filters)
+    if region_id is not None:  # draw the indexed region as the query
+        row = engine.region(region_id)
+        image, region = Path(row.image_path), row.box
     if save_vis is not None:
         engine.render(hits, image=image, region=region, text=text, out_dir=save_vis)
+    if html_file is not None:
+        from query.gallery import write_gallery
+
+        write_gallery(html_file, hits, image=image, region=region, text=text)
     if explain is not None and text:
         from query.explain import AttentionGrounder, explain_hits
 
         explain_hits(AttentionGrounder(device=device), hits, text, explain)
     if as_json:
         click.echo(json.dumps({"hits": [h.to_dict() for h in hits]}))
-    else:
-        _print_hits(hits)
-        if save_vis is not None:
-            click.echo(f"pictures written to {save_vis}/ (contact_sheet.png shows them all)")
-        if explain is not None:
-            click.echo(f"attention pictures written to {explain}/ (explain_NN.png per hit)")
+        return
+    _print_hits(hits)
+    for path, what in ((save_vis, "pictures written to {}/ (contact_sheet.png shows them all)"), (html_file, "gallery written to {}"), (explain, "attention pictures written to {}/ (explain_NN.png per hit)")):
+        if path is not None:
+            click.echo(what.format(path))
+
+
+def _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file) -> None:  # noqa: ANN001
+    """Usage errors of option combinations, before any model loads."""
+    if batch_file is not None:
+        if out_file is None:
+            raise click.UsageError("--batch needs --out FILE for the results (one JSON line per query)")
+        if any(v is not None for v in (image, region, region_id, text, save_vis, html_file, explain)):
+            raise click.UsageError("--batch takes its queries from the file: leave out --image, --region, --region-id, --text, --save-vis, --html and --explain")
+        return
+    if out_file is not None:
+        raise click.UsageError("--out goes with --batch; for one query use --json, --save-vis or --html")
+    if region is not None and image is None:
+        raise click.UsageError("--region needs --image: the region is a box in that image")
+    if explain is not None and not text:
+        raise click.UsageError("--explain needs --text: it shows where the text is in each hit image")
+    if (weight_text is not None or weight_image is not None) and not (text and (image is not None or region_id is not None)):
+        raise click.UsageError("--weight-text / --weight-image balance a combined query: give --text and --image (or --region-id)")
+
+
+def _run_batch(engine, batch_file: Path, out_file: Path, *, k: int, exclude_self: bool, filters) -> None:  # noqa: ANN001
+    from query.batch import read_batch, result_line
+
+    defaults = {"k": k, "exclude_self": exclude_self, **({"filters": filters} if filters.active else {})}
+    requests = read_batch(batch_file, defaults=defaults)
+    valid = [r for r in requests if not isinstance(r, EngineError)]
+    results = iter(engine.search_batch(valid))
+    lines, errors = [], 0
+    for number, request in enumerate(requests, start=1):
+        result = request if isinstance(request, EngineError) else next(results)
+        errors += isinstance(result, EngineError)
+        lines.append(result_line(request, result, number))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out_file)
+    click.echo(f"{len(requests)} queries, {errors} errors; results written to {out_file}")
 
 
 def _print_hits(hits: list) -> None:
@@ -211,5 +272,8 @@ main.add_command(models_command)
 main.add_command(eval_group)
 main.add_command(saliency_command)
 main.add_command(ground_command)
+main.add_command(remove_command)
+main.add_command(compact_command)
+main.add_command(bench_command)
 if __name__ == "__main__":
     main()

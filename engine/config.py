@@ -1,13 +1,16 @@
 """Typed configuration of the engine. Each part configures one component family."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import InvalidInputError
 from indexer.backbone import BackboneConfig
 from indexer.region_features import RegionFeatureConfig
 from indexer.store import StoreConfig
+from query.localize import Stage3Weights
 
 __all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "EngineConfig", "IndexConfig", "default_index_dir"]
 
@@ -31,9 +34,14 @@ class EngineConfig:
     ``san``: index SAN region embeddings (text-only search) with ``san_checkpoint`` and
     ``saliency_checkpoint`` (``None``: the shipped ``san.pt`` / ``saliency.pt``); ``san_candidates``:
     how many SAN candidates of the text join stage 1's shortlist of a combined query;
-    ``text_weight``: stage 2 of a combined query ranks by ``grn + text_weight · san`` (SAN's
-    text–region score; 0 ranks by the GRN alone), fitted on the validation split by
-    ``engine eval fusion`` (docs/grn.md).
+    ``text_weight`` / ``image_weight``: stage 2 of a combined query ranks by
+    ``image_weight · grn + text_weight · san`` (SAN's text–region score; text weight 0 ranks by the
+    GRN alone); the text weight is fitted on the validation split by
+    ``engine eval fusion`` (docs/grn.md). ``stage3``: a combined query grounds its text in the best
+    ``stage3_weights.images`` images (Ref-NMS with ``ref_nms_checkpoint``, CM-Att with
+    ``grounding_checkpoint``; ``None``: the shipped ``ref-nms-r`` and ``cm-att-erase-region``, and the
+    weights fitted by ``engine eval stage3`` in ``engine/checkpoints/stage3.json``); see
+    ``query/localize.py``.
     """
 
     device: str = "auto"
@@ -44,9 +52,22 @@ class EngineConfig:
     saliency_checkpoint: Path | None = None
     san_candidates: int = 100
     text_weight: float = TEXT_WEIGHT
+    image_weight: float = 1.0
+    stage3: bool = True
+    stage3_weights: Stage3Weights | None = None
+    ref_nms_checkpoint: Path | None = None
+    grounding_checkpoint: Path | str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("text_weight", "image_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a number >= 0, got {value!r}")
+        if self.text_weight == 0 and self.image_weight == 0:
+            raise InvalidInputError("--weight-text and --weight-image are both 0: nothing would rank the hits; give one of them a positive weight")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ class Hit:
     score: float
     region_id: int
     scores: dict[str, float] = field(default_factory=dict)
+    content_hash: str | None = field(default=None, compare=False)
+    """The image file's sha256 (not in ``to_dict``): copies of one picture share it."""
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -1,7 +1,8 @@
 """The feature store: named, append-only, memory-mapped float16 arrays with one row per region.
 
-Each array is a headerless file ``features/NAME.f16`` of fixed-shape float16 rows in row-major
-order; row ``r`` of every array belongs to the region whose ``regions.row`` is ``r``. The shapes
+Each array is a headerless file ``features/NAME.f16`` (``NAME.gG.f16`` after compaction ``G``,
+:mod:`indexer.compaction`) of fixed-shape float16 rows in row-major order; row ``r`` of every array
+belongs to the region whose ``regions.row`` is ``r``. The shapes
 and dtype live in the ``meta`` table of ``engine.db`` (key ``arrays``), and so does the number of
 *committed* rows (key ``next_row``): the files may be longer than that after a crash, and those
 tail bytes are garbage that the next :meth:`FeatureArray.append` truncates and overwrites.
@@ -9,7 +10,8 @@ tail bytes are garbage that the next :meth:`FeatureArray.append` truncates and o
 Write protocol (driven by :class:`indexer.store.IndexStore`): ``append`` -> ``flush`` (fsync) ->
 commit the rows to SQLite (with the new ``next_row``) -> :meth:`FeatureStore.mark_committed`. A
 reader only ever asks for rows that committed region rows point at, which are durable on disk
-before the commit, so readers never see a partial row.
+before the commit, so readers never see a partial row. A reader maps each file through a
+descriptor it opened once, so a file that compaction deletes stays readable to it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError, InvalidInputError
-from indexer.index_dir import check_array_name, fsync_dir
+from indexer.index_dir import feature_file_name, fsync_dir
 
 __all__ = ["ArraySpec", "FeatureArray", "FeatureStore"]
 
@@ -83,24 +85,27 @@ class FeatureArray:
         self._committed = int(committed_rows)
         self._end = self._committed
         self._fd: int | None = None
+        self._read_fd: int | None = None  # a reader's handle: the file stays readable if unlinked
         self._map: np.memmap | np.ndarray | None = None
         self._map_rows = 0
-        if writable:
-            created = not self.path.exists()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if created:
-                fsync_dir(self.path.parent)
-            size = os.fstat(self._fd).st_size
-            need = self._committed * spec.row_bytes
-            if size < need:
-                self.close()
-                raise self._damaged(size // spec.row_bytes, self._committed)
-            if size > need:
-                logger.info(
-                    "truncating %s from %d to %d rows (uncommitted tail of an interrupted write)",
-                    self.path, size // spec.row_bytes, self._committed,
-                )
-                self._truncate(need)
+        if not writable:
+            self._open_for_reading()
+            return
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            fsync_dir(self.path.parent)
+        size = os.fstat(self._fd).st_size
+        need = self._committed * spec.row_bytes
+        if size < need:
+            self.close()
+            raise self._damaged(size // spec.row_bytes, self._committed)
+        if size > need:
+            logger.info(
+                "truncating %s from %d to %d rows (uncommitted tail of an interrupted write)",
+                self.path, size // spec.row_bytes, self._committed,
+            )
+            self._truncate(need)
 
     # -- writing ------------------------------------------------------------------------------
     @property
@@ -204,19 +209,28 @@ class FeatureArray:
         return np.asarray(self._map[rows])
 
     def _remap(self) -> None:
+        """Map the file through the open descriptor (not the path: compaction may unlink it)."""
         self._drop_map()
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            size = 0
+        fd = self._fd if self._fd is not None else self._open_for_reading()
+        size = os.fstat(fd).st_size if fd is not None else 0
         rows = size // self.spec.row_bytes
         if rows == 0:
             self._map = np.empty((0, *self.spec.shape), dtype=self.spec.np_dtype)
         else:
-            self._map = np.memmap(
-                self.path, dtype=self.spec.np_dtype, mode="r", shape=(rows, *self.spec.shape)
-            )
+            with open(fd, "rb", closefd=False) as handle:  # mmap keeps its own duplicate
+                self._map = np.memmap(
+                    handle, dtype=self.spec.np_dtype, mode="r", shape=(rows, *self.spec.shape)
+                )
         self._map_rows = rows
+
+    def _open_for_reading(self) -> int | None:
+        """A reader's descriptor of the file, opened once; ``None`` while the file does not exist."""
+        if self._read_fd is None:
+            try:
+                self._read_fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        return self._read_fd
 
     def _drop_map(self) -> None:
         self._map = None
@@ -231,13 +245,19 @@ class FeatureArray:
 
     def close(self) -> None:
         self._drop_map()
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        for attr in ("_fd", "_read_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
 
 
 class FeatureStore:
-    """A named set of :class:`FeatureArray` s sharing one row numbering and one commit point."""
+    """A named set of :class:`FeatureArray` s sharing one row numbering and one commit point.
+
+    ``generation`` picks the files (:func:`indexer.index_dir.feature_file_name`): 0 for an index
+    never compacted, ``G`` after compaction ``G`` (``meta.feature_generation``).
+    """
 
     def __init__(
         self,
@@ -246,9 +266,11 @@ class FeatureStore:
         *,
         committed_rows: int,
         writable: bool,
+        generation: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.specs = dict(specs)
+        self.generation = int(generation)
         if writable and not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.directory.parent)
@@ -256,7 +278,7 @@ class FeatureStore:
         try:
             for name, spec in self.specs.items():
                 self._arrays[name] = FeatureArray(
-                    self.directory / f"{check_array_name(name)}.f16",
+                    self.directory / feature_file_name(name, self.generation),
                     spec,
                     committed_rows=committed_rows,
                     writable=writable,

@@ -6,6 +6,8 @@
       engine.db            SQLite database (+ engine.db-wal, engine.db-shm while open)
       vectors.faiss        FAISS index: header + faiss.serialize_index bytes (atomic replace)
       features/NAME.f16    feature-store arrays, float16, row-major, append-only
+                           (NAME.gG.f16 after compaction G; meta.feature_generation names G)
+      features/previous-rows.gG.i64  row map of compaction G: new row -> row of generation G-1
       .lock                flock()ed by the one writer; readers take no lock
 
 See ``docs/index-layout.md``.
@@ -24,11 +26,23 @@ from types import TracebackType
 
 from engine.errors import IndexLockedError, InvalidInputError
 
-__all__ = ["IndexLayout", "WriterLock", "fsync_dir", "atomic_write", "remove_stale_temps", "check_array_name"]
+__all__ = [
+    "IndexLayout",
+    "WriterLock",
+    "fsync_dir",
+    "atomic_write",
+    "remove_stale_temps",
+    "check_array_name",
+    "feature_file_name",
+    "row_map_file_name",
+    "parse_generation_file",
+]
 
 logger = logging.getLogger(__name__)
 
 _ARRAY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_GENERATION_FILE = re.compile(r"^(?P<stem>[a-z][a-z0-9_-]{0,63})(?:\.g(?P<gen>[1-9][0-9]*))?\.(?P<ext>f16|i64)$")
+_ROW_MAP_STEM = "previous-rows"  # '-' is not allowed in array names, so it never collides with one
 
 
 def check_array_name(name: str) -> str:
@@ -39,6 +53,43 @@ def check_array_name(name: str) -> str:
             "starting with a letter (e.g. 'visual', 'maps')"
         )
     return name
+
+
+def feature_file_name(name: str, generation: int = 0) -> str:
+    """File name of feature array ``name`` in generation ``generation``.
+
+    Generation 0 (an index never compacted) is ``NAME.f16``; compaction ``G`` writes ``NAME.gG.f16``.
+    """
+    check_array_name(name)
+    _check_generation(generation)
+    return f"{name}.f16" if generation == 0 else f"{name}.g{generation}.f16"
+
+
+def row_map_file_name(generation: int) -> str:
+    """File of compaction ``generation`` (>= 1): int64 ``old_row[new_row]`` into generation - 1."""
+    _check_generation(generation)
+    if generation == 0:
+        raise InvalidInputError("generation 0 has no row map; it was never compacted")
+    return f"{_ROW_MAP_STEM}.g{generation}.i64"
+
+
+def parse_generation_file(file_name: str) -> tuple[str, int] | None:
+    """``(array name or "previous-rows", generation)`` of a feature-store file name, else ``None``."""
+    match = _GENERATION_FILE.match(file_name)
+    if match is None:
+        return None
+    stem, ext = match["stem"], match["ext"]
+    generation = int(match["gen"] or 0)
+    is_row_map = stem == _ROW_MAP_STEM and ext == "i64" and generation > 0
+    is_array = ext == "f16" and _ARRAY_NAME.match(stem) is not None
+    return (stem, generation) if is_row_map or is_array else None
+
+
+def _check_generation(generation: int) -> None:
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise InvalidInputError(
+            f"feature-store generation {generation!r} is not allowed; use an integer >= 0"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +118,11 @@ class IndexLayout:
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
-    def feature_path(self, name: str) -> Path:
-        return self.features_dir / f"{check_array_name(name)}.f16"
+    def feature_path(self, name: str, generation: int = 0) -> Path:
+        return self.features_dir / feature_file_name(name, generation)
+
+    def row_map_path(self, generation: int) -> Path:
+        return self.features_dir / row_map_file_name(generation)
 
     def exists(self) -> bool:
         """Whether an index (its database) exists here."""

@@ -5,7 +5,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,25 +119,23 @@ class IndexingPipeline:
         items: list[tuple[ImageRecord, RegionBatch]] = []
         for group in _same_size_groups(loaded):
             features = self._features(group)
-            for it, (maps, vectors, san) in zip(group, features):
+            for it, (maps, vectors, san, image_vector) in zip(group, features):
                 arrays = {"maps": maps, "visual": vectors}
                 if san is not None:
                     arrays[SAN_ARRAY] = san
-                items.append((it.record, RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
+                items.append((replace(it.record, vector=image_vector), RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
         items.sort(key=lambda pair: pair[0].path)
         self.store.commit_images(run_id, items)
         counts["processed"] += len(items)
         counts["regions_added"] += sum(len(b.boxes) for _, b in items)
         return len(items)
 
-    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Region maps, vectors and SAN vectors (``None`` without SAN) of one same-size group. A batch
-        proposal network (the RPN) runs the backbone once and proposes from its maps; the region
-        features (and SAN's saliency grids) are pooled from the same maps."""
+    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]]:
+        """Region maps, vectors, SAN vectors (``None`` without SAN) and the image vector (mean backbone
+        feature, CM-Att's ``e_0``) of one same-size group. A batch proposal network (the RPN) runs the
+        backbone once and proposes from its maps; everything else is pooled from the same maps."""
         images = [it.image for it in group]
         propose_batch = getattr(self.proposals, "propose_batch", None)
-        if propose_batch is None and self.san is None:
-            return [(m, v, None) for m, v in self.extractor(images, [it.boxes for it in group])]
         if propose_batch is not None:
             maps, proposals = propose_batch(images)
             for it, (boxes, objectness) in zip(group, proposals):
@@ -147,14 +145,13 @@ class IndexingPipeline:
         sizes = [im.size for im in images]
         boxes = [it.boxes for it in group]
         level = self.extractor.config.level
+        image_vectors = maps[level].float().mean(dim=(2, 3)).cpu().numpy()
         features = self.extractor.from_feature_map(maps[level], sizes, boxes)
-        if self.san is None:
-            return [(m, v, None) for m, v in features]
-        san = self.san.encode(maps, sizes, boxes, [m for m, _ in features])
-        return [(m, v, s) for (m, v), s in zip(features, san)]
+        san = self.san.encode(maps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(features)
+        return [(m, v, s, e) for (m, v), s, e in zip(features, san, image_vectors)]
 
     def _backbone_maps(self, images: list[Image.Image]) -> dict:
-        """The backbone levels SAN's saliency network and the region features need, in one pass."""
+        """The backbone levels the region features (and SAN's saliency network, when indexing SAN) need, in one pass."""
         import torch
 
         from indexer.backbone import preprocess
@@ -162,8 +159,9 @@ class IndexingPipeline:
 
         backbone = self.extractor.backbone
         batch, _ = preprocess(images, max_size=backbone.max_size)
+        levels = {self.extractor.config.level, *(SALIENCY_LEVELS if self.san is not None else ())}
         with torch.no_grad():
-            return backbone(batch.to(backbone.device), levels=sorted({*SALIENCY_LEVELS, self.extractor.config.level}))
+            return backbone(batch.to(backbone.device), levels=sorted(levels))
 
     def _load(self, entry: FileEntry) -> _Loaded:
         try:

@@ -13,6 +13,10 @@ The indexing pipeline writes through it (``begin_run`` / ``commit_images`` / ``r
   and the feature store.
 * one writer at a time (``flock`` on ``DIR/.lock``); any number of readers, in any process, with
   no lock (SQLite WAL).
+* ``compact`` rewrites the feature arrays without dead rows as a new *generation* of files and
+  switches to it in one transaction (``meta.feature_generation``; :mod:`indexer.compaction`).
+  Readers follow the switch at the start of their next search; rows they looked up just before
+  it are translated through the generation's row map.
 
 An ``IndexStore`` object is not thread-safe; give each thread its own.
 """
@@ -24,13 +28,13 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -51,6 +55,15 @@ from indexer.db.models import (
     Tombstone,
 )
 from indexer.db.session import create_db_engine, upgrade_database
+from indexer.compaction import (
+    CompactSummary,
+    feature_files,
+    files_bytes,
+    read_row_map,
+    remove_generation,
+    remove_stale_generations,
+    write_generation,
+)
 from indexer.faiss_store import (
     DEFAULT_FLAT_THRESHOLD,
     VectorFileError,
@@ -68,6 +81,7 @@ __all__ = [
     "RegionBatch",
     "RegionRow",
     "IndexInfo",
+    "DeletedImages",
     "IndexStore",
 ]
 
@@ -103,7 +117,8 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """An image file as scanned: absolute resolved ``path``, sha256 hex ``content_hash``, stat, size."""
+    """An image file as scanned: absolute resolved ``path``, sha256 hex ``content_hash``, stat, size,
+    and (once the backbone has seen it) ``vector``, the image's mean backbone feature ``[C]``."""
 
     path: str
     content_hash: str
@@ -111,6 +126,7 @@ class ImageRecord:
     mtime_ns: int
     width: int
     height: int
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,11 @@ class RegionRow:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """What ``engine info`` shows. ``images`` counts indexed images, ``errors`` failed ones."""
+    """What ``engine info`` shows. ``images`` counts indexed images, ``errors`` failed ones.
+
+    ``dead_rows`` / ``dead_bytes``: feature rows no region refers to any more (removed or replaced
+    images) and their size in all arrays; :meth:`IndexStore.compact` reclaims them.
+    """
 
     path: Path
     images: int
@@ -161,6 +181,8 @@ class IndexInfo:
     runs: int
     next_row: int = 0
     nprobe: int | None = None
+    dead_rows: int = 0
+    dead_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The stable ``engine info --json`` form (keys are only ever added)."""
@@ -176,7 +198,22 @@ class IndexInfo:
             "models": dict(self.models),
             "runs": self.runs,
             "path": str(self.path),
+            "dead_rows": self.dead_rows,
+            "dead_bytes": self.dead_bytes,
         }
+
+
+@dataclass(frozen=True)
+class DeletedImages:
+    """What :meth:`IndexStore.delete_images` deleted: indexed images, error records, regions."""
+
+    indexed: int
+    errors: int
+    regions: int
+
+    @property
+    def images(self) -> int:
+        return self.indexed + self.errors
 
 
 def _now() -> dt.datetime:
@@ -209,6 +246,7 @@ class IndexStore:
         self._engine = create_db_engine(layout.db_path, immediate=writable)
         self._features: FeatureStore | None = None
         self._vector_sets: dict[str, VectorIndex] = {}
+        self._row_maps: dict[int, np.ndarray | None] = {}
 
     # ------------------------------------------------------------------------------------------
     # opening and closing
@@ -264,6 +302,7 @@ class IndexStore:
             if writable:
                 for name in store.vector_arrays:
                     remove_stale_temps(layout.vector_file(name))
+                remove_stale_generations(layout, specs, store.features.generation)
                 store._fail_dead_runs()
             return store
         except BaseException:
@@ -275,10 +314,37 @@ class IndexStore:
 
     def _open_features(self) -> None:
         with self._read() as s:
-            next_row = _get_meta(s, "next_row", 0)
+            generation, next_row = _feature_state(s)
         self._features = FeatureStore(
-            self.layout.features_dir, self._specs, committed_rows=next_row, writable=self.writable
+            self.layout.features_dir,
+            self._specs,
+            committed_rows=next_row,
+            writable=self.writable,
+            generation=generation,
         )
+
+    def _use_generation(self, generation: int, next_row: int) -> None:
+        """Switch the feature store to ``generation`` (a compaction committed since it was opened)."""
+        if self._features is not None and self._features.generation == generation:
+            return
+        logger.info("feature store of %s moved to generation %d", self.path, generation)
+        old, self._features = self._features, None
+        self._row_maps = {}
+        if old is not None:
+            old.close()
+        self._features = FeatureStore(
+            self.layout.features_dir,
+            self._specs,
+            committed_rows=next_row,
+            writable=self.writable,
+            generation=generation,
+        )
+
+    def _follow_generation(self) -> None:
+        """Start of a search: use the generation the database names now."""
+        with self._read() as s:
+            generation, next_row = _feature_state(s)
+        self._use_generation(generation, next_row)
 
     def _fail_dead_runs(self) -> None:
         """We hold the writer lock, so a run still marked 'running' died (crash, kill -9)."""
@@ -295,6 +361,7 @@ class IndexStore:
             self._features.close()
             self._features = None
         self._vector_sets = {}
+        self._row_maps = {}
         self._engine.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -479,6 +546,7 @@ class IndexStore:
                             error=None,
                             run_id=run_id,
                             indexed_at=now,
+                            vector=_vector_bytes(record.vector),
                         )
                         .returning(Image.id)
                     ).scalar_one()
@@ -545,21 +613,47 @@ class IndexStore:
 
     def remove_images(self, paths: list[str]) -> int:
         """Delete the images at ``paths`` (and their regions) in one transaction; return how many."""
+        return self.delete_images(paths).images
+
+    def delete_images(self, paths: Sequence[str]) -> DeletedImages:
+        """Delete the image rows at ``paths`` (indexed or error) and their regions, in one transaction.
+
+        The region ids go to ``tombstones`` so that every FAISS file drops them on catch-up; their
+        feature rows stay dead until :meth:`compact`. Unknown paths are ignored.
+        """
         self._require_writable()
-        removed = 0
+        indexed = errors = regions = 0
         with self._write() as s:
             for chunk in _chunks(list(dict.fromkeys(paths))):
-                ids = list(s.scalars(select(Image.id).where(Image.path.in_(chunk))))
-                if not ids:
+                rows = s.execute(select(Image.id, Image.status).where(Image.path.in_(chunk))).all()
+                if not rows:
                     continue
-                s.execute(
+                ids = [r.id for r in rows]
+                regions += s.execute(
                     insert(Tombstone).from_select(
                         ["region_id"],
                         select(Region.id).where(Region.image_id.in_(ids)).order_by(Region.id),
                     )
+                ).rowcount
+                s.execute(delete(Image).where(Image.id.in_(ids)))  # regions cascade
+                errors += sum(r.status == "error" for r in rows)
+                indexed += sum(r.status != "error" for r in rows)
+        return DeletedImages(indexed=indexed, errors=errors, regions=regions)
+
+    def images_under(self, path: str) -> list[str]:
+        """Recorded image paths (indexed or error) equal to ``path`` or inside folder ``path``, sorted."""
+        _check_path(path)
+        base = path.rstrip(os.sep) or os.sep
+        prefix = base if base.endswith(os.sep) else base + os.sep
+        upper = prefix[:-1] + chr(ord(os.sep) + 1)  # every string starting with prefix is < upper
+        with self._read() as s:
+            return list(
+                s.scalars(
+                    select(Image.path)
+                    .where((Image.path == base) | ((Image.path >= prefix) & (Image.path < upper)))
+                    .order_by(Image.path)
                 )
-                removed += s.execute(delete(Image).where(Image.id.in_(ids))).rowcount
-        return removed
+            )
 
     def save_vectors(self) -> None:
         """Bring the FAISS index up to date, save it atomically, prune the tombstones it holds."""
@@ -571,6 +665,106 @@ class IndexStore:
             saved.append(vectors.max_tombstone_seq)
         with self._write() as s:  # every file holds the tombstones up to the smallest of theirs
             s.execute(delete(Tombstone).where(Tombstone.seq <= min(saved)))
+
+    # ------------------------------------------------------------------------------------------
+    # compaction
+    # ------------------------------------------------------------------------------------------
+    def compact(self) -> CompactSummary:
+        """Rewrite the feature arrays with only the rows of live regions; save the FAISS files.
+
+        Crash-safe (:mod:`indexer.compaction`): the new generation of files is written and
+        fsynced first, then one transaction renumbers ``regions.row`` and names the generation,
+        then the old files go. Region ids, and so the FAISS ids, stay the same.
+        """
+        self._require_writable()
+        feature_before = self._feature_file_bytes()
+        vector_before = self._vector_file_bytes()
+        self.save_vectors()  # pending tombstones applied, saved and pruned
+        with self._read() as s:
+            generation, next_row = _feature_state(s)
+            live = s.execute(select(Region.id, Region.row).order_by(Region.row)).all()
+        rows = np.asarray([r.row for r in live], dtype=np.int64)
+        compacted = not np.array_equal(rows, np.arange(next_row))
+        if compacted:
+            generation = self._compact_into(generation + 1, generation, next_row, live, rows)
+        remove_stale_generations(self.layout, self._specs, generation)
+        return CompactSummary(
+            rows_before=int(next_row),
+            rows_after=int(rows.size),
+            feature_bytes_before=feature_before,
+            feature_bytes_after=self._feature_file_bytes(),
+            vector_bytes_before=vector_before,
+            vector_bytes_after=self._vector_file_bytes(),
+            generation=generation,
+            compacted=compacted,
+        )
+
+    def _compact_into(
+        self, new: int, old: int, next_row: int, live: Sequence[Any], rows: np.ndarray
+    ) -> int:
+        """Write generation ``new`` from ``old``, commit it, switch to it; return ``new``."""
+        try:
+            write_generation(self.features, self.layout, self._specs, rows, new)
+            self._commit_generation(new, old, next_row, [r.id for r in live], rows)
+        except BaseException:
+            committed = self._committed_generation()
+            if committed is not None and committed != new:  # never committed: garbage
+                try:
+                    remove_generation(self.layout, self._specs, new)
+                except OSError as exc:
+                    logger.warning("could not remove generation %d of %s: %s", new, self.path, exc)
+            raise
+        self._use_generation(new, int(rows.size))
+        logger.info(
+            "compacted the feature store of %s: %d -> %d rows (generation %d)",
+            self.path, next_row, rows.size, new,
+        )
+        return new
+
+    def _commit_generation(
+        self, new: int, old: int, next_row: int, region_ids: list[int], old_rows: np.ndarray
+    ) -> None:
+        """One transaction: ``regions.row`` -> ``0..n-1`` in old-row order, ``next_row``, generation.
+
+        Updating in ascending old-row order never breaks ``UNIQUE(row)``: the new row ``i`` of a
+        region is at most its old row, every region updated before it now holds a row below
+        ``i``, and every region not yet updated still holds an old row above its own.
+        """
+        with self._write() as s:
+            if _feature_state(s) != (old, next_row):
+                raise EngineError(
+                    f"the feature store of {self.path} changed during compaction (another writer?); "
+                    "run `engine compact` again"
+                )
+            moves = [
+                {"region_id": rid, "new_row": i}
+                for i, (rid, row) in enumerate(zip(region_ids, old_rows.tolist()))
+                if row != i
+            ]
+            table = Region.__table__
+            if moves:
+                s.execute(
+                    update(table)
+                    .where(table.c.id == bindparam("region_id"))
+                    .values(row=bindparam("new_row")),
+                    moves,
+                )
+            _set_meta(s, "next_row", len(region_ids))
+            _set_meta(s, "feature_generation", new)
+
+    def _committed_generation(self) -> int | None:
+        """The generation the database names, or ``None`` if it cannot be read right now."""
+        try:
+            with self._read() as s:
+                return _feature_state(s)[0]
+        except Exception:  # unusable right now: keep every file, the next writer sorts them out
+            return None
+
+    def _feature_file_bytes(self) -> int:
+        return files_bytes(p for p, _, _ in feature_files(self.layout, self._specs))
+
+    def _vector_file_bytes(self) -> int:
+        return files_bytes(self.layout.vector_file(name) for name in self.vector_arrays)
 
     # ------------------------------------------------------------------------------------------
     # scanning support
@@ -613,16 +807,52 @@ class IndexStore:
         wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if i >= 0]
         found: dict[int, RegionRow] = {}
         with self._read() as s:
+            state = _feature_state(s)
             for chunk in _chunks(sorted(set(wanted))):
                 for row in s.execute(_region_select().where(Region.id.in_(chunk))):
                     found[row.id] = _region_row(row)
+        rows = self._in_open_generation(state, list(found.values()))
+        found = {r.id: r for r in rows}
         return [found[i] for i in wanted if i in found]
 
     def regions_of_image(self, path: str) -> list[RegionRow]:
         """All regions of the image at ``path`` (by region id); empty if it has none or is unknown."""
         with self._read() as s:
+            state = _feature_state(s)
             rows = s.execute(_region_select().where(Image.path == str(path)).order_by(Region.id))
-            return [_region_row(row) for row in rows]
+            found = [_region_row(row) for row in rows]
+        return self._in_open_generation(state, found)
+
+    def _in_open_generation(self, state: tuple[int, int], rows: list[RegionRow]) -> list[RegionRow]:
+        """``rows`` (read in a snapshot at feature ``state``) numbered as the open feature store is.
+
+        A compaction that committed after this store's last search leaves it one generation
+        behind: the rows are translated back through that generation's row map, so that rows
+        looked up during one query all index the same files. Anything else (several generations
+        behind, rows added since the compaction) switches the store to the snapshot's generation.
+        """
+        generation, next_row = state
+        current = self.features.generation
+        if generation == current or not rows:
+            return rows
+        if generation == current + 1:
+            if generation not in self._row_maps:
+                self._row_maps[generation] = read_row_map(self.layout, generation)
+            old_rows = self._row_maps[generation]
+            if old_rows is not None and all(r.row < old_rows.shape[0] for r in rows):
+                return [replace(r, row=int(old_rows[r.row])) for r in rows]
+        self._use_generation(generation, next_row)
+        return rows
+
+    def image_vectors(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored mean backbone feature (float32 ``[C]``) of each indexed image in ``paths`` that has
+        one (images indexed before schema revision 0003 have none)."""
+        out: dict[str, np.ndarray] = {}
+        with self._read() as s:
+            for chunk in _chunks(sorted(set(map(str, paths)))):
+                for path, blob in s.execute(select(Image.path, Image.vector).where(Image.path.in_(chunk), Image.vector.is_not(None))):
+                    out[path] = np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+        return out
 
     def read_arrays(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Feature-store rows ``rows`` of array ``name`` as float16 ``[*rows.shape, *shape]``."""
@@ -643,6 +873,7 @@ class IndexStore:
             runs = s.scalar(select(func.count()).select_from(IndexRun))
             latest = s.scalar(select(IndexRun.models).order_by(IndexRun.id.desc()).limit(1))
             next_row = _get_meta(s, "next_row", 0)
+        dead_rows = max(0, int(next_row) - int(regions or 0))
         return IndexInfo(
             path=self.path,
             images=int(images or 0),
@@ -656,6 +887,8 @@ class IndexStore:
             runs=int(runs or 0),
             next_row=int(next_row),
             nprobe=vectors.nprobe,
+            dead_rows=dead_rows,
+            dead_bytes=dead_rows * sum(spec.row_bytes for spec in self._specs.values()),
         )
 
     def errors(self) -> list[tuple[str, str]]:
@@ -676,6 +909,7 @@ class IndexStore:
         type of the saved file, so readers never train an index in memory that the next save
         replaces anyway.
         """
+        self._follow_generation()
         if array not in self._vector_sets:
             self._vector_sets[array] = self._load_vectors(array)
             self._catch_up(array)
@@ -723,7 +957,9 @@ class IndexStore:
     def _rebuild_vectors(self, factory: str | None, array: str = VECTOR_ARRAY) -> VectorIndex:
         with self._read() as s:
             region_seq, tomb_seq = _sequences(s)
+            state = _feature_state(s)
             rows = s.execute(select(Region.id, Region.row).order_by(Region.id)).all()
+        self._use_generation(*state)
         ids = np.asarray([r.id for r in rows], dtype=np.int64)
         feature_rows = np.asarray([r.row for r in rows], dtype=np.int64)
         vectors = self._new_vector_index(array)
@@ -749,6 +985,7 @@ class IndexStore:
             vectors = self._vector_sets[array]
             with self._read() as s:
                 region_seq, tomb_seq = _sequences(s)
+                state = _feature_state(s)
                 new = s.execute(
                     select(Region.id, Region.row)
                     .where(Region.id > vectors.max_region_id)
@@ -766,6 +1003,7 @@ class IndexStore:
                 logger.info("vector index of %s is behind pruned tombstones; reloading", self.path)
                 self._vector_sets[array] = self._load_vectors(array)
                 continue
+            self._use_generation(*state)
             for chunk in _chunks(new, _CATCH_UP_CHUNK):
                 ids = np.asarray([r.id for r in chunk], dtype=np.int64)
                 rows = np.asarray([r.row for r in chunk], dtype=np.int64)
@@ -851,6 +1089,11 @@ def _set_meta(session: Session, key: str, value: Any) -> None:
     )
 
 
+def _feature_state(session: Session) -> tuple[int, int]:
+    """``(feature_generation, next_row)``: which feature files are current and how many rows count."""
+    return int(_get_meta(session, "feature_generation", 0)), int(_get_meta(session, "next_row", 0))
+
+
 def _sequences(session: Session) -> tuple[int, int]:
     """Highest region id and tombstone seq ever handed out (``sqlite_sequence``; 0 if none)."""
     rows = dict(
@@ -872,6 +1115,15 @@ def _drop_path(session: Session, path: str) -> None:
         )
     )
     session.execute(delete(Image).where(Image.id == old))  # regions go by ON DELETE CASCADE
+
+
+def _vector_bytes(vector: np.ndarray | None) -> bytes | None:
+    if vector is None:
+        return None
+    v = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if not np.isfinite(v).all():
+        raise InvalidInputError("an image vector has NaN/inf values; pass finite features")
+    return v.astype(np.float16).tobytes()
 
 
 def _region_select():  # type: ignore[no-untyped-def]

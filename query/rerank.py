@@ -57,7 +57,7 @@ class SanRescorer:
 
 
 class FusedRescorer:
-    """Stage 2 of a combined query: ``final = grn + text_weight · san``.
+    """Stage 2 of a combined query: ``final = image_weight · grn + text_weight · san``.
 
     The GRN compares the query region with each candidate through the text's gates; a candidate that
     looks like the query region keeps most of its similarity under any text, because the same gates
@@ -66,12 +66,13 @@ class FusedRescorer:
     split (``engine eval fusion``).
     """
 
-    def __init__(self, grn: GrnRescorer, san: SanRescorer, *, text_weight: float) -> None:
+    def __init__(self, grn: GrnRescorer, san: SanRescorer, *, text_weight: float, image_weight: float = 1.0) -> None:
         self.grn = grn
         self.san = san
         self.text_weight = text_weight
+        self.image_weight = image_weight
 
     def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
         grn = self.grn(rows)["grn"]
         san = self.san(rows)["san"]
-        return {"grn": grn, "san": san, "final": (grn + self.text_weight * san).astype(np.float32)}
+        return {"grn": grn, "san": san, "final": (self.image_weight * grn + self.text_weight * san).astype(np.float32)}

@@ -11,6 +11,7 @@ import numpy as np
 from engine.errors import InvalidInputError
 from engine.results import Hit
 from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+from query.filters import HitFilter
 from query.grouping import suppress_per_image
 
 __all__ = ["SearchOptions", "Rescorer", "search_regions"]
@@ -26,7 +27,8 @@ class SearchOptions:
     """Options of one search.
 
     ``shortlist``: stage-1 candidates handed to stage 2 (when there is one). ``nms_iou``: boxes of one
-    image overlapping more than this collapse to the best one.
+    image overlapping more than this collapse to the best one. ``filters``: applied to the ranked
+    hits (without stage 2 the fetch grows until ``k`` hits pass; with it, to the shortlist).
     """
 
     k: int = 10
@@ -34,6 +36,7 @@ class SearchOptions:
     nms_iou: float = 0.5
     first_fetch: int = 100
     shortlist: int = 1000
+    filters: HitFilter | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k <= 0:
@@ -110,5 +113,5 @@ def _filter(rows: list[RegionRow], final: np.ndarray, parts: dict[str, np.ndarra
     for j in order:
         i = keep[j]
         named = {name: float(values[i]) for name, values in parts.items() if name != "final"} if len(parts) > 1 else {}
-        hits.append(Hit(image=rows[i].image_path, box=rows[i].box, score=float(final[i]), region_id=rows[i].id, scores=named))
-    return hits
+        hits.append(Hit(image=rows[i].image_path, box=rows[i].box, score=float(final[i]), region_id=rows[i].id, scores=named, content_hash=rows[i].content_hash))
+    return options.filters.apply(hits) if options.filters is not None else hits

@@ -78,8 +78,9 @@ for name in ref-nms-b ref-nms-r; do
     fi
 done
 
-# CM-Att grounding (docs/cm-att.md): 10 epochs; cm-att-erase erases in the last 4.
-for name in cm-att cm-att-erase; do
+# CM-Att grounding (docs/cm-att.md): 10 epochs; cm-att-erase erases in the last 4; cm-att-erase-region is
+# trained on region descriptions (objects and regions as candidates) for query stage 3.
+for name in cm-att cm-att-erase cm-att-erase-region; do
     if need "$OUT/$name.pt"; then
         step $ENGINE train "$name" --data "$DATA" --out "$OUT/$name.pt" --seed 0 --quiet
     fi

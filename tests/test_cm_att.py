@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, InvalidInputError
 from engine.models.cm_att import CMAttConfig, CMAttNet, GroundingScorer, build_candidates, context_features, erase_context, erase_query, erase_subject
 from engine.training.cm_att import CMAttTrainConfig, train_cm_att
 from engine.training.options import TrainOptions
@@ -149,3 +149,48 @@ def test_cli_ground_with_cm_att_uses_the_shipped_checkpoints(ground_corpus: Path
     assert result.exit_code == 0, result.output
     obj = json.loads(result.output)
     assert obj["method"] == "cm-att" and len(obj["box"]) == 4 and obj["candidates"] >= 1 and out.is_file()
+
+
+class _FakeCache:
+    """``region_maps`` / ``get`` of a feature cache: random maps whose first channel encodes the box's x1."""
+
+    class extractor:  # noqa: N801
+        class config:  # noqa: N801
+            level = 3
+
+    def region_maps(self, image: str, boxes: np.ndarray) -> np.ndarray:
+        maps = np.zeros((len(boxes), 112, 7, 7), np.float32)
+        maps[:, 0] = np.asarray(boxes, np.float32)[:, :1, None]
+        return maps
+
+    def get(self, image: str):  # noqa: ANN201
+        from types import SimpleNamespace
+
+        return SimpleNamespace(maps={3: np.ones((112, 5, 5), np.float16)})
+
+
+def test_region_targets_add_the_regions_as_candidates_and_point_at_them(ground_corpus: Path) -> None:
+    from engine.datasets.annotations import read_dataset
+    from engine.evaluation.grounding import build_grounding_data
+    from engine.models.cm_att import CMAttConfig
+
+    images = [im for im in read_dataset(ground_corpus).images if im.regions][:3]
+    data = build_grounding_data(images, _FakeCache(), CMAttConfig(), targets="regions")
+    assert list(data.counts) == [len(im.objects) + len(im.regions) for im in images]
+    assert data.texts == [r.description for im in images for r in im.regions]
+    expected = [(g, r.box) for g, im in enumerate(images) for r in im.regions]
+    for i, (g, box) in enumerate(expected):
+        row = int(data.ref_row[i])
+        assert data.ref_image[i] == g and data.offsets[g] <= row < data.offsets[g] + data.counts[g]
+        assert row - data.offsets[g] >= len(images[g].objects)  # a region row, not an object row
+        assert float(data.candidates.maps[row, 0, 0, 0]) == pytest.approx(box[0])
+    with pytest.raises(InvalidInputError, match="targets"):
+        build_grounding_data(images, _FakeCache(), CMAttConfig(), targets="words")
+
+
+def test_region_grounding_model_trains_on_region_descriptions(ground_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cm-att-erase-region.pt"
+    train_cm_att("cm-att-erase-region", TrainOptions(data=ground_corpus, out=out, epochs=1, progress=False, seed=1), train_config=CMAttTrainConfig(batch_size=4))
+    m = GroundingScorer.from_checkpoint(out).manifest
+    assert m.config["train"]["targets"] == "regions" and m.config["train"]["erasing"] is True
+    assert 0 <= m.metrics["test_gt_acc"] <= 100

@@ -197,6 +197,73 @@ def fusion_command(data: Path, split: str, weights: str, proposals: str, json_pa
         _write(json_path, json.dumps({"data": str(data), "split": split, "proposals": proposals, "rows": [r.to_dict() for r in rows], "best": best.weight}, indent=2) + "\n")
 
 
+def _numbers(text: str, hint: str, cast=float) -> tuple:  # noqa: ANN001
+    try:
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1", param_hint=hint) from None
+    if not values or min(values) < 0:
+        raise click.BadParameter(f"{text!r}: give one or more numbers >= 0", param_hint=hint)
+    return values
+
+
+@eval_group.command("stage3")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@click.option("--split", default="val", show_default=True, help="Which split to index and query (fit on val, report on test).")
+@click.option("--proposals", type=click.Choice(["gt", "rpn"]), default="rpn", show_default=True, help="Regions to index: RPN proposals (where localizing matters) or ground-truth boxes.")
+@click.option("--images", "images", default="0,1,3,5,10,20", show_default=True, help="Numbers M of best stage-2 images to ground, comma-separated (0 = stage 2 alone).")
+@click.option("--relatedness-weights", default="0,0.25,0.5,1,2", show_default=True, help="Weights w_r of Ref-NMS relatedness, comma-separated.")
+@click.option("--grounding-weights", default="0,0.25,0.5,1,2", show_default=True, help="Weights w_g of the CM-Att grounding score, comma-separated.")
+@click.option("--fitted", "fitted_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Measure this stage3.json setting and its ablations (no relatedness, no grounding, neither, stage 2 alone) instead of the grid.")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the best setting as stage3.json here (e.g. engine/checkpoints/stage3.json).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"images", "relatedness", "grounding", "R@1", "R@10", "R@100", "med_r", "queries"}], "best": {...}} here.')
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the split's corpus copy and index here and reuse them on the next run (default: a temporary folder).")
+@click.option("--grounding-model", help="CM-Att checkpoint file or installed name to ground with (default: cm-att-erase-region).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def stage3_command(data: Path, split: str, proposals: str, images: str, relatedness_weights: str, grounding_weights: str, fitted_path: Path | None, write_path: Path | None, json_path: Path | None, work_dir: Path | None, grounding_model: str | None, device: str, quiet: bool) -> None:
+    """Fit (or measure) query stage 3: Ref-NMS relatedness and CM-Att grounding over the best images.
+
+    Indexes the split, runs every query's stages 1-2 once, then re-ranks with stage 3 for each
+    setting; prints R@1/10/100 per setting and the best one.
+
+    \b
+    Example:
+      engine eval stage3 --data data/synth --split val --write engine/checkpoints/stage3.json
+      engine eval stage3 --data data/synth --split test --fitted engine/checkpoints/stage3.json
+    """
+    from engine.evaluation.stage3 import Stage3Grid, best_row, collect_stage3, grid_rows, rows_to_markdown, write_weights
+    from query.localize import Stage3Weights, load_stage3_weights
+
+    if fitted_path is not None:
+        f = load_stage3_weights(fitted_path)
+        settings = list(dict.fromkeys([Stage3Weights(images=0), Stage3Weights(f.images), Stage3Weights(f.images, f.relatedness, 0.0), Stage3Weights(f.images, 0.0, f.grounding), f]))
+    else:
+        settings = Stage3Grid(_numbers(images, "--images", int), _numbers(relatedness_weights, "--relatedness-weights"), _numbers(grounding_weights, "--grounding-weights")).settings()
+    collected, boxes = collect_stage3(data, split=split, max_images=max(s.images for s in settings), proposals=proposals, device=device, progress=not quiet, work_dir=work_dir, grounding_model=grounding_model)
+    rows = grid_rows(collected, boxes, settings)
+    best = best_row(rows)
+    shown = rows if fitted_path is not None else _stage3_summary(rows, best)
+    click.echo(rows_to_markdown(shown), nl=False)
+    w = best.weights
+    click.echo(f"best on {split}: M={w.images}, w_r={w.relatedness:g}, w_g={w.grounding:g} (R@1 {best.r1:.2f}, R@10 {best.r10:.2f}; stage 2 alone R@1 {rows[0].r1:.2f})")
+    if write_path is not None:
+        write_weights(write_path, best, data=data, split=split, proposals=proposals, command=f"engine eval stage3 --data {data} --split {split} --proposals {proposals} --images {images} --relatedness-weights {relatedness_weights} --grounding-weights {grounding_weights} --write {write_path}")
+        click.echo(f"wrote {write_path}")
+    if json_path is not None:
+        _write(json_path, json.dumps({"data": str(data), "split": split, "proposals": proposals, "rows": [r.to_dict() for r in rows], "best": best.to_dict()}, indent=2) + "\n")
+
+
+def _stage3_summary(rows: list, best) -> list:  # noqa: ANN001
+    """Stage 2 alone, the best row, and the best row of each ablation (one part left out)."""
+    def top(pred) -> list:  # noqa: ANN001
+        chosen = [r for r in rows if pred(r.weights)]
+        return [max(chosen, key=lambda r: (r.r1, r.r10))] if chosen else []
+
+    picked = [rows[0], *top(lambda w: w.images > 0 and w.relatedness == 0 and w.grounding == 0), *top(lambda w: w.images > 0 and w.grounding == 0 and w.relatedness > 0), *top(lambda w: w.images > 0 and w.relatedness == 0 and w.grounding > 0), best]
+    return list(dict.fromkeys(picked))
+
+
 @eval_group.command("proposals")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
 @click.option("--model", "models", multiple=True, help="A Ref-NMS checkpoint file or installed name (ref-nms-b, ref-nms-r); repeatable. Default: every installed one.")

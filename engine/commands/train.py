@@ -16,14 +16,14 @@ def model_names() -> tuple[str, ...]:
     """``rpn``, the GRN family's methods (``engine.training.grn.GRN_METHODS``), ``saliency`` and SAN's
     (``san`` = the full model, and the ablations ``engine.training.san.SAN_ABLATIONS``) and MCB's
     weakly supervised attention (``mcb``, ``mcb-no-sparsity``), Ref-NMS (``ref-nms-b``, ``ref-nms-r``) and
-    CM-Att grounding (``cm-att``, ``cm-att-erase``)."""
-    from engine.models.cm_att import CM_ATT_NAMES
+    CM-Att grounding (``cm-att``, ``cm-att-erase``; ``cm-att-erase-region`` on region descriptions)."""
+    from engine.models.cm_att import CM_ATT_NAMES, REGION_GROUNDING_NAME
     from engine.models.ref_nms import REF_NMS_NAMES
     from engine.training.grn import GRN_METHODS
     from engine.training.mcb import MCB_NAMES
     from engine.training.san import SAN_NAMES
 
-    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES, *MCB_NAMES, *REF_NMS_NAMES, *CM_ATT_NAMES)
+    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES, *MCB_NAMES, *REF_NMS_NAMES, *CM_ATT_NAMES, REGION_GROUNDING_NAME)
 
 
 class _ModelChoice(click.Choice):
@@ -96,7 +96,7 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
         from engine.training.mcb import train_mcb
 
         manifest = train_mcb(model, options)
-    elif model in ("cm-att", "cm-att-erase"):
+    elif model in ("cm-att", "cm-att-erase", "cm-att-erase-region"):
         from engine.training.cm_att import train_cm_att
 
         manifest = train_cm_att(model, options)

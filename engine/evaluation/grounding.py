@@ -23,7 +23,10 @@ from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
 from engine.models.cm_att import Candidates, CMAttConfig, GroundingScorer, build_candidates
 
-__all__ = ["GroundingData", "GroundingRow", "build_grounding_data", "grounding_accuracy", "evaluate_grounding", "rows_to_markdown"]
+__all__ = ["GROUNDING_TARGETS", "GroundingData", "GroundingRow", "build_grounding_data", "grounding_accuracy", "evaluate_grounding", "rows_to_markdown"]
+
+
+GROUNDING_TARGETS = ("refs", "regions")
 
 
 @dataclass
@@ -50,25 +53,42 @@ def _image_vector(cache: Any, image: str) -> np.ndarray:
     return cache.get(image).maps[level].astype(np.float32).mean(axis=(1, 2))
 
 
-def build_grounding_data(images: Sequence[ImageAnn], cache: Any, config: CMAttConfig) -> GroundingData:
-    """RoI maps of every object and context features, from the dataset's backbone cache."""
+def _targets(im: ImageAnn, targets: str) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Candidate boxes of an image and its ``(expression, candidate index)`` pairs.
+
+    ``refs``: the objects are the candidates, each referring expression points at its object.
+    ``regions``: the objects *and* the described regions are the candidates, each region description
+    points at its region's box (so a box covering only one of the objects it mentions is a negative).
+    """
+    boxes = [o.box for o in im.objects]
+    if targets == "refs":
+        index = {o.id: k for k, o in enumerate(im.objects)}
+        return np.asarray(boxes, np.float64).reshape(-1, 4), [(r.expression, index[r.object]) for r in im.refs if r.object in index]
+    pairs = [(r.description, len(boxes) + k) for k, r in enumerate(im.regions)]
+    return np.asarray(boxes + [r.box for r in im.regions], np.float64).reshape(-1, 4), pairs
+
+
+def build_grounding_data(images: Sequence[ImageAnn], cache: Any, config: CMAttConfig, *, targets: str = "refs") -> GroundingData:
+    """RoI maps of every candidate and context features, from the dataset's backbone cache
+    (``targets``: ``refs`` — referring expressions over objects — or ``regions`` — region
+    descriptions over objects and regions, see :func:`_targets`)."""
+    if targets not in GROUNDING_TARGETS:
+        raise InvalidInputError(f"grounding targets must be one of {', '.join(GROUNDING_TARGETS)}, got {targets!r}")
     texts, ref_image, ref_row, counts, offsets, parts, vectors = [], [], [], [], [], [], []
     kept: list[ImageAnn] = []
     row = 0
     for im in images:
-        if not im.objects or not im.refs:
+        boxes, pairs = _targets(im, targets)
+        if not pairs:
             continue
-        boxes = np.asarray([o.box for o in im.objects], np.float64)
-        index = {o.id: k for k, o in enumerate(im.objects)}
         g = len(kept)
         kept.append(im)
         parts.append(build_candidates(cache.region_maps(im.image, boxes), boxes, (im.width, im.height), k=config.contexts))
         vectors.append(_image_vector(cache, im.image))
-        for ref in im.refs:
-            if ref.object in index:
-                texts.append(ref.expression)
-                ref_image.append(g)
-                ref_row.append(row + index[ref.object])
+        for text, k in pairs:
+            texts.append(text)
+            ref_image.append(g)
+            ref_row.append(row + k)
         counts.append(len(boxes))
         offsets.append(row)
         row += len(boxes)

@@ -31,6 +31,7 @@ from engine.models.vocab import Vocabulary
 __all__ = [
     "MODEL_NAME",
     "CM_ATT_NAMES",
+    "REGION_GROUNDING_NAME",
     "MODULES",
     "CMAttConfig",
     "Candidates",
@@ -46,6 +47,8 @@ __all__ = [
 MODEL_NAME = "cm-att"
 FORMAT_VERSION = 1
 CM_ATT_NAMES = ("cm-att", "cm-att-erase")
+REGION_GROUNDING_NAME = "cm-att-erase-region"
+"""CM-Att-Erase trained on region descriptions (objects and regions as candidates): query stage 3's grounding."""
 MODULES = ("subj", "loc", "rel")
 LOC_DIM = 5
 
@@ -84,6 +87,9 @@ class Candidates:
 
     def select(self, index: Tensor) -> "Candidates":
         return Candidates(self.maps[index], self.loc_ctx[index], self.rel_ctx[index], self.loc_mask[index], self.rel_mask[index])
+
+    def to(self, device: torch.device) -> "Candidates":
+        return Candidates(self.maps.to(device), self.loc_ctx.to(device), self.rel_ctx.to(device), self.loc_mask.to(device), self.rel_mask.to(device))
 
 
 def location_features(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -272,11 +278,12 @@ class GroundingScorer:
         maps = np.asarray(maps, np.float32)
         if len(maps) == 0:
             return np.zeros(0, np.float32)
-        cand = build_candidates(maps, boxes, size, k=self.net.config.contexts)
+        device = next(self.net.parameters()).device
+        cand = build_candidates(maps, boxes, size, k=self.net.config.contexts).to(device)
         ids, lengths = self.vocab.encode_batch([text])
-        image = torch.as_tensor(np.asarray(image_vector, np.float32))[None]
-        s, _ = self.net(cand, torch.zeros(len(maps), dtype=torch.long), ids, lengths, image)
-        return s.numpy().astype(np.float32)
+        image = torch.as_tensor(np.asarray(image_vector, np.float32), device=device)[None]
+        s, _ = self.net(cand, torch.zeros(len(maps), dtype=torch.long, device=device), ids.to(device), lengths.to(device), image)
+        return s.cpu().numpy().astype(np.float32)
 
 
 def build_candidates(maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int], *, k: int) -> Candidates:

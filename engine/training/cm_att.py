@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from engine.errors import InvalidInputError
 from engine.evaluation.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.models.checkpoint import Manifest, save_checkpoint
-from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
+from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, REGION_GROUNDING_NAME, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
 from engine.models.vocab import Vocabulary
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
@@ -124,8 +124,11 @@ class _Batcher:
 def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainConfig | None = None) -> Manifest:
     """Train ``cm-att`` or ``cm-att-erase`` on ``options.data`` and write its checkpoint and manifest
     (validation and test top-1 accuracy with ground-truth boxes, per-epoch history, training time)."""
-    if name not in CM_ATT_NAMES:
-        raise InvalidInputError(f"{name!r} is not a CM-Att model name; choose one of {', '.join(CM_ATT_NAMES)}")
+    names = (*CM_ATT_NAMES, REGION_GROUNDING_NAME)
+    if name not in names:
+        raise InvalidInputError(f"{name!r} is not a CM-Att model name; choose one of {', '.join(names)}")
+    targets = "regions" if name == REGION_GROUNDING_NAME else "refs"
+    erasing = name != "cm-att"
     from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.region_features import RegionFeatureExtractor
@@ -142,10 +145,10 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
     config = CMAttConfig()
-    train_data = build_grounding_data(train.images, cache, config)
+    train_data = build_grounding_data(train.images, cache, config, targets=targets)
     if not len(train_data.texts):
-        raise InvalidInputError(f"{data} has no referring expressions (refs) in the train split to train CM-Att on")
-    val_data = build_grounding_data(val.images, cache, config)
+        raise InvalidInputError(f"{data} has no {'region descriptions' if targets == 'regions' else 'referring expressions (refs)'} in the train split to train {name} on")
+    val_data = build_grounding_data(val.images, cache, config, targets=targets)
     vocab = Vocabulary.build(train_data.texts, min_count=cfg.min_word_count)
     net = CMAttNet(config, vocab_size=len(vocab))
     rms = float(train_data.candidates.maps.float().pow(2).mean().sqrt())
@@ -161,7 +164,7 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     rngs = epoch_rngs(options.seed, epochs)
     result = fit(
         net,
-        batches=lambda e: batcher.batches(rngs[e - 1], erase=name == "cm-att-erase" and e > stage1),
+        batches=lambda e: batcher.batches(rngs[e - 1], erase=erasing and e > stage1),
         loss_fn=batcher.loss,
         validate=validate,
         metric="acc",
@@ -173,14 +176,14 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     )
     net.eval()
     scorer = GroundingScorer(net, vocab, name=name)
-    test_data = build_grounding_data(test.images, cache, config)
+    test_data = build_grounding_data(test.images, cache, config, targets=targets)
     test_acc = grounding_accuracy(scorer, test_data) if len(test_data.texts) else None
     seconds = time.perf_counter() - started
     out = Path(options.out) if options.out is not None else Path(f"{name}.pt")
     manifest = Manifest(
         model=MODEL_NAME,
         version=f"{MODEL_NAME}:{FORMAT_VERSION}",
-        config={**config.to_dict(), "train": {**asdict(cfg), "stage1_epochs": stage1, "stage2_epochs": stage2, "erasing": name == "cm-att-erase"}, "vocab_size": len(vocab)},
+        config={**config.to_dict(), "train": {**asdict(cfg), "stage1_epochs": stage1, "stage2_epochs": stage2, "erasing": erasing, "targets": targets}, "vocab_size": len(vocab)},
         command=options.command or f"train_cm_att({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}))",
         data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(train_data.texts)} training expressions)",
         seed=options.seed,

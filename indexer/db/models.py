@@ -24,6 +24,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -89,6 +90,7 @@ class IndexRun(Base):
 class Image(Base):
     """An image file. ``path`` is the absolute resolved path; ``content_hash`` its sha256 (hex).
 
+    ``vector`` is the mean backbone feature of the image (query stage 3's image vector).
     Rows with ``status='error'`` record why the file could not be indexed; their stat and hash
     columns are NULL when the file could not even be read.
     """
@@ -109,6 +111,9 @@ class Image(Base):
         Integer, ForeignKey("index_runs.id", ondelete="SET NULL"), nullable=True
     )
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """The image's mean backbone feature (float16 bytes; CM-Att's ``e_0``); NULL for images indexed
+    before revision 0003 and for error rows."""
 
 
 class Region(Base):

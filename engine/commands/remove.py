@@ -1,0 +1,100 @@
+"""``engine remove PATH...`` and ``engine compact``: delete images from an index, reclaim their space."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+__all__ = ["remove_command", "compact_command", "format_bytes"]
+
+
+def _index_option(func):  # type: ignore[no-untyped-def]  # same option as engine.cli's
+    return click.option(
+        "--index",
+        "index_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="ENGINE_INDEX",
+        default=Path(".engine"),
+        show_default=True,
+        help="Index directory (or set ENGINE_INDEX).",
+    )(func)
+
+
+def _json_option(func):  # type: ignore[no-untyped-def]
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")(func)
+
+
+def _engine(index_dir: Path):  # -> engine.api.Engine
+    from engine.api import Engine
+    from engine.config import EngineConfig
+
+    return Engine(index_dir, config=EngineConfig(device="cpu"))
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, unit = float(n), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    return f"{int(n)} B" if unit == 0 else f"{value:.1f} {units[unit]}"
+
+
+@click.command("remove")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_index_option
+@_json_option
+def remove_command(paths: tuple[Path, ...], index_dir: Path, as_json: bool) -> None:
+    """Remove the images at PATHS from the index: image files, or folders (every image indexed under them).
+
+    All or nothing: a path with no indexed image at or under it is an error and nothing is removed.
+    The files themselves are not touched; an image still inside a corpus folder comes back on the
+    next `engine index` of that folder. Run `engine compact` to reclaim the feature storage.
+
+    \b
+    Example:
+      engine remove corpus/old/ corpus/cat.jpg --index my-index
+    """
+    engine = _engine(index_dir)
+    summary = engine.remove(paths)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    errors = f" and {summary.errors} error records" if summary.errors else ""
+    click.echo(
+        f"removed {summary.images} images ({summary.regions} regions){errors} from {index_dir}; "
+        f"`engine compact --index {index_dir}` reclaims their feature storage"
+    )
+
+
+@click.command("compact")
+@_index_option
+@_json_option
+def compact_command(index_dir: Path, as_json: bool) -> None:
+    """Rewrite the feature store without the rows of removed or replaced images and report the bytes saved.
+
+    Crash-safe: an interruption at any point leaves a working index. Needs the writer lock (it
+    fails while `engine index` runs on the same index).
+
+    \b
+    Example:
+      engine compact --index my-index
+    """
+    summary = _engine(index_dir).compact()
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    if not summary.compacted:
+        click.echo(
+            f"nothing to compact in {index_dir}: no dead feature rows "
+            f"({format_bytes(summary.bytes_after)} in feature and vector files)"
+        )
+        return
+    click.echo(
+        f"compacted {index_dir}: dropped {summary.dead_rows} of {summary.rows_before} feature rows; "
+        f"features {format_bytes(summary.feature_bytes_before)} -> {format_bytes(summary.feature_bytes_after)}, "
+        f"vectors {format_bytes(summary.vector_bytes_before)} -> {format_bytes(summary.vector_bytes_after)}, "
+        f"total {format_bytes(summary.bytes_before)} -> {format_bytes(summary.bytes_after)}"
+    )

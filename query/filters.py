@@ -1,0 +1,72 @@
+"""Result filters: path glob, minimum score, hits per image, and duplicates of one picture.
+
+Applied to a ranked hit list, in order: a hit is dropped when its image path does not match
+``path_glob`` (``fnmatch`` on the absolute path, so ``*`` also matches ``/``), when its score is below
+``min_score``, when its image already has ``max_per_image`` hits, or when it is a near-identical box
+(IoU > ``duplicate_iou``) in a copy of an image already shown (same content hash, another path).
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.boxes import box_iou
+from engine.errors import InvalidInputError
+from engine.results import Hit
+
+__all__ = ["HitFilter"]
+
+
+@dataclass(frozen=True)
+class HitFilter:
+    path_glob: str | None = None
+    min_score: float | None = None
+    max_per_image: int | None = None
+    duplicate_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.path_glob is not None and not self.path_glob.strip():
+            raise InvalidInputError("--path-glob is empty; give a pattern such as '*/cats/*.jpg'")
+        if self.min_score is not None and not np.isfinite(self.min_score):
+            raise InvalidInputError(f"--min-score must be a finite number, got {self.min_score!r}")
+        if self.max_per_image is not None and (not isinstance(self.max_per_image, int) or self.max_per_image < 1):
+            raise InvalidInputError(f"--max-per-image must be an integer >= 1, got {self.max_per_image!r}")
+        if not 0.0 < self.duplicate_iou <= 1.0:
+            raise InvalidInputError(f"duplicate_iou must be in (0, 1], got {self.duplicate_iou!r}")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything but duplicate removal is asked for."""
+        return self.path_glob is not None or self.min_score is not None or self.max_per_image is not None
+
+    def matches(self, path: str) -> bool:
+        return self.path_glob is None or fnmatch.fnmatch(path, self.path_glob)
+
+    def apply(self, hits: Sequence[Hit]) -> list[Hit]:
+        """The hits that pass, in their order (duplicates are found by the hits' ``content_hash``)."""
+        kept: list[Hit] = []
+        per_image: dict[str, int] = defaultdict(int)
+        shown: dict[str, list[Hit]] = defaultdict(list)  # content hash -> kept hits of that picture
+        for hit in hits:
+            if not self.matches(hit.image) or (self.min_score is not None and hit.score < self.min_score):
+                continue
+            if self.max_per_image is not None and per_image[hit.image] >= self.max_per_image:
+                continue
+            digest = hit.content_hash
+            if digest is not None and self._duplicate(hit, shown[digest]):
+                continue
+            kept.append(hit)
+            per_image[hit.image] += 1
+            if digest is not None:
+                shown[digest].append(hit)
+        return kept
+
+    def _duplicate(self, hit: Hit, same_picture: list[Hit]) -> bool:
+        others = [h for h in same_picture if h.image != hit.image]
+        if not others:
+            return False
+        return bool((box_iou([hit.box], [h.box for h in others])[0] > self.duplicate_iou).any())

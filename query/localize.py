@@ -1,0 +1,165 @@
+"""Query stage 3: localize the described region in each of the best images (Ref-NMS + CM-Att).
+
+For each of the first ``images`` images of the stage-2 ranking (DESIGN §2):
+
+1. every indexed region of the image is a candidate: its box, objectness ``c_i`` and RoI map come
+   from the index (no image is decoded);
+2. Ref-NMS (Ref-NMS Eq. 1–2) scores each candidate's relatedness ``r_i`` to the query text; boxes
+   with ``c_i < δ`` are dropped and NMS runs over ``s_i = r_i × c_i`` (the paper's fused score);
+3. CM-Att (CM-Att Eq. 4–11) scores each surviving candidate against the text: ``g_i``, with the
+   image's mean backbone feature ``e_0`` stored at index time;
+4. the stage-2 scorer (GRN, + SAN) scores the same candidates: ``s2_i``;
+5. ``final_i = s2_i + w_r · r_i + w_g · g_i``; the image's hit is its grounded region, the
+   candidate with the best ``final``.
+
+The grounded hits (one per image) are ranked by ``final`` and come first; the stage-2 hits follow in
+stage-2 order (a grounded image's other regions among them, unless they repeat its grounded box). The weights and ``images`` are fitted on the validation split
+by ``engine eval stage3`` and shipped in ``engine/checkpoints/stage3.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.boxes import box_iou
+from engine.errors import CheckpointError, EngineError, InvalidInputError
+from engine.models.ref_nms import fused_nms
+from engine.results import Hit
+from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+
+__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
+
+log = logging.getLogger(__name__)
+
+STAGE3_FILE = "stage3.json"
+"""The fitted weights, beside the shipped checkpoints."""
+
+Rescorer = Callable[[list[RegionRow]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Stage3Weights:
+    """``images``: how many of the best stage-2 images are grounded; ``relatedness`` / ``grounding``:
+    the weights ``w_r`` and ``w_g`` of ``final = s2 + w_r · r + w_g · g``."""
+
+    images: int = 10
+    relatedness: float = 0.0
+    grounding: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, int) or self.images < 0:
+            raise InvalidInputError(f"stage 3 images must be an integer >= 0, got {self.images!r}")
+        if not (np.isfinite(self.relatedness) and np.isfinite(self.grounding)):
+            raise InvalidInputError(f"stage 3 weights must be finite numbers, got {self.relatedness!r}, {self.grounding!r}")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def load_stage3_weights(path: Path | None = None) -> Stage3Weights:
+    """The fitted weights from ``path`` (default: the shipped ``engine/checkpoints/stage3.json``)."""
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+
+    path = Path(path) if path is not None else PACKAGE_CHECKPOINTS / STAGE3_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Stage3Weights(images=int(data["images"]), relatedness=float(data["relatedness"]), grounding=float(data["grounding"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"stage 3 weights {path} are missing; fit them with: engine eval stage3 --data DATA --write {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"stage 3 weights {path} are unreadable ({exc}); fit them again with: engine eval stage3 --data DATA --write {path}") from None
+
+
+@dataclass(frozen=True)
+class Stage3Candidates:
+    """One image's candidates after Ref-NMS, with every part of their score."""
+
+    rows: list[RegionRow]
+    parts: dict[str, np.ndarray]  # stage-1 "visual", stage-2 parts ("grn", "san", "stage2"), "relatedness", "grounding"
+
+
+class GroundingStage:
+    """Ref-NMS and CM-Att over the indexed regions of one image at a time.
+
+    Args:
+        store: the open index (arrays ``maps`` and ``visual``; image vectors).
+        ref_nms: a :class:`engine.models.ref_nms.RefNMSModel`.
+        scorer: a :class:`engine.models.cm_att.GroundingScorer`.
+        image_vector: computes ``e_0`` of an image file for images indexed without one.
+    """
+
+    def __init__(self, *, store: IndexStore, ref_nms, scorer, image_vector: Callable[[str], np.ndarray]) -> None:  # noqa: ANN001
+        self.store = store
+        self.ref_nms = ref_nms
+        self.scorer = scorer
+        self.image_vector = image_vector
+
+    def candidates(self, path: str, text: str, stage2: Rescorer, query_vector: np.ndarray) -> Stage3Candidates | None:
+        """The candidates of the image at ``path``; ``None`` when it cannot be grounded (no regions,
+        or no image vector: an old index whose image file is gone)."""
+        rows = self.store.regions_of_image(path)
+        if not rows:
+            return None
+        e0 = self._e0(path)
+        if e0 is None:
+            return None
+        maps = self.store.read_arrays("maps", np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+        boxes = np.asarray([r.box for r in rows], np.float32)
+        objectness = np.asarray([r.objectness for r in rows], np.float32)
+        idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
+        if len(idx) == 0:
+            return None
+        r = self.ref_nms.relatedness(maps[idx], text)
+        order = fused_nms(boxes[idx], objectness[idx], r, iou=self.ref_nms.config.nms_iou)  # NMS over s_i = r_i × c_i
+        keep, relatedness = idx[order], r[order]
+        kept = [rows[i] for i in keep]
+        size = (int(rows[0].width or 0), int(rows[0].height or 0))
+        grounding = self.scorer.score(maps[keep], boxes[keep], size, e0, text)
+        stage2_parts = stage2(kept)
+        parts = {"visual": self._visual(kept, query_vector)}
+        parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
+        parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)
+        return Stage3Candidates(rows=kept, parts=parts)
+
+    def _e0(self, path: str) -> np.ndarray | None:
+        stored = self.store.image_vectors([path]).get(path)
+        if stored is not None:
+            return stored
+        try:
+            return self.image_vector(path)
+        except EngineError as exc:
+            log.warning("stage 3 skips %s: %s", path, exc)
+            return None
+
+    def _visual(self, rows: list[RegionRow], query_vector: np.ndarray) -> np.ndarray:
+        vectors = self.store.read_arrays(VECTOR_ARRAY, np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        q = np.asarray(query_vector, np.float32).reshape(-1)
+        return (vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))).astype(np.float32)
+
+
+def rank_stage3(stage2_hits: Sequence[Hit], grounded: dict[str, Stage3Candidates], weights: Stage3Weights, k: int, *, iou: float = 0.5) -> list[Hit]:
+    """The final ranking: one hit per grounded image — its grounded region, the candidate with the
+    best ``final`` — ranked by ``final``; then the stage-2 hits in stage-2 order, less those that
+    overlap their image's grounded region by IoU > ``iou`` (they would repeat it); ``k`` hits."""
+    hits: list[Hit] = []
+    for cand in grounded.values():
+        final = cand.parts["stage2"] + weights.relatedness * cand.parts["relatedness"] + weights.grounding * cand.parts["grounding"]
+        i = int(np.argmax(final))
+        row = cand.rows[i]
+        scores = {name: float(v[i]) for name, v in cand.parts.items()}
+        hits.append(Hit(image=row.image_path, box=row.box, score=float(final[i]), region_id=row.id, scores=scores, content_hash=getattr(row, "content_hash", None)))
+    hits.sort(key=lambda h: -h.score)
+    boxes = {h.image: h.box for h in hits}
+    rest = [h for h in stage2_hits if h.image not in boxes or box_iou([h.box], [boxes[h.image]])[0, 0] <= iou]
+    return (hits + rest)[:k]
+
+
+def best_images(hits: Sequence[Hit], n: int) -> list[str]:
+    """The first ``n`` distinct images of a ranking."""
+    return list(dict.fromkeys(h.image for h in hits))[:n]

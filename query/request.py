@@ -1,0 +1,46 @@
+"""One search request: what :meth:`engine.api.Engine.search` takes, and one line of a batch file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.boxes import Box
+from engine.errors import InvalidInputError
+from query.filters import HitFilter
+
+__all__ = ["SearchRequest"]
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """A query: an image (and a region of it), or an indexed region (``region_id``), and/or a text.
+
+    ``k`` hits; ``exclude_self`` drops hits from the query image (same content hash); ``filters``
+    restrict the hits; ``id`` names the request in a batch's output.
+    """
+
+    image: Path | str | None = None
+    region: Box | list[float] | None = None
+    text: str | None = None
+    k: int = 10
+    exclude_self: bool = False
+    region_id: int | None = None
+    filters: HitFilter | None = None
+    id: Any = None
+
+    def validate(self) -> None:
+        """A clear one-line error for a request that cannot be answered."""
+        if self.text is not None and not self.text.strip():
+            raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
+        if self.region_id is not None:
+            if self.image is not None or self.region is not None:
+                raise InvalidInputError("--region-id is a query by itself: leave out --image and --region (the indexed region gives both)")
+            if isinstance(self.region_id, bool) or not isinstance(self.region_id, int):
+                raise InvalidInputError(f"--region-id must be an integer region id, got {self.region_id!r}")
+            return
+        if self.image is None:
+            if self.text is None:
+                raise InvalidInputError("a query needs an image, a region id or a text: pass --image FILE (and optionally --region x1,y1,x2,y2), --region-id N and/or --text \"...\"")
+            if self.region is not None:
+                raise InvalidInputError("--region needs --image: the region is a box in that image")
