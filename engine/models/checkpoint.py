@@ -115,10 +115,11 @@ def load_checkpoint(path: Path, *, expected_model: str | tuple[str, ...] | None 
 
 
 def installed_checkpoints(directory: Path = PACKAGE_CHECKPOINTS) -> list[tuple[Path, Manifest]]:
-    """The checkpoints in ``directory`` (the package's by default), by file name."""
+    """The checkpoints in ``directory`` (the package's by default), by file name: each ``NAME.pt`` with
+    its ``NAME.json`` (other JSON files there, such as stage 3's fitted weights, are not checkpoints)."""
     if not directory.is_dir():
         return []
-    return [(p.with_suffix(".pt"), read_manifest(p)) for p in sorted(directory.glob("*.json"))]
+    return [(p, read_manifest(p)) for p in sorted(directory.glob("*.pt"))]
 
 
 def default_checkpoint(name: str) -> Path:
