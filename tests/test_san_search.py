@@ -143,7 +143,7 @@ def test_san_candidates_join_the_shortlist_of_a_combined_query(engine320: Engine
 
     ann = read_annotations(corpus320)[3]
     region = ann.regions[0]
-    small = Engine(engine320.index_dir, config=replace(engine320.config, shortlist=5, san_candidates=20))
+    small = Engine(engine320.index_dir, config=replace(engine320.config, shortlist=5, san_candidates=20, stage3=False))  # stage 2 only
     try:
         hits = small.search(image=corpus320 / ann.image, region=region.box, text=region.description, k=25)
         store = small._open_reader()
