@@ -31,6 +31,12 @@ class SearchRequest:
 
     def validate(self) -> None:
         """A clear one-line error for a request that cannot be answered."""
+        if self.text is not None and not isinstance(self.text, str):
+            raise InvalidInputError(f"--text must be a string, got {type(self.text).__name__}; describe the region in words")
+        if self.image is not None and not isinstance(self.image, (str, Path)):
+            raise InvalidInputError(f"--image must be a file path, got {type(self.image).__name__}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise InvalidInputError(f"k must be a positive integer, got {self.k!r}; e.g. -k 10")
         if self.text is not None and not self.text.strip():
             raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
         if self.region_id is not None:
