@@ -5,7 +5,8 @@ must not need torch.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
@@ -49,16 +50,19 @@ def box_iou(a: Sequence[Sequence[float]] | np.ndarray, b: Sequence[Sequence[floa
 def validate_box(box: Sequence[float], width: int | None = None, height: int | None = None, *, what: str = "box") -> Box:
     """Check that ``box`` is a finite, non-empty xyxy box inside a ``width`` x ``height`` image.
 
-    Returns the box as a tuple of floats; raises :class:`InvalidBoxError` naming the problem.
+    ``box`` is any sequence (or iterable) of four numbers. Returns the box as a tuple of floats;
+    raises :class:`InvalidBoxError` naming the problem (also for a string, a mapping or a value
+    that is no sequence at all: use :func:`parse_box` for ``"x1,y1,x2,y2"`` text).
     """
-    if len(box) != 4:
-        raise InvalidBoxError(f"{what} must have 4 numbers x1,y1,x2,y2, got {len(box)}: {list(box)}")
+    values = _box_values(box, what)
+    if len(values) != 4:
+        raise InvalidBoxError(f"{what} must have 4 numbers x1,y1,x2,y2, got {len(values)}: {_show(values)}")
     try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise InvalidBoxError(f"{what} must hold numbers, got {list(box)}") from None
+        x1, y1, x2, y2 = (float(v) for v in values)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidBoxError(f"{what} must hold numbers, got {_show(values)}") from None
     if not all(np.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise InvalidBoxError(f"{what} {list(box)} holds a non-finite number")
+        raise InvalidBoxError(f"{what} {_show(values)} holds a non-finite number")
     if x2 <= x1 or y2 <= y1:
         raise InvalidBoxError(f"{what} {_fmt((x1, y1, x2, y2))} is empty: need x2 > x1 and y2 > y1")
     if width is not None and height is not None:
@@ -68,6 +72,22 @@ def validate_box(box: Sequence[float], width: int | None = None, height: int | N
                 f"need 0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}"
             )
     return (x1, y1, x2, y2)
+
+
+def _box_values(box: object, what: str) -> list[object]:
+    """The elements of ``box`` as a list; strings, mappings, sets and non-iterables are refused."""
+    if isinstance(box, (str, bytes, Mapping, AbstractSet)) or not isinstance(box, Iterable):
+        raise InvalidBoxError(f"{what} must be 4 numbers x1,y1,x2,y2, got {type(box).__name__} {_show(box)}")
+    return list(box)
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """A short, one-line ``repr`` for messages (numpy scalars print as plain numbers)."""
+    if isinstance(value, list):
+        text = "[" + ", ".join(repr(v.item()) if isinstance(v, np.generic) else repr(v) for v in value) + "]"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_box(text: str, *, what: str = "region") -> Box:

@@ -7,6 +7,7 @@ can record it and skip the file instead of crashing.
 from __future__ import annotations
 
 import logging
+import stat
 import warnings
 from pathlib import Path
 
@@ -38,16 +39,19 @@ def load_image(path: Path | str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     Raises :class:`ImageReadError` when the file does not exist, is empty, is not an image, is
     truncated or corrupt, or has more than ``max_pixels`` pixels (decompression-bomb guard).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageReadError(f"cannot read image {path}: file does not exist; check the path")
-    if not path.is_file():
-        raise ImageReadError(f"cannot read image {path}: not a regular file; pass an image file")
+    path, shown = _as_path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(f"cannot read image {path}: file is empty")
-    except OSError as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageReadError(f"cannot read image {shown}: file does not exist; check the path") from None
+    except ValueError:  # an embedded NUL byte
+        raise ImageReadError(f"cannot read image {shown}: not a valid file path (it holds a NUL byte)") from None
+    except OSError as exc:  # a name too long, a loop of links, a folder without search permission, ...
+        raise ImageReadError(f"cannot read image {shown}: {exc.strerror or exc}; check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"cannot read image {shown}: not a regular file; pass an image file")
+    if st.st_size == 0:
+        raise ImageReadError(f"cannot read image {shown}: file is empty")
 
     with warnings.catch_warnings():
         # Our own pixel limit replaces Pillow's (about 89 MP, which only warns); Pillow's hard error
@@ -57,23 +61,34 @@ def load_image(path: Path | str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
             with Image.open(path) as raw:
                 width, height = raw.size
                 if width * height > max_pixels:
-                    raise ImageReadError(_too_large(path, width, height, max_pixels))
+                    raise ImageReadError(_too_large(shown, width, height, max_pixels))
                 raw.load()
-                image = _upright(raw, path)
+                image = _upright(raw, shown)
         except ImageReadError:
             raise
         except Image.DecompressionBombError as exc:
-            raise ImageReadError(f"cannot read image {path}: too large to decode safely ({exc}); downscale it") from None
+            raise ImageReadError(f"cannot read image {shown}: too large to decode safely ({_reason(exc)}); downscale it") from None
         except UnidentifiedImageError:
-            raise ImageReadError(f"cannot read image {path}: not an image (cannot identify format)") from None
+            raise ImageReadError(f"cannot read image {shown}: not an image (cannot identify format)") from None
         except PermissionError as exc:
-            raise ImageReadError(f"cannot read image {path}: {exc.strerror or exc}; check the file's permissions") from None
+            raise ImageReadError(f"cannot read image {shown}: {exc.strerror or exc}; check the file's permissions") from None
         except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, struct.error, ...)
-            raise ImageReadError(f"cannot read image {path}: truncated or corrupt: {_reason(exc)}") from None
-    return _to_rgb(image, path)
+            raise ImageReadError(f"cannot read image {shown}: truncated or corrupt: {_reason(exc)}") from None
+    return _to_rgb(image, shown)
 
 
-def _upright(image: Image.Image, path: Path) -> Image.Image:
+def _as_path(path: Path | str) -> tuple[Path, str]:
+    """``(Path, how messages show it)``: the path as is when printable, else its ``repr`` (a name
+    with a newline, a control character or undecodable bytes stays on one line)."""
+    try:
+        path = Path(path)
+    except TypeError:
+        raise ImageReadError(f"cannot read image {path!r:.80}: not a file path; pass a str or pathlib.Path") from None
+    text = str(path)
+    return path, text if text.isprintable() else repr(text)
+
+
+def _upright(image: Image.Image, path: str) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block is logged and the pixels are kept as stored."""
     try:
         return ImageOps.exif_transpose(image)
@@ -82,13 +97,13 @@ def _upright(image: Image.Image, path: Path) -> Image.Image:
         return image.copy()
 
 
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+def _to_rgb(image: Image.Image, path: str) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
     try:
         if mode.startswith("I;16") or mode in ("I", "F"):
-            values = np.asarray(image, dtype=np.float64)
+            values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=65535.0, neginf=0.0)
             if values.size and values.max() > 255:
                 values = values / 257.0  # 16-bit range -> 8-bit
             grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
@@ -102,7 +117,7 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: cannot convert mode {mode} to RGB: {_reason(exc)}") from None
 
 
-def _too_large(path: Path, width: int, height: int, max_pixels: int) -> str:
+def _too_large(path: str, width: int, height: int, max_pixels: int) -> str:
     return (
         f"cannot read image {path}: {width}x{height} = {width * height / 1e6:.1f} MP is more than the "
         f"{max_pixels / 1e6:g} MP limit (decompression-bomb guard); downscale the image"

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from engine.boxes import Box, validate_box
+from engine.errors import ImageReadError
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor
 from indexer.scan import content_hash
@@ -27,11 +28,15 @@ class QueryRegion:
 
 def load_query_region(path: Path | str, region: Box | list[float] | None) -> QueryRegion:
     """Load the query image and check the region against its size (``None`` means the whole image)."""
-    path = Path(path)
     image = load_image(path)
+    path = Path(path)
     w, h = image.size
     box = (0.0, 0.0, float(w), float(h)) if region is None else validate_box(region, w, h, what="--region")
-    return QueryRegion(path=path, image=image, content_hash=content_hash(path), box=box)
+    try:
+        digest = content_hash(path)
+    except OSError as exc:  # removed or replaced since it was decoded
+        raise ImageReadError(f"cannot read image {str(path)!r}: {exc.strerror or exc}; check the path") from None
+    return QueryRegion(path=path, image=image, content_hash=digest, box=box)
 
 
 class VisualQueryEncoder:
@@ -42,5 +47,6 @@ class VisualQueryEncoder:
 
     def encode(self, query: QueryRegion) -> tuple[np.ndarray, np.ndarray]:
         """Returns ``(map [C, 7, 7] float16, vector [C] float32, L2-normalised)``."""
-        [(maps, vectors)] = self.extractor([query.image], [np.asarray([query.box], np.float32)])
+        # float64: a thin region (x2 - x1 below float32 resolution) must not collapse to an empty box
+        [(maps, vectors)] = self.extractor([query.image], [np.asarray([query.box], np.float64)])
         return maps[0], vectors[0]

@@ -71,7 +71,7 @@ class Vocabulary:
         ``text`` holds no word at all (empty, or only punctuation)."""
         words = tokenize(text)
         if not words:
-            raise InvalidInputError(f"text {text!r:.60} holds no words (letters or digits); describe the region in words, e.g. 'a red circle left of a blue square'")
+            raise InvalidInputError(f"text {text!r:.60} holds no words the models read (runs of ASCII letters a-z or digits); describe the region in English words, e.g. 'a red circle left of a blue square'")
         return [self.stoi.get(w, self.unk_index) for w in words]
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:

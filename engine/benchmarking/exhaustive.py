@@ -1,0 +1,236 @@
+"""Exhaustive stage-2 scoring of every indexed region (the GRN paper's procedure) and recall@k of the
+two-stage search against it.
+
+:func:`exhaustive_search` streams the feature store in chunks of rows. For each chunk the GRN's
+text-independent work (:meth:`RetrievalNet.prepare`) runs once and is shared by all queries; each
+query then gates the chunk with its text (:meth:`RetrievalNet.embed_prepared`) and, when the engine
+fuses SAN, adds ``text_weight`` × SAN's score. A query's *exhaustive latency* is the time of exactly
+the work one query alone would need: reading and preparing every chunk plus its own gating and
+scoring — the queries are only interleaved to read the 7×7 maps once. The CPU time of the same work
+(``extra["cpu_seconds"]``) is kept too: other processes on the machine do not inflate it.
+
+The ranking then goes through the same filters as the engine's search: the query image's regions
+are left out (``exclude_self``) and boxes of one image overlapping by more than ``nms_iou`` collapse
+to the best one (:func:`query.grouping.suppress_per_image`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.errors import InvalidInputError
+
+__all__ = ["ExhaustiveQuery", "ExhaustiveResult", "RegionTable", "exhaustive_search", "recall_at_k", "mean_recall_at_k"]
+
+
+@dataclass(frozen=True)
+class ExhaustiveQuery:
+    """One query: its region map ``[C, 7, 7]``, its text, and the content hash of its image (left out)."""
+
+    query_map: np.ndarray
+    text: str
+    exclude_hash: str | None = None
+
+
+@dataclass
+class ExhaustiveResult:
+    """The exhaustive top ``k`` region ids of one query (after the engine's filters) and its latency;
+    with SAN fused, also the top ``k`` by the GRN alone (``top_ids_grn``: the paper's procedure)."""
+
+    top_ids: list[int]
+    seconds: float
+    scored: int
+    extra: dict[str, float] = field(default_factory=dict)
+    top_ids_grn: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class RegionTable:
+    """Every committed region: id, feature row, image id, box and whether it belongs to an image with a
+    given content hash — read once, in chunks, and shared by all queries."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    image_ids: np.ndarray
+    boxes: np.ndarray
+    hashes: np.ndarray  # index into ``hash_values`` per region
+    hash_values: list[str]
+
+    @classmethod
+    def read(cls, store: Any, *, chunk: int = 50_000) -> "RegionTable":
+        ids = store.all_region_ids()
+        rows = np.zeros(len(ids), np.int64)
+        image_ids = np.zeros(len(ids), np.int64)
+        boxes = np.zeros((len(ids), 4), np.float32)
+        hashes = np.zeros(len(ids), np.int64)
+        lookup: dict[str | None, int] = {}
+        for start in range(0, len(ids), chunk):
+            part = store.regions(ids[start : start + chunk].tolist())
+            if len(part) != len(ids[start : start + chunk]):
+                raise InvalidInputError("the index changed while the benchmark read it; run it again when no writer is active")
+            for i, region in enumerate(part, start=start):
+                rows[i] = region.row
+                image_ids[i] = region.image_id
+                boxes[i] = region.box
+                hashes[i] = lookup.setdefault(region.content_hash, len(lookup))
+        values = [""] * len(lookup)
+        for value, index in lookup.items():
+            values[index] = value or ""
+        return cls(ids=ids, rows=rows, image_ids=image_ids, boxes=boxes, hashes=hashes, hash_values=values)
+
+    def hash_index(self, digest: str | None) -> int:
+        """The index of ``digest`` in :attr:`hash_values`, ``-1`` when no region has it."""
+        if digest is None:
+            return -1
+        try:
+            return self.hash_values.index(digest)
+        except ValueError:
+            return -1
+
+
+@torch.no_grad()
+def exhaustive_search(
+    store: Any,
+    model: Any,
+    queries: Sequence[ExhaustiveQuery],
+    *,
+    san_model: Any | None = None,
+    text_weight: float = 0.0,
+    k: int = 10,
+    nms_iou: float = 0.5,
+    table: RegionTable | None = None,
+    chunk: int = 4096,
+    keep: int = 1000,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    progress: bool = False,
+) -> list[ExhaustiveResult]:
+    """Score every region of ``store`` for every query; return each query's top ``k`` after the filters.
+
+    ``model``: the :class:`~engine.models.retrieval.RegionRetrievalModel` of stage 2; ``san_model`` with
+    ``text_weight > 0``: the final score is ``grn + text_weight · san`` as in the engine's fused stage 2.
+    ``transform``: applied to each chunk of stored float16 maps ``[n, C, 7, 7]`` before scoring (e.g. a
+    smaller storage format and back); the query maps are left as they are.
+    """
+    if not queries:
+        return []
+    table = table if table is not None else RegionTable.read(store)
+    net = model.net
+    device = model.device
+    use_san = san_model is not None and text_weight > 0 and store.has_array("san")
+    clock = _Clock(len(queries))
+    texts, anchors = [], []
+    for i, q in enumerate(queries):
+        with clock.own(i):
+            text_vec = model.encode_text(q.text)[None].to(device)
+            qmap = torch.as_tensor(np.asarray(q.query_map))[None].float().to(device)
+            anchors.append(net.embed(qmap, text_vec)[0])
+            texts.append(text_vec)
+    empty = (np.zeros(0, np.float32), np.zeros(0, np.int64))
+    best = [empty for _ in queries]
+    best_grn = [empty for _ in queries]
+    order = np.argsort(table.rows, kind="stable")
+    starts = range(0, len(order), chunk)
+    for start in tqdm(starts, desc=f"exhaustive {model.method}", unit="chunk", disable=not progress, dynamic_ncols=True):
+        part = order[start : start + chunk]
+        with clock.shared():
+            stored = store.read_arrays("maps", table.rows[part])
+            maps = torch.from_numpy(stored if transform is None else np.ascontiguousarray(transform(stored))).to(device).float()  # torch converts float16 fast
+            prepared = net.prepare(maps)
+            san_vectors = store.read_arrays("san", table.rows[part]).astype(np.float32) if use_san else None
+        for i, q in enumerate(queries):
+            with clock.own(i):
+                grn = (net.embed_prepared(prepared, texts[i]) @ anchors[i]).cpu().numpy().astype(np.float32)
+                scores = grn
+                if san_vectors is not None:
+                    scores = grn + np.float32(text_weight) * np.asarray(san_model.score(q.text, san_vectors), np.float32)
+                best[i] = _merge(best[i], scores, part, keep)
+            if san_vectors is not None:  # the GRN-alone ranking too (not part of the fused query's work)
+                best_grn[i] = _merge(best_grn[i], grn, part, keep)
+    results = []
+    for i, q in enumerate(queries):
+        with clock.own(i):
+            top = _filtered_top(table, best[i], q.exclude_hash, k, nms_iou)
+        grn_only = _filtered_top(table, best_grn[i], q.exclude_hash, k, nms_iou) if use_san else None
+        results.append(ExhaustiveResult(top_ids=top, seconds=clock.seconds(i), scored=len(table.ids), extra=clock.extra(i), top_ids_grn=grn_only))
+    return results
+
+
+class _Clock:
+    """Wall and CPU seconds of the work shared by all queries and of each query's own work."""
+
+    def __init__(self, queries: int) -> None:
+        self.wall = np.zeros(queries + 1)  # last slot: shared
+        self.cpu = np.zeros(queries + 1)
+
+    @contextmanager
+    def own(self, query: int) -> Iterator[None]:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[query] += time.perf_counter() - start
+            self.cpu[query] += time.process_time() - start_cpu
+
+    def shared(self) -> Any:
+        return self.own(len(self.wall) - 1)
+
+    def seconds(self, query: int) -> float:
+        """Wall seconds one query alone would take: the shared work plus its own."""
+        return float(self.wall[-1] + self.wall[query])
+
+    def extra(self, query: int) -> dict[str, float]:
+        return {
+            "shared_seconds": float(self.wall[-1]),
+            "own_seconds": float(self.wall[query]),
+            "cpu_seconds": float(self.cpu[-1] + self.cpu[query]),
+        }
+
+
+def recall_at_k(found: Sequence[int], exact: Sequence[int], k: int = 10) -> float:
+    """``|found[:k] ∩ exact[:k]| / min(k, |exact[:k]|)``; 1.0 when ``exact`` is empty (nothing to find)."""
+    if k < 1:
+        raise InvalidInputError(f"k must be >= 1, got {k}")
+    truth = set(int(i) for i in list(exact)[:k])
+    if not truth:
+        return 1.0
+    return len(truth & set(int(i) for i in list(found)[:k])) / len(truth)
+
+
+def mean_recall_at_k(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int = 10) -> float:
+    """Mean of :func:`recall_at_k` over paired queries."""
+    if len(found) != len(exact):
+        raise InvalidInputError(f"got {len(found)} two-stage rankings but {len(exact)} exhaustive ones; pair them per query")
+    if not found:
+        return float("nan")
+    return float(np.mean([recall_at_k(f, e, k) for f, e in zip(found, exact)]))
+
+
+def _merge(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, positions: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` best (score, table position) pairs of the running best and a new chunk."""
+    values = np.concatenate([best[0], scores])
+    where = np.concatenate([best[1], positions])
+    if len(values) > keep:
+        top = np.argpartition(-values, keep - 1)[:keep]
+        values, where = values[top], where[top]
+    return values, where
+
+
+def _filtered_top(table: RegionTable, best: tuple[np.ndarray, np.ndarray], exclude_hash: str | None, k: int, nms_iou: float) -> list[int]:
+    from query.grouping import suppress_per_image
+
+    scores, positions = best
+    order = np.argsort(-scores, kind="stable")
+    scores, positions = scores[order], positions[order]
+    own = table.hash_index(exclude_hash)
+    if own >= 0:
+        mask = table.hashes[positions] != own
+        scores, positions = scores[mask], positions[mask]
+    keep = suppress_per_image(table.boxes[positions], scores, table.image_ids[positions], iou_threshold=nms_iou)
+    return [int(table.ids[positions[j]]) for j in keep[:k]]
