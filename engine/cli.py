@@ -17,6 +17,7 @@ from engine.commands.bench import bench_command
 from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
+from engine.commands.options import index_option, json_option
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
@@ -53,24 +54,8 @@ class BoxType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def index_option(func: Any) -> Any:
-    return click.option(
-        "--index",
-        "index_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        envvar="ENGINE_INDEX",
-        default=Path(".engine"),
-        show_default=True,
-        help="Index directory (or set ENGINE_INDEX).",
-    )(func)
-
-
 def device_option(func: Any) -> Any:
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run; auto picks CUDA when present and logs the choice.")(func)
-
-
-def json_option(func: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")(func)
 
 
 @click.group(cls=EngineGroup, context_settings={"help_option_names": ["-h", "--help"]})

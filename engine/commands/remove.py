@@ -6,23 +6,9 @@ from pathlib import Path
 
 import click
 
+from engine.commands.options import index_option, json_option
+
 __all__ = ["remove_command", "compact_command", "format_bytes"]
-
-
-def _index_option(func):  # type: ignore[no-untyped-def]  # same option as engine.cli's
-    return click.option(
-        "--index",
-        "index_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        envvar="ENGINE_INDEX",
-        default=Path(".engine"),
-        show_default=True,
-        help="Index directory (or set ENGINE_INDEX).",
-    )(func)
-
-
-def _json_option(func):  # type: ignore[no-untyped-def]
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")(func)
 
 
 def _engine(index_dir: Path):  # -> engine.api.Engine
@@ -44,8 +30,8 @@ def format_bytes(n: int) -> str:
 
 @click.command("remove")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_index_option
-@_json_option
+@index_option
+@json_option
 def remove_command(paths: tuple[Path, ...], index_dir: Path, as_json: bool) -> None:
     """Remove the images at PATHS from the index: image files, or folders (every image indexed under them).
 
@@ -70,8 +56,8 @@ def remove_command(paths: tuple[Path, ...], index_dir: Path, as_json: bool) -> N
 
 
 @click.command("compact")
-@_index_option
-@_json_option
+@index_option
+@json_option
 def compact_command(index_dir: Path, as_json: bool) -> None:
     """Rewrite the feature store without the rows of removed or replaced images and report the bytes saved.
 
