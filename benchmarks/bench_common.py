@@ -34,6 +34,8 @@ __all__ = [
     "RESULTS_DIR",
     "IndexSpec",
     "Expect",
+    "ANY_INPUT_ERROR",
+    "INPUT_ERRORS",
     "Outcome",
     "engine_config",
     "ensure_index",

@@ -54,7 +54,7 @@ from bench_common import (
     short_repr,
     write_json,
 )
-from engine.errors import EngineError, ImageReadError, InvalidBoxError, InvalidInputError
+from engine.errors import ImageReadError, InvalidBoxError, InvalidInputError
 
 log = logging.getLogger("fuzz")
 

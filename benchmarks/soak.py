@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 import statistics
 import sys
 import tempfile
@@ -436,8 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` writes the results measured so far, as Ctrl-C does
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("engine").setLevel(logging.ERROR)  # the invalid queries would log warnings
     if args.threads:

@@ -61,6 +61,32 @@ def test_exhaustive_search_ranks_like_the_model_scores(tiny_engine) -> None:
     assert result.seconds > 0 and result.scored == len(table.ids)
 
 
+def test_an_interrupted_exhaustive_pass_resumes_from_its_checkpoint(tiny_engine, tmp_path: Path) -> None:
+    from indexer.store import IndexStore
+
+    model = tiny_engine.retrieval_model
+    checkpoint = tmp_path / "partial.npz"
+    calls = {"n": 0}
+
+    def failing(maps: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return maps
+
+    with IndexStore.open(tiny_engine.index_dir) as store:
+        table = RegionTable.read(store)
+        query = ExhaustiveQuery(query_map=store.read_arrays("maps", table.rows[:1])[0], text="a red circle")
+        clean = exhaustive_search(store, model, [query], k=5, table=table, chunk=7)
+        with pytest.raises(KeyboardInterrupt):
+            exhaustive_search(store, model, [query], k=5, table=table, chunk=7, transform=failing, checkpoint=checkpoint)
+        assert checkpoint.is_file()
+        resumed = exhaustive_search(store, model, [query], k=5, table=table, chunk=7, transform=failing, checkpoint=checkpoint)
+    assert resumed[0].top_ids == clean[0].top_ids
+    assert calls["n"] < 20 + len(table.ids) // 7  # the chunks before the checkpoint were not scored again
+    assert not checkpoint.exists()
+
+
 # ------------------------------------------------------------------------------------------- synthetic index
 
 

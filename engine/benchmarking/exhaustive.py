@@ -15,10 +15,12 @@ to the best one (:func:`query.grouping.suppress_per_image`).
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,6 +111,7 @@ def exhaustive_search(
     chunk: int = 4096,
     keep: int = 1000,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    checkpoint: Path | None = None,
     progress: bool = False,
 ) -> list[ExhaustiveResult]:
     """Score every region of ``store`` for every query; return each query's top ``k`` after the filters.
@@ -116,50 +119,60 @@ def exhaustive_search(
     ``model``: the :class:`~engine.models.retrieval.RegionRetrievalModel` of stage 2; ``san_model`` with
     ``text_weight > 0``: the final score is ``grn + text_weight · san`` as in the engine's fused stage 2.
     ``transform``: applied to each chunk of stored float16 maps ``[n, C, 7, 7]`` before scoring (e.g. a
-    smaller storage format and back); the query maps are left as they are.
+    smaller storage format and back); the query maps are left as they are. ``checkpoint``: a file where
+    the running state is saved every few chunks, so that an interrupted run resumes there (removed at the end).
     """
     if not queries:
         return []
     table = table if table is not None else RegionTable.read(store)
-    net = model.net
-    device = model.device
     use_san = san_model is not None and text_weight > 0 and store.has_array("san")
-    clock = _Clock(len(queries))
-    texts, anchors = [], []
-    for i, q in enumerate(queries):
-        with clock.own(i):
-            text_vec = model.encode_text(q.text)[None].to(device)
-            qmap = torch.as_tensor(np.asarray(q.query_map))[None].float().to(device)
-            anchors.append(net.embed(qmap, text_vec)[0])
-            texts.append(text_vec)
-    empty = (np.zeros(0, np.float32), np.zeros(0, np.int64))
-    best = [empty for _ in queries]
-    best_grn = [empty for _ in queries]
+    state = _State.load(checkpoint, len(queries), len(table.ids), chunk) if checkpoint is not None else None
+    state = state or _State.fresh(len(queries))
+    texts, anchors = _anchors(model, queries, state.clock)
+    net, device = model.net, model.device
     order = np.argsort(table.rows, kind="stable")
-    starts = range(0, len(order), chunk)
-    for start in tqdm(starts, desc=f"exhaustive {model.method}", unit="chunk", disable=not progress, dynamic_ncols=True):
+    starts = range(state.next_start, len(order), chunk)
+    for step, start in enumerate(tqdm(starts, desc=f"exhaustive {model.method}", unit="chunk", disable=not progress, dynamic_ncols=True), start=1):
         part = order[start : start + chunk]
-        with clock.shared():
+        with state.clock.shared():
             stored = store.read_arrays("maps", table.rows[part])
             maps = torch.from_numpy(stored if transform is None else np.ascontiguousarray(transform(stored))).to(device).float()  # torch converts float16 fast
             prepared = net.prepare(maps)
             san_vectors = store.read_arrays("san", table.rows[part]).astype(np.float32) if use_san else None
         for i, q in enumerate(queries):
-            with clock.own(i):
+            with state.clock.own(i):
                 grn = (net.embed_prepared(prepared, texts[i]) @ anchors[i]).cpu().numpy().astype(np.float32)
-                scores = grn
-                if san_vectors is not None:
-                    scores = grn + np.float32(text_weight) * np.asarray(san_model.score(q.text, san_vectors), np.float32)
-                best[i] = _merge(best[i], scores, part, keep)
+                scores = grn if san_vectors is None else grn + np.float32(text_weight) * np.asarray(san_model.score(q.text, san_vectors), np.float32)
+                state.best[i] = _merge(state.best[i], scores, part, keep)
             if san_vectors is not None:  # the GRN-alone ranking too (not part of the fused query's work)
-                best_grn[i] = _merge(best_grn[i], grn, part, keep)
+                state.best_grn[i] = _merge(state.best_grn[i], grn, part, keep)
+        state.next_start = start + chunk
+        if checkpoint is not None and step % _CHECKPOINT_EVERY == 0:
+            state.save(checkpoint, len(table.ids), chunk)
     results = []
     for i, q in enumerate(queries):
-        with clock.own(i):
-            top = _filtered_top(table, best[i], q.exclude_hash, k, nms_iou)
-        grn_only = _filtered_top(table, best_grn[i], q.exclude_hash, k, nms_iou) if use_san else None
-        results.append(ExhaustiveResult(top_ids=top, seconds=clock.seconds(i), scored=len(table.ids), extra=clock.extra(i), top_ids_grn=grn_only))
+        with state.clock.own(i):
+            top = _filtered_top(table, state.best[i], q.exclude_hash, k, nms_iou)
+        grn_only = _filtered_top(table, state.best_grn[i], q.exclude_hash, k, nms_iou) if use_san else None
+        results.append(ExhaustiveResult(top_ids=top, seconds=state.clock.seconds(i), scored=len(table.ids), extra=state.clock.extra(i), top_ids_grn=grn_only))
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return results
+
+
+_CHECKPOINT_EVERY = 8  # chunks
+
+
+def _anchors(model: Any, queries: Sequence[ExhaustiveQuery], clock: "_Clock") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each query's text representation and its own gated embedding (the query side of the cosine)."""
+    texts, anchors = [], []
+    for i, q in enumerate(queries):
+        with clock.own(i):
+            text_vec = model.encode_text(q.text)[None].to(model.device)
+            qmap = torch.as_tensor(np.asarray(q.query_map))[None].float().to(model.device)
+            anchors.append(model.net.embed(qmap, text_vec)[0])
+            texts.append(text_vec)
+    return texts, anchors
 
 
 class _Clock:
@@ -191,6 +204,52 @@ class _Clock:
             "own_seconds": float(self.wall[query]),
             "cpu_seconds": float(self.cpu[-1] + self.cpu[query]),
         }
+
+
+Best = tuple[np.ndarray, np.ndarray]
+"""The running best (scores, table positions) of one query."""
+
+
+@dataclass
+class _State:
+    """Where an exhaustive pass is: the next chunk, each query's running best (fused and GRN alone), the clock."""
+
+    best: list[Best]
+    best_grn: list[Best]
+    clock: _Clock
+    next_start: int = 0
+
+    @classmethod
+    def fresh(cls, queries: int) -> "_State":
+        empty = (np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return cls(best=[empty] * queries, best_grn=[empty] * queries, clock=_Clock(queries))
+
+    def save(self, path: Path, regions: int, chunk: int) -> None:
+        """Write the state atomically (temp file, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"meta": np.asarray([len(self.best), regions, chunk, self.next_start], np.int64), "wall": self.clock.wall, "cpu": self.clock.cpu}
+        for name, bests in (("best", self.best), ("grn", self.best_grn)):
+            for i, (values, positions) in enumerate(bests):
+                arrays[f"{name}_v{i}"], arrays[f"{name}_p{i}"] = values, positions
+        temp = path.with_name(path.name + ".tmp.npz")
+        np.savez(temp, **arrays)
+        os.replace(temp, path)
+
+    @classmethod
+    def load(cls, path: Path, queries: int, regions: int, chunk: int) -> "_State | None":
+        """The saved state of the same pass (same number of queries, regions and chunk size), else ``None``."""
+        if not Path(path).is_file():
+            return None
+        with np.load(path) as saved:
+            meta = saved["meta"].tolist()
+            if meta[:3] != [queries, regions, chunk]:
+                return None
+            clock = _Clock(queries)
+            clock.wall, clock.cpu = saved["wall"].copy(), saved["cpu"].copy()
+            best = [(saved[f"best_v{i}"].copy(), saved[f"best_p{i}"].copy()) for i in range(queries)]
+            grn = [(saved[f"grn_v{i}"].copy(), saved[f"grn_p{i}"].copy()) for i in range(queries)]
+        return cls(best=best, best_grn=grn, clock=clock, next_start=int(meta[3]))
 
 
 def recall_at_k(found: Sequence[int], exact: Sequence[int], k: int = 10) -> float:

@@ -262,7 +262,8 @@ def _exhaustive(engine: Any, built: BuiltIndex, chosen: list[BenchQuery], config
             query_map, _ = encoder.encode(region)
             queries.append(ExhaustiveQuery(query_map=query_map, text=q.text, exclude_hash=region.content_hash))
         san_model = engine.san_encoder.model if use_san else None
-        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, k=config.k, table=RegionTable.read(store), progress=progress)
+        partial = cache_file.with_name(cache_file.stem + ".partial.npz")  # an interrupted pass resumes from it
+        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, k=config.k, table=RegionTable.read(store), checkpoint=partial, progress=progress)
     _save_exhaustive(cache_file, results)
     return results, False
 
