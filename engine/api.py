@@ -77,9 +77,11 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self, *, san: bool | None = None) -> dict[str, tuple[int, ...]]:
+    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True) -> dict[str, tuple[int, ...]]:
         c, h, w = self.extractor.map_shape
         shapes: dict[str, tuple[int, ...]] = {"maps": (c, h, w), "visual": (c,)}
+        if pooled:
+            shapes["pooled"] = (c,)
         if self.config.san if san is None else san:
             shapes["san"] = (self.san_encoder.dim,)
         return shapes
@@ -132,11 +134,12 @@ class Engine:
             return self._array_shapes()
         with IndexStore.open(self.index_dir, config=self.config.store) as existing:
             stored = {name: spec.shape for name, spec in existing.array_specs.items()}
+        pooled = "pooled" in stored  # an index from before the pooled array keeps reading maps in stage 2
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
-            return self._array_shapes(san=True)
+            return self._array_shapes(san=True, pooled=pooled)
         if self.config.san:
             log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
-        return self._array_shapes(san=False)
+        return self._array_shapes(san=False, pooled=pooled)
 
     # -- searching ----------------------------------------------------------------------------
     def search(
@@ -301,7 +304,7 @@ class Engine:
                 f"index {self.index_dir} was built without SAN embeddings, which text-only search needs; "
                 f"re-index the corpus into a new directory: engine index CORPUS --index NEWDIR"
             )
-        indexed = store.info().models.get("san")
+        indexed = store.models().get("san")
         if indexed and indexed != self.san_encoder.version:
             raise IndexVersionError(
                 f"index {self.index_dir} holds SAN embeddings of {indexed}, but this engine loads {self.san_encoder.version}; "
@@ -347,8 +350,27 @@ class Engine:
             from engine.device import resolve_device
             from engine.models.retrieval import RegionRetrievalModel
 
-            self._retrieval_model = RegionRetrievalModel.from_checkpoint(self.config.grn_checkpoint, device=resolve_device(self.config.device))
+            device = resolve_device(self.config.device)
+            self._retrieval_model = RegionRetrievalModel.from_checkpoint(self._grn_path(device), device=device)
         return self._retrieval_model
+
+    def _grn_path(self, device):  # noqa: ANN001, ANN202
+        """``config.grn_checkpoint``, else the shipped default for this index and device: the conv
+        ``grn`` (the paper's model; best R@10/R@100) on a GPU and for indexes under
+        ``config.fc_from_regions`` regions, ``grn-fc`` on the CPU from there on, where the conv GRN's
+        ~0.25 s per 1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md)."""
+        from engine.models.checkpoint import default_checkpoint
+        from indexer.index_dir import IndexLayout
+
+        if self.config.grn_checkpoint is not None:
+            return self.config.grn_checkpoint
+        if device.type == "cuda" or not IndexLayout(self.index_dir.expanduser().resolve()).exists():
+            return None
+        regions = self._open_reader().vector_count()
+        if regions >= self.config.fc_from_regions:
+            log.info("index of %d regions on the CPU: stage 2 uses grn-fc (EngineConfig.fc_from_regions=%d)", regions, self.config.fc_from_regions)
+            return default_checkpoint("grn-fc")
+        return None
 
     def render(
         self,

@@ -30,10 +30,13 @@ class EngineConfig:
     """Models and storage of an engine.
 
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``grn_checkpoint`` is the text-gated
-    reranker (``None``: the shipped ``grn.pt``); ``shortlist`` the stage-1 candidates it rescores.
+    reranker (``None``: the shipped ``grn.pt``, or ``grn-fc.pt`` on the CPU for an index of at least
+    ``fc_from_regions`` regions; see ``Engine._grn_path``); ``shortlist`` the stage-1 candidates it rescores.
     ``san``: index SAN region embeddings (text-only search) with ``san_checkpoint`` and
     ``saliency_checkpoint`` (``None``: the shipped ``san.pt`` / ``saliency.pt``); ``san_candidates``:
-    how many SAN candidates of the text join stage 1's shortlist of a combined query;
+    how many SAN candidates of the text join stage 1's shortlist of a combined query (1000: with
+    fewer, recall@10 against exhaustive stage-2 scoring falls from 0.97 to 0.73 at 100K regions;
+    docs/benchmarks.md);
     ``text_weight`` / ``image_weight``: stage 2 of a combined query ranks by
     ``image_weight · grn + text_weight · san`` (SAN's text–region score; text weight 0 ranks by the
     GRN alone); the text weight is fitted on the validation split by
@@ -50,7 +53,8 @@ class EngineConfig:
     san: bool = True
     san_checkpoint: Path | None = None
     saliency_checkpoint: Path | None = None
-    san_candidates: int = 100
+    fc_from_regions: int = 100_000
+    san_candidates: int = 1000
     text_weight: float = TEXT_WEIGHT
     image_weight: float = 1.0
     stage3: bool = True

@@ -8,11 +8,20 @@ type is chosen by size (:func:`choose_factory`):
 * from there on: ``"IVF{nlist},SQ8"`` with ``nlist = round(4 * sqrt(n))`` (at most ``n // 39``, so
   k-means has its recommended 39 points per centroid), trained on a seeded sample of at most
   ``64 * nlist`` vectors; 8-bit scalar quantisation makes it 4x smaller than float32.
-  ``nprobe`` is *calibrated* at build time: the smallest power of two whose recall@10 against
-  exact search, measured on up to 256 seeded sample vectors used as queries (each query's own
-  id left out), reaches ``target_recall`` — 0.97, a margin over the 0.95 the engine promises,
-  since fresh queries do slightly worse than indexed points. If SQ8 cannot reach it even with
-  every list probed, the index falls back to ``"IVF{nlist},Flat"`` (logged).
+  ``nprobe`` is *calibrated* at build time, once per result count k in ``CALIBRATION_KS`` (10,
+  100, 1000): the smallest power of two whose recall@k against exact search, measured on up to
+  256 seeded sample vectors used as queries (each query's own id left out), reaches
+  ``target_recall`` — 0.97, a margin over the 0.95 the engine promises, since fresh queries do
+  slightly worse than indexed points. A search for k results probes the lists calibrated for k
+  (interpolated log-log between the calibrated counts, proportional to k beyond 1000): a
+  1000-candidate shortlist for stage 2 needs many more lists than a top 10 (at 100K regions 128
+  vs 32), and probing only the top-10 count would cap the shortlist at the few thousand vectors
+  those lists hold. Where doubling ``nprobe`` gains less than 0.0025 recall short of the target
+  (8-bit quantisation, not the lists probed, limits it), the calibration keeps the smaller
+  value. If SQ8 cannot reach recall@10 even with every list probed, the index falls
+  back to ``"IVF{nlist},Flat"`` (logged). Files written before the per-k calibration carry one
+  ``nprobe``; a writer calibrates them on open (:meth:`VectorIndex.calibrate`), a reader uses
+  the one value for every k.
 
 The file ``vectors.faiss`` is one blob: ``b"RRFAISS1"``, a little-endian uint32 header length, a
 UTF-8 JSON header (format, factory, dim, count, max_region_id, max_tombstone_seq, trained_on,
@@ -64,6 +73,8 @@ _FORMAT = 1
 _TRAIN_POINTS_PER_LIST = 64
 _CALIBRATION_QUERIES = 256
 _CALIBRATION_K = 10
+CALIBRATION_KS = (10, 100, 1000)
+_PLATEAU = 0.0025  # a doubling of nprobe that gains less recall than this stops the calibration
 _ADD_CHUNK = 65_536
 
 ReadVectors = Callable[[np.ndarray], np.ndarray]
@@ -164,6 +175,7 @@ class VectorIndex:
         self._cpu = self._new_index("Flat")
         self.factory = "Flat"
         self.nprobe: int | None = None
+        self.nprobe_at: dict[int, int] = {}  # result count k -> calibrated nprobe (module docstring)
         self.trained_on = 0
         self.max_region_id = 0
         self.max_tombstone_seq = 0
@@ -254,10 +266,11 @@ class VectorIndex:
         for attempt in (factory, f"IVF{nlist},Flat"):
             index = self._new_index(attempt)
             index.train(train)
-            exact = faiss.ResultHeap(query_x.shape[0], _CALIBRATION_K + 1, keep_max=True)
+            exact = faiss.ResultHeap(query_x.shape[0], _exact_k(n), keep_max=True)
             self._add_chunks(index, ids, rows, read_vectors, exact=(query_x, exact))
             exact.finalize()
-            nprobe, recall = self._calibrate(index, query_x, ids[queries], exact.I)
+            nprobe_at = self._calibrate(index, query_x, ids[queries], exact.I)
+            nprobe, recall = nprobe_at[_CALIBRATION_K]
             if recall >= self.target_recall or attempt.endswith(",Flat"):
                 break
             logger.warning(
@@ -269,6 +282,49 @@ class VectorIndex:
             attempt, n, nprobe, _CALIBRATION_K, recall, query_x.shape[0],
         )
         self._install(index, attempt, nprobe=nprobe, trained_on=n)
+        self.nprobe_at = {k: p for k, (p, _) in nprobe_at.items()}
+
+    def needs_calibration(self) -> bool:
+        """An IVF index from a file written before the per-k calibration (one ``nprobe`` for every k)."""
+        return self.factory != "Flat" and self.ntotal > 0 and not self.nprobe_at
+
+    def calibrate(self, ids: np.ndarray, rows: np.ndarray, read_vectors: ReadVectors) -> None:
+        """Calibrate ``nprobe`` per result count for the current IVF index without retraining it.
+
+        ``ids`` / ``rows``: every indexed region id and its feature row (the exact search reads them
+        all once, in chunks).
+        """
+        if self.factory == "Flat":
+            return
+        ids = _as_ids(ids)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rng = np.random.default_rng(self.seed)
+        queries = np.sort(rng.choice(ids.size, size=min(ids.size, _CALIBRATION_QUERIES), replace=False))
+        query_x = _as_unit_float32(read_vectors(rows[queries]), self.dim, "calibration vectors")
+        exact = faiss.ResultHeap(query_x.shape[0], _exact_k(ids.size), keep_max=True)
+        for start in range(0, ids.size, _ADD_CHUNK):
+            x = _as_unit_float32(read_vectors(rows[start : start + _ADD_CHUNK]), self.dim, "vectors")
+            _add_exact(exact, query_x, x, ids[start : start + _ADD_CHUNK])
+        exact.finalize()
+        nprobe_at = self._calibrate(self._cpu, query_x, ids[queries], exact.I)
+        self.nprobe_at = {k: p for k, (p, _) in nprobe_at.items()}
+        logger.info("calibrated nprobe per k for %s: %s", self.factory, self.nprobe_at)
+
+    def nprobe_for(self, k: int) -> int | None:
+        """The lists a search for ``k`` results probes (``None`` for Flat; module docstring)."""
+        if self.nprobe is None or not self.nprobe_at:
+            return self.nprobe
+        nlist = faiss.extract_index_ivf(self._cpu).nlist
+        ks = sorted(self.nprobe_at)
+        if k <= ks[0]:
+            return self.nprobe_at[ks[0]]
+        if k >= ks[-1]:
+            return min(nlist, math.ceil(self.nprobe_at[ks[-1]] * k / ks[-1]))
+        high = next(i for i, c in enumerate(ks) if c >= k)
+        k0, k1 = ks[high - 1], ks[high]
+        p0, p1 = self.nprobe_at[k0], self.nprobe_at[k1]
+        t = math.log(k / k0) / math.log(k1 / k0)
+        return min(nlist, math.ceil(p0 * (p1 / p0) ** t))
 
     def _add_chunks(
         self,
@@ -285,32 +341,40 @@ class VectorIndex:
             index.add_with_ids(x, chunk_ids)
             if exact is not None:
                 queries, heap = exact
-                scores = queries @ x.T
-                kk = min(_CALIBRATION_K + 1, x.shape[0])
-                top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-                heap.add_result(
-                    np.ascontiguousarray(np.take_along_axis(scores, top, axis=1)),
-                    np.ascontiguousarray(chunk_ids[top]),
-                )
+                _add_exact(heap, queries, x, chunk_ids)
 
     def _calibrate(
         self, index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, exact_ids: np.ndarray
-    ) -> tuple[int, float]:
-        """Smallest power-of-two ``nprobe`` reaching ``target_recall`` (or all lists); its recall."""
+    ) -> dict[int, tuple[int, float]]:
+        """Per result count k: the smallest power-of-two ``nprobe`` reaching ``target_recall`` at k
+        (or all lists), and its recall. Counts beyond the exact neighbours kept are skipped."""
         ivf = faiss.extract_index_ivf(index)
-        truth = [_top_without(row, own) for row, own in zip(exact_ids, query_ids)]
+        out: dict[int, tuple[int, float]] = {}
         nprobe = 1
-        while True:
-            ivf.nprobe = min(nprobe, ivf.nlist)
-            _, found = index.search(queries, _CALIBRATION_K + 1)
-            hits = [
-                len(set(_top_without(row, own)) & set(want)) / max(len(want), 1)
-                for row, own, want in zip(found, query_ids, truth)
-            ]
-            recall = float(np.mean(hits)) if hits else 1.0
-            if recall >= self.target_recall or ivf.nprobe >= ivf.nlist:
-                return int(ivf.nprobe), recall
-            nprobe *= 2
+        for k in CALIBRATION_KS:
+            if k > exact_ids.shape[1] - 1 and k != _CALIBRATION_K:
+                break
+            truth = [_top_without(row, own, k) for row, own in zip(exact_ids, query_ids)]
+            before: tuple[int, float] | None = None
+            while True:
+                params = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
+                _, found = index.search(queries, k + 1, params=params)
+                hits = [
+                    len(set(_top_without(row, own, k)) & set(want)) / max(len(want), 1)
+                    for row, own, want in zip(found, query_ids, truth)
+                ]
+                recall = float(np.mean(hits)) if hits else 1.0
+                if before is not None and recall < self.target_recall and recall - before[1] < _PLATEAU:
+                    # the quantiser, not the lists probed, limits recall: more lists only cost time
+                    logger.info("recall@%d levels off at %.3f from nprobe %d (target %.2f)", k, before[1], before[0], self.target_recall)
+                    out[k] = before
+                    break
+                if recall >= self.target_recall or nprobe >= ivf.nlist:
+                    out[k] = (min(nprobe, ivf.nlist), recall)
+                    break
+                before = (min(nprobe, ivf.nlist), recall)
+                nprobe *= 2
+        return out
 
     def _new_index(self, factory: str) -> faiss.Index:
         spec = "IDMap2,Flat" if factory == "Flat" else factory
@@ -346,19 +410,30 @@ class VectorIndex:
                 np.full((x.shape[0], k), -np.inf, dtype=np.float32),
                 np.full((x.shape[0], k), -1, dtype=np.int64),
             )
-        scores, ids = self._search_index(k).search(x, k)
+        scores, ids = self._search(x, k)
         scores = np.asarray(scores, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _search_index(self, k: int) -> faiss.Index:
+    def _search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the CPU or GPU index, probing the lists calibrated for ``k``."""
+        nprobe = self.nprobe_for(k)
+        index = self._search_index(k, nprobe)
+        if nprobe is None:
+            return index.search(x, k)
+        if index is self._cpu:
+            return index.search(x, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        return index.search(x, k)
+
+    def _search_index(self, k: int, nprobe: int | None) -> faiss.Index:
         if not self._gpus or num_faiss_gpus() == 0:
             return self._cpu
-        if k > GPU_MAX_K or (self.nprobe or 0) > GPU_MAX_K:
+        if k > GPU_MAX_K or (nprobe or 0) > GPU_MAX_K:
             logger.info(
                 "k=%d / nprobe=%s exceed the faiss GPU limit %d; searching on the CPU",
-                k, self.nprobe, GPU_MAX_K,
+                k, nprobe, GPU_MAX_K,
             )
             return self._cpu
         if self._gpu_index is None:
@@ -390,6 +465,7 @@ class VectorIndex:
             "max_tombstone_seq": int(self.max_tombstone_seq),
             "trained_on": int(self.trained_on),
             "nprobe": self.nprobe,
+            "nprobe_at": {str(k): p for k, p in sorted(self.nprobe_at.items())},
         }
 
     def save(self, path: Path) -> None:
@@ -433,6 +509,7 @@ class VectorIndex:
         vectors._install(
             index, header["factory"], nprobe=header.get("nprobe"), trained_on=header["trained_on"]
         )
+        vectors.nprobe_at = {int(k): int(p) for k, p in header.get("nprobe_at", {}).items()}
         vectors.max_region_id = int(header["max_region_id"])
         vectors.max_tombstone_seq = int(header["max_tombstone_seq"])
         return vectors
@@ -462,6 +539,24 @@ def _parse(path: Path, data: bytes) -> dict:
     return header
 
 
-def _top_without(row: np.ndarray, own: int) -> list[int]:
-    """The first ``_CALIBRATION_K`` valid ids of ``row`` other than ``own`` (the query itself)."""
-    return [int(i) for i in row if i >= 0 and i != own][:_CALIBRATION_K]
+def _top_without(row: np.ndarray, own: int, k: int = _CALIBRATION_K) -> list[int]:
+    """The first ``k`` valid ids of ``row`` other than ``own`` (the query itself)."""
+    return [int(i) for i in row if i >= 0 and i != own][:k]
+
+
+def _exact_k(n: int) -> int:
+    """Exact neighbours kept per calibration query: the largest calibrated k the index can fill, plus
+    the query itself."""
+    fits = [k for k in CALIBRATION_KS if k < n] or [_CALIBRATION_K]
+    return max(fits) + 1
+
+
+def _add_exact(heap: faiss.ResultHeap, queries: np.ndarray, x: np.ndarray, chunk_ids: np.ndarray) -> None:
+    """Feed the exact inner products of ``queries`` with one chunk ``x`` into ``heap``."""
+    scores = queries @ x.T
+    kk = min(heap.k, x.shape[0])
+    top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    heap.add_result(
+        np.ascontiguousarray(np.take_along_axis(scores, top, axis=1)),
+        np.ascontiguousarray(chunk_ids[top]),
+    )

@@ -15,10 +15,10 @@ from tqdm import tqdm
 from engine.errors import ImageReadError, InvalidInputError
 from indexer.images import load_image
 from indexer.proposal_sources import ProposalProvider
-from indexer.region_features import RegionFeatureExtractor
+from indexer.region_features import RegionFeatureExtractor, mean_maps
 from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
-from indexer.store import SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
+from indexer.store import POOLED_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline"]
 
@@ -121,6 +121,8 @@ class IndexingPipeline:
             features = self._features(group)
             for it, (maps, vectors, san, image_vector) in zip(group, features):
                 arrays = {"maps": maps, "visual": vectors}
+                if self.store.has_array(POOLED_ARRAY):
+                    arrays[POOLED_ARRAY] = mean_maps(maps)
                 if san is not None:
                     arrays[SAN_ARRAY] = san
                 items.append((replace(it.record, vector=image_vector), RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))

@@ -21,7 +21,7 @@ from torchvision.ops import roi_align
 from engine.errors import InvalidBoxError, InvalidInputError
 from indexer.backbone import Backbone, preprocess, resized_size
 
-__all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors"]
+__all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors", "mean_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,15 @@ class RegionFeatureExtractor:
             scale = np.array([nw / w, nh / h, nw / w, nh / h])
             rows.append(np.column_stack([np.full(len(b), i, np.float64), b * scale + shift]))
         return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+
+
+def mean_maps(maps: np.ndarray | Tensor) -> np.ndarray:
+    """Spatial mean of region maps ``[N, C, H, W]``, not normalised: float16 ``[N, C]`` (the ``pooled``
+    array; a non-spatial stage-2 model such as ``grn-fc`` reads it instead of the 49× larger map)."""
+    t = torch.as_tensor(maps).float()
+    if t.ndim != 4:
+        raise InvalidInputError(f"mean_maps needs maps of shape [N, C, H, W], got {tuple(t.shape)}")
+    return t.mean(dim=(2, 3)).cpu().numpy().astype(np.float16)
 
 
 def pool_vectors(maps: np.ndarray | Tensor) -> np.ndarray:

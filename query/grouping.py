@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 __all__ = ["suppress_per_image"]
 
@@ -19,10 +19,12 @@ def suppress_per_image(boxes: np.ndarray, scores: np.ndarray, image_ids: np.ndar
     """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    keep = batched_nms(
-        torch.as_tensor(np.asarray(boxes, np.float32)),
-        torch.as_tensor(np.asarray(scores, np.float32)),
-        torch.as_tensor(np.asarray(image_ids, np.int64)),
-        iou_threshold,
-    )
+    # One NMS call with each image's boxes moved to a region of their own (the "coordinate trick"
+    # of torchvision's batched_nms, which on the CPU switches to one call per image above 1000
+    # boxes: 500 calls for a 2000-candidate shortlist, ~80 ms instead of ~5).
+    b = np.asarray(boxes, np.float64)
+    _, group = np.unique(np.asarray(image_ids, np.int64), return_inverse=True)
+    span = float(b.max() - min(b.min(), 0.0)) + 1.0
+    shifted = b + (group.reshape(-1) * span)[:, None]
+    keep = nms(torch.as_tensor(shifted), torch.as_tensor(np.asarray(scores, np.float64)), iou_threshold)
     return keep.numpy()

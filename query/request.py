@@ -9,7 +9,11 @@ from engine.boxes import Box
 from engine.errors import InvalidInputError
 from query.filters import HitFilter
 
-__all__ = ["SearchRequest"]
+__all__ = ["SearchRequest", "MAX_TEXT_CHARS"]
+
+MAX_TEXT_CHARS = 1000
+"""Longest accepted query text. The training descriptions have 5–30 words; a 100,000-character text
+took 3–9 s to encode (benchmarks/results/fuzz.json) and matched nothing better than its first sentence."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class SearchRequest:
             raise InvalidInputError(f"k must be a positive integer, got {self.k!r}; e.g. -k 10")
         if self.text is not None and not self.text.strip():
             raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
+        if self.text is not None and len(self.text) > MAX_TEXT_CHARS:
+            raise InvalidInputError(f"--text is {len(self.text):,} characters long; a description may have at most {MAX_TEXT_CHARS:,} (a sentence or two)")
         if self.region_id is not None:
             if self.image is not None or self.region is not None:
                 raise InvalidInputError("--region-id is a query by itself: leave out --image and --region (the indexed region gives both)")

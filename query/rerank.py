@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.store import IndexStore, RegionRow
+from indexer.store import POOLED_ARRAY, IndexStore, RegionRow
 
 __all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer"]
 
 
 class GrnRescorer:
-    """Scores shortlisted regions with a text-gated retrieval model, reading their 7×7 maps from the feature store.
+    """Scores shortlisted regions with a text-gated retrieval model, reading their 7×7 maps from the feature store
+    (or, for a model that only reads the spatial mean, such as ``grn-fc``, the ``pooled`` array: 224 bytes a
+    region instead of 10,976, which stays in the page cache at a million regions).
 
     Args:
         store: the open index (feature array ``maps``).
@@ -27,7 +29,11 @@ class GrnRescorer:
         self.text = text
 
     def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
-        maps = self.store.read_arrays("maps", np.asarray([r.row for r in rows], np.int64))
+        feature_rows = np.asarray([r.row for r in rows], np.int64)
+        if not self.model.spatial and self.store.has_array(POOLED_ARRAY):
+            maps = self.store.read_arrays(POOLED_ARRAY, feature_rows)[:, :, None, None]
+        else:
+            maps = self.store.read_arrays("maps", feature_rows)
         scores = np.asarray(self.model.score(self.query_map, self.text, maps), np.float32)
         return {"grn": scores, "final": scores}
 

@@ -64,7 +64,7 @@ def search_regions(
     query text; their stage-1 score is computed from their stored vectors), are rescored (stage 2)
     and ranked by the ``"final"`` score.
     """
-    total = store.info().regions
+    total = store.vector_count(array)
     if total == 0:
         return []
     query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -139,6 +140,39 @@ def test_ivf_recall_vs_flat_on_clustered_data() -> None:
     index.remove(ids[:1500])
     _, found = index.search(db[2000:2001], 1)
     assert found[0, 0] == ids[2000]
+
+
+def test_large_shortlists_probe_the_lists_calibrated_for_their_size(tmp_path: Path) -> None:
+    """A 1000-candidate stage-1 shortlist must not be capped by the lists a top 10 needs."""
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((40, 32))
+    db = _clustered(rng, centres, 3000, noise=0.6)
+    queries = _clustered(rng, centres, 60, noise=0.6)
+    ids = np.arange(3000, dtype=np.int64) + 1
+    index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
+    index.rebuild(ids, np.arange(3000), lambda r: db[r])
+    assert sorted(index.nprobe_at) == [10, 100, 1000]
+    assert index.nprobe_at[10] == index.nprobe and index.nprobe_at[10] <= index.nprobe_at[100] <= index.nprobe_at[1000]
+    assert index.nprobe_for(10) == index.nprobe_at[10] and index.nprobe_for(1000) == index.nprobe_at[1000]
+    assert index.nprobe_at[100] <= index.nprobe_for(300) <= index.nprobe_at[1000]
+    _, truth = _brute_force(db, ids, queries, 300)
+    _, found = index.search(queries, 300)
+    assert _recall_at(found, truth) >= 0.95
+    # what probing only the top-10 lists would have returned: far fewer of the true 300
+    ivf = faiss.extract_index_ivf(index._cpu)
+    _, capped = index._cpu.search(_unit(queries), 300, params=faiss.SearchParametersIVF(nprobe=index.nprobe_at[10]))
+    assert index.nprobe_at[1000] > index.nprobe_at[10] and _recall_at(capped, truth) < _recall_at(found, truth)
+    assert ivf.nlist >= index.nprobe_at[1000]
+    # the table survives a save and load; a file without one is calibrated again, same result
+    path = tmp_path / "vectors.faiss"
+    index.save(path)
+    assert read_header(path)["nprobe_at"] == {str(k): p for k, p in index.nprobe_at.items()}
+    loaded = VectorIndex.load(path, 32, flat_threshold=500, device="cpu")
+    assert loaded.nprobe_at == index.nprobe_at and not loaded.needs_calibration()
+    loaded.nprobe_at = {}  # as written by an engine before the per-k calibration
+    assert loaded.needs_calibration() and loaded.nprobe_for(1000) == loaded.nprobe
+    loaded.calibrate(ids, np.arange(3000), lambda r: db[r])
+    assert loaded.nprobe_at == index.nprobe_at
 
 
 def test_save_load_roundtrip_and_header(tmp_path: Path) -> None:

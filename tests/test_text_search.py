@@ -91,3 +91,54 @@ def test_unknown_words_do_not_crash_but_wordless_text_is_an_error(tiny_engine: E
 
     with pytest.raises(InvalidInputError):
         tiny_engine.search(image=tiny_corpus / q.image, region=q.region, text="?!", k=3)
+
+
+def test_grn_fc_reads_the_pooled_array_and_scores_as_from_the_maps(tiny_engine: Engine, tiny_corpus: Path) -> None:
+    """A non-spatial stage 2 (grn-fc) reads the 224-byte ``pooled`` rows, not the 7×7 maps, and scores
+    the same (float16 rounding apart); the conv GRN keeps reading the maps."""
+    from engine.models.checkpoint import checkpoint_path
+    from indexer.region_features import mean_maps
+    from query.rerank import GrnRescorer
+
+    q = read_queries(tiny_corpus)[0]
+    image = tiny_corpus / q.image
+    engine = Engine(tiny_engine.index_dir, config=replace(tiny_engine.config, grn_checkpoint=checkpoint_path("grn-fc", default="grn"), stage3=False))
+    try:
+        store = engine._open_reader()
+        assert store.has_array("pooled")
+        rows = store.regions(store.all_region_ids().tolist())
+        row_index = np.asarray([r.row for r in rows])
+        maps = store.read_arrays("maps", row_index)
+        np.testing.assert_allclose(store.read_arrays("pooled", row_index).astype(np.float32), mean_maps(maps).astype(np.float32), rtol=1e-3, atol=1e-3)
+        model = engine.retrieval_model
+        assert model.method == "grn-fc" and not model.spatial and tiny_engine.retrieval_model.spatial
+        query_map, _ = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region))
+        read: list[str] = []
+        original = store.read_arrays
+        store.read_arrays = lambda name, r: read.append(name) or original(name, r)  # type: ignore[method-assign]
+        try:
+            scores = GrnRescorer(store=store, model=model, query_map=query_map, text=q.text)(rows)["grn"]
+        finally:
+            store.read_arrays = original  # type: ignore[method-assign]
+        assert read == ["pooled"]
+        np.testing.assert_allclose(scores, model.score(query_map, q.text, maps), atol=2e-3)
+        hits = engine.search(image=image, region=q.region, text=q.text, k=5)
+        assert len(hits) == 5 and hits[0].scores["grn"] == pytest.approx(float(scores[[r.id for r in rows].index(hits[0].region_id)]), abs=1e-5)
+    finally:
+        engine.close()
+
+
+def test_the_default_stage2_model_is_chosen_by_index_size_on_the_cpu(tiny_engine: Engine) -> None:
+    """No GRN configured: the conv ``grn`` under ``fc_from_regions`` regions, ``grn-fc`` from there on
+    (CPU); a configured checkpoint always wins."""
+    from engine.models.checkpoint import checkpoint_path
+
+    regions = tiny_engine._open_reader().vector_count()
+    assert tiny_engine.retrieval_model.method == "grn"  # the tiny index is far below the default 100,000
+    for config, method in [
+        (replace(tiny_engine.config, fc_from_regions=regions), "grn-fc"),
+        (replace(tiny_engine.config, fc_from_regions=regions + 1), "grn"),
+        (replace(tiny_engine.config, fc_from_regions=regions, grn_checkpoint=checkpoint_path("grn", default="grn")), "grn"),
+    ]:
+        with Engine(tiny_engine.index_dir, config=config) as engine:
+            assert engine.retrieval_model.method == method

@@ -128,7 +128,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
         proposals = TimedProxy(provider, times, "proposals", ["__call__"])
     san = TimedProxy(engine.san_encoder, times, "embedding", ["encode"])
     c, h, w = engine.extractor.map_shape
-    shapes = {"maps": (c, h, w), "visual": (c,), "san": (engine.san_encoder.dim,)}
+    shapes = {"maps": (c, h, w), "visual": (c,), "pooled": (c,), "san": (engine.san_encoder.dim,)}
     store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes)
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version}
     pipeline = IndexingPipeline(

@@ -110,15 +110,16 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
                     _, found = store.search(san_vector[None], config.san_candidates, array="san")
                 extra = [int(x) for x in found[0] if x >= 0]
             with times.stage("count"):
-                total = store.info().regions
+                total = store.vector_count()
             with times.stage("stage1"):
                 scores, ids = store.search(vector[None], min(config.shortlist, total))
             with times.stage("metadata"):
                 wanted = list(dict.fromkeys([int(x) for x in ids[0] if x >= 0] + extra))
                 rows = store.regions(wanted)
             row_ids = np.asarray([r.row for r in rows], np.int64)
-            with times.stage("read_maps"):
-                maps = store.read_arrays("maps", row_ids)
+            with times.stage("read_maps"):  # what GrnRescorer reads: the pooled rows for a non-spatial GRN
+                pooled = not model.spatial and store.has_array("pooled")
+                maps = store.read_arrays("pooled", row_ids)[:, :, None, None] if pooled else store.read_arrays("maps", row_ids)
             with times.stage("grn"):
                 grn = model.score(query_map, q.text, maps)
             final = grn

@@ -36,7 +36,7 @@ __all__ = ["GENERATOR_VERSION", "SyntheticConfig", "BuiltIndex", "RegionMixer", 
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the pooled array
 """Bumped whenever the synthetic regions change, so that cached indexes are rebuilt."""
 
 _MARKER = "built.json"
@@ -112,7 +112,7 @@ class RegionMixer:
 
     def arrays(self, dominant: np.ndarray) -> dict[str, np.ndarray]:
         """Arrays of one synthetic region per seed row in ``dominant`` (``maps``, ``visual``, ``san``, …)."""
-        from indexer.region_features import pool_vectors
+        from indexer.region_features import mean_maps, pool_vectors
 
         n = len(dominant)
         partner = self.rng.integers(0, self.data.regions, size=n)
@@ -120,7 +120,7 @@ class RegionMixer:
         source = self.data.arrays["maps"]
         maps = _mix(source[dominant], source[partner], a)
         maps += (self.noise * self.rms) * self.rng.standard_normal(maps.shape, dtype=np.float32)
-        out: dict[str, np.ndarray] = {"maps": maps.astype(np.float16), "visual": pool_vectors(maps)}
+        out: dict[str, np.ndarray] = {"maps": maps.astype(np.float16), "visual": pool_vectors(maps), "pooled": mean_maps(maps)}
         for name, array in self.data.arrays.items():
             if name in out:
                 continue

@@ -104,6 +104,13 @@ class RegionRetrievalModel:
         return self.net.config.uses_text
 
     @property
+    def spatial(self) -> bool:
+        """Whether the model reads the 7×7 map itself; ``False``: only its spatial mean (``grn-fc``, the
+        baselines), so ``[N, C, 1, 1]`` means score exactly as the maps do."""
+        config = self.net.config
+        return config.fusion == "grn" and config.variant == "conv"
+
+    @property
     def embed_dim(self) -> int:
         return self.net.embed_dim
 
