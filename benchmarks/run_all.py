@@ -34,8 +34,12 @@ from engine.benchmarking.timing import machine_facts
 
 STEPS = ("indexing", "query", "sweep", "faiss", "compression", "realism", "table")
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_VARIANT = "grn"
-"""The engine's default stage-2 checkpoint: its runs are also written as bench-SIZE.json."""
+def default_variant(regions: int) -> str:
+    """The engine's default stage-2 checkpoint on the CPU at this size (``Engine._grn_path``): its runs
+    are also written as bench-SIZE.json."""
+    from engine.config import EngineConfig
+
+    return "grn-fc" if regions >= EngineConfig().fc_from_regions else "grn"
 
 log = logging.getLogger("benchmarks")
 
@@ -124,7 +128,7 @@ def _queries(plan: Plan) -> None:
             log.info("query benchmark: %d regions, %s", regions, variant)
             report = run_query_benchmark(plan.query_config(regions, variant), progress=True)
             write_json(out, report.details())
-            if variant == DEFAULT_VARIANT:
+            if variant == default_variant(regions):
                 write_json(plan.results / f"bench-{regions}.json", report.to_dict())
 
 

@@ -18,8 +18,8 @@ type is chosen by size (:func:`choose_factory`):
   vs 32), and probing only the top-10 count would cap the shortlist at the few thousand vectors
   those lists hold. Where doubling ``nprobe`` gains less than 0.0025 recall short of the target
   (8-bit quantisation, not the lists probed, limits it), the calibration keeps the smaller
-  value. If SQ8 cannot reach recall@10 even with every list probed, the index falls
-  back to ``"IVF{nlist},Flat"`` (logged). Files written before the per-k calibration carry one
+  value. If SQ8 cannot reach recall@10 of 0.95 (``PROMISED_RECALL``) however many lists it probes,
+  the index falls back to ``"IVF{nlist},Flat"`` (logged). Files written before the per-k calibration carry one
   ``nprobe``; a writer calibrates them on open (:meth:`VectorIndex.calibrate`), a reader uses
   the one value for every k.
 
@@ -74,6 +74,7 @@ _TRAIN_POINTS_PER_LIST = 64
 _CALIBRATION_QUERIES = 256
 _CALIBRATION_K = 10
 CALIBRATION_KS = (10, 100, 1000)
+PROMISED_RECALL = 0.95  # recall@10 against exact search below which SQ8 gives way to IVF-Flat
 _PLATEAU = 0.0025  # a doubling of nprobe that gains less recall than this stops the calibration
 _ADD_CHUNK = 65_536
 
@@ -271,10 +272,10 @@ class VectorIndex:
             exact.finalize()
             nprobe_at = self._calibrate(index, query_x, ids[queries], exact.I)
             nprobe, recall = nprobe_at[_CALIBRATION_K]
-            if recall >= self.target_recall or attempt.endswith(",Flat"):
+            if recall >= min(self.target_recall, PROMISED_RECALL) or attempt.endswith(",Flat"):
                 break
             logger.warning(
-                "%s reaches recall@%d of only %.3f with every list probed; using IVF%d,Flat",
+                "%s reaches recall@%d of only %.3f however many lists it probes; using IVF%d,Flat",
                 attempt, _CALIBRATION_K, recall, nlist,
             )
         logger.info(
