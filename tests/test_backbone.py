@@ -252,3 +252,21 @@ def test_resolve_device_cuda_index_out_of_range(monkeypatch: pytest.MonkeyPatch)
 def test_resolve_device_unknown(name: str) -> None:
     with pytest.raises(InvalidInputError, match=r"is not known; choose one of auto, cpu, cuda, cuda:N"):
         resolve_device(name)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 96, 128), (2, 3, 61, 45)])
+def test_cpu_inference_runs_frozen_and_equals_the_eager_network(effnet: Backbone, shape: tuple[int, ...]) -> None:
+    """Under no_grad on the CPU the taps run as one frozen TorchScript module (BatchNorm folded); any
+    input size gives the eager network's maps to float rounding, and train() drops the frozen copy."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eager = effnet(x, levels=["c3", "c4"])  # gradients on: the module-by-module path
+    with torch.no_grad():
+        frozen = effnet(x, levels=["c3", "c4"])
+        assert list(frozen) == ["c3", "c4"] and effnet._frozen
+        only_c4 = effnet(x, levels=["c4"])
+    for level in frozen:
+        assert frozen[level].shape == eager[level].shape
+        torch.testing.assert_close(frozen[level], eager[level].detach(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(only_c4["c4"], frozen["c4"])
+    effnet.train(False)
+    assert not effnet._frozen
