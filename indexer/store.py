@@ -1118,8 +1118,11 @@ def _set_meta(session: Session, key: str, value: Any) -> None:
 
 
 def _feature_state(session: Session) -> tuple[int, int]:
-    """``(feature_generation, next_row)``: which feature files are current and how many rows count."""
-    return int(_get_meta(session, "feature_generation", 0)), int(_get_meta(session, "next_row", 0))
+    """``(feature_generation, next_row)``: which feature files are current and how many rows count.
+
+    One plain statement: it runs several times per query (each region lookup checks it)."""
+    values = dict(session.execute(text("SELECT key, value FROM meta WHERE key IN ('feature_generation', 'next_row')")).all())
+    return int(json.loads(values.get("feature_generation", "0"))), int(json.loads(values.get("next_row", "0")))
 
 
 def _sequences(session: Session) -> tuple[int, int]:
