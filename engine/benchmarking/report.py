@@ -136,13 +136,13 @@ def _query_table(rows: list[dict[str, Any]]) -> str:
 
 def _breakdown_table(rows: list[dict[str, Any]]) -> str:
     stages = ["encode", "text", "san_candidates", "count", "stage1", "metadata", "read_maps", "grn", "san", "filter", "grn_query_part", "read_vectors"]
-    head = ["regions", "stage 2", "threads", *stages]
+    head = ["regions", "stage 2", "shortlist", "threads", *stages]
     body = []
     for r in rows:
         b = r.get("breakdown_ms")
         if not b:
             continue
-        body.append([f"{r['regions']:,}", r.get("grn_method", "?"), str(r.get("breakdown_threads", r.get("threads", "?"))), *[f"{b[s]:.1f}" if s in b else "—" for s in stages]])
+        body.append([f"{r['regions']:,}", r.get("grn_method", "?"), str(r.get("shortlist", "?")), str(r.get("breakdown_threads", r.get("threads", "?"))), *[f"{b[s]:.1f}" if s in b else "—" for s in stages]])
     return _table(head, body)
 
 
