@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,10 @@ class _EfficientNetLite0(Backbone):
         of 135 ms for 640×480 on one CPU thread, any input size, outputs within 1e-4."""
         if taps not in self._frozen:
             module = _Tapped(self.model, list(taps)).eval()
-            self._frozen[taps] = torch.jit.freeze(torch.jit.script(module))
+            with warnings.catch_warnings():  # torch 2.x marks TorchScript deprecated; it is still the fastest CPU path here
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._frozen[taps] = torch.jit.freeze(torch.jit.script(module))
         return self._frozen[taps]
 
 
