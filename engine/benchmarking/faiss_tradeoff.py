@@ -81,7 +81,7 @@ def measure_faiss(index_dir: Path, queries: np.ndarray, config: FaissTradeoffCon
         return out
     found, ms = _search(lambda x: chosen.search(x, k)[1], q, k)
     file_bytes = (Path(index_dir) / "vectors.faiss").stat().st_size / max(len(ids), 1)
-    out.append(FaissRow(chosen.factory, chosen.nprobe, _recall(found, truth, 10), _recall(found, truth, k), ms, round(file_bytes, 1), float("nan"), chosen_by_store=True))
+    out.append(FaissRow(chosen.factory, chosen.nprobe_for(k), _recall(found, truth, 10), _recall(found, truth, k), ms, round(file_bytes, 1), float("nan"), chosen_by_store=True))
     nlist = ivf_nlist(len(ids))
     start = time.perf_counter()
     sq8 = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
