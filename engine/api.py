@@ -78,10 +78,12 @@ class Engine:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
     def _array_shapes(self, *, san: bool | None = None, pooled: bool = True) -> dict[str, tuple[int, ...]]:
+        from indexer.store import POOLED_ARRAY
+
         c, h, w = self.extractor.map_shape
         shapes: dict[str, tuple[int, ...]] = {"maps": (c, h, w), "visual": (c,)}
         if pooled:
-            shapes["pooled"] = (c,)
+            shapes[POOLED_ARRAY] = (c,)
         if self.config.san if san is None else san:
             shapes["san"] = (self.san_encoder.dim,)
         return shapes
@@ -128,13 +130,13 @@ class Engine:
         its arrays (one built without SAN stays without it, with a warning: text-only search then
         needs a re-index into a new directory)."""
         from indexer.index_dir import IndexLayout
-        from indexer.store import IndexStore
+        from indexer.store import POOLED_ARRAY, IndexStore
 
         if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
             return self._array_shapes()
         with IndexStore.open(self.index_dir, config=self.config.store) as existing:
             stored = {name: spec.shape for name, spec in existing.array_specs.items()}
-        pooled = "pooled" in stored  # an index from before the pooled array keeps reading maps in stage 2
+        pooled = POOLED_ARRAY in stored  # an index from before the pooled array keeps reading maps in stage 2
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
             return self._array_shapes(san=True, pooled=pooled)
         if self.config.san:

@@ -162,7 +162,6 @@ class _EfficientNetLite0(Backbone):
     _TAPS = {2: "c3", 4: "c4", 6: "c5"}
 
     def __init__(self, *, model: nn.Module, version: str, max_size: int) -> None:
-        self._frozen: dict[tuple[int, ...], torch.jit.ScriptModule] = {}  # taps -> TorchScript, CPU inference
         super().__init__(
             name="efficientnet_lite0",
             version=version,
@@ -172,6 +171,7 @@ class _EfficientNetLite0(Backbone):
             max_size=max_size,
         )
         self.model = model
+        self._frozen: dict[tuple[int, ...], torch.jit.ScriptModule] = {}  # taps -> TorchScript, CPU inference
 
     def forward(self, x: Tensor, *, levels: Iterable[str] | None = None) -> dict[str, Tensor]:
         x = self._check_input(x)

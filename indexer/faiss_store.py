@@ -262,8 +262,7 @@ class VectorIndex:
         nlist = faiss.extract_index_ivf(self._new_index(factory)).nlist
         sample = np.sort(rng.choice(n, size=min(n, _TRAIN_POINTS_PER_LIST * nlist), replace=False))
         train = _as_unit_float32(read_vectors(rows[sample]), self.dim, "training vectors")
-        queries = np.sort(rng.choice(n, size=min(n, _CALIBRATION_QUERIES), replace=False))
-        query_x = _as_unit_float32(read_vectors(rows[queries]), self.dim, "calibration vectors")
+        queries, query_x = self._calibration_queries(rng, rows, read_vectors)
         for attempt in (factory, f"IVF{nlist},Flat"):
             index = self._new_index(attempt)
             index.train(train)
@@ -299,9 +298,7 @@ class VectorIndex:
             return
         ids = _as_ids(ids)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        rng = np.random.default_rng(self.seed)
-        queries = np.sort(rng.choice(ids.size, size=min(ids.size, _CALIBRATION_QUERIES), replace=False))
-        query_x = _as_unit_float32(read_vectors(rows[queries]), self.dim, "calibration vectors")
+        queries, query_x = self._calibration_queries(np.random.default_rng(self.seed), rows, read_vectors)
         exact = faiss.ResultHeap(query_x.shape[0], _exact_k(ids.size), keep_max=True)
         for start in range(0, ids.size, _ADD_CHUNK):
             x = _as_unit_float32(read_vectors(rows[start : start + _ADD_CHUNK]), self.dim, "vectors")
@@ -310,6 +307,11 @@ class VectorIndex:
         nprobe_at = self._calibrate(self._cpu, query_x, ids[queries], exact.I)
         self.nprobe_at = {k: p for k, (p, _) in nprobe_at.items()}
         logger.info("calibrated nprobe per k for %s: %s", self.factory, self.nprobe_at)
+
+    def _calibration_queries(self, rng: np.random.Generator, rows: np.ndarray, read_vectors: ReadVectors) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of up to ``_CALIBRATION_QUERIES`` seeded sample vectors and the vectors themselves."""
+        positions = np.sort(rng.choice(rows.size, size=min(rows.size, _CALIBRATION_QUERIES), replace=False))
+        return positions, _as_unit_float32(read_vectors(rows[positions]), self.dim, "calibration vectors")
 
     def nprobe_for(self, k: int) -> int | None:
         """The lists a search for ``k`` results probes (``None`` for Flat; module docstring)."""

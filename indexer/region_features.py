@@ -185,10 +185,10 @@ class RegionFeatureExtractor:
 def mean_maps(maps: np.ndarray | Tensor) -> np.ndarray:
     """Spatial mean of region maps ``[N, C, H, W]``, not normalised: float16 ``[N, C]`` (the ``pooled``
     array; a non-spatial stage-2 model such as ``grn-fc`` reads it instead of the 49× larger map)."""
-    t = torch.as_tensor(maps).float()
-    if t.ndim != 4:
-        raise InvalidInputError(f"mean_maps needs maps of shape [N, C, H, W], got {tuple(t.shape)}")
-    return t.mean(dim=(2, 3)).cpu().numpy().astype(np.float16)
+    a = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
+    if a.ndim != 4:
+        raise InvalidInputError(f"mean_maps needs maps of shape [N, C, H, W], got {tuple(a.shape)}")
+    return a.mean(axis=(2, 3), dtype=np.float32).astype(np.float16)  # float32 sums, no float32 copy of the maps
 
 
 def pool_vectors(maps: np.ndarray | Tensor) -> np.ndarray:

@@ -34,7 +34,8 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, literal_column, select, text, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -821,7 +822,7 @@ class IndexStore:
             # 2000-candidate shortlist costs ~15 ms instead of ~75 through ORM rows
             cursor = s.connection().connection.driver_connection.execute(_REGIONS_BY_ID, (json.dumps(sorted(set(wanted))),))
             for row in cursor.fetchall():
-                found[row[0]] = _region_row_fast(row)
+                found[row[0]] = _region_row(row)
         rows = self._in_open_generation(state, list(found.values()))
         found = {r.id: r for r in rows}
         return [found[i] for i in wanted if i in found]
@@ -1175,33 +1176,19 @@ def _region_select():  # type: ignore[no-untyped-def]
     ).join(Image, Region.image_id == Image.id)
 
 
-_REGIONS_BY_ID = (
-    "SELECT r.id, r.image_id, i.path, i.content_hash, r.x1, r.y1, r.x2, r.y2, r.objectness, r.source, r.row, "
-    "i.width, i.height FROM regions AS r JOIN images AS i ON r.image_id = i.id "
-    "WHERE r.id IN (SELECT value FROM json_each(?))"
+_REGIONS_BY_ID = str(
+    _region_select()
+    .where(Region.id.in_(select(literal_column("value")).select_from(func.json_each(bindparam("ids")))))
+    .compile(dialect=sqlite_dialect())
 )
-"""The columns of :func:`_region_select` for the regions whose ids are listed in a JSON array."""
+""":func:`_region_select` for the regions whose ids are listed in one JSON array (one ``?`` parameter)."""
 
 
-def _region_row_fast(row: tuple) -> RegionRow:
-    """:func:`_region_row` of a plain tuple in :func:`_region_select`'s column order."""
+def _region_row(row: Sequence[Any]) -> RegionRow:
+    """A :class:`RegionRow` from a row in :func:`_region_select`'s column order (read by position: this
+    runs for every candidate of every query)."""
     rid, image_id, path, content_hash, x1, y1, x2, y2, objectness, source, feature_row, width, height = row
     return RegionRow(rid, image_id, path, content_hash, (x1, y1, x2, y2), objectness, source, feature_row, width, height)
-
-
-def _region_row(row: Any) -> RegionRow:
-    return RegionRow(
-        id=int(row.id),
-        image_id=int(row.image_id),
-        image_path=row.path,
-        content_hash=row.content_hash,
-        box=(float(row.x1), float(row.y1), float(row.x2), float(row.y2)),
-        objectness=float(row.objectness),
-        source=row.source,
-        row=int(row.row),
-        width=row.width,
-        height=row.height,
-    )
 
 
 def _check_path(path: str) -> None:

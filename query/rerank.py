@@ -7,13 +7,21 @@ import numpy as np
 
 from indexer.store import POOLED_ARRAY, IndexStore, RegionRow
 
-__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer"]
+__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs"]
+
+
+def read_grn_inputs(store: IndexStore, model, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """What the retrieval ``model`` reads of feature rows ``rows``: the 7×7 maps ``[n, C, 7, 7]``, or, for a
+    model that only reads their spatial mean (``grn-fc``; ``model.spatial`` is False) on an index with the
+    ``pooled`` array, those means as ``[n, C, 1, 1]`` — 224 bytes a region instead of 10,976."""
+    if not model.spatial and store.has_array(POOLED_ARRAY):
+        return store.read_arrays(POOLED_ARRAY, rows)[:, :, None, None]
+    return store.read_arrays("maps", rows)
 
 
 class GrnRescorer:
-    """Scores shortlisted regions with a text-gated retrieval model, reading their 7×7 maps from the feature store
-    (or, for a model that only reads the spatial mean, such as ``grn-fc``, the ``pooled`` array: 224 bytes a
-    region instead of 10,976, which stays in the page cache at a million regions).
+    """Scores shortlisted regions with a text-gated retrieval model, reading what it needs of them from the
+    feature store (:func:`read_grn_inputs`: the 7×7 maps, or the ``pooled`` means for ``grn-fc``).
 
     Args:
         store: the open index (feature array ``maps``).
@@ -29,11 +37,7 @@ class GrnRescorer:
         self.text = text
 
     def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
-        feature_rows = np.asarray([r.row for r in rows], np.int64)
-        if not self.model.spatial and self.store.has_array(POOLED_ARRAY):
-            maps = self.store.read_arrays(POOLED_ARRAY, feature_rows)[:, :, None, None]
-        else:
-            maps = self.store.read_arrays("maps", feature_rows)
+        maps = read_grn_inputs(self.store, self.model, np.asarray([r.row for r in rows], np.int64))
         scores = np.asarray(self.model.score(self.query_map, self.text, maps), np.float32)
         return {"grn": scores, "final": scores}
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import InvalidInputError
-from indexer.store import POOLED_ARRAY
+from query.rerank import read_grn_inputs
 
 __all__ = ["ExhaustiveQuery", "ExhaustiveResult", "RegionTable", "exhaustive_search", "recall_at_k", "mean_recall_at_k"]
 
@@ -127,7 +127,6 @@ def exhaustive_search(
         return []
     table = table if table is not None else RegionTable.read(store)
     use_san = san_model is not None and text_weight > 0 and store.has_array("san")
-    pooled = transform is None and not model.spatial and store.has_array(POOLED_ARRAY)
     state = _State.load(checkpoint, len(queries), len(table.ids), chunk) if checkpoint is not None else None
     state = state or _State.fresh(len(queries))
     texts, anchors = _anchors(model, queries, state.clock)
@@ -137,11 +136,10 @@ def exhaustive_search(
     for step, start in enumerate(tqdm(starts, desc=f"exhaustive {model.method}", unit="chunk", disable=not progress, dynamic_ncols=True), start=1):
         part = order[start : start + chunk]
         with state.clock.shared():
-            if pooled:  # what the engine's stage 2 reads for this model (query.rerank.GrnRescorer)
-                stored = store.read_arrays(POOLED_ARRAY, table.rows[part])[:, :, None, None]
+            if transform is None:  # what the engine's stage 2 reads for this model
+                stored = read_grn_inputs(store, model, table.rows[part])
             else:
-                stored = store.read_arrays("maps", table.rows[part])
-                stored = stored if transform is None else np.ascontiguousarray(transform(stored))
+                stored = np.ascontiguousarray(transform(store.read_arrays("maps", table.rows[part])))
             maps = torch.from_numpy(stored).to(device).float()  # torch converts float16 fast
             prepared = net.prepare(maps)
             san_vectors = store.read_arrays("san", table.rows[part]).astype(np.float32) if use_san else None

@@ -127,8 +127,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
     else:
         proposals = TimedProxy(provider, times, "proposals", ["__call__"])
     san = TimedProxy(engine.san_encoder, times, "embedding", ["encode"])
-    c, h, w = engine.extractor.map_shape
-    shapes = {"maps": (c, h, w), "visual": (c,), "pooled": (c,), "san": (engine.san_encoder.dim,)}
+    shapes = engine._array_shapes(san=True)  # what `engine index` creates
     store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes)
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version}
     pipeline = IndexingPipeline(

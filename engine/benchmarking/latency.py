@@ -87,6 +87,7 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
     from indexer.store import IndexStore
     from query.encode import VisualQueryEncoder, load_query_region
     from query.grouping import suppress_per_image
+    from query.rerank import read_grn_inputs
 
     config = engine.config
     model = engine.retrieval_model
@@ -118,8 +119,7 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
                 rows = store.regions(wanted)
             row_ids = np.asarray([r.row for r in rows], np.int64)
             with times.stage("read_maps"):  # what GrnRescorer reads: the pooled rows for a non-spatial GRN
-                pooled = not model.spatial and store.has_array("pooled")
-                maps = store.read_arrays("pooled", row_ids)[:, :, None, None] if pooled else store.read_arrays("maps", row_ids)
+                maps = read_grn_inputs(store, model, row_ids)
             with times.stage("grn"):
                 grn = model.score(query_map, q.text, maps)
             final = grn

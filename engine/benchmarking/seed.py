@@ -151,7 +151,8 @@ def load_seed_data(seed: Seed, engine: Any, *, progress: bool = True) -> SeedDat
     ``engine``: an :class:`engine.api.Engine` with the models the seed was indexed with (its backbone
     and SAN encoder recompute the grids SAN pooled at index time).
     """
-    from indexer.store import IndexStore
+    from indexer.region_features import mean_maps
+    from indexer.store import POOLED_ARRAY, IndexStore
 
     with IndexStore.open(seed.index) as store:
         info = store.info()
@@ -186,12 +187,9 @@ def load_seed_data(seed: Seed, engine: Any, *, progress: bool = True) -> SeedDat
         all_rows = np.concatenate(rows)
         arrays = {name: store.read_arrays(name, all_rows) for name in store.array_specs}
         shapes = {name: spec.shape for name, spec in store.array_specs.items()}
-    if "pooled" not in arrays:  # a seed indexed before the pooled array: derive it as indexing would
-        from indexer.region_features import mean_maps
-
-        maps = arrays["maps"]
-        arrays["pooled"] = np.concatenate([mean_maps(maps[i : i + 8192]) for i in range(0, len(maps), 8192)]) if len(maps) else np.zeros((0, maps.shape[1]), np.float16)
-        shapes["pooled"] = (maps.shape[1],)
+    if POOLED_ARRAY not in arrays:  # a seed indexed before the pooled array: derive it as indexing would
+        arrays[POOLED_ARRAY] = mean_maps(arrays["maps"])
+        shapes[POOLED_ARRAY] = (arrays["maps"].shape[1],)
     grids = _cached_grids(seed, engine, images, arrays, progress=progress)
     return SeedData(images=images, arrays=arrays, grids=grids, shapes=shapes, models=dict(info.models))
 
