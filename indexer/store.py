@@ -73,6 +73,7 @@ from indexer.faiss_store import (
 )
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.index_dir import IndexLayout, WriterLock, check_array_name, remove_stale_temps
+from indexer.region_table import Regions, RegionTable, read_regions
 
 __all__ = [
     "VECTOR_ARRAY",
@@ -252,6 +253,7 @@ class IndexStore:
         self._features: FeatureStore | None = None
         self._vector_sets: dict[str, VectorIndex] = {}
         self._row_maps: dict[int, np.ndarray | None] = {}
+        self._table: RegionTable | None = None
 
     # ------------------------------------------------------------------------------------------
     # opening and closing
@@ -345,12 +347,6 @@ class IndexStore:
             generation=generation,
         )
 
-    def _follow_generation(self) -> None:
-        """Start of a search: use the generation the database names now."""
-        with self._read() as s:
-            generation, next_row = _feature_state(s)
-        self._use_generation(generation, next_row)
-
     def _fail_dead_runs(self) -> None:
         """We hold the writer lock, so a run still marked 'running' died (crash, kill -9)."""
         with self._write() as s:
@@ -367,6 +363,7 @@ class IndexStore:
             self._features = None
         self._vector_sets = {}
         self._row_maps = {}
+        self._table = None
         self._engine.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -820,12 +817,42 @@ class IndexStore:
             state = _feature_state(s)
             # one statement for any number of ids (SQLite's json_each), on the DB-API cursor: a
             # 2000-candidate shortlist costs ~15 ms instead of ~75 through ORM rows
-            cursor = s.connection().connection.driver_connection.execute(_REGIONS_BY_ID, (json.dumps(sorted(set(wanted))),))
+            cursor = _dbapi(s).execute(_REGIONS_BY_ID, (json.dumps(sorted(set(wanted))),))
             for row in cursor.fetchall():
                 found[row[0]] = _region_row(row)
         rows = self._in_open_generation(state, list(found.values()))
         found = {r.id: r for r in rows}
         return [found[i] for i in wanted if i in found]
+
+    def lookup_regions(self, ids: Sequence[int] | np.ndarray) -> Regions:
+        """The live regions among ``ids`` (in their order; deleted ids and -1 dropped) as columns (feature
+        row, image id, box) from the in-memory region table (:mod:`indexer.region_table`), brought up to
+        date with the database first. Its rows index the feature store as it is open after this call."""
+        return self._synced_table().lookup(ids)
+
+    def all_regions(self) -> Regions:
+        """Every live region (id, feature row, image id, box), by id, from the in-memory region table."""
+        return self._synced_table().regions
+
+    def image_ids_with_hash(self, content_hash: str) -> np.ndarray:
+        """Ids of the indexed images whose file content has this sha256 (copies of one picture)."""
+        with self._read() as s:
+            found = s.scalars(select(Image.id).where(Image.content_hash == content_hash, Image.status == "indexed"))
+            return np.asarray(list(found), np.int64)
+
+    def _synced_table(self) -> RegionTable:
+        """The region table, brought to one database snapshot: regions added and removed since applied,
+        or read whole (first use, a compaction's new generation, tombstones pruned before it saw them)."""
+        with self._read() as s:
+            generation, next_row, region_seq, tomb_seq = _db_state(s)
+            table = self._table
+            if table is not None and table.generation == generation and (table.region_seq, table.tomb_seq) != (region_seq, tomb_seq):
+                table = _caught_up_table(s, table, region_seq, tomb_seq)
+            if table is None or table.generation != generation:
+                table = RegionTable(read_regions(_dbapi(s)), generation, region_seq, tomb_seq)
+        self._use_generation(generation, next_row)
+        self._table = table
+        return table
 
     def regions_of_image(self, path: str) -> list[RegionRow]:
         """All regions of the image at ``path`` (by region id); empty if it has none or is unknown."""
@@ -928,12 +955,14 @@ class IndexStore:
         type of the saved file, so readers never train an index in memory that the next save
         replaces anyway.
         """
-        self._follow_generation()
+        with self._read() as s:
+            generation, next_row, region_seq, tomb_seq = _db_state(s)
+        self._use_generation(generation, next_row)  # a compaction committed since the last search
         if array not in self._vector_sets:
             self._vector_sets[array] = self._load_vectors(array)
             self._catch_up(array)
             allow_rebuild = allow_rebuild or self.writable
-        elif self._db_moved_on(self._vector_sets[array]):
+        elif region_seq > self._vector_sets[array].max_region_id or tomb_seq > self._vector_sets[array].max_tombstone_seq:
             self._catch_up(array)
         vectors = self._vector_sets[array]
         if allow_rebuild:
@@ -1003,10 +1032,6 @@ class IndexStore:
     def _sequences(self) -> tuple[int, int]:
         with self._read() as s:
             return _sequences(s)
-
-    def _db_moved_on(self, vectors: VectorIndex) -> bool:
-        region_seq, tomb_seq = self._sequences()
-        return region_seq > vectors.max_region_id or tomb_seq > vectors.max_tombstone_seq
 
     def _catch_up(self, array: str = VECTOR_ARRAY) -> None:
         """Add regions newer than the index, apply tombstones newer than it (one DB snapshot)."""
@@ -1134,6 +1159,37 @@ def _sequences(session: Session) -> tuple[int, int]:
         ).all()
     )
     return int(rows.get("regions") or 0), int(rows.get("tombstones") or 0)
+
+
+def _caught_up_table(session: Session, table: RegionTable, region_seq: int, tomb_seq: int) -> RegionTable | None:
+    """``table`` brought to the session's snapshot (sequences ``region_seq`` / ``tomb_seq``): newer regions
+    added, newer tombstones applied; ``None`` when tombstones it never saw were pruned."""
+    tombs = session.execute(
+        select(Tombstone.seq, Tombstone.region_id).where(Tombstone.seq > table.tomb_seq).order_by(Tombstone.seq)
+    ).all()
+    if tomb_seq > table.tomb_seq and (not tombs or tombs[0].seq != table.tomb_seq + 1):
+        return None
+    added = read_regions(_dbapi(session), table.region_seq)
+    return table.updated(added, [t.region_id for t in tombs], region_seq=region_seq, tomb_seq=tomb_seq)
+
+
+def _dbapi(session: Session) -> Any:  # noqa: ANN401
+    """The session's DB-API (sqlite3) connection, for statements that run per query or per region."""
+    return session.connection().connection.driver_connection
+
+
+_DB_STATE = text(
+    "SELECT key, value FROM meta WHERE key IN ('feature_generation', 'next_row') "
+    "UNION ALL SELECT name, seq FROM sqlite_sequence WHERE name IN ('regions', 'tombstones')"
+)
+
+
+def _db_state(session: Session) -> tuple[int, int, int, int]:
+    """:func:`_feature_state` and :func:`_sequences` in one statement (each search checks them):
+    ``(feature_generation, next_row, region_seq, tomb_seq)``."""
+    values = dict(session.execute(_DB_STATE).all())
+    meta = [int(json.loads(values.get(key, "0"))) for key in ("feature_generation", "next_row")]
+    return meta[0], meta[1], int(values.get("regions") or 0), int(values.get("tombstones") or 0)
 
 
 def _drop_path(session: Session, path: str) -> None:

@@ -31,6 +31,7 @@ from engine.errors import CheckpointError, EngineError, InvalidInputError
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
 from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+from query.search import Rescorer
 
 __all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
 
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 STAGE3_FILE = "stage3.json"
 """The fitted weights, beside the shipped checkpoints."""
-
-Rescorer = Callable[[list[RegionRow]], dict[str, np.ndarray]]
-
 
 @dataclass(frozen=True)
 class Stage3Weights:
@@ -120,7 +118,7 @@ class GroundingStage:
         kept = [rows[i] for i in keep]
         size = (int(rows[0].width or 0), int(rows[0].height or 0))
         grounding = self.scorer.score(maps[keep], boxes[keep], size, e0, text)
-        stage2_parts = stage2(kept)
+        stage2_parts = stage2(np.asarray([r.row for r in kept], np.int64))
         parts = {"visual": self._visual(kept, query_vector)}
         parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
         parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.store import POOLED_ARRAY, IndexStore, RegionRow
+from indexer.store import POOLED_ARRAY, IndexStore
 
 __all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs"]
 
@@ -36,8 +36,9 @@ class GrnRescorer:
         self.query_map = query_map
         self.text = text
 
-    def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
-        maps = read_grn_inputs(self.store, self.model, np.asarray([r.row for r in rows], np.int64))
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of the regions at feature rows ``rows``."""
+        maps = read_grn_inputs(self.store, self.model, rows)
         scores = np.asarray(self.model.score(self.query_map, self.text, maps), np.float32)
         return {"grn": scores, "final": scores}
 
@@ -60,8 +61,9 @@ class SanRescorer:
         self.model = model
         self.text = text
 
-    def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
-        vectors = self.store.read_arrays("san", np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of the regions at feature rows ``rows``."""
+        vectors = self.store.read_arrays("san", rows).astype(np.float32)
         scores = np.asarray(self.model.score(self.text, vectors), np.float32)
         return {"san": scores, "final": scores}
 
@@ -82,7 +84,8 @@ class FusedRescorer:
         self.text_weight = text_weight
         self.image_weight = image_weight
 
-    def __call__(self, rows: list[RegionRow]) -> dict[str, np.ndarray]:
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of the regions at feature rows ``rows``."""
         grn = self.grn(rows)["grn"]
         san = self.san(rows)["san"]
         return {"grn": grn, "san": san, "final": (self.image_weight * grn + self.text_weight * san).astype(np.float32)}

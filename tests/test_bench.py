@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.benchmarking.exhaustive import ExhaustiveQuery, RegionTable, exhaustive_search, mean_recall_at_k, recall_at_k
+from engine.benchmarking.exhaustive import ExhaustiveQuery, exhaustive_search, mean_recall_at_k, recall_at_k
 from engine.benchmarking.query_bench import REQUIRED_KEYS
 from engine.benchmarking.seed import SeedConfig, load_seed_data, prepare_seed
 from engine.benchmarking.synthetic import SyntheticConfig, cached_index
@@ -51,7 +51,7 @@ def test_exhaustive_search_ranks_like_the_model_scores(tiny_engine) -> None:
 
     model = tiny_engine.retrieval_model
     with IndexStore.open(tiny_engine.index_dir) as store:
-        table = RegionTable.read(store)
+        table = store.all_regions()
         maps = store.read_arrays("maps", table.rows)
         query = ExhaustiveQuery(query_map=maps[3], text="a red circle left of a blue square")
         [result] = exhaustive_search(store, model, [query], k=5, nms_iou=1.0, table=table, chunk=7)
@@ -75,7 +75,7 @@ def test_an_interrupted_exhaustive_pass_resumes_from_its_checkpoint(tiny_engine,
         return maps
 
     with IndexStore.open(tiny_engine.index_dir) as store:
-        table = RegionTable.read(store)
+        table = store.all_regions()
         query = ExhaustiveQuery(query_map=store.read_arrays("maps", table.rows[:1])[0], text="a red circle")
         clean = exhaustive_search(store, model, [query], k=5, table=table, chunk=7)
         with pytest.raises(KeyboardInterrupt):
@@ -99,7 +99,7 @@ def test_synthetic_index_keeps_the_real_regions_and_derives_the_rest(seed_data, 
     assert (built.regions, built.real_regions, built.synthetic_regions) == (data.regions + 150, data.regions, 150)
     with IndexStore.open(built.path) as store:
         assert store.info().regions == built.regions
-        table = RegionTable.read(store)
+        table = store.all_regions()
         real = store.read_arrays("maps", table.rows[: data.regions])
         np.testing.assert_array_equal(real, data.arrays["maps"])
         synthetic = store.read_arrays("maps", table.rows[data.regions :]).astype(np.float32)

@@ -33,7 +33,7 @@ class _Fixed:
 
 def test_fused_score_is_grn_plus_weighted_san() -> None:
     fused = FusedRescorer(_Fixed("grn", [0.9, 0.5, 0.1]), _Fixed("san", [0.0, 0.4, 0.8]), text_weight=2.0)
-    out = fused([None, None, None])
+    out = fused(np.arange(3))
     np.testing.assert_allclose(out["final"], [0.9, 1.3, 1.7])
     np.testing.assert_allclose(out["grn"], [0.9, 0.5, 0.1])
     np.testing.assert_allclose(out["san"], [0.0, 0.4, 0.8])

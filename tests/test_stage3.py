@@ -116,7 +116,7 @@ def test_candidates_are_ref_nms_survivors_with_every_score_part(rpn_index: Path,
         assert len(cand.rows) <= len(all_rows)
         assert ((cand.parts["relatedness"] > 0) & (cand.parts["relatedness"] < 1)).all()
         # the stage-2 part is exactly the stage-2 scorer's score of the same regions
-        np.testing.assert_allclose(cand.parts["stage2"], query.rescore(cand.rows)["final"], rtol=1e-5)
+        np.testing.assert_allclose(cand.parts["stage2"], query.rescore(np.asarray([r.row for r in cand.rows]))["final"], rtol=1e-5)
 
 
 def test_search_with_zero_images_is_stage2(rpn_index: Path, tiny_corpus: Path) -> None:

@@ -117,7 +117,7 @@ def test_grn_fc_reads_the_pooled_array_and_scores_as_from_the_maps(tiny_engine: 
         original = store.read_arrays
         store.read_arrays = lambda name, r: read.append(name) or original(name, r)  # type: ignore[method-assign]
         try:
-            scores = GrnRescorer(store=store, model=model, query_map=query_map, text=q.text)(rows)["grn"]
+            scores = GrnRescorer(store=store, model=model, query_map=query_map, text=q.text)(row_index)["grn"]
         finally:
             store.read_arrays = original  # type: ignore[method-assign]
         assert read == ["pooled"]

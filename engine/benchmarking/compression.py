@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.benchmarking.exhaustive import ExhaustiveQuery, RegionTable, exhaustive_search, mean_recall_at_k
+from engine.benchmarking.exhaustive import ExhaustiveQuery, exhaustive_search, mean_recall_at_k
 
 __all__ = ["MapVariant", "map_variants", "compare_map_storage"]
 
@@ -60,7 +60,7 @@ def map_variants(channels: int = 112, side: int = 7) -> list[MapVariant]:
 
 def compare_map_storage(store: Any, model: Any, queries: Sequence[ExhaustiveQuery], variants: Sequence[MapVariant], *, k: int = 10, progress: bool = False) -> list[dict[str, Any]]:
     """Recall@k of each variant's exhaustive GRN ranking against the first variant's (the maps as stored)."""
-    table = RegionTable.read(store)
+    table = store.all_regions()
     baseline: list[list[int]] | None = None
     rows = []
     for variant in variants:

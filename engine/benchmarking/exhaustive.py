@@ -28,9 +28,10 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import InvalidInputError
+from indexer.region_table import Regions
 from query.rerank import read_grn_inputs
 
-__all__ = ["ExhaustiveQuery", "ExhaustiveResult", "RegionTable", "exhaustive_search", "recall_at_k", "mean_recall_at_k"]
+__all__ = ["ExhaustiveQuery", "ExhaustiveResult", "exhaustive_search", "recall_at_k", "mean_recall_at_k"]
 
 
 @dataclass(frozen=True)
@@ -54,50 +55,6 @@ class ExhaustiveResult:
     top_ids_grn: list[int] | None = None
 
 
-@dataclass(frozen=True)
-class RegionTable:
-    """Every committed region: id, feature row, image id, box and whether it belongs to an image with a
-    given content hash — read once, in chunks, and shared by all queries."""
-
-    ids: np.ndarray
-    rows: np.ndarray
-    image_ids: np.ndarray
-    boxes: np.ndarray
-    hashes: np.ndarray  # index into ``hash_values`` per region
-    hash_values: list[str]
-
-    @classmethod
-    def read(cls, store: Any, *, chunk: int = 50_000) -> "RegionTable":
-        ids = store.all_region_ids()
-        rows = np.zeros(len(ids), np.int64)
-        image_ids = np.zeros(len(ids), np.int64)
-        boxes = np.zeros((len(ids), 4), np.float32)
-        hashes = np.zeros(len(ids), np.int64)
-        lookup: dict[str | None, int] = {}
-        for start in range(0, len(ids), chunk):
-            part = store.regions(ids[start : start + chunk].tolist())
-            if len(part) != len(ids[start : start + chunk]):
-                raise InvalidInputError("the index changed while the benchmark read it; run it again when no writer is active")
-            for i, region in enumerate(part, start=start):
-                rows[i] = region.row
-                image_ids[i] = region.image_id
-                boxes[i] = region.box
-                hashes[i] = lookup.setdefault(region.content_hash, len(lookup))
-        values = [""] * len(lookup)
-        for value, index in lookup.items():
-            values[index] = value or ""
-        return cls(ids=ids, rows=rows, image_ids=image_ids, boxes=boxes, hashes=hashes, hash_values=values)
-
-    def hash_index(self, digest: str | None) -> int:
-        """The index of ``digest`` in :attr:`hash_values`, ``-1`` when no region has it."""
-        if digest is None:
-            return -1
-        try:
-            return self.hash_values.index(digest)
-        except ValueError:
-            return -1
-
-
 @torch.no_grad()
 def exhaustive_search(
     store: Any,
@@ -108,7 +65,7 @@ def exhaustive_search(
     text_weight: float = 0.0,
     k: int = 10,
     nms_iou: float = 0.5,
-    table: RegionTable | None = None,
+    table: Regions | None = None,
     chunk: int = 4096,
     keep: int = 1000,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -120,12 +77,13 @@ def exhaustive_search(
     ``model``: the :class:`~engine.models.retrieval.RegionRetrievalModel` of stage 2; ``san_model`` with
     ``text_weight > 0``: the final score is ``grn + text_weight · san`` as in the engine's fused stage 2.
     ``transform``: applied to each chunk of stored float16 maps ``[n, C, 7, 7]`` before scoring (e.g. a
-    smaller storage format and back); the query maps are left as they are. ``checkpoint``: a file where
+    smaller storage format and back); the query maps are left as they are. ``table``: the regions to
+    score (default: every live region, :meth:`indexer.store.IndexStore.all_regions`). ``checkpoint``: a file where
     the running state is saved every few chunks, so that an interrupted run resumes there (removed at the end).
     """
     if not queries:
         return []
-    table = table if table is not None else RegionTable.read(store)
+    table = table if table is not None else store.all_regions()
     use_san = san_model is not None and text_weight > 0 and store.has_array("san")
     state = _State.load(checkpoint, len(queries), len(table.ids), chunk) if checkpoint is not None else None
     state = state or _State.fresh(len(queries))
@@ -153,11 +111,12 @@ def exhaustive_search(
         state.next_start = start + chunk
         if checkpoint is not None and step % _CHECKPOINT_EVERY == 0:
             state.save(checkpoint, len(table.ids), chunk)
+    excluded = [store.image_ids_with_hash(q.exclude_hash) if q.exclude_hash is not None else np.zeros(0, np.int64) for q in queries]
     results = []
     for i, q in enumerate(queries):
         with state.clock.own(i):
-            top = _filtered_top(table, state.best[i], q.exclude_hash, k, nms_iou)
-        grn_only = _filtered_top(table, state.best_grn[i], q.exclude_hash, k, nms_iou) if use_san else None
+            top = _filtered_top(table, state.best[i], excluded[i], k, nms_iou)
+        grn_only = _filtered_top(table, state.best_grn[i], excluded[i], k, nms_iou) if use_san else None
         results.append(ExhaustiveResult(top_ids=top, seconds=state.clock.seconds(i), scored=len(table.ids), extra=state.clock.extra(i), top_ids_grn=grn_only))
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
@@ -285,15 +244,14 @@ def _merge(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, positions: n
     return values, where
 
 
-def _filtered_top(table: RegionTable, best: tuple[np.ndarray, np.ndarray], exclude_hash: str | None, k: int, nms_iou: float) -> list[int]:
+def _filtered_top(table: Regions, best: tuple[np.ndarray, np.ndarray], excluded_images: np.ndarray, k: int, nms_iou: float) -> list[int]:
+    """The ``k`` best region ids after leaving out the images ``excluded_images`` and per-image suppression."""
     from query.grouping import suppress_per_image
 
     scores, positions = best
     order = np.argsort(-scores, kind="stable")
     scores, positions = scores[order], positions[order]
-    own = table.hash_index(exclude_hash)
-    if own >= 0:
-        mask = table.hashes[positions] != own
-        scores, positions = scores[mask], positions[mask]
+    mask = ~np.isin(table.image_ids[positions], excluded_images)
+    scores, positions = scores[mask], positions[mask]
     keep = suppress_per_image(table.boxes[positions], scores, table.image_ids[positions], iou_threshold=nms_iou)
     return [int(table.ids[positions[j]]) for j in keep[:k]]

@@ -59,12 +59,11 @@ def measure_faiss(index_dir: Path, queries: np.ndarray, config: FaissTradeoffCon
     calibrated ``nprobe`` (``chosen_by_store``); then, on one freshly trained coarse quantizer with the
     store's number of lists, ``IVF{nlist},SQ8`` (the store's factory) and ``IVF{nlist},PQ{m}`` over ``nprobes``.
     """
-    from engine.benchmarking.exhaustive import RegionTable
     from indexer.faiss_store import VectorIndex, ivf_nlist
     from indexer.store import IndexStore
 
     with IndexStore.open(index_dir) as store:
-        table = RegionTable.read(store)
+        table = store.all_regions()
         ids = table.ids
         vectors = _unit(store.read_arrays("visual", table.rows).astype(np.float32))
         dim = vectors.shape[1]

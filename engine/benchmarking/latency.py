@@ -3,8 +3,9 @@ where the time goes, stage by stage.
 
 :func:`measure_latency` times whole searches (p50 / p95 after a warm-up). :func:`measure_breakdown`
 runs the same queries through the same components one by one (query encoding, the SAN text vector and
-its candidates, the region count that the search asks for, the FAISS shortlist, the SQLite metadata,
-the feature-store reads, the GRN and SAN scores, the per-image suppression) and times each; it also
+its candidates, the region count that the search asks for, the FAISS shortlist, the candidates' rows in
+the in-memory region table, the feature-store reads, the GRN and SAN scores, the per-image suppression
+and the hits' image rows) and times each; it also
 times what stage 2 would cost if the GRN's text-independent work were done at index time
 (``grn_query_part``) and the reads that a vector-only stage 2 would need (``read_vectors``).
 """
@@ -86,7 +87,7 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
     """Median milliseconds per stage of a combined query, over ``count`` queries (see the module doc)."""
     from indexer.store import IndexStore
     from query.encode import VisualQueryEncoder, load_query_region
-    from query.grouping import suppress_per_image
+    from query.search import SearchOptions, ranked_hits
     from query.rerank import read_grn_inputs
 
     config = engine.config
@@ -114,10 +115,9 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
                 total = store.vector_count()
             with times.stage("stage1"):
                 scores, ids = store.search(vector[None], min(config.shortlist, total))
-            with times.stage("metadata"):
-                wanted = list(dict.fromkeys([int(x) for x in ids[0] if x >= 0] + extra))
-                rows = store.regions(wanted)
-            row_ids = np.asarray([r.row for r in rows], np.int64)
+            with times.stage("metadata"):  # the candidates' feature rows, images and boxes (the region table)
+                found = store.lookup_regions(list(dict.fromkeys([int(x) for x in ids[0] if x >= 0] + extra)))
+            row_ids = found.rows
             with times.stage("read_maps"):  # what GrnRescorer reads: the pooled rows for a non-spatial GRN
                 maps = read_grn_inputs(store, model, row_ids)
             with times.stage("grn"):
@@ -127,9 +127,8 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
                 with times.stage("san"):
                     vectors = store.read_arrays("san", row_ids).astype(np.float32)
                     final = grn + config.text_weight * san_model.score(q.text, vectors)
-            with times.stage("filter"):
-                boxes = np.asarray([r.box for r in rows], np.float32)
-                suppress_per_image(boxes, np.asarray(final, np.float32), np.asarray([r.image_id for r in rows]), iou_threshold=0.5)
+            with times.stage("filter"):  # per-image suppression, the hits' image rows read (the search's own code)
+                ranked_hits(store, found, {"visual": np.zeros(len(found), np.float32), "final": np.asarray(final, np.float32)}, SearchOptions(k=10), "visual")
             per_query.append({**times.as_dict(), **_precompute_projection(store, model, query_map, q.text, maps, row_ids)})
     names = sorted({name for row in per_query for name in row})
     return {name: round(float(np.median([row.get(name, 0.0) for row in per_query]) * 1000), 3) for name in names}

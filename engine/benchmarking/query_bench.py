@@ -243,7 +243,7 @@ def _exhaustive(engine: Any, built: BuiltIndex, chosen: list[BenchQuery], config
     """Exhaustive results of ``chosen`` on the index (the engine's stage-2 score over every region), and
     whether they were reused from an earlier run (saved under ``config.cache/exhaustive``: they depend on
     the index, the model, the SAN weight and the queries, not on stage 1)."""
-    from engine.benchmarking.exhaustive import ExhaustiveQuery, RegionTable, exhaustive_search
+    from engine.benchmarking.exhaustive import ExhaustiveQuery, exhaustive_search
     from indexer.store import IndexStore
     from query.encode import VisualQueryEncoder, load_query_region
 
@@ -263,7 +263,7 @@ def _exhaustive(engine: Any, built: BuiltIndex, chosen: list[BenchQuery], config
             queries.append(ExhaustiveQuery(query_map=query_map, text=q.text, exclude_hash=region.content_hash))
         san_model = engine.san_encoder.model if use_san else None
         partial = cache_file.with_name(cache_file.stem + ".partial.npz")  # an interrupted pass resumes from it
-        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, k=config.k, table=RegionTable.read(store), checkpoint=partial, progress=progress)
+        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, k=config.k, checkpoint=partial, progress=progress)
     _save_exhaustive(cache_file, results)
     return results, False
 
