@@ -5,6 +5,8 @@
     DIR/
       engine.db            SQLite database (+ engine.db-wal, engine.db-shm while open)
       vectors.faiss        FAISS index: header + faiss.serialize_index bytes (atomic replace)
+      regions.npz          the region table (id, feature row, image id, box per live region) as of
+                           the last save of the FAISS files (atomic replace; indexer/region_table.py)
       features/NAME.f16    feature-store arrays, float16, row-major, append-only
                            (NAME.gG.f16 after compaction G; meta.feature_generation names G)
       features/previous-rows.gG.i64  row map of compaction G: new row -> row of generation G-1
@@ -109,6 +111,10 @@ class IndexLayout:
     def vector_file(self, array: str) -> Path:
         """The FAISS file of feature array ``array``: ``vectors.faiss`` for ``visual``, else ``vectors-NAME.faiss``."""
         return self.vectors_path if array == "visual" else self.root / f"vectors-{check_array_name(array)}.faiss"
+
+    @property
+    def region_table_path(self) -> Path:
+        return self.root / "regions.npz"
 
     @property
     def features_dir(self) -> Path:

@@ -11,16 +11,25 @@ reader (and again after a compaction).
 """
 from __future__ import annotations
 
+import io
+import logging
 import sqlite3
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Regions", "RegionTable", "read_regions"]
+from indexer.index_dir import atomic_write
+
+__all__ = ["Regions", "RegionTable", "read_regions", "save_table", "load_table"]
+
+log = logging.getLogger(__name__)
 
 _SELECT = "SELECT id, row, image_id, x1, y1, x2, y2 FROM regions WHERE id > ? ORDER BY id"
 _FETCH = 65_536  # rows converted per step (bounds the Python objects alive at once)
+_FORMAT = 1  # of the saved file
 
 
 @dataclass(frozen=True)
@@ -101,3 +110,31 @@ class RegionTable:
         if removed.shape[0] and len(regions):
             regions = regions.take(~np.isin(regions.ids, removed))
         return RegionTable(regions, self.generation, region_seq, tomb_seq)
+
+
+def save_table(table: RegionTable, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically (an uncompressed ``.npz``: its columns and its state)."""
+    buffer = io.BytesIO()
+    state = np.asarray([_FORMAT, table.generation, table.region_seq, table.tomb_seq], np.int64)
+    np.savez(buffer, state=state, ids=table.regions.ids, rows=table.regions.rows, image_ids=table.regions.image_ids, boxes=table.regions.boxes)
+    atomic_write(path, [buffer.getbuffer()])
+
+
+def load_table(path: Path) -> RegionTable | None:
+    """The table saved at ``path``; ``None`` (with a warning when the file exists) when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            version, generation, region_seq, tomb_seq = (int(v) for v in saved["state"])
+            if version != _FORMAT:
+                raise ValueError(f"format {version}, this engine reads {_FORMAT}")
+            regions = Regions(saved["ids"].astype(np.int64), saved["rows"].astype(np.int64), saved["image_ids"].astype(np.int64), saved["boxes"].astype(np.float32).reshape(-1, 4))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        log.warning("region table %s is unreadable (%s); reading the regions from the database", path, exc)
+        return None
+    n = len(regions)
+    if not (regions.rows.shape[0] == regions.image_ids.shape[0] == regions.boxes.shape[0] == n) or (n > 1 and not (np.diff(regions.ids) > 0).all()):
+        log.warning("region table %s is inconsistent; reading the regions from the database", path)
+        return None
+    return RegionTable(regions, generation, region_seq, tomb_seq)

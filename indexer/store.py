@@ -73,7 +73,7 @@ from indexer.faiss_store import (
 )
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.index_dir import IndexLayout, WriterLock, check_array_name, remove_stale_temps
-from indexer.region_table import Regions, RegionTable, read_regions
+from indexer.region_table import Regions, RegionTable, load_table, read_regions, save_table
 
 __all__ = [
     "VECTOR_ARRAY",
@@ -309,6 +309,7 @@ class IndexStore:
             if writable:
                 for name in store.vector_arrays:
                     remove_stale_temps(layout.vector_file(name))
+                remove_stale_temps(layout.region_table_path)
                 remove_stale_generations(layout, specs, store.features.generation)
                 store._fail_dead_runs()
             return store
@@ -665,6 +666,7 @@ class IndexStore:
             vectors = self._synced_vectors(allow_rebuild=True, array=name)
             vectors.save(self.layout.vector_file(name))
             saved.append(vectors.max_tombstone_seq)
+        self._save_table()
         with self._write() as s:  # every file holds the tombstones up to the smallest of theirs
             s.execute(delete(Tombstone).where(Tombstone.seq <= min(saved)))
 
@@ -689,6 +691,7 @@ class IndexStore:
         compacted = not np.array_equal(rows, np.arange(next_row))
         if compacted:
             generation = self._compact_into(generation + 1, generation, next_row, live, rows)
+            self._save_table()  # the saved one numbers the rows of the old generation
         remove_stale_generations(self.layout, self._specs, generation)
         return CompactSummary(
             rows_before=int(next_row),
@@ -840,18 +843,33 @@ class IndexStore:
             found = s.scalars(select(Image.id).where(Image.content_hash == content_hash, Image.status == "indexed"))
             return np.asarray(list(found), np.int64)
 
+    def _save_table(self) -> None:
+        """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``)."""
+        save_table(self._synced_table(), self.layout.region_table_path)
+
     def _synced_table(self) -> RegionTable:
         """The region table, brought to one database snapshot: regions added and removed since applied,
         or read whole (first use, a compaction's new generation, tombstones pruned before it saw them)."""
         with self._read() as s:
             generation, next_row, region_seq, tomb_seq = _db_state(s)
-            table = self._table
+            table = self._table if self._table is not None else self._saved_table(generation, region_seq, tomb_seq)
             if table is not None and table.generation == generation and (table.region_seq, table.tomb_seq) != (region_seq, tomb_seq):
                 table = _caught_up_table(s, table, region_seq, tomb_seq)
             if table is None or table.generation != generation:
                 table = RegionTable(read_regions(_dbapi(s)), generation, region_seq, tomb_seq)
         self._use_generation(generation, next_row)
         self._table = table
+        return table
+
+    def _saved_table(self, generation: int, region_seq: int, tomb_seq: int) -> RegionTable | None:
+        """The table the writer saved, when it belongs to this feature ``generation`` and is not ahead of
+        the database (``region_seq`` / ``tomb_seq``: e.g. a database restored from an older copy)."""
+        table = load_table(self.layout.region_table_path)
+        if table is None or table.generation != generation:
+            return None
+        if table.region_seq > region_seq or table.tomb_seq > tomb_seq:
+            logger.warning("%s is ahead of the database; reading the regions from the database", self.layout.region_table_path)
+            return None
         return table
 
     def regions_of_image(self, path: str) -> list[RegionRow]:

@@ -89,3 +89,37 @@ def test_self_exclusion_finds_every_copy_of_a_picture(tmp_path: Path) -> None:
         copies = store.image_ids_with_hash("a" * 64)
         assert sorted(r.image_path for r in store.regions(store.all_region_ids()) if r.image_id in set(copies.tolist())) == ["/corpus/a1.jpg"] * 3 + ["/corpus/a2.jpg"] * 3
         assert store.image_ids_with_hash("f" * 64).shape == (0,)
+
+
+def test_readers_load_the_saved_table_and_fall_back_to_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import indexer.store as store_module
+
+    rng = np.random.default_rng(5)
+    writer = IndexStore.open(tmp_path / "idx", create=True, writable=True, array_shapes=SHAPES)
+    run = writer.begin_run("/corpus", {})
+    writer.commit_images(run, [_item(rng, f"{i}.jpg") for i in range(3)])
+    writer.save_vectors()
+    saved = writer.layout.region_table_path
+    assert saved.is_file()
+    writer.commit_images(run, [_item(rng, "after.jpg", 2)])  # not in the saved file: caught up from SQLite
+    expected = _expected(writer)
+    full_reads: list[int] = []
+    real = store_module.read_regions
+    monkeypatch.setattr(store_module, "read_regions", lambda cursor, after_id=0: full_reads.append(after_id) or real(cursor, after_id))
+
+    def read_table() -> dict[int, tuple]:
+        with IndexStore.open(tmp_path / "idx") as reader:
+            return _from_table(reader)
+
+    assert read_table() == expected and full_reads == [9]  # loaded the file, read only the regions after it
+    full_reads.clear()
+    saved.write_bytes(saved.read_bytes()[:100])  # a torn file (cannot happen with atomic writes, but a disk can lie)
+    with caplog.at_level("WARNING"):
+        assert read_table() == expected and full_reads == [0]
+    assert "unreadable" in caplog.text
+    writer.delete_images(["/corpus/0.jpg"])
+    assert writer.compact().generation == 1  # saves the table of the new generation
+    full_reads.clear()
+    expected = _expected(writer)
+    assert read_table() == expected and full_reads == []
+    writer.close()

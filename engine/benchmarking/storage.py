@@ -12,7 +12,8 @@ __all__ = ["DiskUsage", "disk_usage"]
 @dataclass(frozen=True)
 class DiskUsage:
     """Bytes of every file of an index directory, grouped: ``database`` (engine.db and its WAL),
-    ``faiss`` (``vectors*.faiss`` by name), ``features`` (``features/*.f16`` by array name)."""
+    ``faiss`` (``vectors*.faiss`` by name), ``features`` (``features/*.f16`` by array name), ``other``
+    (the saved region table ``regions.npz`` and anything else)."""
 
     regions: int
     database: int
@@ -41,6 +42,7 @@ class DiskUsage:
             "database_bytes_per_region": round(self.database / per, 1),
             "faiss_bytes_per_region": {k: round(v / per, 1) for k, v in sorted(self.faiss.items())},
             "feature_bytes_per_region": {k: round(v / per, 1) for k, v in sorted(self.features.items())},
+            "other_bytes_per_region": round(self.other / per, 1),  # regions.npz (the saved region table), built.json
             "bytes_per_region_without_maps": round(self.without("maps") / per, 1),
         }
 

@@ -46,7 +46,7 @@ class RegionRetrievalModel:
         vocab: the vocabulary it was trained with (``None`` only for the text-blind ``visual`` method).
         manifest: the checkpoint's manifest (``None``: an in-memory model, e.g. during training).
         device: where to run (a ``--device`` string or a :class:`torch.device`).
-        batch_size: candidates scored per step.
+        batch_size: candidates scored per step (7×7 maps; 49 times as many pooled ``[N, C, 1, 1]`` inputs).
     """
 
     def __init__(self, *, net: RetrievalNet, vocab: Vocabulary | None, manifest: Manifest | None = None, device: str | torch.device = "cpu", batch_size: int = 512) -> None:
@@ -170,9 +170,10 @@ class RegionRetrievalModel:
         text_vecs = [self.encode_text(t) for t in texts]
         queries = torch.stack([self.net.embed(qx[i : i + 1].to(self.device), t.to(self.device)[None])[0] for i, t in enumerate(text_vecs)]) if len(qx) else torch.zeros(0, self.embed_dim)
         out = np.zeros((len(qx), len(cx)), np.float32)
-        starts = range(0, len(cx), self.batch_size)
+        step = self.batch_size * max(1, 49 // (cx.shape[2] * cx.shape[3]))  # pooled [N, C, 1, 1] inputs: 49x the regions per step
+        starts = range(0, len(cx), step)
         for start in tqdm(starts, desc=f"score {self.method}", unit="batch", disable=not progress, dynamic_ncols=True):
-            chunk = cx[start : start + self.batch_size].to(self.device)
+            chunk = cx[start : start + step].to(self.device)
             if not self.uses_text:
                 emb = self.net.embed(chunk, torch.zeros(1, 0, device=self.device))
                 out[:, start : start + len(chunk)] = (queries @ emb.T).cpu().numpy()
