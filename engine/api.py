@@ -77,11 +77,13 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True) -> dict[str, tuple[int, ...]]:
-        from indexer.store import POOLED_ARRAY
+    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True) -> dict[str, tuple[int, ...]]:
+        from indexer.store import MAPS_ARRAY, POOLED_ARRAY
 
         c, h, w = self.extractor.map_shape
-        shapes: dict[str, tuple[int, ...]] = {"maps": (c, h, w), "visual": (c,)}
+        shapes: dict[str, tuple[int, ...]] = {"visual": (c,)}
+        if maps:
+            shapes[MAPS_ARRAY] = (c, h, w)
         if pooled:
             shapes[POOLED_ARRAY] = (c,)
         if self.config.san if san is None else san:
@@ -117,7 +119,7 @@ class Engine:
             raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
         proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
-        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes()) as store:
+        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps)) as store:
             san = self.san_encoder if store.has_array("san") else None
             models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
             if san is not None:
@@ -125,23 +127,26 @@ class Engine:
             pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
 
-    def _index_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The arrays to index: with SAN for a new index (when configured); an existing index keeps
-        its arrays (one built without SAN stays without it, with a warning: text-only search then
-        needs a re-index into a new directory)."""
+    def _index_shapes(self, *, maps: bool = True) -> dict[str, tuple[int, ...]]:
+        """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
+        ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
+        with a warning: text-only search then needs a re-index into a new directory)."""
         from indexer.index_dir import IndexLayout
-        from indexer.store import POOLED_ARRAY, IndexStore
+        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
         if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
-            return self._array_shapes()
+            return self._array_shapes(maps=maps)
         with IndexStore.open(self.index_dir, config=self.config.store) as existing:
             stored = {name: spec.shape for name, spec in existing.array_specs.items()}
         pooled = POOLED_ARRAY in stored  # an index from before the pooled array keeps reading maps in stage 2
+        has_maps = MAPS_ARRAY in stored
+        if has_maps != maps:
+            log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", self.index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
-            return self._array_shapes(san=True, pooled=pooled)
+            return self._array_shapes(san=True, pooled=pooled, maps=has_maps)
         if self.config.san:
             log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
-        return self._array_shapes(san=False, pooled=pooled)
+        return self._array_shapes(san=False, pooled=pooled, maps=has_maps)
 
     # -- searching ----------------------------------------------------------------------------
     def search(
@@ -232,10 +237,12 @@ class Engine:
         import numpy as np
 
         if request.region_id is not None:
+            from query.rerank import read_region_maps
+
             row = self.region(request.region_id)
             rows = np.asarray([row.row], np.int64)
             vector = store.read_arrays("visual", rows)[0].astype(np.float32)
-            return store.read_arrays("maps", rows)[0], vector / max(float(np.linalg.norm(vector)), 1e-12), row.content_hash
+            return read_region_maps(store, rows)[0], vector / max(float(np.linalg.norm(vector)), 1e-12), row.content_hash
         if encoded is None:
             from query.encode import VisualQueryEncoder, load_query_region
 
@@ -289,7 +296,7 @@ class Engine:
             scorer = GroundingScorer.from_checkpoint(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device)
             self._grounding = (weights, ref_nms, scorer)
         weights, ref_nms, scorer = self._grounding
-        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector)
+        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector, region_maps=self._region_maps)
 
     def _image_vector(self, path: str):  # noqa: ANN202
         """The mean backbone feature of an image file (for images indexed before they were stored)."""
@@ -298,6 +305,25 @@ class Engine:
         with __import__("torch").no_grad():
             fmap = self.extractor.feature_map([load_image(Path(path))])
         return fmap[0].float().mean(dim=(1, 2)).cpu().numpy()
+
+    def _region_maps(self, path: str, rows: list) -> Any:  # noqa: ANN401
+        """The 7×7 maps float16 ``[n, C, 7, 7]`` of indexed regions ``rows`` of the image at ``path``, computed
+        again from the file exactly as indexing computed them (an index built without maps); ``None`` when
+        the file is gone or no longer the one indexed (another content hash)."""
+        import numpy as np
+
+        from indexer.images import load_image
+        from indexer.scan import content_hash
+
+        try:
+            if content_hash(Path(path)) != rows[0].content_hash:
+                return None
+            image = load_image(Path(path))
+        except (OSError, EngineError):
+            return None
+        with __import__("torch").no_grad():
+            [(maps, _)] = self.extractor([image], [np.asarray([r.box for r in rows], np.float64)])
+        return maps
 
     def _check_san_index(self, store) -> None:  # noqa: ANN001
         """A clear error when the index holds no SAN embeddings, or ones of another SAN model."""
@@ -360,13 +386,20 @@ class Engine:
         """``config.grn_checkpoint``, else the shipped default for this index and device: the conv
         ``grn`` (the paper's model; best R@10/R@100) on a GPU and for indexes under
         ``config.fc_from_regions`` regions, ``grn-fc`` on the CPU from there on, where the conv GRN's
-        ~0.25 s per 1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md)."""
+        ~0.25 s per 1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md); ``grn-fc`` always
+        on an index built without the 7×7 maps (``engine index --no-maps``)."""
         from engine.models.checkpoint import default_checkpoint
         from indexer.index_dir import IndexLayout
+        from indexer.store import MAPS_ARRAY
 
         if self.config.grn_checkpoint is not None:
             return self.config.grn_checkpoint
-        if device.type == "cuda" or not IndexLayout(self.index_dir.expanduser().resolve()).exists():
+        if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
+            return None
+        if not self._open_reader().has_array(MAPS_ARRAY):
+            log.info("index built without 7x7 maps: stage 2 uses grn-fc")
+            return default_checkpoint("grn-fc")
+        if device.type == "cuda":
             return None
         regions = self._open_reader().vector_count()
         if regions >= self.config.fc_from_regions:

@@ -89,8 +89,9 @@ def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per backbone batch and per commit.")
 @click.option("--proposals", type=click.Choice(["auto", "rpn", "gt", "selective-search"]), default="auto", show_default=True, help="Region source: rpn (= auto) the shipped region proposal network, top 100 per image; gt the boxes of CORPUS/annotations.jsonl; selective-search (slow, no model).")
 @json_option
+@click.option("--maps/--no-maps", default=True, show_default=True, help="A new index keeps each region's 7x7 feature map (11 KB a region: the conv GRN and stage-3 grounding read them). --no-maps: ~1.1 KB a region; stage 2 uses grn-fc, stage 3 recomputes the maps of the images it grounds from their files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, proposals: str, as_json: bool, quiet: bool) -> None:
+def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, proposals: str, maps: bool, as_json: bool, quiet: bool) -> None:
     """Index every image under CORPUS (recursive); re-runs process only new or changed images.
 
     \b
@@ -100,7 +101,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
     from engine.config import IndexConfig
 
     engine = _engine(index_dir, device)
-    summary = engine.index(corpus, config=IndexConfig(proposals=proposals, batch_size=batch_size), progress=not (quiet or as_json))
+    summary = engine.index(corpus, config=IndexConfig(proposals=proposals, batch_size=batch_size, maps=maps), progress=not (quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return

@@ -76,8 +76,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """One indexing run: where proposals come from, how many images per batch, how often FAISS is saved."""
+    """One indexing run: where proposals come from, how many images per batch, how often FAISS is saved.
+
+    ``maps``: a new index keeps each region's 7×7 RoI map (10,976 bytes a region: the conv GRN reads
+    them in stage 2, stage 3 grounds with them). Without them (``engine index --no-maps``) an index
+    takes ~1.1 KB a region (1.1 GB at a million regions): stage 2 uses ``grn-fc`` on the stored
+    pooled means, and stage 3 computes the maps of the few images it grounds again from their files.
+    An existing index keeps the arrays it was created with.
+    """
 
     proposals: str = "auto"
     batch_size: int = 8
     save_every: int = 2000
+    maps: bool = True

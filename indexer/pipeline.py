@@ -18,7 +18,7 @@ from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, mean_maps
 from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
-from indexer.store import POOLED_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
+from indexer.store import MAPS_ARRAY, POOLED_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline"]
 
@@ -120,7 +120,9 @@ class IndexingPipeline:
         for group in _same_size_groups(loaded):
             features = self._features(group)
             for it, (maps, vectors, san, image_vector) in zip(group, features):
-                arrays = {"maps": maps, "visual": vectors}
+                arrays = {"visual": vectors}
+                if self.store.has_array(MAPS_ARRAY):
+                    arrays[MAPS_ARRAY] = maps
                 if self.store.has_array(POOLED_ARRAY):
                     arrays[POOLED_ARRAY] = mean_maps(maps)
                 if san is not None:

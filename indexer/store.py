@@ -94,6 +94,7 @@ logger = logging.getLogger(__name__)
 VECTOR_ARRAY = "visual"
 #: The feature-store array of SAN region embeddings; when an index has it, it gets its own FAISS file.
 SAN_ARRAY = "san"
+MAPS_ARRAY = "maps"  # the 7×7 RoI maps; absent from an index built with ``engine index --no-maps``
 POOLED_ARRAY = "pooled"  # the un-normalised spatial mean of each 7×7 map: all a non-spatial stage 2 (grn-fc) reads
 _CHUNK = 500  # ids per SQL ``IN (...)``
 _CATCH_UP_CHUNK = 65_536  # vectors read per step when catching up
@@ -254,6 +255,7 @@ class IndexStore:
         self._vector_sets: dict[str, VectorIndex] = {}
         self._row_maps: dict[int, np.ndarray | None] = {}
         self._table: RegionTable | None = None
+        self._state_connection: Any = None  # see _state
 
     # ------------------------------------------------------------------------------------------
     # opening and closing
@@ -365,6 +367,9 @@ class IndexStore:
         self._vector_sets = {}
         self._row_maps = {}
         self._table = None
+        if self._state_connection is not None:
+            self._state_connection.close()
+            self._state_connection = None
         self._engine.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -843,6 +848,13 @@ class IndexStore:
             found = s.scalars(select(Image.id).where(Image.content_hash == content_hash, Image.status == "indexed"))
             return np.asarray(list(found), np.int64)
 
+    def _state(self) -> tuple[int, int, int, int]:
+        """``(feature_generation, next_row, region_seq, tomb_seq)`` now, by one statement on a connection
+        held for it (a lone SELECT reads one snapshot): ~0.05 ms instead of ~0.6 ms through a session."""
+        if self._state_connection is None:
+            self._state_connection = self._engine.raw_connection()
+        return _db_state(self._state_connection.driver_connection)
+
     def _save_table(self) -> None:
         """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``)."""
         save_table(self._synced_table(), self.layout.region_table_path)
@@ -850,8 +862,13 @@ class IndexStore:
     def _synced_table(self) -> RegionTable:
         """The region table, brought to one database snapshot: regions added and removed since applied,
         or read whole (first use, a compaction's new generation, tombstones pruned before it saw them)."""
-        with self._read() as s:
-            generation, next_row, region_seq, tomb_seq = _db_state(s)
+        generation, next_row, region_seq, tomb_seq = self._state()
+        table = self._table
+        if table is not None and (table.generation, table.region_seq, table.tomb_seq) == (generation, region_seq, tomb_seq):
+            self._use_generation(generation, next_row)
+            return table
+        with self._read() as s:  # one snapshot for the state and the catch-up
+            generation, next_row, region_seq, tomb_seq = _db_state(_dbapi(s))
             table = self._table if self._table is not None else self._saved_table(generation, region_seq, tomb_seq)
             if table is not None and table.generation == generation and (table.region_seq, table.tomb_seq) != (region_seq, tomb_seq):
                 table = _caught_up_table(s, table, region_seq, tomb_seq)
@@ -973,8 +990,7 @@ class IndexStore:
         type of the saved file, so readers never train an index in memory that the next save
         replaces anyway.
         """
-        with self._read() as s:
-            generation, next_row, region_seq, tomb_seq = _db_state(s)
+        generation, next_row, region_seq, tomb_seq = self._state()
         self._use_generation(generation, next_row)  # a compaction committed since the last search
         if array not in self._vector_sets:
             self._vector_sets[array] = self._load_vectors(array)
@@ -1196,16 +1212,16 @@ def _dbapi(session: Session) -> Any:  # noqa: ANN401
     return session.connection().connection.driver_connection
 
 
-_DB_STATE = text(
+_DB_STATE = (
     "SELECT key, value FROM meta WHERE key IN ('feature_generation', 'next_row') "
     "UNION ALL SELECT name, seq FROM sqlite_sequence WHERE name IN ('regions', 'tombstones')"
 )
 
 
-def _db_state(session: Session) -> tuple[int, int, int, int]:
-    """:func:`_feature_state` and :func:`_sequences` in one statement (each search checks them):
-    ``(feature_generation, next_row, region_seq, tomb_seq)``."""
-    values = dict(session.execute(_DB_STATE).all())
+def _db_state(connection: Any) -> tuple[int, int, int, int]:  # noqa: ANN401
+    """:func:`_feature_state` and :func:`_sequences` in one statement on a DB-API ``connection`` (each
+    search checks them): ``(feature_generation, next_row, region_seq, tomb_seq)``."""
+    values = dict(connection.execute(_DB_STATE).fetchall())
     meta = [int(json.loads(values.get(key, "0"))) for key in ("feature_generation", "next_row")]
     return meta[0], meta[1], int(values.get("regions") or 0), int(values.get("tombstones") or 0)
 

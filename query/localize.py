@@ -30,7 +30,7 @@ from engine.boxes import box_iou
 from engine.errors import CheckpointError, EngineError, InvalidInputError
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
-from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+from indexer.store import MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.search import Rescorer
 
 __all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
@@ -89,13 +89,16 @@ class GroundingStage:
         ref_nms: a :class:`engine.models.ref_nms.RefNMSModel`.
         scorer: a :class:`engine.models.cm_att.GroundingScorer`.
         image_vector: computes ``e_0`` of an image file for images indexed without one.
+        region_maps: computes the 7×7 maps of an image's indexed regions from its file, for an index
+            built without maps (``None`` when the file is gone or changed since it was indexed).
     """
 
-    def __init__(self, *, store: IndexStore, ref_nms, scorer, image_vector: Callable[[str], np.ndarray]) -> None:  # noqa: ANN001
+    def __init__(self, *, store: IndexStore, ref_nms, scorer, image_vector: Callable[[str], np.ndarray], region_maps: Callable[[str, list[RegionRow]], np.ndarray | None] | None = None) -> None:  # noqa: ANN001
         self.store = store
         self.ref_nms = ref_nms
         self.scorer = scorer
         self.image_vector = image_vector
+        self.region_maps = region_maps
 
     def candidates(self, path: str, text: str, stage2: Rescorer, query_vector: np.ndarray) -> Stage3Candidates | None:
         """The candidates of the image at ``path``; ``None`` when it cannot be grounded (no regions,
@@ -106,7 +109,9 @@ class GroundingStage:
         e0 = self._e0(path)
         if e0 is None:
             return None
-        maps = self.store.read_arrays("maps", np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+        maps = self._maps(path, rows)
+        if maps is None:
+            return None
         boxes = np.asarray([r.box for r in rows], np.float32)
         objectness = np.asarray([r.objectness for r in rows], np.float32)
         idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
@@ -123,6 +128,17 @@ class GroundingStage:
         parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
         parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)
         return Stage3Candidates(rows=kept, parts=parts)
+
+    def _maps(self, path: str, rows: list[RegionRow]) -> np.ndarray | None:
+        """The regions' 7×7 maps (float32): stored, or computed again from the image file when the index
+        was built without them."""
+        if self.store.has_array(MAPS_ARRAY):
+            return self.store.read_arrays(MAPS_ARRAY, np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+        maps = self.region_maps(path, rows) if self.region_maps is not None else None
+        if maps is None:
+            log.warning("stage 3 skips %s: the index holds no 7x7 maps and the file is gone or changed since it was indexed", path)
+            return None
+        return np.asarray(maps, np.float32)
 
     def _e0(self, path: str) -> np.ndarray | None:
         stored = self.store.image_vectors([path]).get(path)

@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.store import POOLED_ARRAY, IndexStore
+from engine.errors import IndexVersionError
+from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
-__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs"]
+__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs", "read_region_maps"]
 
 
 def read_grn_inputs(store: IndexStore, model, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """What the retrieval ``model`` reads of feature rows ``rows``: the 7×7 maps ``[n, C, 7, 7]``, or, for a
     model that only reads their spatial mean (``grn-fc``; ``model.spatial`` is False) on an index with the
-    ``pooled`` array, those means as ``[n, C, 1, 1]`` — 224 bytes a region instead of 10,976."""
+    ``pooled`` array, those means as ``[n, C, 1, 1]`` — 224 bytes a region instead of 10,976. A clear
+    error for a spatial model on an index built without maps."""
     if not model.spatial and store.has_array(POOLED_ARRAY):
         return store.read_arrays(POOLED_ARRAY, rows)[:, :, None, None]
-    return store.read_arrays("maps", rows)
+    if not store.has_array(MAPS_ARRAY):
+        raise IndexVersionError(
+            f"index {store.path} was built without the 7x7 region maps (engine index --no-maps), which {model.method} reads in stage 2; "
+            "use grn-fc (the default for such an index) or re-index into a new directory with maps"
+        )
+    return store.read_arrays(MAPS_ARRAY, rows)
+
+
+def read_region_maps(store: IndexStore, rows: np.ndarray) -> np.ndarray:
+    """Indexed regions as query maps: their 7×7 maps, or on an index built without them their pooled means
+    ``[n, C, 1, 1]`` (all that ``grn-fc`` reads of a map)."""
+    if store.has_array(MAPS_ARRAY):
+        return store.read_arrays(MAPS_ARRAY, rows)
+    return store.read_arrays(POOLED_ARRAY, rows)[:, :, None, None]
 
 
 class GrnRescorer:

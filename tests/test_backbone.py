@@ -100,11 +100,11 @@ def test_declared_cell_offsets_match_the_receptive_fields(effnet: Backbone, leve
 
 
 def test_head_on_c5_equals_classify(effnet: Backbone) -> None:
-    x = torch.randn(1, 3, 96, 96).clamp(-1, 1)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     with torch.no_grad():
-        c5 = effnet(x, levels=["c5"])["c5"]
+        c5 = effnet(x, levels=["c5"])["c5"]  # the frozen module (BatchNorm folded): within 1e-4 of eager
         via_c5 = effnet.model.forward_head(effnet.model.bn2(effnet.model.conv_head(c5)))  # bn2 holds the ReLU6
-        torch.testing.assert_close(via_c5, effnet.classify(x))
+        torch.testing.assert_close(via_c5, effnet.classify(x), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_input_shape(effnet: Backbone) -> None:

@@ -178,12 +178,13 @@ class SANet(nn.Module):
         scores = torch.einsum("vta,tla->vtl", g, torch.tanh(self.w1(t))) + self.w2.bias
         return torch.softmax(scores.masked_fill(~mask[None], float("-inf")), dim=-1)
 
-    def text_matrix(self, v: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+    def text_matrix(self, v: Tensor, ids: Tensor, lengths: Tensor, words: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Text representations ``[V, T, k]`` of every text as compared with every visual vector ``v [V, k]``.
 
         GT and IT do not depend on ``v`` (they are broadcast); FT(G-S) does, through STA's ``m_f``.
+        ``words``: :meth:`words` of the texts when already computed.
         """
-        t, mask, t_g = self.words(ids, lengths)
+        t, mask, t_g = words if words is not None else self.words(ids, lengths)
         kind = self.config.text
         n_v = v.shape[0]
         if kind == "gt":
@@ -201,9 +202,9 @@ class SANet(nn.Module):
 
     # ------------------------------------------------------------------ scores
 
-    def score_matrix(self, v: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+    def score_matrix(self, v: Tensor, ids: Tensor, lengths: Tensor, words: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Cosine similarities ``[V, T]`` of visual vectors ``v`` (from :meth:`visual`) and texts."""
-        t = self.text_matrix(v, ids, lengths)
+        t = self.text_matrix(v, ids, lengths, words)
         return torch.einsum("vk,vtk->vt", _normalize(v), _normalize(t))
 
     def global_score_matrix(self, v: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
@@ -229,6 +230,9 @@ def triplet_loss(scores: Tensor, positive_mask: Tensor, margin: float) -> Tensor
     return (loss_t + loss_v).mean()
 
 
+_RECENT_TEXTS = 16  # texts whose word features SANModel keeps
+
+
 class SANModel:
     """A trained SAN ready for inference: the network, its vocabulary and manifest.
 
@@ -243,6 +247,7 @@ class SANModel:
         self.net = net.eval()
         self.vocab = vocab
         self.manifest = manifest
+        self._recent: dict[str, tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]] = {}  # see _words
 
     @classmethod
     def from_checkpoint(cls, path: Path | None = None) -> "SANModel":
@@ -301,19 +306,30 @@ class SANModel:
             raise InvalidInputError(f"none of the words of {text!r:.60} is known to the SAN model; describe the region with words like 'red circle left of a blue square'")
         return ids, lengths
 
+    def _words(self, text: str) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """``(ids, lengths, SANet.words)`` of ``text``; the last few texts are kept, since one query asks for
+        its text's words twice (the text vector, then the stage-2 scores)."""
+        found = self._recent.pop(text, None)
+        if found is None:
+            ids, lengths = self._encode(text)
+            found = (ids, lengths, self.net.words(ids, lengths))
+        self._recent[text] = found  # most recent last
+        while len(self._recent) > _RECENT_TEXTS:
+            self._recent.pop(next(iter(self._recent)))
+        return found
+
     @torch.no_grad()
     def text_vector(self, text: str) -> Any:
         """The query's ``t_g`` float32 ``[k]``, L2-normalised (the text-only FAISS query)."""
-        ids, lengths = self._encode(text)
-        return _normalize(self.net.global_text(ids, lengths))[0].numpy()
+        return _normalize(self._words(text)[2][2])[0].numpy()
 
     @torch.no_grad()
     def score(self, text: str, vectors: Any) -> Any:
         """Full-model cosine float32 ``[N]`` of ``text`` and visual vectors ``[N, k]`` (from :meth:`visual`)."""
         import numpy as np
 
-        ids, lengths = self._encode(text)
+        ids, lengths, words = self._words(text)
         v = torch.as_tensor(np.asarray(vectors, np.float32))
         if len(v) == 0:
             return np.zeros(0, np.float32)
-        return self.net.score_matrix(v, ids, lengths)[:, 0].numpy().astype(np.float32)
+        return self.net.score_matrix(v, ids, lengths, words)[:, 0].numpy().astype(np.float32)
