@@ -58,6 +58,7 @@ class Plan:
     sweep_sizes: tuple[int, ...]
     shortlists: tuple[int, ...]
     steps: tuple[str, ...]
+    maps: bool
     results: Path
     cache: Path
     force: bool
@@ -78,6 +79,7 @@ class Plan:
             breakdown=20,
             seed=SeedConfig(images=self.seed_images),
             cache=self.cache,
+            maps=self.maps,
         )
         values.update(overrides)
         return QueryBenchConfig(**values)  # type: ignore[arg-type]
@@ -117,13 +119,13 @@ def _indexing(plan: Plan) -> None:
 def _queries(plan: Plan) -> None:
     for regions in plan.sizes:
         for variant in plan.variants:
-            out = plan.results / f"query-{regions}-{variant}.json"
+            out = plan.results / f"query-{regions}-{variant}{'' if plan.maps else '-nomaps'}.json"
             if out.is_file() and not plan.force:
                 continue
-            log.info("query benchmark: %d regions, %s", regions, variant)
+            log.info("query benchmark: %d regions, %s%s", regions, variant, "" if plan.maps else ", index without maps")
             report = run_query_benchmark(plan.query_config(regions, variant), progress=True)
             write_json(out, report.details())
-            if variant == default_variant(regions):
+            if variant == default_variant(regions) and plan.maps:
                 write_json(plan.results / f"bench-{regions}.json", report.to_dict())
 
 
@@ -217,6 +219,7 @@ def _parse(argv: list[str] | None) -> Plan:
     parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="seeds and built indexes (default benchmarks/.cache)")
     parser.add_argument("--force", action="store_true", help="re-run steps whose JSON already exists")
+    parser.add_argument("--no-maps", dest="maps", action="store_false", help="query step on indexes built without the 7x7 maps (engine index --no-maps; stage 2 grn-fc): query-SIZE-VARIANT-nomaps.json")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.steps) - set(STEPS))
     if unknown:
@@ -232,6 +235,7 @@ def _parse(argv: list[str] | None) -> Plan:
         sweep_sizes=args.sweep_sizes,
         shortlists=args.shortlists,
         steps=args.steps,
+        maps=args.maps,
         results=args.results,
         cache=args.cache,
         force=args.force,

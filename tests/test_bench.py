@@ -108,6 +108,11 @@ def test_synthetic_index_keeps_the_real_regions_and_derives_the_rest(seed_data, 
     assert not np.allclose(synthetic[:10], real[:10].astype(np.float32))
     again = cached_index(data, SyntheticConfig(regions=data.regions + 150), tmp_path, seed.key, san_visual=None, progress=False)
     assert again.reused and again.path == built.path
+    lean = cached_index(data, SyntheticConfig(regions=data.regions + 150, maps=False), tmp_path, seed.key, san_visual=None, progress=False)
+    assert lean.path != built.path and not lean.reused  # an index as `engine index --no-maps` builds it
+    with IndexStore.open(lean.path) as store:
+        assert "maps" not in store.array_specs and store.info().regions == built.regions
+        np.testing.assert_array_equal(store.read_arrays("visual", store.all_regions().rows[: data.regions]), data.arrays["visual"])
 
 
 def test_synthetic_config_refuses_zero_regions() -> None:

@@ -49,7 +49,8 @@ class QueryBenchConfig:
     threads (``None``: torch's default); ``single_thread``: also time the searches on one thread.
     ``breakdown``: queries timed stage by stage (0: none). ``stage3_queries``: searches also timed with
     stage 3 (grounding) on, where the engine has it (0: none). ``memory``: measure a fresh reader
-    process's resident memory.
+    process's resident memory. ``maps``: False benchmarks an index built without the 7×7 maps
+    (``engine index --no-maps``).
     """
 
     regions: int
@@ -67,6 +68,7 @@ class QueryBenchConfig:
     stage3_queries: int = 0
     memory: bool = True
     k: int = 10
+    maps: bool = True
     seed: SeedConfig = field(default_factory=SeedConfig)
     mix_min: float = 0.5
     noise: float = 0.1
@@ -137,7 +139,7 @@ def prepare_index(config: QueryBenchConfig, *, progress: bool = True) -> tuple[S
     from engine.config import EngineConfig
 
     seed = prepare_seed(config.seed, config.cache, progress=progress)
-    synthetic = SyntheticConfig(regions=config.regions, mix_min=config.mix_min, noise=config.noise)
+    synthetic = SyntheticConfig(regions=config.regions, mix_min=config.mix_min, noise=config.noise, maps=config.maps)
     found = find_index(synthetic, config.cache, seed.key)
     if found is not None:  # no need to load the seed's arrays
         return seed, found
@@ -165,7 +167,7 @@ def _measure(engine: Any, built: BuiltIndex, queries: list[BenchQuery], config: 
         info = store.info()
     usage = disk_usage(built.path, info.regions)
     model = engine.retrieval_model
-    extra.update(index=built.to_dict(), grn=model.version, grn_method=model.method, shortlist=engine.config.shortlist, text_weight=engine.config.text_weight, san_candidates=engine.config.san_candidates, nprobe=info.nprobe, disk=usage.to_dict(), threads=threads)
+    extra.update(maps=config.maps, index=built.to_dict(), grn=model.version, grn_method=model.method, shortlist=engine.config.shortlist, text_weight=engine.config.text_weight, san_candidates=engine.config.san_candidates, nprobe=info.nprobe, disk=usage.to_dict(), threads=threads)
     report = QueryBenchReport(
         regions=int(info.regions),
         p50_ms=extra["latency"]["p50_ms"],

@@ -52,7 +52,8 @@ class SyntheticConfig:
 
     ``mix_min``: lowest weight of a synthetic region's dominant seed region; ``noise``: standard deviation
     of the added noise relative to the seed maps' RMS; ``images_per_commit``: synthetic images per
-    :meth:`IndexStore.commit_images` call; ``flat_threshold``: the store's Flat → IVF switch (its default).
+    :meth:`IndexStore.commit_images` call; ``flat_threshold``: the store's Flat → IVF switch (its default);
+    ``maps``: keep the 7×7 maps (False: an index as ``engine index --no-maps`` builds it).
     """
 
     regions: int
@@ -61,6 +62,7 @@ class SyntheticConfig:
     images_per_commit: int = 50
     seed: int = 0
     flat_threshold: int | None = None
+    maps: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or self.regions < 1:
@@ -75,7 +77,7 @@ class SyntheticConfig:
     def key(self, seed_key: str) -> str:
         """The cache folder name of this index built from seed ``seed_key``."""
         tail = f"m{self.mix_min:g}-n{self.noise:g}-s{self.seed}-t{self.flat_threshold or 'default'}-g{GENERATOR_VERSION}"
-        return f"index-{self.regions}-{seed_key}-{tail}"
+        return f"index-{self.regions}-{seed_key}-{tail}" + ("" if self.maps else "-nomaps")
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,12 @@ def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san
     start = time.perf_counter()
     store_config = StoreConfig() if config.flat_threshold is None else StoreConfig(flat_threshold=config.flat_threshold)
     rng = np.random.default_rng(config.seed)
-    with IndexStore.open(index_dir, create=True, writable=True, config=store_config, array_shapes=data.shapes) as store:
+    shapes = {name: shape for name, shape in data.shapes.items() if config.maps or name != "maps"}
+    with IndexStore.open(index_dir, create=True, writable=True, config=store_config, array_shapes=shapes) as store:
         run_id = store.begin_run("synthetic-benchmark", data.models)
         bar = tqdm(total=config.regions, unit="region", desc=f"building {config.regions:,}-region index", disable=not progress, dynamic_ncols=True)
         real = images = 0
-        for items in _real_batches(data, config.regions):
+        for items in _real_batches(data, config.regions, set(shapes)):
             store.commit_images(run_id, items)
             added = sum(len(b.boxes) for _, b in items)
             real += added
@@ -155,7 +158,7 @@ def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san
         mixer = RegionMixer(data, mix_min=config.mix_min, noise=config.noise, rng=rng, san_visual=san_visual)
         tag = hashlib.sha256(str(index_dir.resolve()).encode()).hexdigest()[:8]
         synthetic = 0
-        for items in _synthetic_batches(data, mixer, config.regions - real, config.images_per_commit, tag, first=images):
+        for items in _synthetic_batches(data, mixer, config.regions - real, config.images_per_commit, tag, set(shapes), first=images):
             store.commit_images(run_id, items)
             added = sum(len(b.boxes) for _, b in items)
             synthetic += added
@@ -210,8 +213,9 @@ def _mix(x: np.ndarray, y: np.ndarray, a: np.ndarray) -> np.ndarray:
     return w * x.astype(np.float32) + (1.0 - w) * y.astype(np.float32)
 
 
-def _real_batches(data: SeedData, limit: int, per_commit: int = 64) -> Iterator[list[tuple[Any, Any]]]:
-    """The seed's own images (their first regions when ``limit`` cuts one), ``per_commit`` per batch."""
+def _real_batches(data: SeedData, limit: int, names: set[str], per_commit: int = 64) -> Iterator[list[tuple[Any, Any]]]:
+    """The seed's own images (their first regions when ``limit`` cuts one), ``per_commit`` per batch, with
+    the arrays ``names``."""
     batch: list[tuple[Any, Any]] = []
     left = limit
     for image in data.images:
@@ -219,7 +223,7 @@ def _real_batches(data: SeedData, limit: int, per_commit: int = 64) -> Iterator[
             break
         take = min(image.count, left)
         rows = np.arange(image.start, image.start + take)
-        batch.append((_record(image), _regions(image, take, {name: array[rows] for name, array in data.arrays.items()})))
+        batch.append((_record(image), _regions(image, take, {name: array[rows] for name, array in data.arrays.items() if name in names})))
         left -= take
         if len(batch) == per_commit:
             yield batch
@@ -228,8 +232,8 @@ def _real_batches(data: SeedData, limit: int, per_commit: int = 64) -> Iterator[
         yield batch
 
 
-def _synthetic_batches(data: SeedData, mixer: RegionMixer, count: int, per_commit: int, tag: str, *, first: int) -> Iterator[list[tuple[Any, Any]]]:
-    """Synthetic images until ``count`` regions are made, ``per_commit`` images per batch."""
+def _synthetic_batches(data: SeedData, mixer: RegionMixer, count: int, per_commit: int, tag: str, names: set[str], *, first: int) -> Iterator[list[tuple[Any, Any]]]:
+    """Synthetic images until ``count`` regions are made, ``per_commit`` images per batch, with the arrays ``names``."""
     left = count
     number = first
     while left > 0:
@@ -246,7 +250,7 @@ def _synthetic_batches(data: SeedData, mixer: RegionMixer, count: int, per_commi
         for image, take in layouts:
             path = f"{SYNTHETIC_ROOT}{tag}/{number:08d}.jpg"
             record = _record(image, path=path, digest=hashlib.sha256(path.encode()).hexdigest())
-            items.append((record, _regions(image, take, {name: array[at : at + take] for name, array in arrays.items()})))
+            items.append((record, _regions(image, take, {name: array[at : at + take] for name, array in arrays.items() if name in names})))
             at += take
             number += 1
         yield items
