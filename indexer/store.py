@@ -2,7 +2,7 @@
 
 The indexing pipeline writes through it (``begin_run`` / ``commit_images`` / ``record_error`` /
 ``remove_images`` / ``save_vectors`` / ``finish_run``) and the query side reads through it
-(``search`` / ``regions`` / ``read_arrays``). Layout, tables and the crash-safety argument are in
+(``search`` / ``lookup_regions`` (the in-memory region table) / ``regions`` / ``read_arrays``). Layout, tables and the crash-safety argument are in
 ``docs/index-layout.md``; in short:
 
 * ``commit_images`` appends the feature rows first and fsyncs them, then inserts the image and
