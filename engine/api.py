@@ -60,6 +60,7 @@ class Engine:
         self._retrieval_model: Any = None
         self._san_encoder: Any = None
         self._grounding: Any = None
+        self._ref_nms: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -77,8 +78,8 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True) -> dict[str, tuple[int, ...]]:
-        from indexer.store import MAPS_ARRAY, POOLED_ARRAY
+    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True, refnms: bool | None = None) -> dict[str, tuple[int, ...]]:
+        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
 
         c, h, w = self.extractor.map_shape
         shapes: dict[str, tuple[int, ...]] = {"visual": (c,)}
@@ -88,7 +89,20 @@ class Engine:
             shapes[POOLED_ARRAY] = (c,)
         if self.config.san if san is None else san:
             shapes["san"] = (self.san_encoder.dim,)
+        if self.config.stage3 if refnms is None else refnms:
+            shapes[REFNMS_ARRAY] = (self.ref_nms_model.config.dim,)
         return shapes
+
+    @property
+    def ref_nms_model(self):  # -> engine.models.ref_nms.RefNMSModel
+        """Stage 3's Ref-NMS model, loaded once from ``config.ref_nms_checkpoint`` (``None``: the shipped
+        ``ref-nms-r``); indexing stores its text-independent visual features."""
+        if self._ref_nms is None:
+            from engine.device import resolve_device
+            from engine.models.ref_nms import RefNMSModel
+
+            self._ref_nms = RefNMSModel.from_checkpoint(self.config.ref_nms_checkpoint, device=resolve_device(self.config.device))
+        return self._ref_nms
 
     @property
     def san_encoder(self):  # -> indexer.san_features.SanRegionEncoder
@@ -124,15 +138,34 @@ class Engine:
             models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
             if san is not None:
                 models["san"] = san.version
-            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san)
+            ref_nms = self._indexing_ref_nms(store)
+            if ref_nms is not None:
+                models["ref_nms"] = ref_nms.version
+            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
+
+    def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
+        """The Ref-NMS model whose visual features an index with the ``refnms`` array stores; a clear error
+        when its earlier runs stored another model's (the rows must all come from one model)."""
+        from indexer.store import REFNMS_ARRAY
+
+        if not store.has_array(REFNMS_ARRAY):
+            return None
+        model = self.ref_nms_model
+        indexed = store.models().get("ref_nms")
+        if indexed and indexed != model.version:
+            raise IndexVersionError(
+                f"index {self.index_dir} holds Ref-NMS features of {indexed}, but this engine loads {model.version}; "
+                "configure the Ref-NMS checkpoint it was built with, or index into a new directory"
+            )
+        return model
 
     def _index_shapes(self, *, maps: bool = True) -> dict[str, tuple[int, ...]]:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
         ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
         with a warning: text-only search then needs a re-index into a new directory)."""
         from indexer.index_dir import IndexLayout
-        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
+        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
         if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
             return self._array_shapes(maps=maps)
@@ -142,11 +175,12 @@ class Engine:
         has_maps = MAPS_ARRAY in stored
         if has_maps != maps:
             log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", self.index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
+        refnms = REFNMS_ARRAY in stored  # an index from before it computes Ref-NMS's visual half at query time
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
-            return self._array_shapes(san=True, pooled=pooled, maps=has_maps)
+            return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms)
         if self.config.san:
             log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
-        return self._array_shapes(san=False, pooled=pooled, maps=has_maps)
+        return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms)
 
     # -- searching ----------------------------------------------------------------------------
     def search(
@@ -283,20 +317,20 @@ class Engine:
 
     def grounding_stage(self, store):  # noqa: ANN001, ANN201
         """Stage 3's weights and :class:`query.localize.GroundingStage` (models loaded once)."""
+        from indexer.store import REFNMS_ARRAY
         from query.localize import GroundingStage, load_stage3_weights
 
         if self._grounding is None:
             from engine.device import resolve_device
             from engine.models.cm_att import REGION_GROUNDING_NAME, GroundingScorer
-            from engine.models.ref_nms import RefNMSModel
 
             device = resolve_device(self.config.device)
             weights = self.config.stage3_weights or load_stage3_weights()
-            ref_nms = RefNMSModel.from_checkpoint(self.config.ref_nms_checkpoint, device=device)
             scorer = GroundingScorer.from_checkpoint(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device)
-            self._grounding = (weights, ref_nms, scorer)
+            self._grounding = (weights, self.ref_nms_model, scorer)
         weights, ref_nms, scorer = self._grounding
-        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector, region_maps=self._region_maps)
+        stored = store.has_array(REFNMS_ARRAY) and store.models().get("ref_nms") == ref_nms.version
+        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector, region_maps=self._region_maps, stored_relatedness_features=stored)
 
     def _image_vector(self, path: str):  # noqa: ANN202
         """The mean backbone feature of an image file (for images indexed before they were stored)."""

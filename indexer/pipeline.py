@@ -16,9 +16,10 @@ from engine.errors import ImageReadError, InvalidInputError
 from indexer.images import load_image
 from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, mean_maps
+from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
-from indexer.store import MAPS_ARRAY, POOLED_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
+from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline"]
 
@@ -66,6 +67,7 @@ class IndexingPipeline:
         save_every: int = 2000,
         models: dict[str, str] | None = None,
         san: SanRegionEncoder | None = None,
+        ref_nms: RefNMSModel | None = None,
     ) -> None:
         if batch_size <= 0:
             raise InvalidInputError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -76,6 +78,7 @@ class IndexingPipeline:
         self.save_every = save_every
         self.models = models or {}
         self.san = san
+        self.ref_nms = ref_nms  # computes the stored Ref-NMS visual features (array ``refnms``)
 
     def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
         start = time.perf_counter()
@@ -125,6 +128,8 @@ class IndexingPipeline:
                     arrays[MAPS_ARRAY] = maps
                 if self.store.has_array(POOLED_ARRAY):
                     arrays[POOLED_ARRAY] = mean_maps(maps)
+                if self.ref_nms is not None:
+                    arrays[REFNMS_ARRAY] = self.ref_nms.visual_features(maps)
                 if san is not None:
                     arrays[SAN_ARRAY] = san
                 items.append((replace(it.record, vector=image_vector), RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))

@@ -95,6 +95,7 @@ VECTOR_ARRAY = "visual"
 #: The feature-store array of SAN region embeddings; when an index has it, it gets its own FAISS file.
 SAN_ARRAY = "san"
 MAPS_ARRAY = "maps"  # the 7×7 RoI maps; absent from an index built with ``engine index --no-maps``
+REFNMS_ARRAY = "refnms"  # Ref-NMS's text-independent visual feature v_i of each region (query stage 3)
 POOLED_ARRAY = "pooled"  # the un-normalised spatial mean of each 7×7 map: all a non-spatial stage 2 (grn-fc) reads
 _CHUNK = 500  # ids per SQL ``IN (...)``
 _CATCH_UP_CHUNK = 65_536  # vectors read per step when catching up

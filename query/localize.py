@@ -30,7 +30,7 @@ from engine.boxes import box_iou
 from engine.errors import CheckpointError, EngineError, InvalidInputError
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
-from indexer.store import MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
+from indexer.store import MAPS_ARRAY, REFNMS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.search import Rescorer
 
 __all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
@@ -91,14 +91,17 @@ class GroundingStage:
         image_vector: computes ``e_0`` of an image file for images indexed without one.
         region_maps: computes the 7×7 maps of an image's indexed regions from its file, for an index
             built without maps (``None`` when the file is gone or changed since it was indexed).
+        stored_relatedness_features: the index holds ``ref_nms``'s own visual features ``v_i`` (array
+            ``refnms``): Ref-NMS reads them instead of running its convolutional head on the maps.
     """
 
-    def __init__(self, *, store: IndexStore, ref_nms, scorer, image_vector: Callable[[str], np.ndarray], region_maps: Callable[[str, list[RegionRow]], np.ndarray | None] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, *, store: IndexStore, ref_nms, scorer, image_vector: Callable[[str], np.ndarray], region_maps: Callable[[str, list[RegionRow]], np.ndarray | None] | None = None, stored_relatedness_features: bool = False) -> None:  # noqa: ANN001
         self.store = store
         self.ref_nms = ref_nms
         self.scorer = scorer
         self.image_vector = image_vector
         self.region_maps = region_maps
+        self.stored_relatedness_features = stored_relatedness_features
 
     def candidates(self, path: str, text: str, stage2: Rescorer, query_vector: np.ndarray) -> Stage3Candidates | None:
         """The candidates of the image at ``path``; ``None`` when it cannot be grounded (no regions,
@@ -117,7 +120,7 @@ class GroundingStage:
         idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
         if len(idx) == 0:
             return None
-        r = self.ref_nms.relatedness(maps[idx], text)
+        r = self._relatedness(maps, rows, idx, text)
         order = fused_nms(boxes[idx], objectness[idx], r, iou=self.ref_nms.config.nms_iou)  # NMS over s_i = r_i × c_i
         keep, relatedness = idx[order], r[order]
         kept = [rows[i] for i in keep]
@@ -128,6 +131,14 @@ class GroundingStage:
         parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
         parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)
         return Stage3Candidates(rows=kept, parts=parts)
+
+    def _relatedness(self, maps: np.ndarray, rows: list[RegionRow], idx: np.ndarray, text: str) -> np.ndarray:
+        """Ref-NMS's ``r_i`` of the regions ``idx``: from their stored visual features ``v_i`` when the index
+        holds this model's, else from their maps (Eq. 1–2 either way)."""
+        if self.stored_relatedness_features:
+            visual = self.store.read_arrays(REFNMS_ARRAY, np.asarray([rows[i].row for i in idx], np.int64))
+            return self.ref_nms.relatedness(None, text, visual=visual)
+        return self.ref_nms.relatedness(maps[idx], text)
 
     def _maps(self, path: str, rows: list[RegionRow]) -> np.ndarray | None:
         """The regions' 7×7 maps (float32): stored, or computed again from the image file when the index

@@ -199,3 +199,50 @@ def test_eval_stage3_fits_a_grid_that_starts_with_stage2_alone(tiny_corpus: Path
     again = CliRunner().invoke(main, ["eval", "stage3", "--data", str(tiny_corpus), "--split", "train", "--work-dir", str(tmp_path / "work"), "--fitted", str(weights), "--json", str(out), "-q"])
     assert again.exit_code == 0, again.output
     assert json.loads(out.read_text(encoding="utf-8"))["rows"][0]["images"] == 0
+
+
+def test_stage3_reads_the_stored_ref_nms_features_and_matches_the_maps(rpn_index: Path, tiny_corpus: Path) -> None:
+    from query.localize import GroundingStage
+
+    q = _query(tiny_corpus)
+    with _engine(rpn_index) as engine:
+        store = engine._open_reader()
+        assert store.has_array("refnms") and store.models()["ref_nms"] == engine.ref_nms_model.version
+        rows = store.regions(store.all_region_ids()[:40])
+        row_ids = np.asarray([r.row for r in rows], np.int64)
+        stored = store.read_arrays("refnms", row_ids).astype(np.float32)
+        np.testing.assert_allclose(stored, engine.ref_nms_model.visual_features(store.read_arrays("maps", row_ids)), atol=2e-2, rtol=1e-2)
+        query = engine.stage2(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
+        path = query.run(k=50)[0].image
+        _, fast = engine.grounding_stage(query.store)
+        assert fast.stored_relatedness_features
+        slow = GroundingStage(store=fast.store, ref_nms=fast.ref_nms, scorer=fast.scorer, image_vector=fast.image_vector, region_maps=fast.region_maps)
+        a = fast.candidates(path, q["text"], query.rescore, query.vector)
+        b = slow.candidates(path, q["text"], query.rescore, query.vector)
+        assert [r.id for r in a.rows] == [r.id for r in b.rows]
+        np.testing.assert_allclose(a.parts["relatedness"], b.parts["relatedness"], atol=2e-3)
+
+
+def test_indexing_refuses_features_of_another_ref_nms_model(rpn_index: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from engine.config import IndexConfig
+    from engine.errors import IndexVersionError
+
+    shutil.copytree(rpn_index, tmp_path / "idx")
+    with _engine(tmp_path / "idx", ref_nms_checkpoint="ref-nms-b") as other:
+        with pytest.raises(IndexVersionError, match="holds Ref-NMS features of .*ref-nms-r"):
+            other.index(tiny_corpus, config=IndexConfig(proposals="rpn"))
+        assert not other.grounding_stage(other._open_reader())[1].stored_relatedness_features  # queries compute them from the maps
+
+
+def test_an_index_without_ref_nms_features_still_grounds(tiny_corpus: Path, tmp_path: Path) -> None:
+    from engine.config import IndexConfig
+
+    q = _query(tiny_corpus)
+    with _engine(tmp_path / "idx", stage3=False) as builder:  # an engine without stage 3 stores no Ref-NMS features
+        builder.index(tiny_corpus, config=IndexConfig(proposals="gt"))
+        assert not builder._open_reader().has_array("refnms")
+    with _engine(tmp_path / "idx") as engine:
+        hits = engine.search(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5)
+        assert any("relatedness" in h.scores for h in hits)

@@ -144,7 +144,8 @@ def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san
     start = time.perf_counter()
     store_config = StoreConfig() if config.flat_threshold is None else StoreConfig(flat_threshold=config.flat_threshold)
     rng = np.random.default_rng(config.seed)
-    shapes = {name: shape for name, shape in data.shapes.items() if config.maps or name != "maps"}
+    # no Ref-NMS features for the mixed regions (stage 3 computes them from the maps, as for an older index)
+    shapes = {name: shape for name, shape in data.shapes.items() if name != "refnms" and (config.maps or name != "maps")}
     with IndexStore.open(index_dir, create=True, writable=True, config=store_config, array_shapes=shapes) as store:
         run_id = store.begin_run("synthetic-benchmark", data.models)
         bar = tqdm(total=config.regions, unit="region", desc=f"building {config.regions:,}-region index", disable=not progress, dynamic_ncols=True)
