@@ -355,8 +355,7 @@ class Engine:
             image = load_image(Path(path))
         except (OSError, EngineError):
             return None
-        with __import__("torch").no_grad():
-            [(maps, _)] = self.extractor([image], [np.asarray([r.box for r in rows], np.float64)])
+        [(maps, _)] = self.extractor([image], [np.asarray([r.box for r in rows], np.float64)])  # no_grad inside
         return maps
 
     def _check_san_index(self, store) -> None:  # noqa: ANN001

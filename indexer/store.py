@@ -871,9 +871,11 @@ class IndexStore:
         with self._read() as s:  # one snapshot for the state and the catch-up
             generation, next_row, region_seq, tomb_seq = _db_state(_dbapi(s))
             table = self._table if self._table is not None else self._saved_table(generation, region_seq, tomb_seq)
-            if table is not None and table.generation == generation and (table.region_seq, table.tomb_seq) != (region_seq, tomb_seq):
+            if table is not None and table.generation != generation:  # a compaction renumbered the rows
+                table = None
+            if table is not None and (table.region_seq, table.tomb_seq) != (region_seq, tomb_seq):
                 table = _caught_up_table(s, table, region_seq, tomb_seq)
-            if table is None or table.generation != generation:
+            if table is None:
                 table = RegionTable(read_regions(_dbapi(s)), generation, region_seq, tomb_seq)
         self._use_generation(generation, next_row)
         self._table = table
@@ -1031,7 +1033,7 @@ class IndexStore:
             except VectorFileError as exc:
                 logger.warning("%s; rebuilding the vector index from the feature store", exc)
             else:
-                region_seq, tomb_seq = self._sequences()
+                _, _, region_seq, tomb_seq = self._state()
                 if vectors.max_region_id <= region_seq and vectors.max_tombstone_seq <= tomb_seq:
                     return vectors
                 logger.warning(
@@ -1049,10 +1051,9 @@ class IndexStore:
 
     def _rebuild_vectors(self, factory: str | None, array: str = VECTOR_ARRAY) -> VectorIndex:
         with self._read() as s:
-            region_seq, tomb_seq = _sequences(s)
-            state = _feature_state(s)
+            generation, next_row, region_seq, tomb_seq = _db_state(_dbapi(s))
             rows = s.execute(select(Region.id, Region.row).order_by(Region.id)).all()
-        self._use_generation(*state)
+        self._use_generation(generation, next_row)
         ids = np.asarray([r.id for r in rows], dtype=np.int64)
         feature_rows = np.asarray([r.row for r in rows], dtype=np.int64)
         vectors = self._new_vector_index(array)
@@ -1064,35 +1065,24 @@ class IndexStore:
     def _read_vectors(self, rows: np.ndarray) -> np.ndarray:
         return self.features.read(VECTOR_ARRAY, rows)
 
-    def _sequences(self) -> tuple[int, int]:
-        with self._read() as s:
-            return _sequences(s)
-
     def _catch_up(self, array: str = VECTOR_ARRAY) -> None:
         """Add regions newer than the index, apply tombstones newer than it (one DB snapshot)."""
         for _ in range(3):
             vectors = self._vector_sets[array]
             with self._read() as s:
-                region_seq, tomb_seq = _sequences(s)
-                state = _feature_state(s)
+                generation, next_row, region_seq, tomb_seq = _db_state(_dbapi(s))
                 new = s.execute(
                     select(Region.id, Region.row)
                     .where(Region.id > vectors.max_region_id)
                     .order_by(Region.id)
                 ).all()
-                tombs = s.execute(
-                    select(Tombstone.seq, Tombstone.region_id)
-                    .where(Tombstone.seq > vectors.max_tombstone_seq)
-                    .order_by(Tombstone.seq)
-                ).all()
-            if tomb_seq > vectors.max_tombstone_seq and (
-                not tombs or tombs[0].seq != vectors.max_tombstone_seq + 1
-            ):
+                tombs = _tombstones_since(s, vectors.max_tombstone_seq, tomb_seq)
+            if tombs is None:
                 # Tombstones we never applied were pruned: a newer saved file holds them.
                 logger.info("vector index of %s is behind pruned tombstones; reloading", self.path)
                 self._vector_sets[array] = self._load_vectors(array)
                 continue
-            self._use_generation(*state)
+            self._use_generation(generation, next_row)
             for chunk in _chunks(new, _CATCH_UP_CHUNK):
                 ids = np.asarray([r.id for r in chunk], dtype=np.int64)
                 rows = np.asarray([r.row for r in chunk], dtype=np.int64)
@@ -1186,23 +1176,22 @@ def _feature_state(session: Session) -> tuple[int, int]:
     return int(json.loads(values.get("feature_generation", "0"))), int(json.loads(values.get("next_row", "0")))
 
 
-def _sequences(session: Session) -> tuple[int, int]:
-    """Highest region id and tombstone seq ever handed out (``sqlite_sequence``; 0 if none)."""
-    rows = dict(
-        session.execute(
-            text("SELECT name, seq FROM sqlite_sequence WHERE name IN ('regions', 'tombstones')")
-        ).all()
-    )
-    return int(rows.get("regions") or 0), int(rows.get("tombstones") or 0)
+def _tombstones_since(session: Session, seen: int, tomb_seq: int) -> list[Any] | None:
+    """The tombstones ``(seq, region_id)`` after seq ``seen``, up to the snapshot's ``tomb_seq``; ``None``
+    when some of them were already pruned (seqs have no gaps, so a missing first one shows it)."""
+    tombs = session.execute(
+        select(Tombstone.seq, Tombstone.region_id).where(Tombstone.seq > seen).order_by(Tombstone.seq)
+    ).all()
+    if tomb_seq > seen and (not tombs or tombs[0].seq != seen + 1):
+        return None
+    return list(tombs)
 
 
 def _caught_up_table(session: Session, table: RegionTable, region_seq: int, tomb_seq: int) -> RegionTable | None:
     """``table`` brought to the session's snapshot (sequences ``region_seq`` / ``tomb_seq``): newer regions
     added, newer tombstones applied; ``None`` when tombstones it never saw were pruned."""
-    tombs = session.execute(
-        select(Tombstone.seq, Tombstone.region_id).where(Tombstone.seq > table.tomb_seq).order_by(Tombstone.seq)
-    ).all()
-    if tomb_seq > table.tomb_seq and (not tombs or tombs[0].seq != table.tomb_seq + 1):
+    tombs = _tombstones_since(session, table.tomb_seq, tomb_seq)
+    if tombs is None:
         return None
     added = read_regions(_dbapi(session), table.region_seq)
     return table.updated(added, [t.region_id for t in tombs], region_seq=region_seq, tomb_seq=tomb_seq)
@@ -1220,8 +1209,9 @@ _DB_STATE = (
 
 
 def _db_state(connection: Any) -> tuple[int, int, int, int]:  # noqa: ANN401
-    """:func:`_feature_state` and :func:`_sequences` in one statement on a DB-API ``connection`` (each
-    search checks them): ``(feature_generation, next_row, region_seq, tomb_seq)``."""
+    """The feature store's state and the highest region id and tombstone seq ever handed out
+    (``sqlite_sequence``; 0 if none), in one statement on a DB-API ``connection`` (each search checks
+    them): ``(feature_generation, next_row, region_seq, tomb_seq)``."""
     values = dict(connection.execute(_DB_STATE).fetchall())
     meta = [int(json.loads(values.get(key, "0"))) for key in ("feature_generation", "next_row")]
     return meta[0], meta[1], int(values.get("regions") or 0), int(values.get("tombstones") or 0)

@@ -112,39 +112,38 @@ class GroundingStage:
         e0 = self._e0(path)
         if e0 is None:
             return None
-        maps = self._maps(path, rows)
-        if maps is None:
-            return None
         boxes = np.asarray([r.box for r in rows], np.float32)
         objectness = np.asarray([r.objectness for r in rows], np.float32)
         idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
         if len(idx) == 0:
             return None
-        r = self._relatedness(maps, rows, idx, text)
+        maps = None
+        if self.stored_relatedness_features:  # Ref-NMS's visual half was stored at index time
+            r = self.ref_nms.relatedness_from_features(self.store.read_arrays(REFNMS_ARRAY, _feature_rows([rows[i] for i in idx])), text)
+        else:
+            maps = self._maps(path, [rows[i] for i in idx])
+            if maps is None:
+                return None
+            r = self.ref_nms.relatedness(maps, text)
         order = fused_nms(boxes[idx], objectness[idx], r, iou=self.ref_nms.config.nms_iou)  # NMS over s_i = r_i × c_i
         keep, relatedness = idx[order], r[order]
         kept = [rows[i] for i in keep]
+        kept_maps = maps[order] if maps is not None else self._maps(path, kept)  # CM-Att reads the survivors' maps only
+        if kept_maps is None:
+            return None
         size = (int(rows[0].width or 0), int(rows[0].height or 0))
-        grounding = self.scorer.score(maps[keep], boxes[keep], size, e0, text)
-        stage2_parts = stage2(np.asarray([r.row for r in kept], np.int64))
+        grounding = self.scorer.score(kept_maps, boxes[keep], size, e0, text)
+        stage2_parts = stage2(_feature_rows(kept))
         parts = {"visual": self._visual(kept, query_vector)}
         parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
         parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)
         return Stage3Candidates(rows=kept, parts=parts)
 
-    def _relatedness(self, maps: np.ndarray, rows: list[RegionRow], idx: np.ndarray, text: str) -> np.ndarray:
-        """Ref-NMS's ``r_i`` of the regions ``idx``: from their stored visual features ``v_i`` when the index
-        holds this model's, else from their maps (Eq. 1–2 either way)."""
-        if self.stored_relatedness_features:
-            visual = self.store.read_arrays(REFNMS_ARRAY, np.asarray([rows[i].row for i in idx], np.int64))
-            return self.ref_nms.relatedness(None, text, visual=visual)
-        return self.ref_nms.relatedness(maps[idx], text)
-
     def _maps(self, path: str, rows: list[RegionRow]) -> np.ndarray | None:
         """The regions' 7×7 maps (float32): stored, or computed again from the image file when the index
         was built without them."""
         if self.store.has_array(MAPS_ARRAY):
-            return self.store.read_arrays(MAPS_ARRAY, np.asarray([r.row for r in rows], np.int64)).astype(np.float32)
+            return self.store.read_arrays(MAPS_ARRAY, _feature_rows(rows)).astype(np.float32)
         maps = self.region_maps(path, rows) if self.region_maps is not None else None
         if maps is None:
             log.warning("stage 3 skips %s: the index holds no 7x7 maps and the file is gone or changed since it was indexed", path)
@@ -166,6 +165,10 @@ class GroundingStage:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         q = np.asarray(query_vector, np.float32).reshape(-1)
         return (vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))).astype(np.float32)
+
+
+def _feature_rows(rows: Sequence[RegionRow]) -> np.ndarray:
+    return np.asarray([r.row for r in rows], np.int64)
 
 
 def rank_stage3(stage2_hits: Sequence[Hit], grounded: dict[str, Stage3Candidates], weights: Stage3Weights, k: int, *, iou: float = 0.5) -> list[Hit]:

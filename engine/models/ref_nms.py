@@ -156,31 +156,30 @@ class RefNMSModel:
     def visual_features(self, maps: np.ndarray) -> np.ndarray:
         """``v_i`` float32 ``[N, q]`` of RoI maps ``[N, C, 7, 7]``: the text-independent half of the module,
         which an index stores (array ``refnms``) so that query stage 3 skips it."""
-        maps_t = self._maps(maps)
+        device = next(self.net.parameters()).device
+        maps_t = torch.as_tensor(np.asarray(maps, np.float32), device=device)
+        if maps_t.ndim != 4 or maps_t.shape[1] != self.config.visual_dim:
+            raise InvalidInputError(f"Ref-NMS needs RoI maps of shape [N, {self.config.visual_dim}, 7, 7], got {tuple(maps_t.shape)}")
         if len(maps_t) == 0:
             return np.zeros((0, self.config.dim), np.float32)
         return self.net.visual(maps_t).cpu().numpy().astype(np.float32)
 
+    def relatedness(self, maps: np.ndarray, text: str) -> np.ndarray:
+        """``r_i`` ``[N]`` in (0, 1) of RoI maps ``[N, C, 7, 7]`` for ``text`` (unknown words are ``<unk>``)."""
+        return self.relatedness_from_features(self.visual_features(maps), text)
+
     @torch.no_grad()
-    def relatedness(self, maps: np.ndarray | None, text: str, *, visual: np.ndarray | None = None) -> np.ndarray:
-        """``r_i`` ``[N]`` in (0, 1) of RoI maps ``[N, C, 7, 7]`` for ``text`` (unknown words are ``<unk>``);
-        from their stored visual features ``visual`` ``[N, q]`` (:meth:`visual_features`) when given."""
+    def relatedness_from_features(self, visual: np.ndarray, text: str) -> np.ndarray:
+        """:meth:`relatedness` from the regions' visual features ``[N, q]`` (:meth:`visual_features`, e.g. stored)."""
         ids, lengths = self.vocab.encode_batch([text])
         device = next(self.net.parameters()).device
-        v = self.net.visual(self._maps(maps)) if visual is None else torch.as_tensor(np.asarray(visual, np.float32), device=device)
+        v = torch.as_tensor(np.asarray(visual, np.float32), device=device)
         if v.ndim != 2 or v.shape[1] != self.config.dim:
             raise InvalidInputError(f"Ref-NMS visual features must have shape [N, {self.config.dim}], got {tuple(v.shape)}")
         if len(v) == 0:
             return np.zeros(0, np.float32)
         logits, _ = self.net.relate(v, torch.zeros(len(v), dtype=torch.long, device=device), ids.to(device), lengths.to(device))
         return torch.sigmoid(logits).cpu().numpy().astype(np.float32)
-
-    def _maps(self, maps: np.ndarray | None) -> Tensor:
-        device = next(self.net.parameters()).device
-        maps_t = torch.as_tensor(np.asarray(maps, np.float32), device=device)
-        if maps_t.ndim != 4 or maps_t.shape[1] != self.config.visual_dim:
-            raise InvalidInputError(f"Ref-NMS needs RoI maps of shape [N, {self.config.visual_dim}, 7, 7], got {tuple(maps_t.shape)}")
-        return maps_t
 
     def suppress(self, boxes: np.ndarray, objectness: np.ndarray, maps: np.ndarray, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Ref-NMS on one image: drop boxes with ``c_i < δ``, NMS over ``r_i × c_i``.
