@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.boxes import Box
 from engine.config import EngineConfig, IndexConfig, default_index_dir
-from engine.errors import EngineError, IndexVersionError, InvalidInputError
+from engine.errors import EngineError, IndexNotFoundError, IndexVersionError, InvalidInputError
 from engine.results import Hit
 from query.filters import HitFilter
 from query.request import SearchRequest
@@ -164,13 +164,13 @@ class Engine:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
         ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
         with a warning: text-only search then needs a re-index into a new directory)."""
-        from indexer.index_dir import IndexLayout
         from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
-        if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
+        try:
+            with IndexStore.open(self.index_dir, config=self.config.store) as existing:
+                stored = {name: spec.shape for name, spec in existing.array_specs.items()}
+        except IndexNotFoundError:  # none yet, or a creation a killed run left unfinished: a new index
             return self._array_shapes(maps=maps)
-        with IndexStore.open(self.index_dir, config=self.config.store) as existing:
-            stored = {name: spec.shape for name, spec in existing.array_specs.items()}
         pooled = POOLED_ARRAY in stored  # an index from before the pooled array keeps reading maps in stage 2
         has_maps = MAPS_ARRAY in stored
         if has_maps != maps:

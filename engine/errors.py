@@ -15,6 +15,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexVersionError",
     "IndexLockedError",
+    "IndexReadOnlyError",
     "ModelWeightsError",
     "CheckpointError",
 ]
@@ -54,6 +55,10 @@ class IndexVersionError(EngineError):
 
 class IndexLockedError(EngineError):
     """Another process is writing to the index."""
+
+
+class IndexReadOnlyError(EngineError):
+    """The index folder cannot be written by this process (it can still be queried)."""
 
 
 class ModelWeightsError(EngineError):

@@ -3,7 +3,8 @@
 ::
 
     DIR/
-      engine.db            SQLite database (+ engine.db-wal, engine.db-shm while open)
+      engine.db            SQLite database (+ engine.db-wal, engine.db-shm while open); created as
+                           .engine.db.tmp-PID and renamed into place once complete
       vectors.faiss        FAISS index: header + faiss.serialize_index bytes (atomic replace)
       regions.npz          the region table (id, feature row, image id, box per live region) as of
                            the last save of the FAISS files (atomic replace; indexer/region_table.py)
@@ -133,6 +134,25 @@ class IndexLayout:
     def exists(self) -> bool:
         """Whether an index (its database) exists here."""
         return self.db_path.is_file()
+
+    def is_writable(self) -> bool:
+        """Whether this process may write the folder and ``engine.db`` (readers of a folder it cannot
+        write open the database immutable and write nothing)."""
+        return _may_write(self.root) and (not self.db_path.exists() or _may_write(self.db_path))
+
+    def unwritable_paths(self) -> list[Path]:
+        """The folder, database, feature and derived files that exist and this process may not write."""
+        paths = [self.root, self.db_path, self.features_dir, self.region_table_path, self.lock_path]
+        paths += sorted(self.root.glob("vectors*.faiss"))
+        if self.features_dir.is_dir():
+            paths += sorted(self.features_dir.iterdir())
+        return [p for p in paths if p.exists() and not _may_write(p)]
+
+
+def _may_write(path: Path) -> bool:
+    """``os.access(path, W_OK)`` (the one place that asks; tests replace it to act as a user without
+    write permission, since root may write anything)."""
+    return os.access(path, os.W_OK)
 
 
 class WriterLock:

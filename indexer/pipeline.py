@@ -90,7 +90,7 @@ class IndexingPipeline:
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
         status = "failed"
         try:
-            counts["removed"] = self.store.remove_images(plan.deleted) if plan.deleted else 0
+            counts["removed"] = self.store.delete_images(plan.deleted).images if plan.deleted else 0
             since_save = 0
             with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
                 for batch in _chunks(plan.todo, self.batch_size):

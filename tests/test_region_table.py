@@ -92,7 +92,7 @@ def test_self_exclusion_finds_every_copy_of_a_picture(tmp_path: Path) -> None:
 
 
 def test_readers_load_the_saved_table_and_fall_back_to_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import indexer.store as store_module
+    import indexer.table_sync as table_sync
 
     rng = np.random.default_rng(5)
     writer = IndexStore.open(tmp_path / "idx", create=True, writable=True, array_shapes=SHAPES)
@@ -104,8 +104,8 @@ def test_readers_load_the_saved_table_and_fall_back_to_the_database(tmp_path: Pa
     writer.commit_images(run, [_item(rng, "after.jpg", 2)])  # not in the saved file: caught up from SQLite
     expected = _expected(writer)
     full_reads: list[int] = []
-    real = store_module.read_regions
-    monkeypatch.setattr(store_module, "read_regions", lambda cursor, after_id=0: full_reads.append(after_id) or real(cursor, after_id))
+    real = table_sync.read_regions
+    monkeypatch.setattr(table_sync, "read_regions", lambda cursor, after_id=0: full_reads.append(after_id) or real(cursor, after_id))
 
     def read_table() -> dict[int, tuple]:
         with IndexStore.open(tmp_path / "idx") as reader:

@@ -229,6 +229,8 @@ def test_compact_shrinks_files_and_keeps_results(index: Path, corpus: Path) -> N
 def _crash_points():  # type: ignore[no-untyped-def]
     """name -> (target, attribute, replacement): each makes one step of compaction raise."""
     import indexer.store as store_module
+    from indexer.catalog import Catalog
+    from indexer.feature_store import FeatureStore
 
     def raising_after(func):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -240,7 +242,6 @@ def _crash_points():  # type: ignore[no-untyped-def]
     def raising(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError("simulated disk error")
 
-    cls = store_module.IndexStore
     cleanup = store_module.remove_stale_generations
 
     def cleanup_raising(layout, names, current: int):  # type: ignore[no-untyped-def]
@@ -249,9 +250,9 @@ def _crash_points():  # type: ignore[no-untyped-def]
         return cleanup(layout, names, current)
 
     return {
-        "write_generation: before fsync": (store_module.FeatureStore, "flush", raising),
-        "commit: before it": (cls, "_commit_generation", raising),
-        "commit: after it": (cls, "_commit_generation", raising_after(cls._commit_generation)),
+        "write_generation: before fsync": (FeatureStore, "flush", raising),
+        "commit: before it": (Catalog, "commit_generation", raising),
+        "commit: after it": (Catalog, "commit_generation", raising_after(Catalog.commit_generation)),
         "cleanup: before it": (store_module, "remove_stale_generations", cleanup_raising),
     }
 
@@ -421,6 +422,7 @@ _CHILD = textwrap.dedent(
     import os, sys
     sys.path.insert(0, {tests!r})
     import indexer.store as store_module
+    from indexer.catalog import Catalog
     from indexer.store import IndexStore
     point = {point!r}
     def crash(real):
@@ -431,7 +433,7 @@ _CHILD = textwrap.dedent(
     if point == "written":
         store_module.write_generation = crash(store_module.write_generation)
     else:
-        store_module.IndexStore._commit_generation = crash(store_module.IndexStore._commit_generation)
+        Catalog.commit_generation = crash(Catalog.commit_generation)
     IndexStore.open({index!r}, writable=True).compact()
     """
 )

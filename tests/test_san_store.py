@@ -39,13 +39,13 @@ def test_san_vectors_have_their_own_faiss_file(tmp_path: Path) -> None:
         _, ids = store.search(q[None], 6, array="san")
         assert ids[0].tolist() == _exact_top(store, q, 6)
         # removal and replacement reach the SAN file too, and the tombstones are pruned after the save
-        store.remove_images(["/c/0.jpg"])
+        store.delete_images(["/c/0.jpg"])
         store.commit_images(run, [_item(rng, "1.jpg", 2, version=1)])
         _, ids = store.search(q[None], 40, array="san")
         live = set(store.all_region_ids().tolist())
         assert set(ids[0][ids[0] >= 0].tolist()) == live and len(live) == 14
         store.save_vectors()
-        with store._read() as s:  # noqa: SLF001
+        with store._db.read() as s:  # noqa: SLF001
             from sqlalchemy import func, select
 
             from indexer.db.models import Tombstone

@@ -99,14 +99,14 @@ def test_commit_then_search_matches_brute_force(tmp_path: Path) -> None:
         assert con.execute("SELECT status, processed, seconds FROM index_runs").fetchall() == [("completed", 7, 0.5)]
 
 
-def test_remove_images_removes_from_search(tmp_path: Path) -> None:
+def test_delete_images_removes_from_search(tmp_path: Path) -> None:
     corpus = Corpus(1)
     with _create(tmp_path / "idx") as store:
         run = store.begin_run("/corpus", {})
         store.commit_images(run, [corpus.item(f"{i}.jpg") for i in range(5)])
         store.save_vectors()
         gone = store.regions_of_image("/corpus/2.jpg")
-        assert store.remove_images(["/corpus/2.jpg", "/corpus/2.jpg", "/corpus/missing.jpg"]) == 1
+        assert store.delete_images(["/corpus/2.jpg", "/corpus/2.jpg", "/corpus/missing.jpg"]).images == 1
         del corpus.vectors["/corpus/2.jpg"]
         assert store.regions_of_image("/corpus/2.jpg") == []
         assert store.regions([r.id for r in gone]) == []
@@ -190,18 +190,18 @@ def test_reader_in_another_store_sees_commits(tmp_path: Path) -> None:
         query = batch.arrays["visual"][1:2].astype(np.float32)
         _, found = reader.search(query, k=1)  # catches up without reopening
         assert reader.regions(found[0])[0].image_path == "/corpus/b.jpg"
-        writer.remove_images(["/corpus/b.jpg"])
+        writer.delete_images(["/corpus/b.jpg"])
         _, found = reader.search(query, k=6)
         assert {r.image_path for r in reader.regions(found[0])} == {"/corpus/a.jpg"}
         # the writer saves and prunes tombstones the reader never saw: it reloads the file
         writer.commit_images(run, [corpus.item("c.jpg")])
-        writer.remove_images(["/corpus/a.jpg"])
+        writer.delete_images(["/corpus/a.jpg"])
         writer.save_vectors()
         _, found = reader.search(query, k=6)
         assert {r.image_path for r in reader.regions(found[0])} == {"/corpus/c.jpg"}
         assert (found[0] >= 0).sum() == 3
         with pytest.raises(EngineError, match="read-only"):
-            reader.remove_images(["/corpus/c.jpg"])
+            reader.delete_images(["/corpus/c.jpg"])
     writer.close()
 
 
@@ -212,7 +212,7 @@ def test_save_reopen_catches_up(tmp_path: Path) -> None:
         store.commit_images(run, [corpus.item(f"{i}.jpg") for i in range(4)])
         store.save_vectors()
         store.commit_images(run, [corpus.item("late.jpg")])  # after the save
-        store.remove_images(["/corpus/0.jpg"])
+        store.delete_images(["/corpus/0.jpg"])
     del corpus.vectors["/corpus/0.jpg"]
     header = read_header(tmp_path / "idx" / "vectors.faiss")
     assert (header["count"], header["max_region_id"], header["max_tombstone_seq"]) == (12, 12, 0)

@@ -70,20 +70,20 @@ def test_uncommitted_append_is_invisible_and_overwritten(tmp_path: Path) -> None
 
 
 def test_failed_transaction_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.store as store_module
+    import indexer.catalog as catalog_module
 
     rng = np.random.default_rng(1)
     with IndexStore.open(tmp_path / "idx", create=True, writable=True, array_shapes=SHAPES) as store:
         run = store.begin_run("/corpus", {})
         store.commit_images(run, [_item(rng, "a.jpg")])
-        real = store_module._set_meta
+        real = catalog_module.set_meta
 
         def failing(session, key, value):  # type: ignore[no-untyped-def]
             if key == "next_row":
                 raise OSError("disk I/O error")
             real(session, key, value)
 
-        monkeypatch.setattr(store_module, "_set_meta", failing)
+        monkeypatch.setattr(catalog_module, "set_meta", failing)
         with pytest.raises(OSError):
             store.commit_images(run, [_item(rng, "b.jpg"), _item(rng, "c.jpg")])
         monkeypatch.undo()
@@ -110,7 +110,7 @@ _CHILD = textwrap.dedent(
     store.commit_images(run, [_item(rng, f"{{i}}.jpg") for i in range(3)])
     store.save_vectors()
     store.commit_images(run, [_item(rng, "3.jpg"), _item(rng, "4.jpg")])
-    store.remove_images(["/corpus/0.jpg"])
+    store.delete_images(["/corpus/0.jpg"])
     store.features.append(_item(rng, "5.jpg", 7)[1].arrays)  # in flight when killed
     store.features.flush()
     open({index!r} + "/.vectors.faiss.tmp-99999", "wb").write(b"half a save")

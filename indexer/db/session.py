@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.exc import DatabaseError
 
 from engine.errors import EngineError, IndexVersionError
@@ -40,15 +41,29 @@ logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000
 
 
-def create_db_engine(db_path: Path, *, immediate: bool = False, foreign_keys: bool = True) -> Engine:
+def create_db_engine(
+    db_path: Path, *, immediate: bool = False, foreign_keys: bool = True, read_only: bool = False
+) -> Engine:
     """A SQLAlchemy engine on the SQLite file ``db_path`` with the pragmas of the module docstring.
 
     ``immediate=True`` starts every transaction with ``BEGIN IMMEDIATE`` (takes SQLite's write lock
     up front, so a read-then-write transaction can never fail with ``SQLITE_BUSY`` half-way); use it
     for the writer. ``foreign_keys=False`` is for migrations only: SQLite batch migrations recreate
     tables, and dropping a parent table with foreign keys on would cascade-delete its children.
+
+    ``read_only=True`` is for an index folder this process cannot write: the file is opened with the
+    URI flags ``mode=ro&immutable=1``, so SQLite writes nothing (no ``-wal`` / ``-shm`` files, no
+    journal-mode change) and takes no locks; nothing may change the file while such an engine is open.
     """
-    engine = create_engine(f"sqlite:///{Path(db_path)}")
+    if read_only:
+        url = URL.create(
+            "sqlite",
+            database=f"file:{quote(str(Path(db_path)))}",
+            query={"mode": "ro", "immutable": "1", "uri": "true"},
+        )
+        engine = create_engine(url)
+    else:
+        engine = create_engine(f"sqlite:///{Path(db_path)}")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -56,8 +71,9 @@ def create_db_engine(db_path: Path, *, immediate: bool = False, foreign_keys: bo
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            if not read_only:  # both write the file (the journal mode) or concern writes only
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         finally:
             cursor.close()
