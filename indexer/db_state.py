@@ -210,6 +210,7 @@ def open_database(
         raise _not_created(layout, creation)
     if read_only:
         _require_head(layout)
+        _warn_of_unseen_commits(layout)
     else:
         upgrade_database(layout.db_path)
     database = Database(layout, writable=False, read_only=read_only)
@@ -389,6 +390,15 @@ def _require_head(layout: IndexLayout) -> None:
         f"folder is read-only so it cannot be upgraded; open it once with write access (e.g. "
         f"`engine info --index {layout.root}` as a user who can write it)"
     )
+
+
+def _warn_of_unseen_commits(layout: IndexLayout) -> None:
+    wal = layout.db_path.with_name(layout.db_path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        logger.warning(
+            "%s holds commits that a read-only open cannot see (a writer did not close cleanly); the index "
+            "answers as of its last checkpoint; open it once with write access to fold them in", wal,
+        )
 
 
 def _read_specs(database: Database, wanted: dict[str, ArraySpec] | None) -> dict[str, ArraySpec]:
