@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import bindparam, delete, func, insert, literal_column, select, update
@@ -27,6 +27,7 @@ __all__ = [
     "RegionBatch",
     "RegionRow",
     "DeletedImages",
+    "RunCounts",
     "CatalogCounts",
     "Catalog",
     "regions_since",
@@ -97,6 +98,18 @@ class DeletedImages:
 
 
 @dataclass(frozen=True)
+class RunCounts:
+    """What an index run did: images processed, unchanged and removed, regions added, errors, seconds."""
+
+    processed: int
+    unchanged: int
+    removed: int
+    regions_added: int
+    errors: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class CatalogCounts:
     """Row counts for ``engine info`` (one snapshot): indexed and error images, regions, runs, and the
     latest run's models and the committed feature rows at that snapshot."""
@@ -143,14 +156,14 @@ class Catalog:
             set_meta(s, "models", dict(models))
         return int(run_id)
 
-    def finish_run(self, run_id: int, *, status: str, counts: Mapping[str, int | float]) -> None:
+    def finish_run(self, run_id: int, *, status: str, counts: RunCounts) -> None:
         if status not in RUN_STATUSES:
             raise InvalidInputError(
                 f"run status {status!r} is not allowed; use one of {list(RUN_STATUSES)}"
             )
         with self.db.write() as s:
             changed = s.execute(
-                update(IndexRun).where(IndexRun.id == run_id).values(status=status, finished_at=utc_now(), **counts)
+                update(IndexRun).where(IndexRun.id == run_id).values(status=status, finished_at=utc_now(), **asdict(counts))
             ).rowcount
             if not changed:
                 raise InvalidInputError(
@@ -356,7 +369,7 @@ class Catalog:
         with self.db.read() as s:
             return np.asarray(list(s.scalars(select(Region.id).order_by(Region.id))), dtype=np.int64)
 
-    def live_rows(self, *, by: str = "id") -> tuple[DbState, np.ndarray, np.ndarray]:
+    def live_rows(self, *, by: Literal["id", "row"] = "id") -> tuple[DbState, np.ndarray, np.ndarray]:
         """Every region id and its feature row (sorted ``by`` ``"id"`` or ``"row"``), in one snapshot."""
         order = Region.id if by == "id" else Region.row
         with self.db.read() as s:

@@ -55,6 +55,7 @@ from indexer.catalog import (
     ImageRecord,
     RegionBatch,
     RegionRow,
+    RunCounts,
     check_items,
 )
 from indexer.compaction import (
@@ -304,7 +305,7 @@ class IndexStore:
         seconds: float,
     ) -> None:
         """Record the end of run ``run_id`` (``status`` 'completed' or 'failed') and its counts."""
-        counts = {"processed": int(processed), "unchanged": int(unchanged), "removed": int(removed), "regions_added": int(regions_added), "errors": int(errors), "seconds": float(seconds)}
+        counts = RunCounts(int(processed), int(unchanged), int(removed), int(regions_added), int(errors), float(seconds))
         self._catalog.finish_run(run_id, status=status, counts=counts)
 
     def commit_images(self, run_id: int, items: list[tuple[ImageRecord, RegionBatch]]) -> list[int]:
