@@ -202,9 +202,9 @@ def open_database(
     (as the writer would), and on a read-only folder open it immutable and never write.
     ``wanted``: the feature-array specs to create the index with, checked against the stored ones.
     """
-    if writable or (create and _creation_of(layout) is not Creation.CREATED):
-        return _open_as_writer(layout, create=create, writable=writable, wanted=wanted)
     read_only = not layout.is_writable()
+    if writable or (create and _creation_of(layout, read_only=read_only) is not Creation.CREATED):
+        return _open_as_writer(layout, create=create, writable=writable, wanted=wanted)
     creation = _creation_of(layout, read_only=read_only)
     if creation is not Creation.CREATED:
         raise _not_created(layout, creation)

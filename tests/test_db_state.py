@@ -196,6 +196,8 @@ def test_a_reader_of_a_read_only_folder_answers_and_writes_nothing(tmp_path: Pat
     with IndexStore.open(index_dir) as store:
         assert store._db.read_only  # noqa: SLF001
         assert len(store.all_regions()) == 11 and store.errors() == [] and store.models() == {"backbone": "x"}
+    with IndexStore.open(index_dir, create=True, array_shapes=SHAPES) as store:  # exists: nothing to create
+        assert store.info().images == 4
     assert _listing(index_dir) == before
 
 
