@@ -15,6 +15,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexVersionError",
     "IndexLockedError",
+    "IndexCorruptError",
     "ModelWeightsError",
     "CheckpointError",
 ]
@@ -54,6 +55,11 @@ class IndexVersionError(EngineError):
 
 class IndexLockedError(EngineError):
     """Another process is writing to the index."""
+
+
+class IndexCorruptError(EngineError):
+    """A file of the index is damaged on disk (wrong size, checksum, NaN/inf features); ``engine check`` finds
+    and repairs it."""
 
 
 class ModelWeightsError(EngineError):

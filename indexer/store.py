@@ -72,7 +72,8 @@ from indexer.faiss_store import (
     num_faiss_gpus,
 )
 from indexer.feature_store import ArraySpec, FeatureStore
-from indexer.index_dir import IndexLayout, WriterLock, check_array_name, remove_stale_temps
+from indexer.index_dir import FileDigest, IndexLayout, WriterLock, check_array_name, remove_stale_temps
+from indexer.integrity import check_scores, commit_segments, ensure_features_intact, record_file, record_segments, replace_segments
 from indexer.region_table import Regions, RegionTable, load_table, read_regions, save_table
 
 __all__ = [
@@ -530,6 +531,7 @@ class IndexStore:
         first = features.append(arrays)
         try:
             features.flush()
+            segments = commit_segments(arrays, first, features.generation)  # crc32 of the bytes appended
             with self._write() as s:
                 committed = _get_meta(s, "next_row", 0)
                 if committed != first:
@@ -581,6 +583,7 @@ class IndexStore:
                     row += len(boxes)
                     image_ids.append(int(image_id))
                 _set_meta(s, "next_row", row)
+                record_segments(s, segments)
         except BaseException:
             # The database decides what is committed; anything past it gets overwritten.
             features.rollback(self._committed_rows_or(features.committed_rows))
@@ -668,13 +671,17 @@ class IndexStore:
         """Bring the FAISS index up to date, save it atomically, prune the tombstones it holds."""
         self._require_writable()
         saved = []
+        files = []
         for name in self.vector_arrays:
             vectors = self._synced_vectors(allow_rebuild=True, array=name)
-            vectors.save(self.layout.vector_file(name))
+            path = self.layout.vector_file(name)
+            files.append((path.name, vectors.save(path), (vectors.max_region_id, vectors.max_tombstone_seq)))
             saved.append(vectors.max_tombstone_seq)
-        self._save_table()
+        files.append(self._save_table())
         with self._write() as s:  # every file holds the tombstones up to the smallest of theirs
             s.execute(delete(Tombstone).where(Tombstone.seq <= min(saved)))
+            for file in files:  # size and crc32 of each saved file, for `engine check`
+                record_file(s, *file)
 
     # ------------------------------------------------------------------------------------------
     # compaction
@@ -690,6 +697,7 @@ class IndexStore:
         feature_before = self._feature_file_bytes()
         vector_before = self._vector_file_bytes()
         self.save_vectors()  # pending tombstones applied, saved and pruned
+        ensure_features_intact(self.layout)  # never copy damaged rows into a generation with fresh checksums
         with self._read() as s:
             generation, next_row = _feature_state(s)
             live = s.execute(select(Region.id, Region.row).order_by(Region.row)).all()
@@ -697,7 +705,9 @@ class IndexStore:
         compacted = not np.array_equal(rows, np.arange(next_row))
         if compacted:
             generation = self._compact_into(generation + 1, generation, next_row, live, rows)
-            self._save_table()  # the saved one numbers the rows of the old generation
+            saved_table = self._save_table()  # the saved one numbers the rows of the old generation
+            with self._write() as s:
+                record_file(s, *saved_table)
         remove_stale_generations(self.layout, self._specs, generation)
         return CompactSummary(
             rows_before=int(next_row),
@@ -715,8 +725,8 @@ class IndexStore:
     ) -> int:
         """Write generation ``new`` from ``old``, commit it, switch to it; return ``new``."""
         try:
-            write_generation(self.features, self.layout, self._specs, rows, new)
-            self._commit_generation(new, old, next_row, [r.id for r in live], rows)
+            segments = write_generation(self.features, self.layout, self._specs, rows, new)
+            self._commit_generation(new, old, next_row, [r.id for r in live], rows, segments)
         except BaseException:
             committed = self._committed_generation()
             if committed is not None and committed != new:  # never committed: garbage
@@ -733,7 +743,7 @@ class IndexStore:
         return new
 
     def _commit_generation(
-        self, new: int, old: int, next_row: int, region_ids: list[int], old_rows: np.ndarray
+        self, new: int, old: int, next_row: int, region_ids: list[int], old_rows: np.ndarray, segments: Sequence[Any] = ()
     ) -> None:
         """One transaction: ``regions.row`` -> ``0..n-1`` in old-row order, ``next_row``, generation.
 
@@ -762,6 +772,7 @@ class IndexStore:
                 )
             _set_meta(s, "next_row", len(region_ids))
             _set_meta(s, "feature_generation", new)
+            replace_segments(s, new, segments)  # the checksums of the new files replace the old ones
 
     def _committed_generation(self) -> int | None:
         """The generation the database names, or ``None`` if it cannot be read right now."""
@@ -811,7 +822,9 @@ class IndexStore:
                 f"index at {self.path} has no {array!r} vectors; re-index into a new directory with "
                 "`engine index CORPUS --index NEWDIR`"
             )
-        return self._synced_vectors(allow_rebuild=False, array=array).search(vectors, k)
+        scores, ids = self._synced_vectors(allow_rebuild=False, array=array).search(vectors, k)
+        check_scores(scores, ids, self.path)  # NaN scores come from damaged files: never rank with them
+        return scores, ids
 
     def vector_count(self, array: str = VECTOR_ARRAY) -> int:
         """How many regions the FAISS file ``array`` holds once caught up with the database: the live
@@ -856,9 +869,12 @@ class IndexStore:
             self._state_connection = self._engine.raw_connection()
         return _db_state(self._state_connection.driver_connection)
 
-    def _save_table(self) -> None:
-        """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``)."""
-        save_table(self._synced_table(), self.layout.region_table_path)
+    def _save_table(self) -> tuple[str, FileDigest, tuple[int, int, int]]:
+        """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``);
+        return its file name, size and crc32, and the state it reflects (for ``record_file``)."""
+        table = self._synced_table()
+        digest = save_table(table, self.layout.region_table_path)
+        return self.layout.region_table_path.name, digest, (table.generation, table.region_seq, table.tomb_seq)
 
     def _synced_table(self) -> RegionTable:
         """The region table, brought to one database snapshot: regions added and removed since applied,
