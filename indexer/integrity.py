@@ -332,6 +332,16 @@ def _db_state(layout: IndexLayout) -> _DbState:
         engine.dispose()
 
 
+def _generation(layout: IndexLayout) -> int:
+    engine = create_db_engine(layout.db_path)
+    try:
+        with Session(engine) as session, session.begin():
+            value = session.scalar(select(Meta.value).where(Meta.key == "feature_generation"))
+    finally:
+        engine.dispose()
+    return int(json.loads(value)) if value is not None else 0
+
+
 @dataclass
 class _Findings:
     damaged: list[DamagedPart] = field(default_factory=list)
@@ -351,7 +361,17 @@ def check_index(index_dir: Path, *, config: StoreConfig | None = None) -> CheckR
 
 
 def check_layout(layout: IndexLayout) -> CheckReport:
-    """Verify the files of an (opened, migrated) index against one snapshot of its database."""
+    """Verify the files of an (opened, migrated) index against one snapshot of its database. Runs again
+    (up to three times) when a compaction switched the feature files meanwhile: the old ones are gone."""
+    for _ in range(3):
+        report = _check_once(layout)
+        if _generation(layout) == report.generation:
+            break
+        logger.info("a compaction of %s committed during the check; checking again", layout.root)
+    return report
+
+
+def _check_once(layout: IndexLayout) -> CheckReport:
     state = _db_state(layout)
     found = _Findings()
     for name, spec in sorted(state.specs.items()):

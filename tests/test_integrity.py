@@ -102,6 +102,50 @@ def test_a_truncated_feature_file_is_a_clear_error_and_is_reported(tmp_path: Pat
     assert "holds 10 rows, the database refers to 18 rows" in part.problem
 
 
+def test_repair_extends_a_truncated_file_and_re_extracts_the_images_of_its_missing_rows(tmp_path: Path) -> None:
+    """Store level, with a stand-in for the pipeline: it commits each image's original features again."""
+    from indexer.scan import content_hash
+
+    rng = np.random.default_rng(3)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    items = {}
+    for i in range(4):
+        file = corpus / f"{i}.jpg"
+        file.write_bytes(f"image {i}".encode())
+        record, batch = _item(rng, file.name)
+        items[str(file)] = (ImageRecord(str(file), content_hash(file), 7, 8, 64, 48), batch)
+    index = tmp_path / "idx"
+    with IndexStore.open(index, create=True, writable=True, array_shapes=SHAPES) as store:
+        run = store.begin_run(str(corpus), {"proposals": "gt"})
+        paths = sorted(items)
+        store.commit_images(run, [items[p] for p in paths[:2]])
+        store.commit_images(run, [items[p] for p in paths[2:]])  # rows 6-11
+        store.save_vectors()
+    with open(index / "features" / "maps.f16", "r+b") as handle:
+        handle.truncate(8 * ROW_BYTES["maps"])
+    (index / "features" / "visual.f16").unlink()
+    jobs = []
+
+    def reindex(store: IndexStore, job: ReindexJob) -> None:
+        jobs.append(job)
+        run = store.begin_run(str(job.corpus), job.models)
+        store.commit_images(run, [items[str(p)] for p in job.paths])
+        store.save_vectors()
+
+    report = repair_index(index, reindex=reindex)
+    assert {(p.file, p.rows) for p in report.damaged} == {("features/maps.f16", (6, 12)), ("features/visual.f16", (0, 12))}
+    assert report.repair is not None and report.ok, report.repair
+    assert sorted(report.repair.padded) == ["features/maps.f16", "features/visual.f16"]
+    assert [(j.corpus, j.proposals, len(j.paths)) for j in jobs] == [(corpus, "gt", 4)]
+    assert check_index(index).clean
+    with IndexStore.open(index) as store:
+        for path, (_, batch) in items.items():
+            rows = np.asarray([r.row for r in store.regions_of_image(path)])
+            assert rows.min() >= 12  # new rows; the padded NaN rows are dead
+            np.testing.assert_array_equal(store.read_arrays("maps", rows), batch.arrays["maps"].astype(np.float16))
+
+
 def test_damage_in_dead_rows_only_is_a_note(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
     with IndexStore.open(index, writable=True) as store:

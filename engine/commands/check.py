@@ -30,8 +30,8 @@ def check_command(index_dir: Path, repair: bool, as_json: bool) -> None:
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    # the models load only when --repair has images to re-extract
-    report = Engine(index_dir, config=EngineConfig(device="cpu")).check(repair=repair)
+    # the models load only when --repair has images to re-extract (on CUDA when present, like `engine index`)
+    report = Engine(index_dir, config=EngineConfig(device="auto")).check(repair=repair)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
