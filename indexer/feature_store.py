@@ -34,20 +34,26 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float16": np.float16}
 _F16_EXPONENT = 0x7C00  # float16 bits: exponent all ones is inf or NaN
 _F16_MAGNITUDE = 0x7FFF
+_CHECK_CHUNK = 1 << 16  # float16 values checked per step (128 KiB)
 
 
 def nonfinite_rows(rows: np.ndarray) -> np.ndarray:
     """Positions (along the first axis) of the float16 rows ``rows`` that hold a NaN or inf value.
 
-    Works on the bits (no float conversion): ~1 ms for 1,000 rows of 112x7x7. The engine never
+    Works on the bits (no float conversion), in cache-sized chunks: ~1 ms for 1,000 rows of 112x7x7. The engine never
     commits non-finite features, so such a row was damaged on disk.
     """
     bits = np.ascontiguousarray(rows).view(np.uint16).reshape(rows.shape[0], -1) if rows.shape[0] else None
     if bits is None or bits.shape[1] == 0:
         return np.zeros(0, np.int64)
-    if int((bits & _F16_MAGNITUDE).max()) < _F16_EXPONENT:  # the common case: one pass, no per-row work
-        return np.zeros(0, np.int64)
-    return np.flatnonzero(((bits & _F16_EXPONENT) == _F16_EXPONENT).any(axis=1))
+    flat = bits.reshape(-1)
+    buffer = np.empty(min(flat.size, _CHECK_CHUNK), np.uint16)  # chunks that stay in cache, no big temporary
+    for start in range(0, flat.size, _CHECK_CHUNK):
+        part = flat[start : start + _CHECK_CHUNK]
+        magnitude = np.bitwise_and(part, _F16_MAGNITUDE, out=buffer[: part.size])
+        if int(magnitude.max()) >= _F16_EXPONENT:
+            return np.flatnonzero(((bits & _F16_EXPONENT) == _F16_EXPONENT).any(axis=1))
+    return np.zeros(0, np.int64)  # the common case: one pass over the bits
 
 
 @dataclass(frozen=True)
