@@ -697,13 +697,13 @@ class IndexStore:
         feature_before = self._feature_file_bytes()
         vector_before = self._vector_file_bytes()
         self.save_vectors()  # pending tombstones applied, saved and pruned
-        ensure_features_intact(self.layout)  # never copy damaged rows into a generation with fresh checksums
         with self._read() as s:
             generation, next_row = _feature_state(s)
             live = s.execute(select(Region.id, Region.row).order_by(Region.row)).all()
         rows = np.asarray([r.row for r in live], dtype=np.int64)
         compacted = not np.array_equal(rows, np.arange(next_row))
         if compacted:
+            ensure_features_intact(self.layout)  # never copy damaged rows into a generation with fresh checksums
             generation = self._compact_into(generation + 1, generation, next_row, live, rows)
             saved_table = self._save_table()  # the saved one numbers the rows of the old generation
             with self._write() as s:
