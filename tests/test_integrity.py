@@ -79,6 +79,26 @@ def test_same_size_garbage_is_reported_with_its_file_and_rows(tmp_path: Path, ar
     assert part.line().startswith(f"features/{array}.f16 rows 6-11: checksum mismatch")
 
 
+def test_cli_check_prints_one_line_per_damaged_part_and_exits_1(tmp_path: Path) -> None:
+    from engine.cli import main
+
+    index = _build(tmp_path / "idx")
+    runner = CliRunner()
+    result = runner.invoke(main, ["check", "--index", str(index)])
+    assert result.exit_code == 0 and result.output.strip().endswith("no damage"), result.output
+    _overwrite(index, "visual", 13, b"\x3c" * ROW_BYTES["visual"])
+    _overwrite(index, "maps", 1, b"\x00" * ROW_BYTES["maps"])
+    result = runner.invoke(main, ["check", "--index", str(index)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert [line.split(":")[1].strip() for line in lines[:-1]] == ["features/maps.f16 rows 0-5", "features/visual.f16 rows 12-17"]
+    assert "2 damaged part(s); repair with `engine check --index" in lines[-1]
+    result = runner.invoke(main, ["check", "--index", str(index), "--json"])
+    payload = json.loads(result.output)
+    assert result.exit_code == 1 and not payload["ok"] and payload["repair"] is None
+    assert [(d["file"], d["rows"], d["images"]) for d in payload["damaged"]] == [("features/maps.f16", [0, 6], 2), ("features/visual.f16", [12, 18], 2)]
+
+
 def test_a_reader_meeting_nan_rows_raises_a_clear_error(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
     _overwrite(index, "maps", 13, np.full(12, np.nan, np.float16).tobytes())
