@@ -79,6 +79,7 @@ def test_same_size_garbage_is_reported_with_its_file_and_rows(tmp_path: Path, ar
     assert part.line().startswith(f"features/{array}.f16 rows 6-11: checksum mismatch")
 
 
+@pytest.mark.slow  # the first import of engine.cli takes seconds on a loaded machine
 def test_cli_check_prints_one_line_per_damaged_part_and_exits_1(tmp_path: Path) -> None:
     from engine.cli import main
 
@@ -288,16 +289,12 @@ def engine_index(tiny_engine, tmp_path: Path) -> Path:
     return dst
 
 
-def _queries(index_dir: Path, corpus: Path) -> list[list[tuple]]:
+def _queries(engine, corpus: Path) -> list[list[tuple]]:  # noqa: ANN001 - engine.api.Engine
     """Visual whole-image queries and a text-only query: (image, box, score) of every hit (region ids change
     when an image is re-extracted)."""
-    from engine.api import Engine
-    from engine.config import EngineConfig
-
-    with Engine(index_dir, config=EngineConfig(device="cpu")) as engine:
-        total = engine.info().regions
-        runs = [engine.search(image=image, k=total) for image in sorted((corpus / "images").glob("*.jpg"))[::5]]
-        runs.append(engine.search(text="a red circle", k=total))
+    total = engine.info().regions
+    runs = [engine.search(image=image, k=total) for image in sorted((corpus / "images").glob("*.jpg"))[::5]]
+    runs.append(engine.search(text="a red circle", k=total))
     return [[(h.image, h.box, round(h.score, 5)) for h in hits] for hits in runs]
 
 
@@ -308,9 +305,12 @@ def _rows_of(index_dir: Path, image: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_engine_check_finds_damaged_san_maps_refnms_and_repair_restores_the_results(engine_index: Path, tiny_corpus: Path) -> None:
+    from engine.api import Engine
     from engine.cli import main
+    from engine.config import EngineConfig
 
-    before = _queries(engine_index, tiny_corpus)
+    engine = Engine(engine_index, config=EngineConfig(device="cpu"))  # one engine: its models load once
+    before = _queries(engine, tiny_corpus)
     images = sorted((tiny_corpus / "images").glob("*.jpg"))
     with IndexStore.open(engine_index) as store:
         specs = store.array_specs
@@ -337,15 +337,14 @@ def test_engine_check_finds_damaged_san_maps_refnms_and_repair_restores_the_resu
         assert "1 row(s) hold NaN/inf" in part.problem
 
     with pytest.raises(IndexCorruptError, match="engine check --index"):  # never NaN scores
-        _queries(engine_index, tiny_corpus)
+        _queries(engine, tiny_corpus)
 
-    result = runner.invoke(main, ["check", "--index", str(engine_index), "--repair", "--json"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    payload = engine.check(repair=True).to_dict()  # what `engine check --repair --json` prints
     assert payload["ok"] and len(payload["damaged"]) == 3 and payload["repair"]["after"]["damaged"] == []
     assert {str(image.resolve()) for image in damage.values()} <= set(payload["repair"]["reindexed"])
-    assert check_index(engine_index).clean
-    assert _queries(engine_index, tiny_corpus) == before
+    assert runner.invoke(main, ["check", "--index", str(engine_index)]).exit_code == 0
+    assert _queries(engine, tiny_corpus) == before
+    engine.close()
 
 
 @pytest.mark.slow
