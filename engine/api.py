@@ -498,6 +498,35 @@ class Engine:
         with IndexStore.open(self.index_dir, writable=True, config=self.config.store) as store:
             return store.compact()
 
+    def check(self, *, repair: bool = False):  # -> indexer.integrity.CheckReport
+        """Verify every file of the index against its database (sizes, checksums recorded at commit and save);
+        with ``repair`` rebuild the FAISS files and region table and re-extract the damaged images' features
+        (under the writer lock). See ``docs/index-layout.md``, "Checksums and `engine check`"."""
+        from indexer.integrity import check_index, repair_index
+
+        self._close_reader()
+        if not repair:
+            return check_index(self.index_dir, config=self.config.store)
+        return repair_index(self.index_dir, config=self.config.store, reindex=self._reindex_damaged)
+
+    def _reindex_damaged(self, store, job) -> None:  # noqa: ANN001 - IndexStore, indexer.integrity.ReindexJob
+        """Extract ``job``'s images again into ``store`` with the models their run used (else a clear error)."""
+        from indexer.pipeline import IndexingPipeline
+        from indexer.proposal_sources import create_proposal_provider
+
+        proposals = create_proposal_provider(job.proposals, job.corpus, backbone=self.extractor.backbone)
+        san = self.san_encoder if store.has_array("san") else None
+        ref_nms = self._indexing_ref_nms(store)
+        models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
+        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms)) if m is not None})
+        differ = sorted(k for k in set(models) & set(job.models) if models[k] != job.models[k])
+        if differ:
+            raise IndexVersionError(
+                f"{len(job.paths)} image(s) were indexed with other models ({', '.join(f'{k}: {job.models[k]}' for k in differ)}); "
+                f"this engine loads {', '.join(models[k] for k in differ)}; configure those models, or re-index into a new directory"
+            )
+        IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, models=models, san=san, ref_nms=ref_nms).reindex(list(job.paths), corpus=job.corpus)
+
     def close(self) -> None:
         self._close_reader()
 

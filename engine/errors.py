@@ -16,6 +16,7 @@ __all__ = [
     "IndexVersionError",
     "IndexLockedError",
     "IndexReadOnlyError",
+    "IndexCorruptError",
     "ModelWeightsError",
     "CheckpointError",
 ]
@@ -59,6 +60,11 @@ class IndexLockedError(EngineError):
 
 class IndexReadOnlyError(EngineError):
     """The index folder cannot be written by this process (it can still be queried)."""
+
+
+class IndexCorruptError(EngineError):
+    """A file of the index is damaged on disk (wrong size, checksum, NaN/inf features); ``engine check`` finds
+    and repairs it."""
 
 
 class ModelWeightsError(EngineError):

@@ -21,6 +21,7 @@ from engine.errors import EngineError, InvalidBoxError, InvalidInputError
 from indexer.db.models import REGION_SOURCES, RUN_STATUSES, Image, IndexRun, Region, Tombstone
 from indexer.db_state import Database, DbState, dbapi, set_meta, snapshot_state, utc_now
 from indexer.feature_store import ArraySpec
+from indexer.integrity import SavedFile, Segment, record_file, record_segments, replace_segments
 
 __all__ = [
     "ImageRecord",
@@ -183,9 +184,16 @@ class Catalog:
         return json.loads(latest) if latest else {}
 
     # -- images ---------------------------------------------------------------------------------
-    def commit_images(self, run_id: int, items: Sequence[tuple[ImageRecord, RegionBatch]], first_row: int) -> list[int]:
+    def commit_images(
+        self,
+        run_id: int,
+        items: Sequence[tuple[ImageRecord, RegionBatch]],
+        first_row: int,
+        segments: Sequence[Segment] = (),
+    ) -> list[int]:
         """One transaction: replace each path's earlier row (tombstoning its regions), insert the images and
-        their regions at feature rows ``first_row...`` and advance ``next_row``; return the image ids."""
+        their regions at feature rows ``first_row...``, record the checksums of their feature ``segments``
+        and advance ``next_row``; return the image ids."""
         with self.db.write() as s:
             committed = snapshot_state(s).next_row
             if committed != first_row:
@@ -237,6 +245,7 @@ class Catalog:
                 row += len(boxes)
                 image_ids.append(int(image_id))
             set_meta(s, "next_row", row)
+            record_segments(s, segments)
         return image_ids
 
     def record_error(self, run_id: int, record: ImageRecord | None, path: str, reason: str) -> None:
@@ -377,7 +386,15 @@ class Catalog:
             rows = s.execute(select(Region.id, Region.row).order_by(order)).all()
         return state, np.asarray([r.id for r in rows], dtype=np.int64), np.asarray([r.row for r in rows], dtype=np.int64)
 
-    def commit_generation(self, new: int, old: int, next_row: int, region_ids: np.ndarray, old_rows: np.ndarray) -> None:
+    def commit_generation(
+        self,
+        new: int,
+        old: int,
+        next_row: int,
+        region_ids: np.ndarray,
+        old_rows: np.ndarray,
+        segments: Sequence[Segment] = (),
+    ) -> None:
         """One transaction: ``regions.row`` -> ``0..n-1`` in old-row order, ``next_row``, generation.
 
         Updating in ascending old-row order never breaks ``UNIQUE(row)``: the new row ``i`` of a
@@ -406,11 +423,21 @@ class Catalog:
                 )
             set_meta(s, "next_row", len(region_ids))
             set_meta(s, "feature_generation", new)
+            replace_segments(s, new, segments)  # the checksums of the new files replace the old ones
 
-    def prune_tombstones(self, up_to: int) -> None:
-        """Delete the tombstones up to seq ``up_to`` (every saved FAISS file holds them)."""
+    def prune_tombstones(self, up_to: int, saved: Sequence[SavedFile] = ()) -> None:
+        """Delete the tombstones up to seq ``up_to`` (every saved FAISS file holds them) and record the
+        ``saved`` files' sizes and checksums, in one transaction."""
         with self.db.write() as s:
             s.execute(delete(Tombstone).where(Tombstone.seq <= up_to))
+            for file in saved:
+                record_file(s, file)
+
+    def record_files(self, saved: Sequence[SavedFile]) -> None:
+        """Record the sizes and checksums of the ``saved`` files (for ``engine check``)."""
+        with self.db.write() as s:
+            for file in saved:
+                record_file(s, file)
 
 
 def regions_since(session: Session, after_id: int) -> list[Any]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.index_dir import IndexLayout, fsync_dir, parse_generation_file
+from indexer.integrity import Segment, generation_segments
 
 __all__ = [
     "CompactSummary",
@@ -95,11 +96,12 @@ def write_generation(
     specs: Mapping[str, ArraySpec],
     old_rows: np.ndarray,
     generation: int,
-) -> None:
+) -> list[Segment]:
     """Write rows ``old_rows`` of every array of ``source`` as generation ``generation``, durably.
 
     The new files (arrays and row map) are complete and fsynced, and so is the directory, when
-    this returns; nothing refers to them until the caller commits the generation.
+    this returns; nothing refers to them until the caller commits the generation. Returns the
+    checksummed segments of the new files, for the caller to record in that commit.
     """
     old_rows = np.asarray(old_rows, dtype=np.int64).reshape(-1)
     row_bytes = max(1, sum(spec.row_bytes for spec in specs.values()))
@@ -107,15 +109,20 @@ def write_generation(
     target = FeatureStore(
         layout.features_dir, specs, committed_rows=0, writable=True, generation=generation
     )  # a leftover file of this generation (an earlier, interrupted compaction) is cut to 0
+    segments: list[Segment] = []
     try:
         for start in range(0, old_rows.size, step):
             chunk = old_rows[start : start + step]
-            target.append({name: source.read(name, chunk) for name in specs})
+            blocks = {name: source.read(name, chunk) for name in specs}
+            first = target.append(blocks)
+            for name, block in blocks.items():
+                segments += generation_segments(name, block, first, generation)
         target.flush()
     finally:
         target.close()
     _write_durably(layout.row_map_path(generation), old_rows.astype(_ROW_MAP_DTYPE).tobytes())
     fsync_dir(layout.features_dir)
+    return segments
 
 
 def _write_durably(path: Path, data: bytes) -> None:

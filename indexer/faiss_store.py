@@ -49,7 +49,7 @@ import faiss
 import numpy as np
 
 from engine.errors import EngineError, InvalidInputError
-from indexer.index_dir import atomic_write
+from indexer.index_dir import FileDigest, atomic_write
 
 __all__ = [
     "DEFAULT_FLAT_THRESHOLD",
@@ -471,15 +471,16 @@ class VectorIndex:
             "nprobe_at": {str(k): p for k, p in sorted(self.nprobe_at.items())},
         }
 
-    def save(self, path: Path) -> None:
-        """Write the CPU index and its save state to ``path`` atomically."""
+    def save(self, path: Path) -> FileDigest:
+        """Write the CPU index and its save state to ``path`` atomically; return the file's size and crc32."""
         payload = faiss.serialize_index(self._cpu)
         header = self.header()
         header["payload_bytes"] = int(payload.nbytes)
         header["payload_crc32"] = zlib.crc32(memoryview(payload))
         blob = json.dumps(header, sort_keys=True).encode()
-        atomic_write(Path(path), [_PREFIX.pack(_MAGIC, len(blob)), blob, memoryview(payload)])
+        digest = atomic_write(Path(path), [_PREFIX.pack(_MAGIC, len(blob)), blob, memoryview(payload)])
         logger.debug("saved %s: %s", path, header)
+        return digest
 
     @classmethod
     def load(

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from engine.errors import IndexLockedError, InvalidInputError
 
 __all__ = [
     "IndexLayout",
+    "FileDigest",
     "WriterLock",
     "fsync_dir",
     "atomic_write",
@@ -220,18 +222,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
+@dataclass(frozen=True)
+class FileDigest:
+    """Size and crc32 of a file's bytes, as written (what ``engine check`` compares the file with)."""
+
+    size: int
+    crc32: int
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> FileDigest:
     """Write ``chunks`` to ``path`` atomically: temp file in the same dir, fsync, rename, fsync dir.
 
     After a crash at any point ``path`` holds either its old content or the complete new one; a
-    leftover ``.NAME.tmp-PID`` file is garbage that :func:`remove_stale_temps` deletes.
+    leftover ``.NAME.tmp-PID`` file is garbage that :func:`remove_stale_temps` deletes. Returns the
+    size and crc32 of the bytes written.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    size, crc = 0, 0
     try:
         with open(tmp, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
+                size += memoryview(chunk).nbytes
+                crc = zlib.crc32(chunk, crc)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -239,6 +253,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return FileDigest(size=size, crc32=crc)
 
 
 def remove_stale_temps(path: Path) -> None:

@@ -108,6 +108,29 @@ class IndexingPipeline:
             self.store.finish_run(run_id, status=status, unchanged=plan.unchanged, seconds=seconds, **counts)
         return IndexSummary(unchanged=plan.unchanged, seconds=round(seconds, 3), **counts)
 
+    def reindex(self, paths: list[Path], *, corpus: Path) -> IndexSummary:
+        """Process exactly the image files ``paths`` again, as one run over ``corpus`` (whose
+        ``annotations.jsonl`` ``--proposals gt`` reads): ``engine check --repair`` re-extracts the images
+        whose feature rows were damaged on disk. Each image's new rows replace its old ones at the commit
+        (the old rows become dead, like a changed file's); nothing else of the corpus is scanned."""
+        start = time.perf_counter()
+        entries = []
+        for path in sorted(Path(p) for p in paths):
+            st = path.stat()
+            entries.append(FileEntry(path=path, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns))
+        run_id = self.store.begin_run(str(Path(corpus).resolve()), self.models)
+        counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
+        status = "failed"
+        try:
+            for batch in _chunks(entries, self.batch_size):
+                self._process_batch(run_id, batch, counts)
+            status = "completed"
+        finally:
+            seconds = time.perf_counter() - start
+            self.store.save_vectors()
+            self.store.finish_run(run_id, status=status, unchanged=0, seconds=seconds, **counts)
+        return IndexSummary(unchanged=0, seconds=round(seconds, 3), **counts)
+
     def _process_batch(self, run_id: int, batch: list[FileEntry], counts: dict[str, int]) -> int:
         loaded: list[_Loaded] = []
         for entry in batch:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.index_dir import atomic_write
+from indexer.index_dir import FileDigest, atomic_write
 
 __all__ = ["Regions", "RegionTable", "read_regions", "save_table", "load_table"]
 
@@ -112,12 +112,13 @@ class RegionTable:
         return RegionTable(regions, self.generation, region_seq, tomb_seq)
 
 
-def save_table(table: RegionTable, path: Path) -> None:
-    """Write ``table`` to ``path`` atomically (an uncompressed ``.npz``: its columns and its state)."""
+def save_table(table: RegionTable, path: Path) -> FileDigest:
+    """Write ``table`` to ``path`` atomically (an uncompressed ``.npz``: its columns and its state); return
+    the file's size and crc32."""
     buffer = io.BytesIO()
     state = np.asarray([_FORMAT, table.generation, table.region_seq, table.tomb_seq], np.int64)
     np.savez(buffer, state=state, ids=table.regions.ids, rows=table.regions.rows, image_ids=table.regions.image_ids, boxes=table.regions.boxes)
-    atomic_write(path, [buffer.getbuffer()])
+    return atomic_write(path, [buffer.getbuffer()])
 
 
 def load_table(path: Path) -> RegionTable | None:

@@ -71,6 +71,7 @@ from indexer.faiss_store import DEFAULT_FLAT_THRESHOLD, num_faiss_gpus
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout, WriterLock, remove_stale_temps
+from indexer.integrity import check_scores, commit_segments, ensure_features_intact
 from indexer.region_table import Regions
 from indexer.table_sync import TableSync
 from indexer.vector_sync import VectorSync
@@ -274,6 +275,11 @@ class IndexStore:
         return self._features.store
 
     @property
+    def database(self) -> Database:
+        """The opened ``engine.db`` (transactions and state), for :mod:`indexer.integrity`."""
+        return self._db
+
+    @property
     def array_specs(self) -> dict[str, ArraySpec]:
         return dict(self._specs)
 
@@ -324,7 +330,8 @@ class IndexStore:
         first = features.append(arrays)
         try:
             features.flush()
-            image_ids = self._catalog.commit_images(run_id, items, first)
+            segments = commit_segments(arrays, first, features.generation)  # crc32 of the bytes appended
+            image_ids = self._catalog.commit_images(run_id, items, first, segments)
         except BaseException:
             # The database decides what is committed; anything past it gets overwritten.
             features.rollback(self._committed_rows_or(features.committed_rows))
@@ -382,9 +389,9 @@ class IndexStore:
         """Bring the FAISS files and the region table up to date, save them atomically, prune the
         tombstones every file holds."""
         self._db.require_writable()
-        held = self._vectors.save(self.vector_arrays)
-        self._table.save()
-        self._catalog.prune_tombstones(held)
+        held, files = self._vectors.save(self.vector_arrays)
+        files.append(self._table.save())
+        self._catalog.prune_tombstones(held, files)
 
     # ------------------------------------------------------------------------------------------
     # compaction
@@ -404,8 +411,10 @@ class IndexStore:
         generation = state.generation
         compacted = not np.array_equal(rows, np.arange(state.next_row))
         if compacted:
+            ensure_features_intact(self.layout, self._db)  # never copy damaged rows under fresh checksums
             generation = self._compact_into(generation + 1, state.generation, state.next_row, ids, rows)
-            self._table.save()  # the saved one numbers the rows of the old generation
+            # the saved table numbers the rows of the old generation
+            self._catalog.record_files([self._table.save()])
         remove_stale_generations(self.layout, self._specs, generation)
         return CompactSummary(
             rows_before=int(state.next_row),
@@ -421,8 +430,8 @@ class IndexStore:
     def _compact_into(self, new: int, old: int, next_row: int, ids: np.ndarray, rows: np.ndarray) -> int:
         """Write generation ``new`` from ``old``, commit it, switch to it; return ``new``."""
         try:
-            write_generation(self.features, self.layout, self._specs, rows, new)
-            self._catalog.commit_generation(new, old, next_row, ids, rows)
+            segments = write_generation(self.features, self.layout, self._specs, rows, new)
+            self._catalog.commit_generation(new, old, next_row, ids, rows, segments)
         except BaseException:
             committed = self._committed_generation()
             if committed is not None and committed != new:  # never committed: garbage
@@ -476,7 +485,9 @@ class IndexStore:
                 f"index at {self.path} has no {array!r} vectors; re-index into a new directory with "
                 "`engine index CORPUS --index NEWDIR`"
             )
-        return self._vectors.synced(array, allow_rebuild=False).search(vectors, k)
+        scores, ids = self._vectors.synced(array, allow_rebuild=False).search(vectors, k)
+        check_scores(scores, ids, self.path)  # NaN scores come from damaged files: never rank with them
+        return scores, ids
 
     def vector_count(self, array: str = VECTOR_ARRAY) -> int:
         """How many regions the FAISS file ``array`` holds once caught up with the database: the live

@@ -12,6 +12,7 @@ from indexer.catalog import tombstones_since
 from indexer.db_state import Database, DbState, dbapi, snapshot_state
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout
+from indexer.integrity import SavedFile
 from indexer.region_table import RegionTable, load_table, read_regions, save_table
 
 __all__ = ["TableSync"]
@@ -49,10 +50,14 @@ class TableSync:
         self._table = table
         return table
 
-    def save(self) -> None:
-        """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``)."""
+    def save(self) -> SavedFile:
+        """Save the region table (caught up) for readers to load instead of reading SQLite (``regions.npz``);
+        return what was written (for ``engine check``)."""
         self._db.require_writable()
-        save_table(self.synced(), self._layout.region_table_path)
+        table = self.synced()
+        path = self._layout.region_table_path
+        digest = save_table(table, path)
+        return SavedFile(path.name, digest, (table.generation, table.region_seq, table.tomb_seq))
 
     def clear(self) -> None:
         self._table = None

@@ -18,6 +18,7 @@ from indexer.db_state import Database, DbState, snapshot_state
 from indexer.faiss_store import VectorFileError, VectorIndex
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout
+from indexer.integrity import SavedFile
 
 __all__ = ["VectorSync"]
 
@@ -76,16 +77,19 @@ class VectorSync:
                 vectors.calibrate(ids, feature_rows, self._reader(array))
         return self._vectors[array]
 
-    def save(self, arrays: tuple[str, ...]) -> int:
+    def save(self, arrays: tuple[str, ...]) -> tuple[int, list[SavedFile]]:
         """Bring every FAISS index of ``arrays`` up to date and save it atomically; return the smallest
-        tombstone seq they all hold (the tombstones up to it may be pruned)."""
+        tombstone seq they all hold (the tombstones up to it may be pruned) and the files written."""
         self._db.require_writable()
-        saved = []
+        held = []
+        files = []
         for name in arrays:
             vectors = self.synced(name, allow_rebuild=True)
-            vectors.save(self._layout.vector_file(name))
-            saved.append(vectors.max_tombstone_seq)
-        return min(saved)
+            path = self._layout.vector_file(name)
+            digest = vectors.save(path)
+            files.append(SavedFile(path.name, digest, (vectors.max_region_id, vectors.max_tombstone_seq)))
+            held.append(vectors.max_tombstone_seq)
+        return min(held), files
 
     def clear(self) -> None:
         self._vectors = {}

@@ -13,6 +13,7 @@ Tables (see ``docs/index-layout.md``):
 * ``index_runs``  one row per ``engine index`` run with its counts and model versions.
 * ``tombstones``  region ids deleted from ``regions`` that the saved FAISS file may still hold.
 * ``meta``        key -> JSON value facts about the index (array shapes, next feature row, ...).
+* ``feature_segments``  the crc32 of the feature rows each commit (or compaction) wrote, per array.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ __all__ = [
     "IndexRun",
     "Tombstone",
     "Meta",
+    "FeatureSegment",
 ]
 
 #: Constraint names are derived from this convention, so that migrations can refer to them
@@ -160,3 +162,20 @@ class Meta(Base):
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(Text, nullable=False)
 
+
+
+class FeatureSegment(Base):
+    """The rows ``first_row .. first_row + n_rows - 1`` of feature array ``array`` in feature-store
+    ``generation``, written by one commit (or one step of a compaction), and the crc32 of their bytes.
+
+    ``engine check`` (:mod:`indexer.integrity`) compares the files with these; rows no segment covers
+    were written before revision 0004 (unrecorded, not damaged).
+    """
+
+    __tablename__ = "feature_segments"
+
+    array: Mapped[str] = mapped_column(String, primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_row: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    crc32: Mapped[int] = mapped_column(Integer, nullable=False)
