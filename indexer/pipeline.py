@@ -18,7 +18,7 @@ from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, mean_maps
 from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
-from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
+from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
 from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline"]
@@ -83,14 +83,15 @@ class IndexingPipeline:
     def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
         start = time.perf_counter()
         corpus = corpus.resolve()
-        files = list_image_files(corpus, skip=skip)
-        plan = plan_scan(files, self.store.known_images(str(corpus)))
+        scan = scan_corpus(corpus, skip=skip)
+        plan = plan_scan(scan.files, self.store.known_images(str(corpus)), scan.issues)
         log.info("scan of %s: %d new, %d changed, %d unchanged, %d deleted", corpus, plan.new, plan.changed, plan.unchanged, len(plan.deleted))
         run_id = self.store.begin_run(str(corpus), self.models)
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
         status = "failed"
         try:
             counts["removed"] = self.store.remove_images(plan.deleted) if plan.deleted else 0
+            self._record_issues(run_id, plan.issues, counts)
             since_save = 0
             with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
                 for batch in _chunks(plan.todo, self.batch_size):
@@ -107,6 +108,13 @@ class IndexingPipeline:
             self.store.save_vectors()
             self.store.finish_run(run_id, status=status, unchanged=plan.unchanged, seconds=seconds, **counts)
         return IndexSummary(unchanged=plan.unchanged, seconds=round(seconds, 3), **counts)
+
+    def _record_issues(self, run_id: int, issues: list[ScanIssue], counts: dict[str, int]) -> None:
+        """Record what the scan could not take (``engine info --errors`` lists it with the reason)."""
+        for issue in issues:
+            log.warning("skipping %s: %s", issue.path, issue.reason)
+            self.store.record_error(run_id, None, issue.path, issue.reason)
+            counts["errors"] += 1
 
     def _process_batch(self, run_id: int, batch: list[FileEntry], counts: dict[str, int]) -> int:
         loaded: list[_Loaded] = []
