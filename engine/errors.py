@@ -17,6 +17,7 @@ __all__ = [
     "IndexLockedError",
     "ModelWeightsError",
     "CheckpointError",
+    "DiskFullError",
 ]
 
 
@@ -62,3 +63,9 @@ class ModelWeightsError(EngineError):
 
 class CheckpointError(EngineError):
     """A checkpoint file is missing, corrupt, or does not match the model."""
+
+
+class DiskFullError(EngineError):
+    """A write failed because the disk (or the user's quota) is full. What was committed is kept;
+    the message names what was being written and the command to re-run once there is space."""
+

@@ -13,6 +13,7 @@ from engine.boxes import Box
 from engine.errors import EngineError
 from engine.results import Hit
 from indexer.images import load_image
+from query.output import writing
 from query.render import HIT_COLOUR, QUERY_COLOUR, draw_box
 
 __all__ = ["write_gallery"]
@@ -44,10 +45,11 @@ def write_gallery(path: Path, hits: Sequence[Hit], *, image: Path | str | None =
         parts.append(_hit_figure(rank, hit))
     parts.append("</div></body></html>\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path, partial=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(parts), encoding="utf-8")
+        tmp.replace(path)
     return path
 
 
