@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -134,9 +135,12 @@ def _request(obj: Any, root: Path, number: int, defaults: dict[str, Any]) -> Sea
         if not isinstance(region, list) or len(region) != 4 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in region):
             raise InvalidInputError(f"region must be [x1, y1, x2, y2] (4 numbers), got {_show(region)}")
         try:
-            fields["region"] = tuple(float(v) for v in region)
+            box = tuple(float(v) for v in region)
         except OverflowError:
-            raise InvalidInputError(f"region {_show(region)} holds a number too large for a pixel coordinate") from None
+            box = (math.inf,)
+        if not all(math.isfinite(v) for v in box):
+            raise InvalidInputError(f"region {_show(region)} holds a number too large for a pixel coordinate")
+        fields["region"] = box
     filters = {k: obj[k] for k in _FILTER_KEYS if k in obj}
     if filters:
         fields["filters"] = HitFilter(**filters)
@@ -230,6 +234,7 @@ def run_batch(searcher: BatchSearcher, batch_file: Path, out_file: Path, *, defa
             queries += len(chunk)
             with writing(out_file, partial=tmp):
                 handle.write(text)
+                handle.flush()  # this chunk's results are out before the next chunk runs
         if queries == 0:
             raise _empty(Path(batch_file))
         with writing(out_file, partial=tmp):
