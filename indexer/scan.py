@@ -155,7 +155,11 @@ def _stat_failure(path: Path, exc: OSError) -> str | None:
         if not is_link:
             log.debug("%s vanished during the scan", printable_path(path))
             return None
-        return f"broken symbolic link: its target {printable_path(Path(os.readlink(path)))} does not exist; fix or remove the link"
+        try:
+            target = printable_path(os.readlink(path))
+        except OSError:  # replaced or removed since
+            return None
+        return f"broken symbolic link: its target {target} does not exist; fix or remove the link"
     return f"cannot read file: {_strerror(exc)}; check its permissions"
 
 
