@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,29 @@ class BoxType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+MAX_WEIGHT = 100.0
+"""Largest stage-2 weight ``--weight-text`` / ``--weight-image`` take (the defaults are 1; 100 already
+ranks by one score alone, and a huge weight would overflow the fused score)."""
+
+MAX_REGION_ID = 2**63 - 1
+"""Largest region id (SQLite's integer range); kept equal to :data:`query.request.MAX_REGION_ID`."""
+
+
+class WeightType(click.ParamType):
+    """A stage-2 weight: a finite number from 0 to :data:`MAX_WEIGHT`."""
+
+    name = "weight"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number; give a weight from 0 to {MAX_WEIGHT:g} (default 1)", param, ctx)
+        if not (math.isfinite(weight) and 0.0 <= weight <= MAX_WEIGHT):
+            self.fail(f"{value} is not a finite weight from 0 to {MAX_WEIGHT:g}; the default is 1", param, ctx)
+        return weight
+
+
 def device_option(func: Any) -> Any:
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run; auto picks CUDA when present and logs the choice.")(func)
 
@@ -101,8 +125,16 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
     """
     from engine.config import IndexConfig
 
-    engine = _engine(index_dir, device)
-    summary = engine.index(corpus, config=IndexConfig(proposals=proposals, batch_size=batch_size, maps=maps), progress=not (quiet or as_json))
+    from engine.diskspace import disk_full_error
+    from indexer.pipeline import INDEX_DISK_ADVICE
+
+    try:
+        summary = _engine(index_dir, device).index(corpus, config=IndexConfig(proposals=proposals, batch_size=batch_size, maps=maps), progress=not (quiet or as_json))
+    except Exception as exc:  # a full disk while creating or opening the index: one line, the cause chained
+        full = disk_full_error(exc, doing=f"indexing {corpus} into {index_dir}", advice=INDEX_DISK_ADVICE, where=index_dir)
+        if full is not None:
+            raise full from exc
+        raise
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return
@@ -121,12 +153,12 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @device_option
 @click.option("--image", type=click.Path(path_type=Path), help="Query image file.")
 @click.option("--region", type=BoxType(), help="Query region in the image, pixels x1,y1,x2,y2 (default: the whole image).")
-@click.option("--region-id", type=int, help="Query with an indexed region (an id from earlier hits, e.g. --json): more like this hit. Instead of --image/--region.")
+@click.option("--region-id", type=click.IntRange(min=0, max=MAX_REGION_ID), help="Query with an indexed region (an id from earlier hits, e.g. --json): more like this hit. Instead of --image/--region.")
 @click.option("--text", help="Description of the region. With --image: the visual shortlist (joined by SAN's matches of the text) is reranked by the GRN similarity (the text gates query and candidates) plus the weighted SAN score of how well each candidate fits the text. Alone: text-only search with SAN.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of hits.")
 @click.option("--exclude-self", is_flag=True, help="Drop hits from the query image itself (same content hash).")
-@click.option("--weight-text", type=click.FloatRange(min=0), help="Combined queries: weight of SAN's text score in stage 2 (default 1, fitted on val).")
-@click.option("--weight-image", type=click.FloatRange(min=0), help="Combined queries: weight of the GRN image similarity in stage 2 (default 1).")
+@click.option("--weight-text", type=WeightType(), help="Combined queries: weight of SAN's text score in stage 2 (default 1, fitted on val).")
+@click.option("--weight-image", type=WeightType(), help="Combined queries: weight of the GRN image similarity in stage 2 (default 1).")
 @click.option("--ground/--no-ground", default=True, show_default=True, help="Stage 3 of a combined query (image + text): ground the text in the best images with Ref-NMS and CM-Att; their hits are the grounded regions, scored stage2 + w_r*relatedness + w_g*grounding (--json shows each part).")
 @click.option("--path-glob", help="Keep only hits whose image path matches this glob (fnmatch on the absolute path; * matches / too), e.g. '*/beach/*'.")
 @click.option("--min-score", type=float, help="Keep only hits with at least this score.")
@@ -197,22 +229,11 @@ def _check_query_options(image, region, region_id, text, weight_text, weight_ima
 
 
 def _run_batch(engine, batch_file: Path, out_file: Path, *, k: int, exclude_self: bool, filters) -> None:  # noqa: ANN001
-    from query.batch import read_batch, result_line
+    from query.batch import run_batch
 
     defaults = {"k": k, "exclude_self": exclude_self, **({"filters": filters} if filters.active else {})}
-    requests = read_batch(batch_file, defaults=defaults)
-    valid = [r for r in requests if not isinstance(r, EngineError)]
-    results = iter(engine.search_batch(valid))
-    lines, errors = [], 0
-    for number, request in enumerate(requests, start=1):
-        result = request if isinstance(request, EngineError) else next(results)
-        errors += isinstance(result, EngineError)
-        lines.append(result_line(request, result, number))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out_file)
-    click.echo(f"{len(requests)} queries, {errors} errors; results written to {out_file}")
+    summary = run_batch(engine, batch_file, out_file, defaults=defaults)
+    click.echo(f"{summary.queries} queries, {summary.errors} errors; results written to {out_file}")
 
 
 def _print_hits(hits: list) -> None:

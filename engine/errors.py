@@ -19,6 +19,7 @@ __all__ = [
     "IndexCorruptError",
     "ModelWeightsError",
     "CheckpointError",
+    "DiskFullError",
 ]
 
 
@@ -73,3 +74,9 @@ class ModelWeightsError(EngineError):
 
 class CheckpointError(EngineError):
     """A checkpoint file is missing, corrupt, or does not match the model."""
+
+
+class DiskFullError(EngineError):
+    """A write failed because the disk (or the user's quota) is full. What was committed is kept;
+    the message names what was being written and the command to re-run once there is space."""
+

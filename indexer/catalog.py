@@ -519,6 +519,19 @@ def check_path(path: str) -> None:
         raise InvalidInputError(
             f"image path {path!r} is not absolute; pass str(Path(p).resolve())"
         )
+    if not path.isascii() and not _is_utf8(path):
+        raise InvalidInputError(
+            f"image path {path!r} is not UTF-8 (a file name with undecodable bytes); the index stores UTF-8 "
+            "paths: rename the file"
+        )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_items(items: Sequence[tuple[ImageRecord, RegionBatch]], specs: Mapping[str, ArraySpec]) -> None:

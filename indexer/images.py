@@ -7,6 +7,7 @@ can record it and skip the file instead of crashing.
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import warnings
 from pathlib import Path
@@ -79,12 +80,13 @@ def load_image(path: Path | str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
 
 def _as_path(path: Path | str) -> tuple[Path, str]:
     """``(Path, how messages show it)``: the path as is when printable, else its ``repr`` (a name
-    with a newline, a control character or undecodable bytes stays on one line)."""
+    with a newline or a control character stays on one line); bytes that are not UTF-8 show as
+    ``\\xNN`` (the message must stay printable and encodable)."""
     try:
         path = Path(path)
     except TypeError:
         raise ImageReadError(f"cannot read image {path!r:.80}: not a file path; pass a str or pathlib.Path") from None
-    text = str(path)
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
     return path, text if text.isprintable() else repr(text)
 
 

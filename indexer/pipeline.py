@@ -12,18 +12,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from engine.diskspace import disk_full_error
 from engine.errors import ImageReadError, InvalidInputError
 from indexer.images import load_image
 from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, mean_maps
 from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
-from indexer.scan import FileEntry, content_hash, list_image_files, plan_scan
+from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
 from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
-__all__ = ["IndexSummary", "IndexingPipeline"]
+__all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE"]
 
 log = logging.getLogger(__name__)
+
+INDEX_DISK_ADVICE = "free space and re-run `engine index`, which resumes where it stopped (everything committed so far is kept)"
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,27 @@ class IndexingPipeline:
         self.ref_nms = ref_nms  # computes the stored Ref-NMS visual features (array ``refnms``)
 
     def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
-        start = time.perf_counter()
+        """Index ``corpus``; a full disk is one :class:`DiskFullError` (the cause chained), and
+        everything committed before it is kept."""
         corpus = corpus.resolve()
-        files = list_image_files(corpus, skip=skip)
-        plan = plan_scan(files, self.store.known_images(str(corpus)))
+        try:
+            return self._run(corpus, progress=progress, skip=skip)
+        except Exception as exc:
+            full = disk_full_error(exc, doing=f"indexing {corpus} into {self.store.layout.root}", advice=INDEX_DISK_ADVICE, where=self.store.layout.root)
+            if full is not None:
+                raise full from exc
+            raise
+
+    def _run(self, corpus: Path, *, progress: bool, skip: tuple[Path, ...]) -> IndexSummary:
+        start = time.perf_counter()
+        scan = scan_corpus(corpus, skip=skip)
+        plan = plan_scan(scan.files, self.store.known_images(str(corpus)), scan.issues)
         log.info("scan of %s: %d new, %d changed, %d unchanged, %d deleted", corpus, plan.new, plan.changed, plan.unchanged, len(plan.deleted))
         run_id = self.store.begin_run(str(corpus), self.models)
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
-        status = "failed"
         try:
             counts["removed"] = self.store.delete_images(plan.deleted).images if plan.deleted else 0
+            self._record_issues(run_id, plan.issues, counts)
             since_save = 0
             with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
                 for batch in _chunks(plan.todo, self.batch_size):
@@ -101,11 +115,10 @@ class IndexingPipeline:
                     if since_save >= self.save_every:
                         self.store.save_vectors()
                         since_save = 0
-            status = "completed"
-        finally:
-            seconds = time.perf_counter() - start
-            self.store.save_vectors()
-            self.store.finish_run(run_id, status=status, unchanged=plan.unchanged, seconds=seconds, **counts)
+        except BaseException:
+            self._end_run(run_id, "failed", plan.unchanged, start, counts, after_error=True)
+            raise
+        seconds = self._end_run(run_id, "completed", plan.unchanged, start, counts, after_error=False)
         return IndexSummary(unchanged=plan.unchanged, seconds=round(seconds, 3), **counts)
 
     def reindex(self, paths: list[Path], *, corpus: Path) -> IndexSummary:
@@ -120,16 +133,35 @@ class IndexingPipeline:
             entries.append(FileEntry(path=path, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns))
         run_id = self.store.begin_run(str(Path(corpus).resolve()), self.models)
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
-        status = "failed"
         try:
             for batch in _chunks(entries, self.batch_size):
                 self._process_batch(run_id, batch, counts)
-            status = "completed"
-        finally:
-            seconds = time.perf_counter() - start
-            self.store.save_vectors()
-            self.store.finish_run(run_id, status=status, unchanged=0, seconds=seconds, **counts)
+        except BaseException:
+            self._end_run(run_id, "failed", 0, start, counts, after_error=True)
+            raise
+        seconds = self._end_run(run_id, "completed", 0, start, counts, after_error=False)
         return IndexSummary(unchanged=0, seconds=round(seconds, 3), **counts)
+
+    def _end_run(self, run_id: int, status: str, unchanged: int, start: float, counts: dict[str, int], *, after_error: bool) -> float:
+        """Save the FAISS files and close the run; returns its seconds. After an error, a failure
+        here (the same full disk, most likely) is logged, not raised over the first error."""
+        seconds = time.perf_counter() - start
+        steps = (self.store.save_vectors, lambda: self.store.finish_run(run_id, status=status, unchanged=unchanged, seconds=seconds, **counts))
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                if not after_error:
+                    raise
+                log.debug("could not close indexing run %d after the error: %s", run_id, exc, exc_info=True)
+        return seconds
+
+    def _record_issues(self, run_id: int, issues: list[ScanIssue], counts: dict[str, int]) -> None:
+        """Record what the scan could not take (``engine info --errors`` lists it with the reason)."""
+        for issue in issues:
+            log.warning("skipping %s: %s", issue.path, issue.reason)
+            self.store.record_error(run_id, None, issue.path, issue.reason)
+            counts["errors"] += 1
 
     def _process_batch(self, run_id: int, batch: list[FileEntry], counts: dict[str, int]) -> int:
         loaded: list[_Loaded] = []

@@ -29,14 +29,16 @@ class HitFilter:
     duplicate_iou: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.path_glob is not None and not isinstance(self.path_glob, str):
+            raise InvalidInputError(f"--path-glob must be a string pattern, got {type(self.path_glob).__name__} {_show(self.path_glob)}; e.g. '*/cats/*.jpg'")
         if self.path_glob is not None and not self.path_glob.strip():
             raise InvalidInputError("--path-glob is empty; give a pattern such as '*/cats/*.jpg'")
-        if self.min_score is not None and not np.isfinite(self.min_score):
-            raise InvalidInputError(f"--min-score must be a finite number, got {self.min_score!r}")
-        if self.max_per_image is not None and (not isinstance(self.max_per_image, int) or self.max_per_image < 1):
-            raise InvalidInputError(f"--max-per-image must be an integer >= 1, got {self.max_per_image!r}")
-        if not 0.0 < self.duplicate_iou <= 1.0:
-            raise InvalidInputError(f"duplicate_iou must be in (0, 1], got {self.duplicate_iou!r}")
+        if self.min_score is not None and not _is_finite_number(self.min_score):
+            raise InvalidInputError(f"--min-score must be a finite number, got {_show(self.min_score)}")
+        if self.max_per_image is not None and (isinstance(self.max_per_image, bool) or not isinstance(self.max_per_image, int) or self.max_per_image < 1):
+            raise InvalidInputError(f"--max-per-image must be an integer >= 1, got {_show(self.max_per_image)}")
+        if not _is_finite_number(self.duplicate_iou) or not 0.0 < self.duplicate_iou <= 1.0:
+            raise InvalidInputError(f"duplicate_iou must be in (0, 1], got {_show(self.duplicate_iou)}")
 
     @property
     def active(self) -> bool:
@@ -70,3 +72,18 @@ class HitFilter:
         if not others:
             return False
         return bool((box_iou([hit.box], [h.box for h in others])[0] > self.duplicate_iou).any())
+
+
+def _is_finite_number(value: object) -> bool:
+    """A real number (not a bool, not a string) that is finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -13,6 +13,8 @@ from engine.boxes import Box
 from engine.errors import EngineError
 from engine.results import Hit
 from indexer.images import load_image
+from indexer.scan import printable_path
+from query.output import writing
 from query.render import HIT_COLOUR, QUERY_COLOUR, draw_box
 
 __all__ = ["write_gallery"]
@@ -36,7 +38,7 @@ def write_gallery(path: Path, hits: Sequence[Hit], *, image: Path | str | None =
     if image is not None:
         query = load_image(image)
         box = region or (0, 0, query.width, query.height)
-        parts.append(f"<figure style='max-width:{THUMB}px'><img alt='query' src='{_data_uri(draw_box(query, box, colour=QUERY_COLOUR))}'><figcaption>{html.escape(str(image))}<br>region {_box(box)}</figcaption></figure>")
+        parts.append(f"<figure style='max-width:{THUMB}px'><img alt='query' src='{_data_uri(draw_box(query, box, colour=QUERY_COLOUR))}'><figcaption>{html.escape(printable_path(image))}<br>region {_box(box)}</figcaption></figure>")
     if text:
         parts.append(f"<p><b>text:</b> {html.escape(text)}</p>")
     parts.append(f"</div><h1>{len(hits)} hits</h1><div class='grid'>")
@@ -44,10 +46,11 @@ def write_gallery(path: Path, hits: Sequence[Hit], *, image: Path | str | None =
         parts.append(_hit_figure(rank, hit))
     parts.append("</div></body></html>\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path, partial=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(parts), encoding="utf-8")
+        tmp.replace(path)
     return path
 
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from engine.boxes import Box
 from engine.results import Hit
 from indexer.images import load_image
+from query.output import writing
 
 __all__ = ["draw_box", "render_results", "text_card"]
 
@@ -43,7 +44,8 @@ def render_results(
     """
     if query_image is None and not text:
         raise ValueError("render_results needs a query image or a query text")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if query_image is None:
         query_pic = text_card(str(text))
@@ -101,5 +103,6 @@ def _contact_sheet(tiles: list[tuple[Image.Image, str]], columns: int = 4) -> Im
 
 
 def _save(image: Image.Image, path: Path) -> Path:
-    image.save(path, format="PNG")
+    with writing(path, partial=path):
+        image.save(path, format="PNG")
     return path

@@ -1,6 +1,7 @@
 """One search request: what :meth:`engine.api.Engine.search` takes, and one line of a batch file."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,14 @@ from engine.boxes import Box
 from engine.errors import InvalidInputError
 from query.filters import HitFilter
 
-__all__ = ["SearchRequest", "MAX_TEXT_CHARS"]
+__all__ = ["SearchRequest", "MAX_TEXT_CHARS", "MAX_REGION_ID"]
 
 MAX_TEXT_CHARS = 1000
 """Longest accepted query text. The training descriptions have 5–30 words; a 100,000-character text
 took 3–9 s to encode (benchmarks/results/fuzz.json) and matched nothing better than its first sentence."""
+
+MAX_REGION_ID = 2**63 - 1
+"""Largest region id (SQLite's integer range); a larger one cannot name an indexed region."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,13 @@ class SearchRequest:
         if self.image is not None and not isinstance(self.image, (str, Path)):
             raise InvalidInputError(f"--image must be a file path, got {type(self.image).__name__}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
-            raise InvalidInputError(f"k must be a positive integer, got {self.k!r}; e.g. -k 10")
+            raise InvalidInputError(f"k must be a positive integer, got {_show(self.k)}; e.g. -k 10")
+        if not isinstance(self.exclude_self, bool):
+            raise InvalidInputError(f"exclude_self must be true or false, got {_show(self.exclude_self)}")
+        if self.filters is not None and not isinstance(self.filters, HitFilter):
+            raise InvalidInputError(f"filters must be a HitFilter, got {type(self.filters).__name__}")
+        if isinstance(self.id, float) and not math.isfinite(self.id):
+            raise InvalidInputError(f"id must be a string, an integer or a finite number, got {self.id!r}; it is echoed in JSON output")
         if self.text is not None and not self.text.strip():
             raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
         if self.text is not None and len(self.text) > MAX_TEXT_CHARS:
@@ -49,10 +59,18 @@ class SearchRequest:
             if self.image is not None or self.region is not None:
                 raise InvalidInputError("--region-id is a query by itself: leave out --image and --region (the indexed region gives both)")
             if isinstance(self.region_id, bool) or not isinstance(self.region_id, int):
-                raise InvalidInputError(f"--region-id must be an integer region id, got {self.region_id!r}")
+                raise InvalidInputError(f"--region-id must be an integer region id, got {_show(self.region_id)}")
+            if not 0 <= self.region_id <= MAX_REGION_ID:
+                raise InvalidInputError(f"--region-id {_show(self.region_id)} is out of range: region ids are 0 to 2^63-1; take one from earlier hits (engine query --json)")
             return
         if self.image is None:
             if self.text is None:
                 raise InvalidInputError("a query needs an image, a region id or a text: pass --image FILE (and optionally --region x1,y1,x2,y2), --region-id N and/or --text \"...\"")
             if self.region is not None:
                 raise InvalidInputError("--region needs --image: the region is a box in that image")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A short one-line ``repr`` for messages (a 10,000-digit number stays readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,9 +1,13 @@
 """The command line through click's CliRunner: output formats, one-line errors, help texts."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 from pathlib import Path
 
+import PIL.Image
 import pytest
 from click.testing import CliRunner
 
@@ -71,6 +75,12 @@ def test_info_json_and_errors(runner: CliRunner, cli_index: Path) -> None:
         (["--text", "zorblax quuxly"], "none of the words"),
         (["--region", "1,2,3,4"], "--region needs --image"),
         ([], "needs an image"),
+        (["--region-id", str(2**63)], "not in the range 0<=x<=9223372036854775807"),
+        (["--region-id", str(2**63 - 1)], "is not in index"),
+        (["--image", "{image}", "--text", "a red circle", "--weight-text", "nan"], "not a finite weight from 0 to 100"),
+        (["--image", "{image}", "--text", "a red circle", "--weight-text", "inf"], "not a finite weight"),
+        (["--image", "{image}", "--text", "a red circle", "--weight-image", "1e308"], "not a finite weight"),
+        (["--image", "{image}", "--text", "a red circle", "--weight-image", "-1"], "not a finite weight"),
     ],
 )
 def test_query_errors_are_one_line(runner: CliRunner, cli_index: Path, tiny_corpus: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -101,3 +111,37 @@ def test_every_command_has_help_with_an_example(runner: CliRunner) -> None:
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, name
         assert command.help and "Example" in command.help, f"{name} lacks an example in its help"
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FullFile(io.StringIO):
+    """A file on a full disk: every write fails."""
+
+    def write(self, text: str) -> int:
+        _no_space()
+        return 0
+
+
+@pytest.mark.parametrize("what", ["--save-vis", "--html", "--out"])
+def test_full_disk_while_writing_results_is_one_line(runner: CliRunner, cli_index: Path, tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    import query.batch
+
+    image, region = _query_args(tiny_corpus)
+    if what == "--save-vis":
+        monkeypatch.setattr(PIL.Image.Image, "save", _no_space)
+        args, target = ["--image", image, "--save-vis", str(tmp_path / "vis")], tmp_path / "vis" / "query.png"
+    elif what == "--html":
+        monkeypatch.setattr(Path, "write_text", _no_space)
+        args, target = ["--image", image, "--html", str(tmp_path / "g.html")], tmp_path / "g.html"
+    else:
+        batch = tmp_path / "b.jsonl"
+        batch.write_text(json.dumps({"image": image}) + "\n", encoding="utf-8")
+        monkeypatch.setattr(query.batch, "open", lambda path, mode="r", **k: _FullFile() if "w" in mode else builtins.open(path, mode, **k), raising=False)
+        args, target = ["--batch", str(batch), "--out", str(tmp_path / "r.jsonl")], tmp_path / "r.jsonl"
+    result = runner.invoke(main, ["query", "--index", str(cli_index), "-k", "2", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"Error: disk full while writing {target}: free space (or write to another disk) and re-run the query"]
+    assert not target.exists() and not target.with_name(target.name + ".tmp").exists()

@@ -1,6 +1,7 @@
 """Image loading: orientation, colour modes and every way a file can be unreadable."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,14 @@ def test_image_is_detached_from_its_file(tmp_path: Path) -> None:
 def test_extensions_are_lower_case_with_dot() -> None:
     assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
     assert {".jpg", ".png"} <= IMAGE_EXTENSIONS
+
+
+def test_a_name_that_is_not_utf8_loads_and_errors_show_it_printably(tmp_path: Path) -> None:
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"))
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(path)
+    assert load_image(path).size == (8, 6)
+    with pytest.raises(ImageReadError) as info:
+        load_image(path / "x")
+    message = str(info.value)
+    message.encode("utf-8")  # printable, loggable, JSON-encodable
+    assert "caf\\xe9.png/x" in message

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import InvalidInputError
-from query.request import MAX_TEXT_CHARS, SearchRequest
+from query.request import MAX_REGION_ID, MAX_TEXT_CHARS, SearchRequest
 
 
 @pytest.mark.parametrize(
@@ -29,3 +29,25 @@ def test_bad_requests_are_refused_with_one_line(kwargs: dict, message: str) -> N
 def test_texts_up_to_the_limit_are_accepted() -> None:
     SearchRequest(text="a" * MAX_TEXT_CHARS).validate()
     SearchRequest(text="a red circle left of a blue square").validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"region_id": 2**63}, "out of range: region ids are 0 to 2\\^63-1"),
+        ({"region_id": 10**400}, "out of range"),
+        ({"region_id": -1}, "out of range"),
+        ({"region_id": True}, "must be an integer region id"),
+        ({"text": "red", "exclude_self": "yes"}, "exclude_self must be true or false"),
+        ({"text": "red", "id": float("nan")}, "id must be a string, an integer or a finite number"),
+        ({"text": "red", "filters": {"path_glob": "*"}}, "filters must be a HitFilter"),
+    ],
+)
+def test_out_of_range_and_wrong_typed_fields_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message) as info:
+        SearchRequest(**kwargs).validate()
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_largest_region_id_is_valid() -> None:
+    SearchRequest(region_id=MAX_REGION_ID).validate()

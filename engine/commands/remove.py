@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from engine.commands.options import index_option, json_option
+from engine.diskspace import disk_full_error
 
 __all__ = ["remove_command", "compact_command", "format_bytes"]
 
@@ -28,6 +31,18 @@ def format_bytes(n: int) -> str:
     return f"{int(n)} B" if unit == 0 else f"{value:.1f} {units[unit]}"
 
 
+@contextmanager
+def _disk_full_names(index_dir: Path, doing: str, advice: str) -> Iterator[None]:
+    """A full disk while ``doing`` becomes one :class:`~engine.errors.DiskFullError` naming this command (the cause chained)."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full_error(exc, doing=doing, advice=advice, where=index_dir)
+        if full is not None:
+            raise full from exc
+        raise
+
+
 @click.command("remove")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
@@ -43,8 +58,8 @@ def remove_command(paths: tuple[Path, ...], index_dir: Path, as_json: bool) -> N
     Example:
       engine remove corpus/old/ corpus/cat.jpg --index my-index
     """
-    engine = _engine(index_dir)
-    summary = engine.remove(paths)
+    with _disk_full_names(index_dir, f"removing images from {index_dir}", "the index is unchanged; free space and re-run `engine remove`"):
+        summary = _engine(index_dir).remove(paths)
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return
@@ -68,7 +83,8 @@ def compact_command(index_dir: Path, as_json: bool) -> None:
     Example:
       engine compact --index my-index
     """
-    summary = _engine(index_dir).compact()
+    with _disk_full_names(index_dir, f"compacting {index_dir}", "the index is unchanged and works; free space (compaction writes a copy of the live feature rows first) and re-run `engine compact`"):
+        summary = _engine(index_dir).compact()
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return
