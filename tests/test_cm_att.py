@@ -171,7 +171,7 @@ class _FakeCache:
 
 def test_region_targets_add_the_regions_as_candidates_and_point_at_them(ground_corpus: Path) -> None:
     from engine.datasets.annotations import read_dataset
-    from engine.evaluation.grounding import build_grounding_data
+    from engine.protocols.grounding import build_grounding_data
     from engine.models.cm_att import CMAttConfig
 
     images = [im for im in read_dataset(ground_corpus).images if im.regions][:3]

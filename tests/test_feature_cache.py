@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.datasets.annotations import read_annotations
-from engine.training.feature_cache import FeatureCache
+from indexer.feature_cache import FeatureCache
 from indexer.backbone import BackboneConfig, create_backbone
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor

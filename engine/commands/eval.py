@@ -280,9 +280,10 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
     Example:
       engine eval proposals --data data/synth --ns 1,3,5,10,100 --json table1.json
     """
-    from engine.evaluation.ref_nms import evaluate_ref_proposals, rows_to_markdown
+    from engine.evaluation.ref_nms import rows_to_markdown
     from engine.models.checkpoint import PACKAGE_CHECKPOINTS
     from engine.models.ref_nms import REF_NMS_NAMES, RefNMSModel
+    from engine.protocols.ref_nms import evaluate_ref_proposals
 
     try:
         counts = sorted({int(n) for n in ns.split(",") if n.strip()})
@@ -341,11 +342,11 @@ def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, s
 
 def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, quiet: bool):  # noqa: ANN202
     """The split's dataset part, the backbone cache of ``data`` and the RPN's boxes of the split's images."""
-    from engine.evaluation.ref_nms import image_proposals
     from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
+    from engine.protocols.proposals import image_proposals
     from engine.training.options import read_splits
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     _, *parts = read_splits(data)

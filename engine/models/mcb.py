@@ -182,7 +182,7 @@ def visual_map(levels: dict[str, np.ndarray | Tensor], names: tuple[str, ...]) -
 
 def valid_cells(size: tuple[int, int], grid: tuple[int, int], *, stride: int, max_size: int) -> Tensor:
     """Bool ``[H, W]``: the cells of a padded ``grid`` that lie on the (resized) image of ``size`` (w, h)."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     nw, nh = resized_size(size[0], size[1], max_size)
     out = torch.zeros(grid, dtype=torch.bool)
@@ -193,7 +193,7 @@ def valid_cells(size: tuple[int, int], grid: tuple[int, int], *, stride: int, ma
 def attention_to_image(grid: np.ndarray | Tensor, size: tuple[int, int], *, stride: int, offset: float, max_size: int) -> np.ndarray:
     """A map on the backbone grid ``[H, W]`` as float32 ``[h, w]`` over the original image of ``size``
     (``(w, h)``): bilinear upsampling with cell ``i`` centred at ``offset + stride·i`` in the resized frame."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     w, h = size
     nw, nh = resized_size(w, h, max_size)

@@ -41,7 +41,7 @@ from torchvision.ops import boxes as box_ops
 
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.checkpoint import default_checkpoint, load_checkpoint
-from indexer.backbone import resized_size
+from engine.imaging import resized_size
 
 __all__ = ["RpnConfig", "OffsetAnchorGenerator", "ProposalNetwork", "MODEL_NAME", "MODEL_VERSION"]
 

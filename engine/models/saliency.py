@@ -172,7 +172,7 @@ def mask_targets(mask: np.ndarray, frame: tuple[int, int], grid: tuple[int, int]
 def saliency_to_image(prob: np.ndarray | Tensor, size: tuple[int, int], *, stride: int, offset: float, max_size: int) -> np.ndarray:
     """A saliency grid ``[H3, W3]`` (probabilities on the ``c3`` cells) as a float32 map ``[h, w]`` over the
     original image of ``size`` (``(w, h)``): bilinear upsampling, shifted to the cells' true centres."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     w, h = size
     nw, nh = resized_size(w, h, max_size)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InvalidInputError
-from engine.evaluation.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, REGION_GROUNDING_NAME, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
 from engine.models.vocab import Vocabulary
+from engine.protocols.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -129,8 +129,8 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
         raise InvalidInputError(f"{name!r} is not a CM-Att model name; choose one of {', '.join(names)}")
     targets = "regions" if name == REGION_GROUNDING_NAME else "refs"
     erasing = name != "cm-att"
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()

@@ -220,8 +220,7 @@ def build_proposal_pool(pairs: TrainingPairs, images: Sequence[ImageAnn], cache:
     """Run the RPN (``network``, a :class:`~engine.models.rpn.ProposalNetwork`) on the training ``images``
     (maps from ``cache``) and keep the proposals that training samples from."""
     from engine.boxes import box_iou
-    from engine.evaluation.proposals_recall import propose_images
-    from engine.evaluation.retrieval import RPN_TOP
+    from engine.protocols.proposals import RPN_TOP, propose_images
 
     rows_by_image: dict[str, list[int]] = defaultdict(list)
     for r, image in enumerate(pairs.images):
@@ -394,9 +393,9 @@ def train_grn(
     """
     if method not in GRN_METHODS:
         raise InvalidInputError(f"method {method!r} is not known; choose one of {', '.join(GRN_METHODS)}")
-    from engine.evaluation.retrieval import build_benchmark, gt_candidates, score_benchmark
-    from engine.training.feature_cache import FeatureCache
+    from engine.protocols.retrieval import build_benchmark, gt_candidates, score_benchmark
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """``engine train mcb`` / ``mcb-no-sparsity``: weakly supervised attention (MCB paper §2.3) on cached maps.
 
 Only image-level phrase labels are used, never a box: the phrases of an image (its region
-descriptions and referring expressions, :func:`engine.evaluation.attention.image_phrases`) are its
+descriptions and referring expressions, :func:`engine.protocols.attention.image_phrases`) are its
 positives, phrases of other images (whose text is not one of its own) its negatives. Each step takes
 ``images_per_batch`` training images, ``positives`` of their phrases and ``negatives`` phrases of other
 images each (a phrase of another image is a negative only when it names a shape or colour that
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
-from engine.evaluation.attention import image_phrases
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.mcb import MODEL_NAME, MODEL_VERSION, GroundingModel, MCBConfig, MCBGrounder, valid_cells, visual_map
 from engine.models.vocab import Vocabulary, tokenize
+from engine.protocols.attention import ground_split, image_phrases, localization_row
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -91,7 +91,7 @@ class PhraseData:
 
 
 def build_phrase_data(images: list[ImageAnn], get: Any, config: MCBConfig) -> PhraseData:
-    """Read every image's cached maps (``get(image)`` → :class:`~engine.training.feature_cache.CachedImage`)
+    """Read every image's cached maps (``get(image)`` → :class:`~indexer.feature_cache.CachedImage`)
     and list its phrases; images without a phrase are left out."""
     kept, grids, sizes, texts, owner, by_image = [], [], [], [], [], []
     for im in images:
@@ -224,9 +224,8 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     """
     if name not in MCB_NAMES:
         raise InvalidInputError(f"{name!r} is not an MCB model name; choose one of {', '.join(MCB_NAMES)}")
-    from engine.evaluation.attention import ground_split, localization_row
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()

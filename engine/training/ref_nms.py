@@ -1,6 +1,6 @@
 """Training Ref-NMS's relatedness module (``engine train ref-nms-b`` / ``ref-nms-r``).
 
-* Boxes: the shipped RPN's top :data:`~engine.evaluation.ref_nms.POOL` proposals of each training
+* Boxes: the shipped RPN's top :data:`~engine.protocols.proposals.POOL` proposals of each training
   image with objectness ``≥ δ`` (the detector stays frozen, as in the paper); their RoIAlign maps come
   from the dataset's backbone cache.
 * Foreground of an expression: its referent and the context objects it mentions. On synthetic data
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 
 from engine.boxes import box_iou
 from engine.errors import InvalidInputError
-from engine.evaluation.ref_nms import RefTarget, evaluate_ref_proposals, image_proposals, ref_targets
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.ref_nms import FORMAT_VERSION, MODEL_NAME, REF_NMS_NAMES, RefNMSConfig, RefNMSModel, RelatednessModule
 from engine.models.vocab import Vocabulary
+from engine.protocols.proposals import image_proposals
+from engine.protocols.ref_nms import RefTarget, evaluate_ref_proposals, ref_targets
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -139,8 +140,8 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     if name not in REF_NMS_NAMES:
         raise InvalidInputError(f"{name!r} is not a Ref-NMS model name; choose one of {', '.join(REF_NMS_NAMES)}")
     from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()

@@ -1,7 +1,8 @@
-"""Frozen-backbone feature maps of a dataset's images, computed once and cached on disk.
+"""Frozen-backbone feature maps of images: computed in memory for one image, or once per dataset and cached on disk.
 
-Heads (RPN, GRN, …) train on these maps, so that training on 2 CPU cores never reruns the backbone.
-The cache lives in ``DATA/.engine-cache/<backbone version>-max<size>/`` (or a given folder), one
+Heads (RPN, GRN, …) train and are evaluated on these maps, so that training on 2 CPU cores never
+reruns the backbone; grounding one image (``engine ground``) computes its maps in memory
+(:class:`ImageMaps`) and writes nothing. The disk cache lives in ``DATA/.engine-cache/<backbone version>-max<size>/`` (or a given folder), one
 ``.npz`` per image holding each level's map (float16, the padded map exactly as indexing computes it,
 so region features from the cache equal the indexed ones) and the image's original size.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from engine.datasets.types import ImageAnn
@@ -24,7 +26,7 @@ from indexer.backbone import preprocess
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor
 
-__all__ = ["CachedImage", "FeatureCache"]
+__all__ = ["CachedImage", "FeatureCache", "ImageMaps", "compute_maps", "pool_region_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,57 @@ class CachedImage:
     image: str
     size: tuple[int, int]
     maps: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def compute_maps(extractor: RegionFeatureExtractor, pil: Image.Image, image: str, levels: Sequence[str]) -> CachedImage:
+    """The backbone maps of ``pil`` at ``levels`` (float16, padded frame, exactly as indexing computes them)."""
+    backbone = extractor.backbone
+    batch, _ = preprocess([pil], max_size=backbone.max_size)
+    out = backbone(batch.to(backbone.device), levels=list(levels))
+    maps = {lvl: out[lvl][0].float().cpu().numpy().astype(np.float16) for lvl in levels}
+    return CachedImage(image=image, size=pil.size, maps=maps)
+
+
+def pool_region_maps(extractor: RegionFeatureExtractor, cached: CachedImage, boxes: np.ndarray) -> np.ndarray:
+    """RoIAlign maps float32 ``[n, C, S, S]`` of ``boxes`` (xyxy original pixels) from ``cached``'s map at the extractor's level.
+
+    Identical to what :class:`RegionFeatureExtractor` computes at index time for the same image and boxes.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        c, s, _ = extractor.map_shape
+        return np.zeros((0, c, s, s), np.float32)
+    fmap = torch.from_numpy(cached.maps[extractor.config.level].astype(np.float32))[None]
+    return extractor.pool(fmap, [cached.size], [boxes]).numpy()
+
+
+class ImageMaps:
+    """The backbone maps of one decoded image, held in memory: the same ``get`` / ``region_maps`` as
+    :class:`FeatureCache`, for code that serves a single image (nothing is written to disk).
+
+    Args:
+        pil: the decoded image.
+        image: the name it is known by (``get(image)`` answers only that name).
+        extractor: the region feature extractor whose backbone (and pooling) computes the maps.
+        levels: backbone levels to keep.
+    """
+
+    def __init__(self, pil: Image.Image, image: str, extractor: RegionFeatureExtractor, *, levels: Sequence[str] = ("c3", "c4", "c5")) -> None:
+        self.image = image
+        self.extractor = extractor
+        self.levels = tuple(levels)
+        self._cached = compute_maps(extractor, pil, image, self.levels)
+
+    def get(self, image: str) -> CachedImage:
+        """The maps of ``image``; a ``KeyError`` for any other name."""
+        if image != self.image:
+            raise KeyError(f"{image!r} is not the image these maps were computed for ({self.image!r})")
+        return self._cached
+
+    def region_maps(self, image: str, boxes: np.ndarray) -> np.ndarray:
+        """RoIAlign maps float32 ``[n, C, S, S]`` of ``boxes`` (xyxy original pixels)."""
+        return pool_region_maps(self.extractor, self.get(image), boxes)
 
 
 class FeatureCache:
@@ -81,23 +134,10 @@ class FeatureCache:
 
         Identical to what :class:`RegionFeatureExtractor` computes at index time for the same image and boxes.
         """
-        cached = self.get(image)
-        level = self.extractor.config.level
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        if len(boxes) == 0:
-            c, s, _ = self.extractor.map_shape
-            return np.zeros((0, c, s, s), np.float32)
-        fmap = torch.from_numpy(cached.maps[level].astype(np.float32))[None]
-        return self.extractor.pool(fmap, [cached.size], [boxes]).numpy()
+        return pool_region_maps(self.extractor, self.get(image), boxes)
 
-    @torch.no_grad()
     def _compute(self, image: str) -> CachedImage:
-        pil = load_image(self.root / image)
-        backbone = self.extractor.backbone
-        batch, _ = preprocess([pil], max_size=backbone.max_size)
-        out = backbone(batch.to(backbone.device), levels=list(self.levels))
-        maps = {lvl: out[lvl][0].float().cpu().numpy().astype(np.float16) for lvl in self.levels}
-        cached = CachedImage(image=image, size=pil.size, maps=maps)
+        cached = compute_maps(self.extractor, load_image(self.root / image), image, self.levels)
         self._write(self._path(image), cached)
         return cached
 
