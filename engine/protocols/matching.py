@@ -87,7 +87,7 @@ def score_items(net: Any, vocab: Any, maps: torch.Tensor, saliency: torch.Tensor
 
 @torch.no_grad()
 def evaluate_items(net: Any, vocab: Any, items: Any) -> MatchingResult:
-    """Both pairs of directions over :class:`~engine.training.san.MatchingItems` (see the module doc)."""
+    """Both pairs of directions over :class:`MatchingItems` (see the module doc)."""
     was_training = net.training
     net.eval()
     result = MatchingResult()
