@@ -17,7 +17,7 @@ from engine.commands.bench import bench_command
 from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
-from engine.commands.options import index_option, json_option
+from engine.commands.options import device_option, index_option, json_option
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
@@ -52,10 +52,6 @@ class BoxType(click.ParamType):
             return parse_box(str(value))
         except EngineError as exc:
             self.fail(str(exc), param, ctx)
-
-
-def device_option(func: Any) -> Any:
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run; auto picks CUDA when present and logs the choice.")(func)
 
 
 @click.group(cls=EngineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -33,16 +33,18 @@ class ReferringGrounder:
     """The shipped (or given) RPN, Ref-NMS and CM-Att checkpoints with the frozen backbone."""
 
     def __init__(self, model: Path | str | None = None, *, ref_nms: Path | str | None = None, device: str = "cpu") -> None:
-        from engine.models.cm_att import GroundingScorer
-        from engine.models.ref_nms import RefNMSModel
-        from engine.models.rpn import ProposalNetwork
+        """``model`` / ``ref_nms``: checkpoint files or installed names (``None``: the shipped defaults);
+        every network and the backbone run on ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``)."""
+        from engine.device import resolve_device
+        from engine.models.registry import load_model
         from indexer.backbone import BackboneConfig, create_backbone
 
-        self.backbone = create_backbone(BackboneConfig(), device=device)
-        self.rpn = ProposalNetwork.from_checkpoint(None)
+        target = resolve_device(device)
+        self.backbone = create_backbone(BackboneConfig(), device=target)
+        self.rpn = load_model(None, device=target, family="rpn")
         self.rpn.check_backbone(self.backbone.version, self.backbone.max_size)
-        self.ref_nms = RefNMSModel.from_checkpoint(ref_nms)
-        self.scorer = GroundingScorer.from_checkpoint(model)
+        self.ref_nms = load_model(ref_nms, device=target, family="ref-nms")
+        self.scorer = load_model(model, device=target, family="cm-att")
 
     def ground(self, image: Path, text: str) -> ReferringGrounding:
         """Ground ``text`` in the image file ``image``."""

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from engine.datasets.types import Dataset
 from engine.errors import InvalidInputError
 from engine.protocols.attention import THRESHOLDS, AttentionRow, ground_split, image_phrases, localization_row
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["center_box", "center_box_size", "evaluate_attention", "rows_to_markdown"]
 
@@ -38,9 +42,10 @@ def center_box(size: tuple[int, int], rel: tuple[float, float]) -> tuple[float, 
     return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
 
 
-def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test", progress: bool = True) -> list[AttentionRow]:
+def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test", device: "str | torch.device" = "cpu", progress: bool = True) -> list[AttentionRow]:
     """Rows for ``center-box`` and each :class:`~engine.models.mcb.GroundingModel` over every phrase of
-    ``split``, followed by the same rows restricted to each phrase kind (``phrases`` = ``region`` / ``ref``)."""
+    ``split``, followed by the same rows restricted to each phrase kind (``phrases`` = ``region`` / ``ref``).
+    The backbone runs on ``device`` (the models where they were loaded, e.g. by ``load_model(..., device=...)``)."""
     from engine.datasets.annotations import read_dataset
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.feature_cache import FeatureCache
@@ -59,7 +64,7 @@ def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test"
     center = [center_box((im.width, im.height), rel) for im in part.images for _ in image_phrases(im)]
     per_method.append(("center-box", center, [b for b, _ in gt_all], [k for _, k in gt_all]))
     if models:
-        backbone = create_backbone(BackboneConfig(max_size=models[0].config.max_size), device="cpu")
+        backbone = create_backbone(BackboneConfig(max_size=models[0].config.max_size), device=device)
         cache = FeatureCache(Path(data), RegionFeatureExtractor(backbone=backbone), levels=tuple(models[0].config.levels))
         for model in models:
             if model.config.backbone and model.config.backbone != backbone.version:

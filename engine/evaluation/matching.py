@@ -46,15 +46,17 @@ def evaluate_matching(
     *,
     split: str = "test",
     saliency_checkpoint: Path | None = None,
+    device: str = "cpu",
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Every SAN checkpoint's rows on ``split`` of ``data``, and the saliency network's quality there.
+    """Every SAN checkpoint's rows on ``split`` of ``data``, and the saliency network's quality there
+    (the backbone and every model on ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
 
     Returns ``(rows, saliency)``; rows as in :meth:`MatchingResult.rows` with the checkpoint's method name.
     """
     from engine.datasets.annotations import read_dataset
-    from engine.models.saliency import SaliencyNet
-    from engine.models.san import SANModel
+    from engine.device import resolve_device
+    from engine.models.registry import load_model
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
@@ -65,9 +67,10 @@ def evaluate_matching(
     images = dataset.split(split).images
     if not images:
         raise InvalidInputError(f"{data} has no images in split {split!r}; choose train, val or test")
-    models = [SANModel.from_checkpoint(p) for p in checkpoints]
-    backbone = create_backbone(BackboneConfig(), device="cpu")
-    saliency = SaliencyNet.from_checkpoint(saliency_checkpoint)
+    target = resolve_device(device)
+    models = [load_model(p, device=target, family="san") for p in checkpoints]
+    backbone = create_backbone(BackboneConfig(), device=target)
+    saliency = load_model(saliency_checkpoint, device=target, family="saliency")
     saliency.check_backbone(backbone.version, backbone.max_size)
     for m in models:
         m.check_saliency(saliency)

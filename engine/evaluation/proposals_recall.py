@@ -41,7 +41,7 @@ def rpn_recall(
     """
     from engine.datasets.annotations import read_dataset
     from engine.device import resolve_device
-    from engine.models.rpn import ProposalNetwork
+    from engine.models.registry import load_model
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
@@ -53,7 +53,7 @@ def rpn_recall(
         splits = sorted({im.split or "none" for im in dataset.images})
         raise InvalidInputError(f"split {split!r} of {data} holds no images; choose one of {splits} or 'all'")
     target = resolve_device(device)
-    network = ProposalNetwork.from_checkpoint(checkpoint, device=target)
+    network = load_model(checkpoint, device=target, family="rpn")
     backbone = create_backbone(BackboneConfig(max_size=network.config.max_size), device=target)
     network.check_backbone(backbone.version, backbone.max_size)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=network.config.levels)

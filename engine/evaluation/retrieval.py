@@ -83,26 +83,29 @@ class RetrievalRow:
 def resolve_models(specs: Sequence[str | Path] | None, *, device: str = "cpu") -> list[RegionRetrievalModel]:
     """Models from ``specs``: ``visual``, a checkpoint file, or the name of an installed checkpoint
     (``grn-fc`` → ``engine/checkpoints/grn-fc.pt``). ``None`` or empty: ``visual`` plus every installed
-    GRN-family checkpoint, in the order of GRN Table 2 and the ablations."""
+    GRN-family checkpoint, in the order of GRN Table 2 and the ablations. All on ``device``."""
+    from engine.device import resolve_device
     from engine.models.checkpoint import PACKAGE_CHECKPOINTS, installed_checkpoints
     from engine.models.grn import METHODS
+    from engine.models.registry import load_model
     from engine.models.retrieval import MODEL_NAME
 
+    device = resolve_device(device) if isinstance(device, str) else device
     if not specs:
         found = [(p, m) for p, m in installed_checkpoints() if m.model == MODEL_NAME]
         order = list(METHODS)
         found.sort(key=lambda pm: (order.index(pm[1].config.get("method")) if pm[1].config.get("method") in order else len(order), pm[0].name))
         models = [] if any(m.config.get("method") == "visual" for _, m in found) else [RegionRetrievalModel.visual(device=device)]
-        return models + [RegionRetrievalModel.from_checkpoint(p, device=device) for p, _ in found]
+        return models + [load_model(p, device=device, family=MODEL_NAME) for p, _ in found]
     models = []
     for spec in specs:
         path = Path(spec)
         if str(spec) == "visual":
             models.append(RegionRetrievalModel.visual(device=device))
         elif path.suffix in (".pt", ".json") or path.exists():
-            models.append(RegionRetrievalModel.from_checkpoint(path, device=device))
+            models.append(load_model(path, device=device, family=MODEL_NAME))
         elif (PACKAGE_CHECKPOINTS / f"{spec}.pt").is_file():
-            models.append(RegionRetrievalModel.from_checkpoint(PACKAGE_CHECKPOINTS / f"{spec}.pt", device=device))
+            models.append(load_model(str(spec), device=device, family=MODEL_NAME))
         else:
             installed = sorted(p.stem for p, m in installed_checkpoints() if m.model == MODEL_NAME)
             raise InvalidInputError(f"--model {spec!r} is neither a checkpoint file nor an installed model; give a .pt file, 'visual', or one of {', '.join(installed) or '(none installed)'}")
@@ -126,10 +129,13 @@ def evaluate_retrieval(
     so they equal the maps indexing stores. ``rpn`` needs the RPN checkpoint (``None``: the shipped one).
     """
     from engine.datasets.annotations import read_dataset
+    from engine.device import resolve_device
+    from engine.models.registry import load_model
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
+    device = resolve_device(device) if isinstance(device, str) else device
     bad = [p for p in proposals if p not in PROPOSAL_SETTINGS]
     if bad or not proposals:
         raise InvalidInputError(f"--proposals {','.join(proposals)!r} is not allowed; give a comma list of {', '.join(PROPOSAL_SETTINGS)}")
@@ -141,9 +147,7 @@ def evaluate_retrieval(
     network = None
     max_size = BackboneConfig().max_size
     if "rpn" in proposals:
-        from engine.models.rpn import ProposalNetwork
-
-        network = ProposalNetwork.from_checkpoint(rpn_checkpoint, device=device)
+        network = load_model(rpn_checkpoint, device=device, family="rpn")
         max_size = network.config.max_size
     backbone = create_backbone(BackboneConfig(max_size=max_size), device=device)
     if network is not None:

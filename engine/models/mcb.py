@@ -197,7 +197,7 @@ def attention_to_image(grid: np.ndarray | Tensor, size: tuple[int, int], *, stri
 
     w, h = size
     nw, nh = resized_size(w, h, max_size)
-    g = torch.as_tensor(np.asarray(grid, np.float32))
+    g = torch.as_tensor(grid).detach().cpu().float()
     # pixel centre x + 0.5 sits at cell coordinate (x + 0.5 - offset) / stride; sample with grid_sample
     xs = (torch.arange(nw, dtype=torch.float32) + 0.5 - offset) / stride
     ys = (torch.arange(nh, dtype=torch.float32) + 0.5 - offset) / stride
@@ -207,7 +207,7 @@ def attention_to_image(grid: np.ndarray | Tensor, size: tuple[int, int], *, stri
     up = F.grid_sample(g[None, None], sample, mode="bilinear", padding_mode="border", align_corners=False)
     if (nw, nh) != (w, h):
         up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy().astype(np.float32)
+    return up[0, 0].cpu().numpy().astype(np.float32)
 
 
 def map_to_box(heat: np.ndarray, *, threshold: float = 0.5) -> tuple[float, float, float, float]:

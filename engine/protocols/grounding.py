@@ -107,6 +107,7 @@ def grounding_accuracy(scorer: GroundingScorer, data: GroundingData) -> float:
     if not len(data.texts):
         raise InvalidInputError("no referring expressions to ground; check that the split holds refs")
     net = scorer.net
+    device = net.input_scale.device
     was = net.training
     net.eval()
     correct = 0
@@ -114,7 +115,8 @@ def grounding_accuracy(scorer: GroundingScorer, data: GroundingData) -> float:
         g = data.ref_image[r]
         rows = torch.arange(data.offsets[g], data.offsets[g] + data.counts[g])
         ids, lengths = scorer.vocab.encode_batch([text])
-        s, _ = net(data.candidates.select(rows), torch.zeros(len(rows), dtype=torch.long), ids, lengths, data.image_vectors[g : g + 1])
+        candidates = data.candidates.select(rows).to(device)
+        s, _ = net(candidates, torch.zeros(len(rows), dtype=torch.long, device=device), ids.to(device), lengths.to(device), data.image_vectors[g : g + 1].to(device))
         correct += int(rows[int(s.argmax())]) == int(data.ref_row[r])
     net.train(was)
     return 100.0 * correct / len(data.texts)

@@ -77,10 +77,12 @@ def _recalls(ranks: np.ndarray) -> dict[int, float]:
 @torch.no_grad()
 def score_items(net: Any, vocab: Any, maps: torch.Tensor, saliency: torch.Tensor, texts: Sequence[str], *, chunk: int = 128) -> np.ndarray:
     """SAN cosine similarities ``[V, T]`` of the visual items and the texts (chunks of ``chunk`` items)."""
+    device = net.input_scale.device
     ids, lengths = vocab.encode_batch(list(texts))
+    ids, lengths = ids.to(device), lengths.to(device)
     out = []
     for start in range(0, len(maps), chunk):
-        v = net.visual(maps[start : start + chunk], saliency[start : start + chunk])
+        v = net.visual(maps[start : start + chunk].to(device), saliency[start : start + chunk].to(device))
         out.append(net.score_matrix(v, ids, lengths).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(texts)), np.float32)
 
@@ -141,12 +143,13 @@ def build_matching_items(images: Sequence[ImageAnn], cache: Any, pooler: Any, *,
     names, kinds, texts, keys = [], [], [], []
     maps: list[torch.Tensor] = []
     sal: list[torch.Tensor] = []
+    device = next(pooler.network.parameters()).device
     for ann in tqdm(images, desc="SAN items", unit="img", disable=not progress, dynamic_ncols=True):
         cached = cache.get(ann.image)
         w, h = cached.size
         boxes = np.asarray([[0.0, 0.0, float(w), float(h)], *[r.box for r in ann.regions]], np.float64)
         maps.append(torch.from_numpy(cache.region_maps(ann.image, boxes)).half())
-        level_maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in ("c3", "c4", "c5")}
+        level_maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None].to(device) for lvl in ("c3", "c4", "c5")}
         sal.append(torch.from_numpy(pooler.grids(level_maps, [cached.size], [boxes])[0]))
         names.append(ann.image)
         kinds.append("image")

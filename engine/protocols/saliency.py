@@ -60,9 +60,10 @@ def evaluate_saliency(net: SaliencyNet, items: Sequence[SaliencyItem]) -> dict[s
         return {}
     maes, ious = [], []
     cfg = net.config
+    device = net.input_scale.device
     for batch in shape_batches(items, 32, None):
-        _, s1 = net({lvl: torch.stack([it.maps[lvl] for it in batch]).float() for lvl in LEVELS})
-        probs = torch.sigmoid(s1[:, 0]).numpy()
+        _, s1 = net({lvl: torch.stack([it.maps[lvl] for it in batch]).to(device).float() for lvl in LEVELS})
+        probs = torch.sigmoid(s1[:, 0]).cpu().numpy()
         for it, p in zip(batch, probs):
             mae, iou = saliency_quality(saliency_to_image(p, it.size, stride=cfg.stride, offset=cfg.offset, max_size=cfg.max_size), it.mask)
             maes.append(mae)

@@ -157,6 +157,7 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
         scheduler=scheduler,
         progress=options.progress,
         desc="rpn",
+        device=device,
     )
     network.eval()
 

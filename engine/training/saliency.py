@@ -21,6 +21,7 @@ import torch
 
 from engine.datasets.annotations import read_annotations
 from engine.datasets.types import ImageAnn
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.saliency import MODEL_NAME, MODEL_VERSION, SaliencyConfig, SaliencyNet, saliency_loss
@@ -54,6 +55,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     epochs = options.epochs if options.epochs is not None else DEFAULT_EPOCHS
     images = read_annotations(data)
@@ -62,7 +64,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         by_split[ann.split or "none"].append(ann)
     if not any(im.saliency is not None for im in by_split.get("train", [])):
         raise InvalidInputError(f"{data} has no train-split images with a saliency mask; generate a corpus with `engine synth` (its annotations carry masks)")
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     config = SaliencyConfig(
         in_channels=tuple(backbone.channels[lvl] for lvl in LEVELS),  # type: ignore[arg-type]
         width=train_config.width,
@@ -81,14 +83,15 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         for i, lvl in enumerate(LEVELS):
             sample = torch.stack([it.maps[lvl] for it in train_items[:: max(1, len(train_items) // 200)]]).float()
             net.input_scale[i] = 1.0 / max(sample.pow(2).mean().sqrt().item(), 1e-6)
-    log.info("saliency: %d train / %d val / %d test images, %d epochs", len(train_items), len(val_items), len(split_items["test"]), epochs)
+    net.to(device)
+    log.info("saliency: %d train / %d val / %d test images, %d epochs, device %s", len(train_items), len(val_items), len(split_items["test"]), epochs, device)
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=train_config.lr * 0.05)
 
     def loss_fn(model: SaliencyNet, batch: list[SaliencyItem]) -> torch.Tensor:
-        s0, s1 = model({lvl: torch.stack([it.maps[lvl] for it in batch]).float() for lvl in LEVELS})
-        return saliency_loss(s0, s1, torch.stack([it.target for it in batch]), torch.stack([it.valid for it in batch]))
+        s0, s1 = model({lvl: torch.stack([it.maps[lvl] for it in batch]).to(device).float() for lvl in LEVELS})
+        return saliency_loss(s0, s1, torch.stack([it.target for it in batch]).to(device), torch.stack([it.valid for it in batch]).to(device))
 
     result = fit(
         net,
@@ -101,6 +104,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         scheduler=scheduler,
         progress=options.progress,
         desc="saliency",
+        device=device,
     )
     net.eval()
     test = evaluate_saliency(net, split_items["test"])

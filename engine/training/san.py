@@ -29,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.san import METHODS, MODEL_NAME, MODEL_VERSION, SANet, method_config, triplet_loss
+from engine.models.registry import family, load_model
 from engine.models.vocab import Vocabulary
 from engine.protocols.matching import MatchingItems, build_matching_items, evaluate_items
 from engine.training.loop import fit
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 SAN_ABLATIONS = tuple(f"san-{m}" for m in METHODS if m != "fv+ft")
 """Checkpoint / ``engine train`` names of the ablation rows (``san-gv+gt``, …); ``san`` is ``fv+ft``."""
 SAN_NAMES = ("san", *SAN_ABLATIONS)
+assert SAN_NAMES == family("san").names, "the model registry lists SAN's checkpoints"
 
 
 def method_of(name: str) -> str:
@@ -91,11 +94,13 @@ class _Batcher:
         self.cfg = cfg
 
     def loss(self, net: SANet, batch: dict[str, Any]) -> torch.Tensor:
+        device = net.input_scale.device
         rows = torch.as_tensor(batch["rows"])
-        v = net.visual(self.items.maps[rows], self.items.saliency[rows])
+        v = net.visual(self.items.maps[rows].to(device), self.items.saliency[rows].to(device))
         ids, lengths = self.vocab.encode_batch(batch["texts"])
+        ids, lengths = ids.to(device), lengths.to(device)
         keys = batch["keys"]
-        same = torch.tensor([[a == b for b in keys] for a in keys])  # [B, B] the sentence also fits item i
+        same = torch.tensor([[a == b for b in keys] for a in keys], device=device)  # [B, B] the sentence also fits item i
         same.fill_diagonal_(True)
         margin = net.config.margin
         hardest = batch["epoch"] > self.cfg.warmup_epochs
@@ -122,7 +127,6 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     The manifest's metrics hold the best epoch's validation metrics and the test split's
     image↔sentence and region↔sentence R@1/5/10 and mR (percent).
     """
-    from engine.models.saliency import SaliencyNet
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
@@ -134,11 +138,12 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     epochs = options.epochs if options.epochs is not None else cfg.epochs
     config = method_config(method, **(model_overrides or {}))
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train_split, val_split, test_split = read_splits(data)
     splits = {"train": train_split.images, "val": val_split.images, "test": test_split.images}
-    backbone = create_backbone(BackboneConfig(), device="cpu")
-    saliency = SaliencyNet.from_checkpoint(saliency_checkpoint)
+    backbone = create_backbone(BackboneConfig(), device=device)
+    saliency = load_model(saliency_checkpoint, device=device, family="saliency")
     saliency.check_backbone(backbone.version, backbone.max_size)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=SALIENCY_LEVELS, cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
@@ -150,7 +155,8 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     with torch.no_grad():
         sample = train.maps[:: max(1, len(train.maps) // 2000)].float()
         net.input_scale.fill_(1.0 / max(sample.pow(2).mean().sqrt().item(), 1e-6))
-    log.info("%s: %d train items (%d images, %d regions), vocabulary of %d", name, len(train.kind), len(train.rows("image")), len(train.rows("region")), len(vocab))
+    net.to(device)
+    log.info("%s: %d train items (%d images, %d regions), vocabulary of %d, device %s", name, len(train.kind), len(train.rows("image")), len(train.rows("region")), len(vocab), device)
 
     val = items.get("val", train)
 
@@ -171,6 +177,7 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
         scheduler=scheduler,
         progress=options.progress,
         desc=name,
+        device=device,
     )
     net.eval()
     test = evaluate_items(net, vocab, items["test"]) if "test" in items else None
