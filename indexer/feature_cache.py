@@ -119,15 +119,23 @@ class FeatureCache:
             self._compute(ann.image)
 
     def get(self, image: str) -> CachedImage:
-        """The cached maps of ``image`` (relative path), computing them first when needed."""
+        """The cached maps of ``image`` (relative path), computing them first when needed.
+
+        An entry written for other levels (another head's cache over the same folder) is recomputed
+        with the union of its levels and ours, so that neither head recomputes it again.
+        """
         path = self._path(image)
-        if not path.is_file():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            return self._compute(image)
-        with np.load(path) as data:
-            maps = {lvl: data[lvl] for lvl in self.levels}
-            size = (int(data["size"][0]), int(data["size"][1]))
-        return CachedImage(image=image, size=size, maps=maps)
+        stored: tuple[str, ...] = ()
+        if path.is_file():
+            with np.load(path) as data:
+                stored = tuple(k for k in data.files if k != "size")
+                if all(lvl in stored for lvl in self.levels):
+                    maps = {lvl: data[lvl] for lvl in self.levels}
+                    size = (int(data["size"][0]), int(data["size"][1]))
+                    return CachedImage(image=image, size=size, maps=maps)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        cached = self._compute(image, extra=stored)
+        return CachedImage(image=image, size=cached.size, maps={lvl: cached.maps[lvl] for lvl in self.levels})
 
     def region_maps(self, image: str, boxes: np.ndarray) -> np.ndarray:
         """RoIAlign maps float32 ``[n, C, S, S]`` of ``boxes`` (xyxy original pixels) from the cached level map.
@@ -136,8 +144,9 @@ class FeatureCache:
         """
         return pool_region_maps(self.extractor, self.get(image), boxes)
 
-    def _compute(self, image: str) -> CachedImage:
-        cached = compute_maps(self.extractor, load_image(self.root / image), image, self.levels)
+    def _compute(self, image: str, extra: Sequence[str] = ()) -> CachedImage:
+        levels = tuple(dict.fromkeys((*self.levels, *extra)))
+        cached = compute_maps(self.extractor, load_image(self.root / image), image, levels)
         self._write(self._path(image), cached)
         return cached
 

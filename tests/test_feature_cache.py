@@ -56,3 +56,14 @@ def test_image_maps_equal_the_disk_cache_and_write_nothing(tiny_corpus: Path, tm
     np.testing.assert_array_equal(memory.region_maps(ann.image, boxes), cache.region_maps(ann.image, boxes))
     with pytest.raises(KeyError):
         memory.get("another.png")
+
+
+def test_an_entry_written_for_other_levels_is_completed_not_a_key_error(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor) -> None:
+    ann = read_annotations(tiny_corpus)[2]
+    FeatureCache(tiny_corpus, extractor, levels=("c3", "c4"), cache_dir=tmp_path / "c").get(ann.image)  # e.g. MCB's cache
+    full = FeatureCache(tiny_corpus, extractor, cache_dir=tmp_path / "c").get(ann.image)  # then the RPN's, over the same folder
+    assert set(full.maps) == {"c3", "c4", "c5"}
+    with np.load(next((tmp_path / "c").glob("*.npz"))) as data:
+        assert {"c3", "c4", "c5"} <= set(data.files)  # rewritten with the union: neither head recomputes it again
+    again = FeatureCache(tiny_corpus, extractor, levels=("c3", "c4"), cache_dir=tmp_path / "c").get(ann.image)
+    np.testing.assert_array_equal(again.maps["c4"], full.maps["c4"])
