@@ -27,6 +27,15 @@ __all__ = ["DEFAULT_NS", "POOL", "REAL_THRESHOLD", "RPN_TOP", "image_proposals",
 DEFAULT_NS = (10, 50, 100, 300)
 """Numbers of proposals at which recall is reported."""
 
+POOL = 100
+"""RPN boxes per image that Ref-NMS starts from."""
+
+REAL_THRESHOLD = 0.5
+"""Objectness above which plain NMS's boxes count as the detector's output in the ``real`` setting."""
+
+RPN_TOP = 100
+"""Proposals per image in GRN's ``rpn`` setting (retrieval candidates and training proposals)."""
+
 
 class _MapSource(Protocol):
     def get(self, image: str) -> Any: ...  # a CachedImage: .maps {level: [C, H, W]}, .size (w, h)
@@ -97,19 +106,7 @@ def recall_table(proposals: Sequence[tuple[np.ndarray, np.ndarray] | np.ndarray]
     return table
 
 
-POOL = 100
-"""RPN boxes per image that Ref-NMS starts from."""
-
-
-REAL_THRESHOLD = 0.5
-"""Objectness above which plain NMS's boxes count as the detector's output in the ``real`` setting."""
-
-
 def image_proposals(network: Any, cache: Any, images: Sequence[ImageAnn], *, progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``image -> (boxes [N, 4], objectness [N])``: the RPN's top :data:`POOL` boxes of each image."""
     proposals = propose_images(network, cache, images, max_proposals=POOL, progress=progress)
     return {im.image: (np.asarray(b, np.float64), np.asarray(s, np.float32)) for im, (b, s) in zip(images, proposals)}
-
-
-RPN_TOP = 100
-"""Proposals per image in the ``rpn`` setting."""

@@ -365,7 +365,7 @@ class _Batcher:
         query = net.embed_prepared(prepared, text, torch.as_tensor(a_col), torch.arange(b))
         cand_flat = net.embed_prepared(prepared, text, torch.as_tensor(cols_arr[qi, kj]), torch.as_tensor(qi))
         cands = torch.zeros(b, use.shape[1], cand_flat.shape[1], device=device)
-        cands[torch.as_tensor(qi), torch.as_tensor(kj)] = cand_flat
+        cands[torch.as_tensor(qi, device=device), torch.as_tensor(kj, device=device)] = cand_flat
         swap = torch.as_tensor(batch.get("swap", np.full(b, -1)))
         if not self.uses_text or not bool((swap >= 0).any()):
             return grn_loss(query, cands, torch.as_tensor(use, device=device), temperature=self.temperature)
