@@ -20,7 +20,7 @@ class DeviceType(click.ParamType):
     ``auto`` is resolved (and its choice logged) where the models are loaded.
     """
 
-    name = "auto|cpu|cuda|cuda:N"
+    name = "device"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value).strip().lower()
@@ -43,6 +43,7 @@ def device_option(func: Any) -> Any:
     return click.option(
         "--device",
         type=DeviceType(),
+        metavar="[auto|cpu|cuda|cuda:N]",
         default="auto",
         show_default=True,
         help="Where the models run: auto (CUDA when present, else CPU; the choice is logged), cpu, cuda or cuda:N. A CUDA device that is not there is an error.",
