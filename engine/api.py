@@ -99,23 +99,22 @@ class Engine:
         ``ref-nms-r``); indexing stores its text-independent visual features."""
         if self._ref_nms is None:
             from engine.device import resolve_device
-            from engine.models.ref_nms import RefNMSModel
+            from engine.models.registry import load_model
 
-            self._ref_nms = RefNMSModel.from_checkpoint(self.config.ref_nms_checkpoint, device=resolve_device(self.config.device))
+            self._ref_nms = load_model(self.config.ref_nms_checkpoint, device=resolve_device(self.config.device), family="ref-nms")
         return self._ref_nms
 
     @property
     def san_encoder(self):  # -> indexer.san_features.SanRegionEncoder
         """SAN's region encoder (saliency network + SAN), loaded once from the configured or shipped checkpoints."""
         if self._san_encoder is None:
-            from engine.models.saliency import SaliencyNet
-            from engine.models.san import SANModel
+            from engine.models.registry import load_model
             from indexer.san_features import SanRegionEncoder
 
             backbone = self.extractor.backbone
-            saliency = SaliencyNet.from_checkpoint(self.config.saliency_checkpoint, device=backbone.device)
+            saliency = load_model(self.config.saliency_checkpoint, device=backbone.device, family="saliency")
             saliency.check_backbone(backbone.version, backbone.max_size)
-            model = SANModel.from_checkpoint(self.config.san_checkpoint)
+            model = load_model(self.config.san_checkpoint, device=backbone.device, family="san")
             model.check_saliency(saliency)
             self._san_encoder = SanRegionEncoder(backbone=backbone, saliency=saliency, model=model)
         return self._san_encoder
@@ -322,11 +321,12 @@ class Engine:
 
         if self._grounding is None:
             from engine.device import resolve_device
-            from engine.models.cm_att import REGION_GROUNDING_NAME, GroundingScorer
+            from engine.models.cm_att import REGION_GROUNDING_NAME
+            from engine.models.registry import load_model
 
             device = resolve_device(self.config.device)
             weights = self.config.stage3_weights or load_stage3_weights()
-            scorer = GroundingScorer.from_checkpoint(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device)
+            scorer = load_model(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device, family="cm-att")
             self._grounding = (weights, self.ref_nms_model, scorer)
         weights, ref_nms, scorer = self._grounding
         stored = store.has_array(REFNMS_ARRAY) and store.models().get("ref_nms") == ref_nms.version
@@ -409,10 +409,10 @@ class Engine:
         """The text-gated reranker (GRN), loaded once from ``config.grn_checkpoint`` or the shipped default."""
         if self._retrieval_model is None:
             from engine.device import resolve_device
-            from engine.models.retrieval import RegionRetrievalModel
+            from engine.models.registry import load_model
 
             device = resolve_device(self.config.device)
-            self._retrieval_model = RegionRetrievalModel.from_checkpoint(self._grn_path(device), device=device)
+            self._retrieval_model = load_model(self._grn_path(device), device=device, family="grn-family")
         return self._retrieval_model
 
     def _grn_path(self, device):  # noqa: ANN001, ANN202

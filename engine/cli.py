@@ -19,7 +19,7 @@ from engine.commands.check import check_command
 from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
-from engine.commands.options import index_option, json_option
+from engine.commands.options import device_option, index_option, json_option
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
@@ -77,10 +77,6 @@ class WeightType(click.ParamType):
         if not (math.isfinite(weight) and 0.0 <= weight <= MAX_WEIGHT):
             self.fail(f"{value} is not a finite weight from 0 to {MAX_WEIGHT:g}; the default is 1", param, ctx)
         return weight
-
-
-def device_option(func: Any) -> Any:
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where models run; auto picks CUDA when present and logs the choice.")(func)
 
 
 @click.group(cls=EngineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from engine.device import resolve_device
 from engine.errors import InvalidInputError, ModelWeightsError
+from engine.imaging import resized_size
 
 __all__ = [
     "BackboneConfig",
@@ -415,15 +416,6 @@ def create_backbone(config: BackboneConfig = BackboneConfig(), device: torch.dev
 
 
 # --------------------------------------------------------------------------- input batches
-
-
-def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """``(width, height)`` after scaling the longest side down to ``max_size`` (aspect kept; never upsampled, never below 1)."""
-    longest = max(width, height)
-    if longest <= max_size:
-        return width, height
-    scale = max_size / longest
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def preprocess(images: Sequence[Image.Image], *, max_size: int) -> tuple[Tensor, list[float]]:

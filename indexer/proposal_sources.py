@@ -132,12 +132,12 @@ class RpnProposals:
     ) -> "RpnProposals":
         """The network of ``checkpoint`` (``None``: the shipped ``rpn.pt``) on ``backbone`` (default: a new
         EfficientNet-Lite0 on ``device``); a :class:`CheckpointError` when the checkpoint is missing or broken."""
-        from engine.models.rpn import ProposalNetwork
+        from engine.models.registry import load_model
         from indexer.backbone import BackboneConfig, create_backbone
 
         if backbone is None:
             backbone = create_backbone(BackboneConfig(), device=device)
-        network = ProposalNetwork.from_checkpoint(checkpoint, device=backbone.device)
+        network = load_model(checkpoint, device=backbone.device, family="rpn")
         log.info("RPN proposals from %s (top %d per image)", network.version, max_proposals)
         return cls(network=network, backbone=backbone, max_proposals=max_proposals)
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from engine.boxes import Box
 from engine.errors import InvalidInputError
-from engine.models.mcb import GroundingModel, map_to_box
+from engine.models.mcb import map_to_box
 from engine.models.vocab import tokenize
 from engine.results import Hit
 from indexer.images import load_image
@@ -42,10 +42,11 @@ class AttentionGrounder:
 
     def __init__(self, checkpoint: Path | str | None = None, *, device: str = "cpu") -> None:
         from engine.device import resolve_device
+        from engine.models.registry import load_model
         from indexer.backbone import BackboneConfig, create_backbone
 
         target = resolve_device(device)
-        self.model = GroundingModel.from_checkpoint(checkpoint, device=target)
+        self.model = load_model(checkpoint, device=target, family="mcb-attention")
         self.backbone = create_backbone(BackboneConfig(max_size=self.model.config.max_size), device=target)
         if self.model.config.backbone and self.model.config.backbone != self.backbone.version:
             raise InvalidInputError(f"the grounding model was trained on backbone {self.model.config.backbone}, this engine runs {self.backbone.version}; retrain it with `engine train mcb`")

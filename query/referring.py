@@ -7,7 +7,6 @@ the box that the expression refers to.
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,23 +33,26 @@ class ReferringGrounder:
     """The shipped (or given) RPN, Ref-NMS and CM-Att checkpoints with the frozen backbone."""
 
     def __init__(self, model: Path | str | None = None, *, ref_nms: Path | str | None = None, device: str = "cpu") -> None:
-        from engine.models.cm_att import GroundingScorer
-        from engine.models.ref_nms import RefNMSModel
-        from engine.models.rpn import ProposalNetwork
+        """``model`` / ``ref_nms``: checkpoint files or installed names (``None``: the shipped defaults);
+        every network and the backbone run on ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``)."""
+        from engine.device import resolve_device
+        from engine.models.registry import load_model
         from indexer.backbone import BackboneConfig, create_backbone
 
-        self.backbone = create_backbone(BackboneConfig(), device=device)
-        self.rpn = ProposalNetwork.from_checkpoint(None)
+        target = resolve_device(device)
+        self.backbone = create_backbone(BackboneConfig(), device=target)
+        self.rpn = load_model(None, device=target, family="rpn")
         self.rpn.check_backbone(self.backbone.version, self.backbone.max_size)
-        self.ref_nms = RefNMSModel.from_checkpoint(ref_nms)
-        self.scorer = GroundingScorer.from_checkpoint(model)
+        self.ref_nms = load_model(ref_nms, device=target, family="ref-nms")
+        self.scorer = load_model(model, device=target, family="cm-att")
 
     def ground(self, image: Path, text: str) -> ReferringGrounding:
         """Ground ``text`` in the image file ``image``."""
         from engine.datasets.types import ImageAnn
-        from engine.evaluation.ref_nms import REAL_THRESHOLD, image_proposals
         from engine.models.ref_nms import fused_nms
-        from engine.training.feature_cache import FeatureCache
+        from engine.protocols.grounding import image_vector
+        from engine.protocols.proposals import REAL_THRESHOLD, image_proposals
+        from indexer.feature_cache import ImageMaps
         from indexer.images import load_image
         from indexer.region_features import RegionFeatureExtractor
 
@@ -58,17 +60,15 @@ class ReferringGrounder:
             raise InvalidInputError(f"--text {text!r} holds no words; describe the object, e.g. 'the red circle left of the blue square'")
         image = Path(image)
         pil = load_image(image)
-        with tempfile.TemporaryDirectory(prefix="engine-ground-") as tmp:
-            cache = FeatureCache(image.parent, RegionFeatureExtractor(backbone=self.backbone), cache_dir=Path(tmp))
-            ann = ImageAnn(image=image.name, width=pil.width, height=pil.height)
-            boxes, objectness = image_proposals(self.rpn, cache, [ann])[image.name]
-            keep = objectness >= self.ref_nms.config.delta
-            boxes, objectness = boxes[keep], objectness[keep]
-            if len(boxes) == 0:
-                raise InvalidInputError(f"{image}: the region proposal network found no object to ground the text in")
-            maps = cache.region_maps(image.name, boxes)
-            level = cache.extractor.config.level
-            vector = cache.get(image.name).maps[level].astype(np.float32).mean(axis=(1, 2))
+        maps_of = ImageMaps(pil, image.name, RegionFeatureExtractor(backbone=self.backbone))
+        ann = ImageAnn(image=image.name, width=pil.width, height=pil.height)
+        boxes, objectness = image_proposals(self.rpn, maps_of, [ann])[image.name]
+        keep = objectness >= self.ref_nms.config.delta
+        boxes, objectness = boxes[keep], objectness[keep]
+        if len(boxes) == 0:
+            raise InvalidInputError(f"{image}: the region proposal network found no object to ground the text in")
+        maps = maps_of.region_maps(image.name, boxes)
+        vector = image_vector(maps_of, image.name)
         iou = self.ref_nms.config.nms_iou
         n = max(1, int((objectness[fused_nms(boxes, objectness, None, iou=iou)] >= REAL_THRESHOLD).sum()))
         r = self.ref_nms.relatedness(maps, text)

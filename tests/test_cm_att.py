@@ -171,7 +171,7 @@ class _FakeCache:
 
 def test_region_targets_add_the_regions_as_candidates_and_point_at_them(ground_corpus: Path) -> None:
     from engine.datasets.annotations import read_dataset
-    from engine.evaluation.grounding import build_grounding_data
+    from engine.protocols.grounding import build_grounding_data
     from engine.models.cm_att import CMAttConfig
 
     images = [im for im in read_dataset(ground_corpus).images if im.regions][:3]
@@ -194,3 +194,22 @@ def test_region_grounding_model_trains_on_region_descriptions(ground_corpus: Pat
     m = GroundingScorer.from_checkpoint(out).manifest
     assert m.config["train"]["targets"] == "regions" and m.config["train"]["erasing"] is True
     assert 0 <= m.metrics["test_gt_acc"] <= 100
+
+
+def test_grounding_one_image_needs_no_temporary_feature_cache(ground_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine ground --method cm-att`` computes the image's maps in memory (ImageMaps): no temporary folder, no file."""
+    import tempfile
+
+    from engine.datasets.annotations import read_annotations
+    from query.referring import ReferringGrounder
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("grounding one image must not write a temporary feature cache")
+
+    for name in ("TemporaryDirectory", "mkdtemp", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    ann = next(a for a in read_annotations(ground_corpus) if a.refs)
+    before = sorted(ground_corpus.rglob("*"))
+    g = ReferringGrounder(device="cpu").ground(ground_corpus / ann.image, ann.refs[0].expression)
+    assert len(g.box) == 4 and len(g.candidates) >= 1
+    assert sorted(ground_corpus.rglob("*")) == before

@@ -10,18 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from engine.datasets.annotations import read_dataset
-from engine.evaluation.retrieval import (
-    Candidates,
-    build_benchmark,
-    evaluate_retrieval,
-    gt_candidates,
-    resolve_models,
-    rows_to_markdown,
-    rpn_candidates,
-    score_benchmark,
-)
 from engine.errors import InvalidInputError
+from engine.evaluation.retrieval import evaluate_retrieval, resolve_models, rows_to_markdown
 from engine.models.retrieval import RegionRetrievalModel
+from engine.protocols.retrieval import Candidates, build_benchmark, gt_candidates, rpn_candidates, score_benchmark
 from engine.training.grn import GRNTrainConfig, train_grn
 from engine.training.options import TrainOptions
 
@@ -55,7 +47,7 @@ def checkpoint(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(corpus: Path):
-    from engine.training.feature_cache import FeatureCache
+    from indexer.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.region_features import RegionFeatureExtractor
 

@@ -1,4 +1,4 @@
-"""The training feature cache gives exactly the region features that indexing computes."""
+"""The feature cache (on disk, or in memory for one image) gives exactly the region features that indexing computes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine.datasets.annotations import read_annotations
-from engine.training.feature_cache import FeatureCache
 from indexer.backbone import BackboneConfig, create_backbone
+from indexer.feature_cache import FeatureCache, ImageMaps
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor
 
@@ -40,3 +40,30 @@ def test_get_computes_missing_entries_and_reads_them_back(tiny_corpus: Path, tmp
     for lvl in ("c3", "c4", "c5"):
         np.testing.assert_array_equal(first.maps[lvl], again.maps[lvl])
     assert first.maps["c4"].shape[0] == 112
+
+
+def test_image_maps_equal_the_disk_cache_and_write_nothing(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor) -> None:
+    ann = read_annotations(tiny_corpus)[1]
+    cache = FeatureCache(tiny_corpus, extractor, cache_dir=tmp_path / "c")
+    before = sorted(tiny_corpus.rglob("*"))
+    memory = ImageMaps(load_image(tiny_corpus / ann.image), ann.image, extractor)
+    assert sorted(tiny_corpus.rglob("*")) == before  # no cache folder, no temporary file
+    on_disk, in_memory = cache.get(ann.image), memory.get(ann.image)
+    assert in_memory.size == on_disk.size
+    for lvl in ("c3", "c4", "c5"):
+        np.testing.assert_array_equal(in_memory.maps[lvl], on_disk.maps[lvl])
+    boxes = np.asarray([r.box for r in ann.regions], np.float64)
+    np.testing.assert_array_equal(memory.region_maps(ann.image, boxes), cache.region_maps(ann.image, boxes))
+    with pytest.raises(KeyError):
+        memory.get("another.png")
+
+
+def test_an_entry_written_for_other_levels_is_completed_not_a_key_error(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor) -> None:
+    ann = read_annotations(tiny_corpus)[2]
+    FeatureCache(tiny_corpus, extractor, levels=("c3", "c4"), cache_dir=tmp_path / "c").get(ann.image)  # e.g. MCB's cache
+    full = FeatureCache(tiny_corpus, extractor, cache_dir=tmp_path / "c").get(ann.image)  # then the RPN's, over the same folder
+    assert set(full.maps) == {"c3", "c4", "c5"}
+    with np.load(next((tmp_path / "c").glob("*.npz"))) as data:
+        assert {"c3", "c4", "c5"} <= set(data.files)  # rewritten with the union: neither head recomputes it again
+    again = FeatureCache(tiny_corpus, extractor, levels=("c3", "c4"), cache_dir=tmp_path / "c").get(ann.image)
+    np.testing.assert_array_equal(again.maps["c4"], full.maps["c4"])

@@ -323,7 +323,7 @@ class _StubRPN(torch.nn.Module):
 def test_proposal_pool_positives_overlap_and_negatives_do_not(grn_corpus: Path) -> None:
     from engine.boxes import box_iou
     from engine.datasets.annotations import read_dataset
-    from engine.training.feature_cache import FeatureCache
+    from indexer.feature_cache import FeatureCache
     from engine.training.grn import _batches, _is_negative, build_proposal_pool
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.region_features import RegionFeatureExtractor

@@ -110,9 +110,9 @@ def trained(mcb_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_steps_reduce_the_loss(mcb_corpus: Path) -> None:
     from engine.datasets.annotations import read_dataset
-    from engine.evaluation.attention import image_phrases
+    from engine.protocols.attention import image_phrases
     from engine.models.vocab import Vocabulary
-    from engine.training.feature_cache import FeatureCache
+    from indexer.feature_cache import FeatureCache
     from engine.training.mcb import _Batcher, _batches, build_phrase_data
     from indexer.backbone import BackboneConfig, create_backbone
     from indexer.region_features import RegionFeatureExtractor

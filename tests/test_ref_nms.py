@@ -128,7 +128,7 @@ def test_eval_proposals_writes_table1_rows(trained: Path, ref_corpus: Path, tmp_
 
 def test_ref_targets_hold_the_referent_and_the_mentioned_objects(ref_corpus: Path) -> None:
     from engine.datasets.annotations import read_annotations
-    from engine.evaluation.ref_nms import ref_targets
+    from engine.protocols.ref_nms import ref_targets
 
     anns = read_annotations(ref_corpus)
     targets = ref_targets(anns)

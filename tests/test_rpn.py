@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.errors import InvalidInputError
-from engine.evaluation.proposals_recall import recall_table
+from engine.protocols.proposals import recall_table
 from engine.models.rpn import ProposalNetwork, RpnConfig
 
 # A 1280x960 image resized to 640x480 (max_size 640): the padded frame is 640x480, scale 2 back to original.

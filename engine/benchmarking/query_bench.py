@@ -50,7 +50,7 @@ class QueryBenchConfig:
     ``breakdown``: queries timed stage by stage (0: none). ``stage3_queries``: searches also timed with
     stage 3 (grounding) on, where the engine has it (0: none). ``memory``: measure a fresh reader
     process's resident memory. ``maps``: False benchmarks an index built without the 7×7 maps
-    (``engine index --no-maps``).
+    (``engine index --no-maps``). ``device``: where the engine's models run (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
     """
 
     regions: int
@@ -69,6 +69,7 @@ class QueryBenchConfig:
     memory: bool = True
     k: int = 10
     maps: bool = True
+    device: str = "cpu"
     seed: SeedConfig = field(default_factory=SeedConfig)
     mix_min: float = 0.5
     noise: float = 0.1
@@ -143,7 +144,7 @@ def prepare_index(config: QueryBenchConfig, *, progress: bool = True) -> tuple[S
     found = find_index(synthetic, config.cache, seed.key)
     if found is not None:  # no need to load the seed's arrays
         return seed, found
-    with Engine(seed.index, config=EngineConfig(device="cpu")) as seed_engine:
+    with Engine(seed.index, config=EngineConfig(device=config.device)) as seed_engine:
         data = load_seed_data(seed, seed_engine, progress=progress)
         san_visual = seed_engine.san_encoder.model.visual if "san" in data.shapes else None
         return seed, cached_index(data, synthetic, config.cache, seed.key, san_visual=san_visual, progress=progress)
@@ -302,12 +303,12 @@ def _stage3_latency(engine: Any, queries: list[BenchQuery], config: QueryBenchCo
 
 
 def _engine_config(config: QueryBenchConfig, *, stage3: bool) -> Any:
-    """The engine's configuration for the searches: CPU, the chosen GRN, shortlist and weight; stage 3
+    """The engine's configuration for the searches: the chosen device, GRN, shortlist and weight; stage 3
     off unless asked (synthetic images have no files; the issue's targets are about stages 1–2)."""
     from engine.config import EngineConfig
     from engine.models.checkpoint import checkpoint_path
 
-    values: dict[str, Any] = {"device": "cpu"}
+    values: dict[str, Any] = {"device": config.device}
     if config.grn is not None:
         values["grn_checkpoint"] = checkpoint_path(config.grn, default="grn")
     if config.shortlist is not None:

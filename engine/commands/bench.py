@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from engine.commands.options import device_option
+
 __all__ = ["bench_command"]
 
 
@@ -29,6 +31,7 @@ __all__ = ["bench_command"]
 @click.option("--seed-corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Use this indexed corpus as the seed (with --seed-index).")
 @click.option("--seed-index", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The index of --seed-corpus.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/.cache"), show_default=True, help="Where seeds and built indexes are kept between runs.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench_command(
     regions: int,
@@ -50,6 +53,7 @@ def bench_command(
     seed_corpus: Path | None,
     seed_index: Path | None,
     cache: Path,
+    device: str,
     quiet: bool,
 ) -> None:
     """Time combined queries (image + region + text) on an index of REGIONS regions and compare the
@@ -81,6 +85,7 @@ def bench_command(
         memory=memory,
         seed=SeedConfig(images=seed_images, corpus=seed_corpus, index=seed_index),
         cache=cache,
+        device=device,
     )
     report = run_query_benchmark(config, progress=not quiet)
     if json_path is not None:

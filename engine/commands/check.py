@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from engine.commands.options import index_option, json_option
+if TYPE_CHECKING:
+    from indexer.integrity import CheckReport
+
+from engine.commands.options import device_option, index_option, json_option
 
 __all__ = ["check_command"]
 
@@ -15,8 +19,9 @@ __all__ = ["check_command"]
 @click.command("check")
 @index_option
 @click.option("--repair", is_flag=True, help="Rebuild damaged FAISS files and the region table from the feature store and re-extract the damaged images' features from their files (takes the writer lock).")
+@device_option
 @json_option
-def check_command(index_dir: Path, repair: bool, as_json: bool) -> None:
+def check_command(index_dir: Path, repair: bool, device: str, as_json: bool) -> None:
     """Verify every file of the index against what its database says: feature-file sizes against the
     committed rows, the checksum of every feature segment (recorded at each commit), the FAISS files and
     the region table. Prints one line per damaged part and a summary; exits 1 when damage is found and
@@ -30,8 +35,8 @@ def check_command(index_dir: Path, repair: bool, as_json: bool) -> None:
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    # the models load only when --repair has images to re-extract (on CUDA when present, like `engine index`)
-    report = Engine(index_dir, config=EngineConfig(device="auto")).check(repair=repair)
+    # the models load (on --device) only when --repair has images to re-extract
+    report = Engine(index_dir, config=EngineConfig(device=device)).check(repair=repair)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
@@ -40,7 +45,7 @@ def check_command(index_dir: Path, repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _print(report) -> None:  # noqa: ANN001 - indexer.integrity.CheckReport
+def _print(report: CheckReport) -> None:
     for part in report.damaged:
         click.echo(f"damaged: {part.line()}")
     for note in report.notes:

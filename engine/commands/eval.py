@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from engine.commands.options import device_option
+
 __all__ = ["eval_group"]
 
 
@@ -42,7 +44,7 @@ def eval_group() -> None:
 @click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint for --proposals rpn (default: the shipped one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "proposals", "R@1", "R@10", "R@50", "R@100", "med_r", …}]} here (recalls in percent).')
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def retrieval_command(data: Path, models: tuple[str, ...], split: str, proposals: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
     """Expressional region retrieval R@1/10/50/100 and median rank (GRN Table 2), per model and proposal setting.
@@ -74,7 +76,7 @@ def retrieval_command(data: Path, models: tuple[str, ...], split: str, proposals
 @click.option("--split", default="test", show_default=True, help="train, val, test or all.")
 @click.option("--ns", default="10,50,100,300", show_default=True, help="Numbers of proposals per image, comma-separated.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"images", "rows": [{"n", "regions", "objects"}]} here (recalls in percent).')
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the RPN runs.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, json_path: Path | None, device: str, quiet: bool) -> None:
     """Recall (IoU > 0.5) of the split's region and object boxes by the RPN's top-N proposals.
@@ -110,8 +112,9 @@ def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, json_p
 @click.option("--split", default="test", show_default=True, help="Which split's images, captions and regions to use.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "direction", "R@1", "R@5", "R@10", "mR"}, …], "saliency": {"mae", "iou"}} here (percent).')
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpoint: Path | None, split: str, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpoint: Path | None, split: str, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
     """Image<->sentence and region<->sentence R@1/5/10 and mR (SAN Tables 3-6), and saliency MAE / IoU.
 
     \b
@@ -121,7 +124,7 @@ def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpo
     from engine.evaluation.matching import default_checkpoints, evaluate_matching, rows_to_markdown
 
     paths = list(checkpoints) or default_checkpoints()
-    rows, saliency = evaluate_matching(data, paths, split=split, saliency_checkpoint=saliency_checkpoint, progress=not quiet)
+    rows, saliency = evaluate_matching(data, paths, split=split, saliency_checkpoint=saliency_checkpoint, device=device, progress=not quiet)
     table = rows_to_markdown(rows, saliency)
     click.echo(table, nl=False)
     if json_path is not None:
@@ -136,8 +139,9 @@ def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpo
 @click.option("--split", default="test", show_default=True, help="Which split's phrases to ground.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "acc@0.3", "acc@0.4", "acc@0.5", "mean_iou"}, …], "by_kind": [...]} here (percent); rows hold center-box and every model over all phrases.')
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def attention_command(data: Path, models: tuple[str, ...], split: str, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+def attention_command(data: Path, models: tuple[str, ...], split: str, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
     """Weakly supervised phrase localization (MCB attention paper, Tables 1-2): accuracy at IoU 0.3/0.4/0.5 and mean IoU.
 
     Each region description and referring expression of the split is grounded on its image by its
@@ -148,13 +152,14 @@ def attention_command(data: Path, models: tuple[str, ...], split: str, json_path
     Example:
       engine eval attention --data data/synth --json attention.json --markdown attention.md
     """
+    from engine.device import resolve_device
     from engine.evaluation.attention import evaluate_attention, rows_to_markdown
-    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
-    from engine.models.mcb import GroundingModel
+    from engine.models.registry import family, known_checkpoints, load_model
 
-    names = list(models) or [n for n in ("mcb", "mcb-no-sparsity") if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
-    loaded = [GroundingModel.from_checkpoint(n) for n in names]
-    rows = evaluate_attention(data, loaded, split=split, progress=not quiet)
+    target = resolve_device(device)
+    names = list(models) or [n for n in family("mcb-attention").names if n in known_checkpoints()]
+    loaded = [load_model(n, device=target, family="mcb-attention") for n in names]
+    rows = evaluate_attention(data, loaded, split=split, device=target, progress=not quiet)
     table = rows_to_markdown(rows)
     click.echo(table, nl=False)
     if json_path is not None:
@@ -171,7 +176,7 @@ def attention_command(data: Path, models: tuple[str, ...], split: str, json_path
 @click.option("--weights", default="0,0.25,0.5,1,2,4", show_default=True, help="Text weights w to measure (stage 2 ranks by grn + w * san), comma-separated.")
 @click.option("--proposals", type=click.Choice(["gt", "rpn"]), default="gt", show_default=True, help="Regions to index: ground-truth boxes or RPN proposals.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"weight", "R@1", "R@10", "R@100", "med_r", "wins", "losses", "queries"}], "best": w} here.')
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def fusion_command(data: Path, split: str, weights: str, proposals: str, json_path: Path | None, device: str, quiet: bool) -> None:
     """Fit the weight of SAN's text score in combined queries: index the split, search its queries end to end.
@@ -219,7 +224,7 @@ def _numbers(text: str, hint: str, cast=float) -> tuple:  # noqa: ANN001
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"images", "relatedness", "grounding", "R@1", "R@10", "R@100", "med_r", "queries"}], "best": {...}} here.')
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the split's corpus copy and index here and reuse them on the next run (default: a temporary folder).")
 @click.option("--grounding-model", help="CM-Att checkpoint file or installed name to ground with (default: cm-att-erase-region).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the models run.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def stage3_command(data: Path, split: str, proposals: str, images: str, relatedness_weights: str, grounding_weights: str, fitted_path: Path | None, write_path: Path | None, json_path: Path | None, work_dir: Path | None, grounding_model: str | None, device: str, quiet: bool) -> None:
     """Fit (or measure) query stage 3: Ref-NMS relatedness and CM-Att grounding over the best images.
@@ -272,17 +277,19 @@ def _stage3_summary(rows: list, best) -> list:  # noqa: ANN001
 @click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint (default: the shipped one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method": "nms" | "ref-nms-b" | "ref-nms-r", "n": N | "real", "referent_recall": x, "context_recall": x}, …]} here (percent).')
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
     """Recall of the referent and the context objects with few proposals: plain NMS vs Ref-NMS (Ref-NMS Table 1).
 
     \b
     Example:
       engine eval proposals --data data/synth --ns 1,3,5,10,100 --json table1.json
     """
-    from engine.evaluation.ref_nms import evaluate_ref_proposals, rows_to_markdown
-    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
-    from engine.models.ref_nms import REF_NMS_NAMES, RefNMSModel
+    from engine.device import resolve_device
+    from engine.evaluation.ref_nms import rows_to_markdown
+    from engine.models.registry import family, known_checkpoints, load_model
+    from engine.protocols.ref_nms import evaluate_ref_proposals
 
     try:
         counts = sorted({int(n) for n in ns.split(",") if n.strip()})
@@ -290,9 +297,10 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
         raise click.BadParameter(f"{ns!r} is not a comma-separated list of integers, e.g. 1,5,10", param_hint="--ns") from None
     if not counts or counts[0] < 1:
         raise click.BadParameter(f"{ns!r}: every N must be >= 1", param_hint="--ns")
-    names = list(models) or [n for n in REF_NMS_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
-    loaded = [RefNMSModel.from_checkpoint(m) for m in names]
-    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
+    target = resolve_device(device)
+    names = list(models) or [n for n in family("ref-nms").names if n in known_checkpoints()]
+    loaded = [load_model(m, device=target, family="ref-nms") for m in names]
+    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, target, quiet)
     config = loaded[0].config if loaded else None
     rows = evaluate_ref_proposals(part.images, proposals, cache.region_maps, loaded, ns=counts, **({"delta": config.delta, "nms_iou": config.nms_iou} if config else {}), progress=not quiet)
     table = rows_to_markdown(rows)
@@ -311,25 +319,27 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
 @click.option("--rpn-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint for the detected proposals (default: the shipped one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method": "cm-att" | "cm-att-erase" | "cm-att+ref-nms" | "cm-att-erase+ref-nms", "proposals": "gt" | "det", "acc": x}, …]} here (percent).')
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as markdown here.")
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, split: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, quiet: bool) -> None:
+def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, split: str, rpn_checkpoint: Path | None, json_path: Path | None, markdown_path: Path | None, device: str, quiet: bool) -> None:
     """Referring-expression grounding top-1 accuracy with ground-truth boxes and detected proposals (Ref-NMS Table 2).
 
     \b
     Example:
       engine eval grounding --data data/synth --json table2.json
     """
+    from engine.device import resolve_device
     from engine.evaluation.grounding import evaluate_grounding, rows_to_markdown
-    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
-    from engine.models.cm_att import CM_ATT_NAMES, GroundingScorer
-    from engine.models.ref_nms import RefNMSModel
+    from engine.models.cm_att import CM_ATT_NAMES
+    from engine.models.registry import known_checkpoints, load_model
 
-    names = list(models) or [n for n in CM_ATT_NAMES if (PACKAGE_CHECKPOINTS / f"{n}.pt").is_file()]
+    target = resolve_device(device)
+    names = list(models) or [n for n in CM_ATT_NAMES if n in known_checkpoints()]
     if not names:
         raise click.UsageError("no CM-Att checkpoint is installed; pass --model FILE (train one with `engine train cm-att-erase`)")
-    scorers = [GroundingScorer.from_checkpoint(m) for m in names]
-    ref_nms = None if ref_nms_model.lower() == "none" else RefNMSModel.from_checkpoint(ref_nms_model)
-    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, quiet)
+    scorers = [load_model(m, device=target, family="cm-att") for m in names]
+    ref_nms = None if ref_nms_model.lower() == "none" else load_model(ref_nms_model, device=target, family="ref-nms")
+    part, cache, proposals = _split_with_proposals(data, split, rpn_checkpoint, target, quiet)
     rows = evaluate_grounding(part.images, cache, scorers, proposals, ref_nms, progress=not quiet)
     table = rows_to_markdown(rows)
     click.echo(table, nl=False)
@@ -339,21 +349,21 @@ def grounding_command(data: Path, models: tuple[str, ...], ref_nms_model: str, s
         _write(markdown_path, table)
 
 
-def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, quiet: bool):  # noqa: ANN202
-    """The split's dataset part, the backbone cache of ``data`` and the RPN's boxes of the split's images."""
-    from engine.evaluation.ref_nms import image_proposals
-    from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
+def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, device, quiet: bool):  # noqa: ANN001, ANN202
+    """The split's dataset part, the backbone cache of ``data`` and the RPN's boxes of the split's images (models on ``device``)."""
+    from engine.models.registry import load_model
+    from engine.protocols.proposals import image_proposals
     from engine.training.options import read_splits
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     _, *parts = read_splits(data)
     part = {"train": parts[0], "val": parts[1], "test": parts[2]}.get(split)
     if part is None:
         raise click.BadParameter(f"{split!r} is not a split; choose train, val or test", param_hint="--split")
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone))
-    network = ProposalNetwork.from_checkpoint(rpn_checkpoint)
+    network = load_model(rpn_checkpoint, device=device, family="rpn")
     network.check_backbone(backbone.version, backbone.max_size)
     return part, cache, image_proposals(network, cache, part.images, progress=not quiet)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from engine.commands.options import device_option
+
 __all__ = ["ground_command"]
 
 
@@ -16,7 +18,7 @@ __all__ = ["ground_command"]
 @click.option("--method", type=click.Choice(["attention", "cm-att"]), default="attention", show_default=True, help="attention: the MCB attention map of the phrase, thresholded at a fraction of its maximum; the box of its largest connected component (docs/mcb.md). cm-att: RPN proposals, Ref-NMS with the text, the box CM-Att-Erase scores best (docs/cm-att.md).")
 @click.option("--model", "checkpoint", help="Checkpoint file or installed name: mcb / mcb-no-sparsity for attention (default mcb), cm-att / cm-att-erase for cm-att (default cm-att-erase).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write: the image with the box (attention: and the map over it; cm-att: and the Ref-NMS candidates in grey).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the backbone and the grounding model run.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help='Print {"image", "text", "box", "peak", "picture"} as one JSON object.')
 def ground_command(image: Path, text: str, method: str, checkpoint: str | None, out: Path | None, device: str, as_json: bool) -> None:
     """Localize the phrase TEXT in IMAGE without proposals and print its box (x1,y1,x2,y2 pixels).

@@ -37,10 +37,14 @@ def key_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _describe(path: Path, manifest: Any) -> dict[str, Any]:
+    from engine.models.registry import FAMILIES
+
+    loader = next((f.loader for f in FAMILIES if f.name == manifest.model), None)
     return {
         "name": path.stem,
         "path": str(path),
         "model": manifest.model,
+        "class": loader,
         "version": manifest.version,
         "size_bytes": manifest.size_bytes,
         "sha256": manifest.sha256,
@@ -58,17 +62,20 @@ def models_command(as_json: bool) -> None:
     """List the trained checkpoints installed with the engine (engine/checkpoints/).
 
     For each: name, model, version, size, key metrics from its manifest and the
-    first 12 hex digits of its sha256. `--json` adds the full metrics and the
-    command that trained it.
+    first 12 hex digits of its sha256. `--json` adds the full metrics, the
+    command that trained it and the class that loads it (the model registry,
+    engine/models/registry.py). Any NAME listed here loads with
+    `load_model(NAME)` and works wherever a command takes a model name.
 
     \b
     Example:
       engine models
       engine models --json
     """
-    from engine.models.checkpoint import PACKAGE_CHECKPOINTS, installed_checkpoints
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS, read_manifest
+    from engine.models.registry import known_checkpoints, resolve_checkpoint
 
-    rows = [_describe(path, manifest) for path, manifest in installed_checkpoints()]
+    rows = [_describe(path, read_manifest(path)) for path in map(resolve_checkpoint, known_checkpoints())]
     if as_json:
         click.echo(json.dumps({"directory": str(PACKAGE_CHECKPOINTS), "checkpoints": rows}, default=str))
         return

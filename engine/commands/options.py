@@ -1,12 +1,53 @@
-"""Click options shared by several ``engine`` commands."""
+"""Click options shared by several ``engine`` commands (each defined once, here)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["index_option", "json_option"]
+__all__ = ["DeviceType", "device_option", "index_option", "json_option"]
+
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+
+
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, passed on as that (lower-case) string.
+
+    ``cuda`` or ``cuda:N`` on a machine without that CUDA device fails here, in one line, before any
+    work starts (:func:`engine.device.resolve_device` says why); nothing falls back to the CPU.
+    ``auto`` is resolved (and its choice logged) where the models are loaded.
+    """
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if not _DEVICE.fullmatch(text):
+            self.fail(f"{value!r} is not a device; choose auto, cpu, cuda or cuda:N (N a CUDA device index)", param, ctx)
+        if text.startswith("cuda"):
+            from engine.device import resolve_device  # imports torch: only when a CUDA device is asked for
+            from engine.errors import EngineError
+
+            try:
+                resolve_device(text)
+            except EngineError as exc:
+                self.fail(str(exc), param, ctx)
+        return text
+
+
+def device_option(func: Any) -> Any:
+    """``--device auto|cpu|cuda|cuda:N`` (default ``auto``), passed as ``device``: where every model of
+    the command runs. ``auto`` picks CUDA when present and logs the choice."""
+    return click.option(
+        "--device",
+        type=DeviceType(),
+        metavar="[auto|cpu|cuda|cuda:N]",
+        default="auto",
+        show_default=True,
+        help="Where the models run: auto (CUDA when present, else CPU; the choice is logged), cpu, cuda or cuda:N. A CUDA device that is not there is an error.",
+    )(func)
 
 
 def index_option(func: Any) -> Any:

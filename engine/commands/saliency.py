@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from engine.commands.options import device_option
+
 __all__ = ["saliency_command", "render_saliency"]
 
 
@@ -20,7 +22,8 @@ def render_saliency(image_path: Path, out: Path, *, checkpoint: Path | None = No
 
     from engine.device import resolve_device
     from engine.errors import InvalidInputError
-    from engine.models.saliency import SaliencyNet, saliency_to_image
+    from engine.models.registry import load_model
+    from engine.models.saliency import saliency_to_image
     from indexer.backbone import BackboneConfig, create_backbone, preprocess
     from indexer.images import load_image
     from indexer.san_features import SALIENCY_LEVELS
@@ -29,7 +32,7 @@ def render_saliency(image_path: Path, out: Path, *, checkpoint: Path | None = No
         raise InvalidInputError(f"--out {out} must be a .png file")
     image = load_image(image_path).convert("RGB")
     target = resolve_device(device)
-    network = SaliencyNet.from_checkpoint(checkpoint, device=target)
+    network = load_model(checkpoint, device=target, family="saliency")
     backbone = create_backbone(BackboneConfig(), device=target)
     network.check_backbone(backbone.version, backbone.max_size)
     batch, _ = preprocess([image], max_size=backbone.max_size)
@@ -66,7 +69,7 @@ def _colormap(prob):  # noqa: ANN001, ANN202
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write: the image, the saliency map over it, and the map alone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Saliency checkpoint (default: the shipped saliency.pt).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True, help="Where the backbone and the saliency network run.")
+@device_option
 def saliency_command(image: Path, out: Path, checkpoint: Path | None, device: str) -> None:
     """Render the saliency map of IMAGE (SAN's saliency network) over it into a PNG.
 

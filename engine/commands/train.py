@@ -9,21 +9,18 @@ from typing import Any
 
 import click
 
+from engine.commands.options import device_option
+
 __all__ = ["train_command", "model_names"]
 
 
 def model_names() -> tuple[str, ...]:
-    """``rpn``, the GRN family's methods (``engine.training.grn.GRN_METHODS``), ``saliency`` and SAN's
-    (``san`` = the full model, and the ablations ``engine.training.san.SAN_ABLATIONS``) and MCB's
-    weakly supervised attention (``mcb``, ``mcb-no-sparsity``), Ref-NMS (``ref-nms-b``, ``ref-nms-r``) and
-    CM-Att grounding (``cm-att``, ``cm-att-erase``; ``cm-att-erase-region`` on region descriptions)."""
-    from engine.models.cm_att import CM_ATT_NAMES, REGION_GROUNDING_NAME
-    from engine.models.ref_nms import REF_NMS_NAMES
-    from engine.training.grn import GRN_METHODS
-    from engine.training.mcb import MCB_NAMES
-    from engine.training.san import SAN_NAMES
+    """Every trainable name, from the model registry (:func:`engine.models.registry.model_names`): ``rpn``,
+    the GRN family's methods, ``saliency`` and SAN's (``san`` and its ablations), MCB's weakly supervised
+    attention, Ref-NMS and CM-Att grounding."""
+    from engine.models.registry import model_names as registered
 
-    return ("rpn", *GRN_METHODS, "saliency", *SAN_NAMES, *MCB_NAMES, *REF_NMS_NAMES, *CM_ATT_NAMES, REGION_GROUNDING_NAME)
+    return registered()
 
 
 class _ModelChoice(click.Choice):
@@ -56,15 +53,17 @@ class _TrainCommand(click.Command):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to train; auto picks CUDA when present and logs the choice.")
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
     """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
 
-    MODEL is `rpn` (the region proposal network) or a GRN-family method
-    (visual, vl-lstm, vl-concat, grn-no-residual, grn and the ablations; all
-    are listed under Models below). The best epoch by the validation split's
-    metric is kept; the test split's metrics go into the manifest.
+    MODEL is a name of the model registry (all are listed under Models
+    below): `rpn`, a GRN-family method (grn, grn-fc, vl-concat, …), `saliency`,
+    `san` and its ablations, `mcb`, `ref-nms-b`/`-r`, `cm-att`, `cm-att-erase`.
+    The best epoch by the validation split's metric is kept; the test split's
+    metrics go into the manifest. --device cuda trains on the GPU (an error
+    when there is none).
 
     \b
     Example:
@@ -73,6 +72,7 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
       engine train grn --data data/synth --epochs 5
     """
     from engine.training.options import TrainOptions
+    from engine.training.registry import train_model
 
     options = TrainOptions(
         data=data,
@@ -84,41 +84,8 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
         command=_command_line(model, data, out, epochs, seed, device),
     )
     started = time.perf_counter()
-    if model == "rpn":
-        from engine.training.rpn import train_rpn
-
-        manifest = train_rpn(options)
-    elif model == "saliency":
-        from engine.training.saliency import train_saliency
-
-        manifest = train_saliency(options)
-    elif model in ("mcb", "mcb-no-sparsity"):
-        from engine.training.mcb import train_mcb
-
-        manifest = train_mcb(model, options)
-    elif model in ("cm-att", "cm-att-erase", "cm-att-erase-region"):
-        from engine.training.cm_att import train_cm_att
-
-        manifest = train_cm_att(model, options)
-    elif model in ("ref-nms-b", "ref-nms-r"):
-        from engine.training.ref_nms import train_ref_nms
-
-        manifest = train_ref_nms(model, options)
-    elif model in _san_names():
-        from engine.training.san import train_san
-
-        manifest = train_san(model, options)
-    else:
-        from engine.training.grn import train_grn
-
-        manifest = train_grn(model, options)
+    manifest = train_model(model, options)
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
-
-
-def _san_names() -> tuple[str, ...]:
-    from engine.training.san import SAN_NAMES
-
-    return SAN_NAMES
 
 
 def _command_line(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str) -> str:

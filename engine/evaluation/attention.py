@@ -11,39 +11,19 @@ the median width and height (as fractions of the image's) of the training split'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
-from engine.datasets.types import Dataset, ImageAnn
+from engine.datasets.types import Dataset
 from engine.errors import InvalidInputError
-from engine.metrics import localization_accuracy
+from engine.protocols.attention import THRESHOLDS, AttentionRow, ground_split, image_phrases, localization_row
 
-__all__ = ["Phrase", "AttentionRow", "image_phrases", "center_box", "center_box_size", "ground_split", "localization_row", "evaluate_attention", "rows_to_markdown", "THRESHOLDS"]
+if TYPE_CHECKING:
+    import torch
 
-THRESHOLDS = (0.3, 0.4, 0.5)
-
-
-@dataclass(frozen=True)
-class Phrase:
-    """A phrase of an image with its ground-truth box; ``kind`` is ``"region"`` or ``"ref"``."""
-
-    text: str
-    box: tuple[float, float, float, float]
-    kind: str
-
-
-def image_phrases(image: ImageAnn) -> list[Phrase]:
-    """The image's region descriptions and referring expressions with their boxes (wordless texts left out)."""
-    from engine.models.vocab import tokenize
-
-    objects = {o.id: o.box for o in image.objects}
-    out = [Phrase(r.description, tuple(map(float, r.box)), "region") for r in image.regions]
-    out += [Phrase(r.expression, tuple(map(float, objects[r.object])), "ref") for r in image.refs if r.object in objects]
-    return [p for p in out if tokenize(p.text)]
+__all__ = ["center_box", "center_box_size", "evaluate_attention", "rows_to_markdown"]
 
 
 def center_box_size(split: Dataset) -> tuple[float, float]:
@@ -62,53 +42,13 @@ def center_box(size: tuple[int, int], rel: tuple[float, float]) -> tuple[float, 
     return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
 
 
-@dataclass(frozen=True)
-class AttentionRow:
-    """One method's localization figures (accuracies and mean IoU in percent) over ``n`` phrases."""
-
-    method: str
-    acc: dict[float, float]
-    mean_iou: float
-    n: int
-    phrases: str = "all"
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method}
-        out.update({f"acc@{t}": round(v, 3) for t, v in self.acc.items()})
-        out["mean_iou"] = round(self.mean_iou, 3)
-        out["phrases"] = self.phrases
-        out["n"] = self.n
-        return out
-
-
-def localization_row(method: str, pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]], phrases: str = "all") -> AttentionRow:
-    """The row of ``method`` from predicted and ground-truth boxes paired by position (percent)."""
-    res = localization_accuracy(np.asarray(pred, np.float64), np.asarray(gt, np.float64), thresholds=THRESHOLDS)
-    return AttentionRow(method, {t: 100.0 * a for t, a in res.accuracy_at.items()}, 100.0 * res.mean_iou, res.n, phrases)
-
-
-def ground_split(model: Any, images: Sequence[ImageAnn], get_levels: Any, *, progress: bool = False, threshold: float | None = None) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]], list[str]]:
-    """``(predicted boxes, ground-truth boxes, kinds)`` of every phrase of ``images``; ``model`` is a
-    :class:`~engine.models.mcb.GroundingModel`, ``get_levels(image)`` returns the image's cached maps
-    (a :class:`~engine.training.feature_cache.CachedImage`)."""
-    pred, gt, kinds = [], [], []
-    for im in tqdm(images, desc=f"ground {getattr(model, 'name', '')}", unit="img", disable=not progress, dynamic_ncols=True):
-        phrases = image_phrases(im)
-        if not phrases:
-            continue
-        cached = get_levels(im.image)
-        pred += model.boxes(cached.maps, cached.size, [p.text for p in phrases], threshold=threshold)
-        gt += [p.box for p in phrases]
-        kinds += [p.kind for p in phrases]
-    return pred, gt, kinds
-
-
-def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test", progress: bool = True) -> list[AttentionRow]:
+def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test", device: "str | torch.device" = "cpu", progress: bool = True) -> list[AttentionRow]:
     """Rows for ``center-box`` and each :class:`~engine.models.mcb.GroundingModel` over every phrase of
-    ``split``, followed by the same rows restricted to each phrase kind (``phrases`` = ``region`` / ``ref``)."""
+    ``split``, followed by the same rows restricted to each phrase kind (``phrases`` = ``region`` / ``ref``).
+    The backbone runs on ``device`` (the models where they were loaded, e.g. by ``load_model(..., device=...)``)."""
     from engine.datasets.annotations import read_dataset
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     dataset = read_dataset(Path(data))
@@ -124,7 +64,7 @@ def evaluate_attention(data: Path, models: Sequence[Any], *, split: str = "test"
     center = [center_box((im.width, im.height), rel) for im in part.images for _ in image_phrases(im)]
     per_method.append(("center-box", center, [b for b, _ in gt_all], [k for _, k in gt_all]))
     if models:
-        backbone = create_backbone(BackboneConfig(max_size=models[0].config.max_size), device="cpu")
+        backbone = create_backbone(BackboneConfig(max_size=models[0].config.max_size), device=device)
         cache = FeatureCache(Path(data), RegionFeatureExtractor(backbone=backbone), levels=tuple(models[0].config.levels))
         for model in models:
             if model.config.backbone and model.config.backbone != backbone.version:

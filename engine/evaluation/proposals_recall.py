@@ -7,94 +7,16 @@ object) box is recalled when one of the image's first N proposals overlaps it wi
 from __future__ import annotations
 
 import logging
-import math
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
-from engine.metrics import object_recall
+from engine.protocols.proposals import DEFAULT_NS, propose_images, recall_table
 
-__all__ = ["DEFAULT_NS", "propose_images", "recall_table", "rpn_recall"]
+__all__ = ["rpn_recall"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NS = (10, 50, 100, 300)
-
-
-class _MapSource(Protocol):
-    def get(self, image: str) -> Any: ...  # a CachedImage: .maps {level: [C, H, W]}, .size (w, h)
-
-
-def propose_images(
-    network: Any,
-    cache: _MapSource,
-    images: Sequence[ImageAnn],
-    *,
-    max_proposals: int,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Proposals ``(boxes [N, 4] original pixels, objectness [N])`` of each image, from its cached maps.
-
-    ``network`` is a :class:`~engine.models.rpn.ProposalNetwork`; ``cache`` anything with ``get(image)``
-    returning a :class:`~engine.training.feature_cache.CachedImage` (a ``FeatureCache``). Images with maps
-    of the same shape are batched.
-    """
-    levels = network.config.levels
-    device = next(network.parameters()).device
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    cached = {}
-    for i, ann in enumerate(images):
-        item = cache.get(ann.image)
-        cached[i] = item
-        groups[tuple(item.maps[lvl].shape for lvl in levels)].append(i)
-    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(images)
-    with tqdm(total=len(images), desc="proposals", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                maps = {
-                    lvl: torch.stack([torch.as_tensor(cached[i].maps[lvl]) for i in chunk]).to(device=device, dtype=torch.float32)
-                    for lvl in levels
-                }
-                results = network.propose(maps, [cached[i].size for i in chunk], max_proposals=max_proposals)
-                for i, result in zip(chunk, results):
-                    out[i] = result
-                bar.update(len(chunk))
-    return [r for r in out if r is not None]
-
-
-def recall_table(proposals: Sequence[tuple[np.ndarray, np.ndarray] | np.ndarray], images: Sequence[ImageAnn], ns: Sequence[int] = DEFAULT_NS) -> dict[str, Any]:
-    """``{"regions": {n: recall}, "objects": {n: recall}, "images": count}`` of ``proposals`` (one per image, best first).
-
-    Recall is the fraction of boxes (regions, objects) hit with IoU > 0.5 by the image's first ``n`` proposals;
-    ``nan`` when the images hold no box of that kind.
-    """
-    if len(proposals) != len(images):
-        raise InvalidInputError(f"got proposals for {len(proposals)} images but {len(images)} images; give one proposal array per image")
-    if not ns or any(int(n) < 1 for n in ns):
-        raise InvalidInputError(f"numbers of proposals must be positive integers, got {list(ns)}")
-    boxes = [p[0] if isinstance(p, tuple) else p for p in proposals]
-    table: dict[str, Any] = {"images": len(images)}
-    for kind in ("regions", "objects"):
-        per_box_props: list[np.ndarray] = []
-        targets: list[tuple[float, float, float, float]] = []
-        for props, ann in zip(boxes, images):
-            for item in getattr(ann, kind):
-                per_box_props.append(props)
-                targets.append(item.box)
-        if not targets:
-            table[kind] = {int(n): math.nan for n in ns}
-            continue
-        table[kind] = {int(n): object_recall(per_box_props, np.asarray(targets, np.float64), top_n=int(n)).referent for n in ns}
-    return table
 
 
 def rpn_recall(
@@ -119,9 +41,9 @@ def rpn_recall(
     """
     from engine.datasets.annotations import read_dataset
     from engine.device import resolve_device
-    from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
+    from engine.models.registry import load_model
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     data = Path(data)
@@ -131,7 +53,7 @@ def rpn_recall(
         splits = sorted({im.split or "none" for im in dataset.images})
         raise InvalidInputError(f"split {split!r} of {data} holds no images; choose one of {splits} or 'all'")
     target = resolve_device(device)
-    network = ProposalNetwork.from_checkpoint(checkpoint, device=target)
+    network = load_model(checkpoint, device=target, family="rpn")
     backbone = create_backbone(BackboneConfig(max_size=network.config.max_size), device=target)
     network.check_backbone(backbone.version, backbone.max_size)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=network.config.levels)

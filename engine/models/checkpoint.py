@@ -14,11 +14,12 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Manifest",
@@ -62,6 +63,8 @@ def save_checkpoint(path: Path, manifest: Manifest, payload: dict[str, Any]) -> 
 
     Returns the manifest with ``sha256``, ``size_bytes`` and ``created`` filled in.
     """
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -105,6 +108,8 @@ def load_checkpoint(path: Path, *, expected_model: str | tuple[str, ...] | None 
     allowed = (expected_model,) if isinstance(expected_model, str) else expected_model
     if allowed is not None and manifest.model not in allowed:
         raise CheckpointError(f"checkpoint {path} holds a {manifest.model!r} model, but a {' or '.join(map(repr, allowed))} model is needed here")
+    import torch  # here, not at the top: reading manifests (`engine models`) needs no torch
+
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged pickles
@@ -134,13 +139,11 @@ def default_checkpoint(name: str) -> Path:
 
 def checkpoint_path(spec: Path | str | None, *, default: str) -> Path:
     """A checkpoint file from ``spec``: ``None`` is the shipped ``default``; a bare name (no ``/``, not
-    ending in ``.pt``) an installed checkpoint (a clear error when it is not installed); else a file path."""
-    if spec is None:
-        return default_checkpoint(default)
-    text = str(spec)
-    if isinstance(spec, str) and not text.endswith(".pt") and "/" not in text:
-        return default_checkpoint(text)
-    return Path(spec)
+    ending in ``.pt``) an installed checkpoint (a clear error listing the installed names when it is
+    not installed); else a file path. The one resolver is :func:`engine.models.registry.resolve_checkpoint`."""
+    from engine.models.registry import resolve_checkpoint
+
+    return resolve_checkpoint(spec, default=default)
 
 
 def load_text_model(spec: Path | str | None, *, default: str, expected_model: str, config_cls: Any, net_cls: Any, retrain: str) -> tuple[Manifest, Any, Any, Path]:
@@ -163,7 +166,7 @@ def load_text_model(spec: Path | str | None, *, default: str, expected_model: st
     return manifest, vocab, net, path
 
 
-def text_model_payload(config: Any, vocab: Any, net: torch.nn.Module) -> dict[str, Any]:
+def text_model_payload(config: Any, vocab: Any, net: "torch.nn.Module") -> dict[str, Any]:
     """What :func:`load_text_model` reads: the config (``to_dict()``), the vocabulary's words and the weights."""
     return {"config": config.to_dict(), "vocab": vocab.itos[2:], "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 

@@ -222,7 +222,8 @@ def erase_query(ids: Tensor, lengths: Tensor, word_weights: Tensor, unk: int, ge
     out = ids.clone()
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
     p = (word_weights.detach() * mask).clamp_min(0) + 1e-12 * mask
-    pick = torch.multinomial(p / p.sum(1, keepdim=True), 1, generator=generator).squeeze(1)
+    draw_on = generator.device if generator is not None else p.device  # a generator draws on its own device
+    pick = torch.multinomial((p / p.sum(1, keepdim=True)).to(draw_on), 1, generator=generator).squeeze(1).to(ids.device)
     out[torch.arange(len(ids)), pick] = unk
     return out
 

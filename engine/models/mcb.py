@@ -182,7 +182,7 @@ def visual_map(levels: dict[str, np.ndarray | Tensor], names: tuple[str, ...]) -
 
 def valid_cells(size: tuple[int, int], grid: tuple[int, int], *, stride: int, max_size: int) -> Tensor:
     """Bool ``[H, W]``: the cells of a padded ``grid`` that lie on the (resized) image of ``size`` (w, h)."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     nw, nh = resized_size(size[0], size[1], max_size)
     out = torch.zeros(grid, dtype=torch.bool)
@@ -193,11 +193,11 @@ def valid_cells(size: tuple[int, int], grid: tuple[int, int], *, stride: int, ma
 def attention_to_image(grid: np.ndarray | Tensor, size: tuple[int, int], *, stride: int, offset: float, max_size: int) -> np.ndarray:
     """A map on the backbone grid ``[H, W]`` as float32 ``[h, w]`` over the original image of ``size``
     (``(w, h)``): bilinear upsampling with cell ``i`` centred at ``offset + stride·i`` in the resized frame."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     w, h = size
     nw, nh = resized_size(w, h, max_size)
-    g = torch.as_tensor(np.asarray(grid, np.float32))
+    g = torch.as_tensor(grid).detach().cpu().float()
     # pixel centre x + 0.5 sits at cell coordinate (x + 0.5 - offset) / stride; sample with grid_sample
     xs = (torch.arange(nw, dtype=torch.float32) + 0.5 - offset) / stride
     ys = (torch.arange(nh, dtype=torch.float32) + 0.5 - offset) / stride
@@ -207,7 +207,7 @@ def attention_to_image(grid: np.ndarray | Tensor, size: tuple[int, int], *, stri
     up = F.grid_sample(g[None, None], sample, mode="bilinear", padding_mode="border", align_corners=False)
     if (nw, nh) != (w, h):
         up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy().astype(np.float32)
+    return up[0, 0].cpu().numpy().astype(np.float32)
 
 
 def map_to_box(heat: np.ndarray, *, threshold: float = 0.5) -> tuple[float, float, float, float]:

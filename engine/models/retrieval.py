@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from engine.device import resolve_device
 from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import Manifest, default_checkpoint, load_checkpoint
+from engine.models.checkpoint import Manifest, checkpoint_path, load_checkpoint
 from engine.models.grn import GRNConfig, RetrievalNet, create_retrieval_net, method_config
 from engine.models.vocab import Vocabulary
 
@@ -63,10 +63,10 @@ class RegionRetrievalModel:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_checkpoint(cls, path: Path | None = None, *, device: str | torch.device = "cpu") -> "RegionRetrievalModel":
+    def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "RegionRetrievalModel":
         """Load a GRN-family checkpoint (``None``: the shipped ``grn``); :class:`CheckpointError` when it
         is missing, corrupt or not a GRN-family model."""
-        path = default_checkpoint("grn") if path is None else Path(path)
+        path = checkpoint_path(path, default="grn")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         if manifest.version != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} has GRN-family format version {manifest.version!r}, this engine reads {FORMAT_VERSION!r}; retrain it")

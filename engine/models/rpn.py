@@ -40,8 +40,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.ops import boxes as box_ops
 
 from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import default_checkpoint, load_checkpoint
-from indexer.backbone import resized_size
+from engine.models.checkpoint import checkpoint_path, load_checkpoint
+from engine.imaging import resized_size
 
 __all__ = ["RpnConfig", "OffsetAnchorGenerator", "ProposalNetwork", "MODEL_NAME", "MODEL_VERSION"]
 
@@ -184,12 +184,12 @@ class ProposalNetwork(nn.Module):
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: Path | None = None, *, device: torch.device | str = "cpu") -> "ProposalNetwork":
+    def from_checkpoint(cls, path: Path | str | None = None, *, device: torch.device | str = "cpu") -> "ProposalNetwork":
         """Load a trained network (``None``: the shipped ``engine/checkpoints/rpn.pt``), in eval mode on ``device``.
 
         Raises :class:`CheckpointError` when the file is missing, corrupt, of another model, or does not fit.
         """
-        path = default_checkpoint(MODEL_NAME) if path is None else Path(path)
+        path = checkpoint_path(path, default=MODEL_NAME)
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         try:
             config = RpnConfig.from_dict(payload["config"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import CheckpointError, InvalidInputError
-from engine.models.checkpoint import Manifest, default_checkpoint, load_checkpoint
+from engine.models.checkpoint import Manifest, checkpoint_path, load_checkpoint
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "SaliencyConfig", "SaliencyNet", "saliency_loss", "mask_targets", "saliency_to_image", "saliency_quality"]
 
@@ -116,13 +116,13 @@ class SaliencyNet(nn.Module):
             )
 
     def payload(self) -> dict[str, Any]:
-        return {"state_dict": {k: v.clone() for k, v in self.state_dict().items()}, "config": self.config.to_dict()}
+        return {"state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, "config": self.config.to_dict()}
 
     @classmethod
-    def from_checkpoint(cls, path: Path | None = None, *, device: str | torch.device = "cpu") -> "SaliencyNet":
+    def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "SaliencyNet":
         """Load a saliency checkpoint (``None``: the shipped ``saliency.pt``); :class:`CheckpointError` when
         it is missing, corrupt or not a saliency network."""
-        path = default_checkpoint("saliency") if path is None else Path(path)
+        path = checkpoint_path(path, default="saliency")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         if manifest.version != MODEL_VERSION:
             raise CheckpointError(f"checkpoint {path} is saliency version {manifest.version!r}, this engine reads {MODEL_VERSION!r}; retrain it with `engine train saliency`")
@@ -172,11 +172,11 @@ def mask_targets(mask: np.ndarray, frame: tuple[int, int], grid: tuple[int, int]
 def saliency_to_image(prob: np.ndarray | Tensor, size: tuple[int, int], *, stride: int, offset: float, max_size: int) -> np.ndarray:
     """A saliency grid ``[H3, W3]`` (probabilities on the ``c3`` cells) as a float32 map ``[h, w]`` over the
     original image of ``size`` (``(w, h)``): bilinear upsampling, shifted to the cells' true centres."""
-    from indexer.backbone import resized_size
+    from engine.imaging import resized_size
 
     w, h = size
     nw, nh = resized_size(w, h, max_size)
-    grid = torch.as_tensor(prob, dtype=torch.float32)[None, None]
+    grid = torch.as_tensor(prob).detach().cpu().float()[None, None]
     up = F.interpolate(grid, scale_factor=stride, mode="bilinear", align_corners=False)  # cell i centred at stride·i + stride/2
     shift = int(round(offset - stride / 2))
     if shift > 0:
@@ -186,7 +186,7 @@ def saliency_to_image(prob: np.ndarray | Tensor, size: tuple[int, int], *, strid
         up = F.pad(up, (0, nw - up.shape[-1], 0, nh - up.shape[-2]), mode="replicate")
     if (nw, nh) != (w, h):
         up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy().astype(np.float32)
+    return up[0, 0].cpu().numpy().astype(np.float32)
 
 
 def saliency_quality(pred: np.ndarray, mask: np.ndarray, *, threshold: float = 0.5) -> tuple[float, float]:

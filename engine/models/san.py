@@ -212,7 +212,7 @@ class SANet(nn.Module):
         return _normalize(v) @ _normalize(self.global_text(ids, lengths)).T
 
     def payload(self, vocab: Any) -> dict[str, Any]:
-        return {"state_dict": {k: v.clone() for k, v in self.state_dict().items()}, "config": self.config.to_dict(), "vocab": vocab.to_dict()}
+        return {"state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, "config": self.config.to_dict(), "vocab": vocab.to_dict()}
 
 
 def triplet_loss(scores: Tensor, positive_mask: Tensor, margin: float) -> Tensor:
@@ -243,20 +243,23 @@ class SANModel:
       with FT(G-S) the text attention depends on each candidate).
     """
 
-    def __init__(self, *, net: SANet, vocab: Any, manifest: Any = None) -> None:
-        self.net = net.eval()
+    def __init__(self, *, net: SANet, vocab: Any, manifest: Any = None, device: str | torch.device = "cpu") -> None:
+        from engine.device import resolve_device
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.net = net.to(self.device).eval()
         self.vocab = vocab
         self.manifest = manifest
         self._recent: dict[str, tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]] = {}  # see _words
 
     @classmethod
-    def from_checkpoint(cls, path: Path | None = None) -> "SANModel":
+    def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "SANModel":
         """Load a SAN checkpoint (``None``: the shipped ``san.pt``); :class:`CheckpointError` when it is
         missing, corrupt or not a SAN model."""
-        from engine.models.checkpoint import default_checkpoint, load_checkpoint
+        from engine.models.checkpoint import checkpoint_path, load_checkpoint
         from engine.models.vocab import Vocabulary
 
-        path = default_checkpoint("san") if path is None else Path(path)
+        path = checkpoint_path(path, default="san")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         if manifest.version != MODEL_VERSION:
             raise CheckpointError(f"checkpoint {path} is SAN version {manifest.version!r}, this engine reads {MODEL_VERSION!r}; retrain it with `engine train san`")
@@ -267,7 +270,7 @@ class SANModel:
             net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit SAN ({type(exc).__name__}: {exc}); retrain it") from None
-        return cls(net=net, vocab=vocab, manifest=manifest)
+        return cls(net=net, vocab=vocab, manifest=manifest, device=device)
 
     @property
     def method(self) -> str:
@@ -296,7 +299,7 @@ class SANModel:
         maps = torch.as_tensor(maps)
         if len(maps) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self.net.visual(maps.float(), torch.as_tensor(saliency).float()).numpy().astype(np.float32)
+        return self.net.visual(maps.to(self.device).float(), torch.as_tensor(saliency).to(self.device).float()).cpu().numpy().astype(np.float32)
 
     def _encode(self, text: str) -> tuple[Tensor, Tensor]:
         if text is None or not str(text).strip():
@@ -304,7 +307,7 @@ class SANModel:
         ids, lengths = self.vocab.encode_batch([text])
         if all(w not in self.vocab for w in tokenize(text)):
             raise InvalidInputError(f"none of the words of {text!r:.60} is known to the SAN model; describe the region with words like 'red circle left of a blue square'")
-        return ids, lengths
+        return ids.to(self.device), lengths.to(self.device)
 
     def _words(self, text: str) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``(ids, lengths, SANet.words)`` of ``text``; the last few texts are kept, since one query asks for
@@ -321,7 +324,7 @@ class SANModel:
     @torch.no_grad()
     def text_vector(self, text: str) -> Any:
         """The query's ``t_g`` float32 ``[k]``, L2-normalised (the text-only FAISS query)."""
-        return _normalize(self._words(text)[2][2])[0].numpy()
+        return _normalize(self._words(text)[2][2])[0].cpu().numpy()
 
     @torch.no_grad()
     def score(self, text: str, vectors: Any) -> Any:
@@ -329,7 +332,7 @@ class SANModel:
         import numpy as np
 
         ids, lengths, words = self._words(text)
-        v = torch.as_tensor(np.asarray(vectors, np.float32))
+        v = torch.as_tensor(np.asarray(vectors, np.float32), device=self.device)
         if len(v) == 0:
             return np.zeros(0, np.float32)
-        return self.net.score_matrix(v, ids, lengths, words)[:, 0].numpy().astype(np.float32)
+        return self.net.score_matrix(v, ids, lengths, words)[:, 0].cpu().numpy().astype(np.float32)

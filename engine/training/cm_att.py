@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
-from engine.evaluation.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, REGION_GROUNDING_NAME, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
 from engine.models.vocab import Vocabulary
+from engine.protocols.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -84,11 +85,13 @@ class _Batcher:
     def loss(self, net: CMAttNet, batch: tuple[np.ndarray, np.ndarray, np.ndarray, bool]) -> torch.Tensor:
         idx, neg_obj, neg_text, erase = batch
         d, m = self.data, self.cfg.margin
+        device = net.input_scale.device
         ids, lengths = self.vocab.encode_batch([d.texts[i] for i in idx])
-        image = d.image_vectors[torch.as_tensor(d.ref_image[idx])]
-        pos = d.candidates.select(torch.as_tensor(d.ref_row[idx]))
-        neg = d.candidates.select(torch.as_tensor(neg_obj))
-        own, other = torch.arange(len(idx)), torch.as_tensor(neg_text)
+        ids, lengths = ids.to(device), lengths.to(device)
+        image = d.image_vectors[torch.as_tensor(d.ref_image[idx])].to(device)
+        pos = d.candidates.select(torch.as_tensor(d.ref_row[idx])).to(device)
+        neg = d.candidates.select(torch.as_tensor(neg_obj)).to(device)
+        own, other = torch.arange(len(idx), device=device), torch.as_tensor(neg_text, device=device)
         s_ii, att = net(pos, own, ids, lengths, image)
         s_ij, _ = net(pos, other, ids, lengths, image)
         s_ji, _ = net(neg, own, ids, lengths, image)
@@ -107,7 +110,8 @@ class _Batcher:
 
     def _erase_visual(self, pos, att: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
         """O*: per expression, a module drawn from ``w`` (``Multinomial(3, [w_subj, w_loc, w_rel])``) has its input erased."""
-        module = torch.multinomial(att["w"].detach(), 1, generator=self.gen).squeeze(1)
+        weights = att["w"].detach()
+        module = torch.multinomial(weights.cpu(), 1, generator=self.gen).squeeze(1).to(weights.device)  # drawn on the CPU generator
         maps = erase_subject(pos.maps, att["subj"], self.data.config.erase_k)
         loc_mask = erase_context(pos.loc_mask, att["loc"], keep_first=True)
         rel_mask = erase_context(pos.rel_mask, att["rel"])
@@ -129,8 +133,8 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
         raise InvalidInputError(f"{name!r} is not a CM-Att model name; choose one of {', '.join(names)}")
     targets = "regions" if name == REGION_GROUNDING_NAME else "refs"
     erasing = name != "cm-att"
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()
@@ -139,9 +143,10 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     stage2 = cfg.erase_epochs if options.epochs is None else max(1, options.epochs // 2)
     epochs = stage1 + stage2
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train, val, test = read_splits(data)
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
     config = CMAttConfig()
@@ -153,8 +158,9 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     net = CMAttNet(config, vocab_size=len(vocab))
     rms = float(train_data.candidates.maps.float().pow(2).mean().sqrt())
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
+    net.to(device)
     batcher = _Batcher(train_data, vocab, cfg, options.seed)
-    log.info("%s: %d training expressions over %d objects, vocabulary of %d", name, len(train_data.texts), len(train_data.candidates.maps), len(vocab))
+    log.info("%s: %d training expressions over %d objects, vocabulary of %d, device %s", name, len(train_data.texts), len(train_data.candidates.maps), len(vocab), device)
 
     def validate(model: CMAttNet) -> dict[str, float]:
         return {"acc": grounding_accuracy(GroundingScorer(model, vocab, name=name), val_data)} if len(val_data.texts) else {}
@@ -173,6 +179,7 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
         scheduler=scheduler,
         progress=options.progress,
         desc=name,
+        device=device,
     )
     net.eval()
     scorer = GroundingScorer(net, vocab, name=name)

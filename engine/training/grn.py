@@ -37,9 +37,11 @@ from tqdm import tqdm
 
 from engine.datasets.annotations import QUERIES_FILE
 from engine.datasets.types import Dataset, ImageAnn
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval_net, grn_loss, method_config
+from engine.models.registry import family, load_model
 from engine.models.retrieval import FORMAT_VERSION, MODEL_NAME, RegionRetrievalModel
 from engine.models.vocab import Vocabulary
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
@@ -49,7 +51,7 @@ __all__ = ["GRN_METHODS", "GRNTrainConfig", "TrainingPairs", "ProposalPool", "bu
 
 log = logging.getLogger(__name__)
 
-GRN_METHODS = ("visual", "vl-lstm", "vl-concat", "grn-no-residual", "grn", "grn-lstm", "grn-visual-residual", "grn-fc")
+GRN_METHODS = family("grn-family").names
 """Every trainable method name: GRN Table 2's rows, then the ablations of Tables 3–5."""
 assert set(GRN_METHODS) == set(METHODS)
 
@@ -220,8 +222,7 @@ def build_proposal_pool(pairs: TrainingPairs, images: Sequence[ImageAnn], cache:
     """Run the RPN (``network``, a :class:`~engine.models.rpn.ProposalNetwork`) on the training ``images``
     (maps from ``cache``) and keep the proposals that training samples from."""
     from engine.boxes import box_iou
-    from engine.evaluation.proposals_recall import propose_images
-    from engine.evaluation.retrieval import RPN_TOP
+    from engine.protocols.proposals import RPN_TOP, propose_images
 
     rows_by_image: dict[str, list[int]] = defaultdict(list)
     for r, image in enumerate(pairs.images):
@@ -351,29 +352,30 @@ class _Batcher:
         cols_arr = np.stack(cols)
         use = valid.copy()
         cols_arr[~use] = 0
+        device = net.input_scale.device
         texts = [self.text_ids[a] for a in idx]
         lengths = torch.tensor([len(t) for t in texts])
         ids = torch.zeros(b, int(lengths.max()), dtype=torch.long)
         for i, t in enumerate(texts):
             ids[i, : len(t)] = torch.tensor(t)
-        text = net.text_features(ids, lengths)
-        prepared = net.prepare(self.maps[torch.as_tensor(uniq)])
+        text = net.text_features(ids.to(device), lengths.to(device))
+        prepared = net.prepare(self.maps[torch.as_tensor(uniq)].to(device))
         # only the valid (query, candidate) pairs are embedded; the query text gates both sides (§3.4)
         qi, kj = np.nonzero(use)
         query = net.embed_prepared(prepared, text, torch.as_tensor(a_col), torch.arange(b))
         cand_flat = net.embed_prepared(prepared, text, torch.as_tensor(cols_arr[qi, kj]), torch.as_tensor(qi))
-        cands = torch.zeros(b, use.shape[1], cand_flat.shape[1])
-        cands[torch.as_tensor(qi), torch.as_tensor(kj)] = cand_flat
+        cands = torch.zeros(b, use.shape[1], cand_flat.shape[1], device=device)
+        cands[torch.as_tensor(qi, device=device), torch.as_tensor(kj, device=device)] = cand_flat
         swap = torch.as_tensor(batch.get("swap", np.full(b, -1)))
         if not self.uses_text or not bool((swap >= 0).any()):
-            return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature)
+            return grn_loss(query, cands, torch.as_tensor(use, device=device), temperature=self.temperature)
         # wrong-text negative: anchor and positive both gated by another query's text (GRNTrainConfig.text_swap)
         has = torch.nonzero(swap >= 0).squeeze(1)
         q_sw = net.embed_prepared(prepared, text, torch.as_tensor(a_col)[has], swap[has])
         p_sw = net.embed_prepared(prepared, text, torch.as_tensor(p_col)[has], swap[has])
-        wrong = torch.full((b,), float("-inf"))
+        wrong = torch.full((b,), float("-inf"), device=device)
         wrong[has] = (q_sw * p_sw).sum(-1)
-        return grn_loss(query, cands, torch.as_tensor(use), temperature=self.temperature, extra_negatives=wrong)
+        return grn_loss(query, cands, torch.as_tensor(use, device=device), temperature=self.temperature, extra_negatives=wrong)
 
 
 def train_grn(
@@ -394,9 +396,9 @@ def train_grn(
     """
     if method not in GRN_METHODS:
         raise InvalidInputError(f"method {method!r} is not known; choose one of {', '.join(GRN_METHODS)}")
-    from engine.evaluation.retrieval import build_benchmark, gt_candidates, score_benchmark
-    from engine.training.feature_cache import FeatureCache
+    from engine.protocols.retrieval import build_benchmark, gt_candidates, score_benchmark
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()
@@ -406,9 +408,10 @@ def train_grn(
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
 
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train, val, test = read_splits(data)
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
 
@@ -419,7 +422,8 @@ def train_grn(
     with torch.no_grad():
         rms = maps[:: max(1, len(maps) // 2000)].float().pow(2).mean().sqrt().item()
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
-    log.info("%s: %d training queries from %s, %d regions, vocabulary of %d", method, len(pairs), pairs.source, len(maps), len(vocab))
+    net.to(device)
+    log.info("%s: %d training queries from %s, %d regions, vocabulary of %d, device %s", method, len(pairs), pairs.source, len(maps), len(vocab), device)
 
     benches = {}
     for name, part in (("val", val), ("test", test)):
@@ -430,7 +434,7 @@ def train_grn(
         if name not in benches:
             return {}
         was_training = model.training
-        result = score_benchmark(RegionRetrievalModel(net=model, vocab=vocab), *benches[name])
+        result = score_benchmark(RegionRetrievalModel(net=model, vocab=vocab, device=device), *benches[name])
         model.train(was_training)
         out = {f"R@{k}": 100.0 * v for k, v in result.r_at.items()}
         out["med_r"] = result.median_rank
@@ -444,7 +448,7 @@ def train_grn(
             raise InvalidInputError(f"{data} has no val split with queries; validation R@10 picks the best epoch")
         pool = None
         if cfg.proposals:
-            network = _load_rpn(rpn_checkpoint, backbone)
+            network = _load_rpn(rpn_checkpoint, backbone, device)
             if network is not None:
                 pool = build_proposal_pool(pairs, train.images, cache, network, cfg, np.random.default_rng(np.random.SeedSequence(options.seed).spawn(epochs + 1)[-1]), progress=options.progress)
                 rpn_version = pool.version
@@ -464,6 +468,7 @@ def train_grn(
             scheduler=scheduler,
             progress=options.progress,
             desc=method,
+            device=device,
         )
         history, best_epoch = result.history, result.best_epoch
     net.eval()
@@ -473,7 +478,7 @@ def train_grn(
     seconds = time.perf_counter() - started
     log.info("%s: val %s, test %s, %.0f s", method, val_metrics, test_metrics, seconds)
 
-    payload = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict() if config.uses_text else None, "config": config.to_dict()}
+    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict() if config.uses_text else None, "config": config.to_dict()}
     out = Path(options.out) if options.out is not None else Path(f"{method}.pt")
     manifest = Manifest(
         model=MODEL_NAME,
@@ -496,16 +501,15 @@ def train_grn(
     return save_checkpoint(out, manifest, payload)
 
 
-def _load_rpn(path: Path | None, backbone: Any) -> Any:
+def _load_rpn(path: Path | None, backbone: Any, device: torch.device) -> Any:
     """The RPN whose proposals join training: ``path``, else the shipped one; ``None`` (with a warning)
     when no path is given and none is shipped."""
     from engine.models.checkpoint import PACKAGE_CHECKPOINTS
-    from engine.models.rpn import ProposalNetwork
 
     if path is None and not (PACKAGE_CHECKPOINTS / "rpn.pt").is_file():
         log.warning("no RPN checkpoint is installed (engine/checkpoints/rpn.pt): training on ground-truth boxes only; pass rpn_checkpoint to train with proposals")
         return None
-    network = ProposalNetwork.from_checkpoint(path)
+    network = load_model(path, device=device, family="rpn")
     network.check_backbone(backbone.version, backbone.max_size)
     return network
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "fit", "to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def fit(
     scheduler: Any | None = None,
     progress: bool = True,
     desc: str = "train",
+    device: torch.device | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs``; after each epoch run ``validate`` and keep the weights of the best one.
 
@@ -48,7 +49,11 @@ def fit(
         batches: ``batches(epoch)`` yields the epoch's batches (the caller shuffles with its own seeded RNG).
         loss_fn: ``loss_fn(model, batch)`` returns a scalar loss.
         validate: ``validate(model)`` returns metrics (model in eval mode, no grad); ``metric`` picks the best.
+        device: where to train: ``model`` is moved there and every batch's tensors with it
+            (:func:`to_device`); ``None`` leaves both where they are.
     """
+    if device is not None:
+        model.to(device)
     best: FitResult | None = None
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
@@ -58,7 +63,7 @@ def fit(
         with tqdm(items, desc=f"{desc} {epoch}/{epochs}", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model, batch)
+                loss = loss_fn(model, batch if device is None else to_device(batch, device))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower the learning rate")
                 loss.backward()
@@ -81,6 +86,19 @@ def fit(
     best.history = history
     model.load_state_dict(best.best_state)
     return best
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested in dicts, lists and tuples) moved to ``device``; other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -1,7 +1,7 @@
 """``engine train mcb`` / ``mcb-no-sparsity``: weakly supervised attention (MCB paper §2.3) on cached maps.
 
 Only image-level phrase labels are used, never a box: the phrases of an image (its region
-descriptions and referring expressions, :func:`engine.evaluation.attention.image_phrases`) are its
+descriptions and referring expressions, :func:`engine.protocols.attention.image_phrases`) are its
 positives, phrases of other images (whose text is not one of its own) its negatives. Each step takes
 ``images_per_batch`` training images, ``positives`` of their phrases and ``negatives`` phrases of other
 images each (a phrase of another image is a negative only when it names a shape or colour that
@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.datasets.types import ImageAnn
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
-from engine.evaluation.attention import image_phrases
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.mcb import MODEL_NAME, MODEL_VERSION, GroundingModel, MCBConfig, MCBGrounder, valid_cells, visual_map
+from engine.models.registry import family
 from engine.models.vocab import Vocabulary, tokenize
+from engine.protocols.attention import ground_split, image_phrases, localization_row
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -46,7 +48,7 @@ __all__ = ["MCB_NAMES", "MCBTrainConfig", "PhraseData", "build_phrase_data", "im
 
 log = logging.getLogger(__name__)
 
-MCB_NAMES = ("mcb", "mcb-no-sparsity")
+MCB_NAMES = family("mcb-attention").names
 """``engine train`` names: the full loss, and the ablation without the sparsity term (β = 0)."""
 
 
@@ -91,7 +93,7 @@ class PhraseData:
 
 
 def build_phrase_data(images: list[ImageAnn], get: Any, config: MCBConfig) -> PhraseData:
-    """Read every image's cached maps (``get(image)`` → :class:`~engine.training.feature_cache.CachedImage`)
+    """Read every image's cached maps (``get(image)`` → :class:`~indexer.feature_cache.CachedImage`)
     and list its phrases; images without a phrase are left out."""
     kept, grids, sizes, texts, owner, by_image = [], [], [], [], [], []
     for im in images:
@@ -187,28 +189,31 @@ class _Batcher:
         self.cfg = cfg
         self.ids = [vocab.encode(t) for t in data.texts]
 
-    def tensors(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    def tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The batch's image maps, valid cells, phrase word ids and lengths, on ``device``."""
         phrases = batch["phrase"]
         lengths = torch.tensor([len(self.ids[k]) for k in phrases])
         ids = torch.zeros(len(phrases), int(lengths.max()), dtype=torch.long)
         for i, k in enumerate(phrases):
             ids[i, : len(self.ids[k])] = torch.tensor(self.ids[k])
         rows = torch.as_tensor(batch["image"])
-        return self.data.maps[rows], self.data.valid[rows], ids, lengths
+        return self.data.maps[rows].to(device), self.data.valid[rows].to(device), ids.to(device), lengths.to(device)
 
     def loss(self, net: MCBGrounder, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        maps, valid, ids, lengths = self.tensors(batch)
+        device = net.input_scale.device
+        maps, valid, ids, lengths = self.tensors(batch, device)
         r, z, logit = net(maps, ids, lengths, valid)
         keys = [self.data.keys[k] for k in batch["phrase"]]
-        return mcb_loss(r, z, logit, torch.as_tensor(batch["label"]), keys, valid, self.cfg)
+        return mcb_loss(r, z, logit, torch.as_tensor(batch["label"], device=device), keys, valid, self.cfg)
 
     @torch.no_grad()
     def accuracy(self, net: MCBGrounder, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         correct, total, loss = 0, 0, 0.0
+        device = net.input_scale.device
         for batch in batches:
-            maps, valid, ids, lengths = self.tensors(batch)
+            maps, valid, ids, lengths = self.tensors(batch, device)
             _, _, logit = net(maps, ids, lengths, valid)
-            label = torch.as_tensor(batch["label"])
+            label = torch.as_tensor(batch["label"], device=device)
             correct += int(((logit > 0).float() == label).sum())
             total += len(label)
             loss += float(F.binary_cross_entropy_with_logits(logit, label, reduction="sum"))
@@ -224,9 +229,8 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     """
     if name not in MCB_NAMES:
         raise InvalidInputError(f"{name!r} is not an MCB model name; choose one of {', '.join(MCB_NAMES)}")
-    from engine.evaluation.attention import ground_split, localization_row
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()
@@ -237,9 +241,10 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
 
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train, val, test = read_splits(data)
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     level_names = ("c3", "c4")
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=level_names, cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
@@ -266,8 +271,9 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
         sample = train_data.maps[:: max(1, len(train_data) // 200)].float()
         rms = sample.pow(2).mean().sqrt().item()
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
+    net.to(device)
     batcher = _Batcher(train_data, vocab, cfg)
-    log.info("%s: %d training images, %d phrases, vocabulary of %d", name, len(train_data), len(train_data.texts), len(vocab))
+    log.info("%s: %d training images, %d phrases, vocabulary of %d, device %s", name, len(train_data), len(train_data.texts), len(vocab), device)
 
     val_batches: list[dict[str, np.ndarray]] = []
     val_batcher = None
@@ -293,6 +299,7 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
         scheduler=scheduler,
         progress=options.progress,
         desc=name,
+        device=device,
     )
     net.eval()
     train_seconds = time.perf_counter() - started
@@ -305,7 +312,7 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
                 localization[split_name] = localization_row(name, pred, gt).to_dict()
     log.info("%s: localization %s, %.0f s", name, localization, train_seconds)
 
-    payload = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict(), "config": config.to_dict()}
+    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict(), "config": config.to_dict()}
     out = Path(options.out) if options.out is not None else Path(f"{name}.pt")
     manifest = Manifest(
         model=MODEL_NAME,

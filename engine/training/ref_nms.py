@@ -1,6 +1,6 @@
 """Training Ref-NMS's relatedness module (``engine train ref-nms-b`` / ``ref-nms-r``).
 
-* Boxes: the shipped RPN's top :data:`~engine.evaluation.ref_nms.POOL` proposals of each training
+* Boxes: the shipped RPN's top :data:`~engine.protocols.proposals.POOL` proposals of each training
   image with objectness ``≥ δ`` (the detector stays frozen, as in the paper); their RoIAlign maps come
   from the dataset's backbone cache.
 * Foreground of an expression: its referent and the context objects it mentions. On synthetic data
@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.boxes import box_iou
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
-from engine.evaluation.ref_nms import RefTarget, evaluate_ref_proposals, image_proposals, ref_targets
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.ref_nms import FORMAT_VERSION, MODEL_NAME, REF_NMS_NAMES, RefNMSConfig, RefNMSModel, RelatednessModule
 from engine.models.vocab import Vocabulary
+from engine.protocols.proposals import image_proposals
+from engine.protocols.ref_nms import RefTarget, evaluate_ref_proposals, ref_targets
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -110,23 +112,24 @@ class _Batcher:
         return _Item(target=item.target, boxes=item.boxes[take], rho=item.rho[take])
 
     def loss(self, net: RelatednessModule, items: list[_Item]) -> torch.Tensor:
-        maps = torch.as_tensor(np.concatenate([self.region_maps(it.target.image, it.boxes) for it in items]))
-        text_index = torch.as_tensor(np.concatenate([np.full(len(it.boxes), k) for k, it in enumerate(items)]))
+        device = net.input_scale.device
+        maps = torch.as_tensor(np.concatenate([self.region_maps(it.target.image, it.boxes) for it in items]), device=device)
+        text_index = torch.as_tensor(np.concatenate([np.full(len(it.boxes), k) for k, it in enumerate(items)]), device=device)
         ids, lengths = self.vocab.encode_batch([it.target.expression for it in items])
-        logits, _ = net(maps, text_index, ids, lengths)
+        logits, _ = net(maps, text_index, ids.to(device), lengths.to(device))
         rho = np.concatenate([it.rho for it in items])
         if self.kind == "bce":  # Eq. 3
-            return F.binary_cross_entropy_with_logits(logits, torch.as_tensor(rho > 0.5, dtype=torch.float32))
+            return F.binary_cross_entropy_with_logits(logits, torch.as_tensor(rho > 0.5, dtype=torch.float32, device=device))
         r = torch.sigmoid(logits)  # Eq. 4: max(0, r_i − r_j + α) over pairs with ρ_i < ρ_j
         pairs, offset = [], 0
-        scores = r.detach().numpy()
+        scores = r.detach().cpu().numpy()
         for it in items:
             n = len(it.boxes)
             pairs += [(a + offset, b + offset) for a, b in rank_pairs(it.rho, scores[offset : offset + n], top_h=self.cfg.top_h)]
             offset += n
         if not pairs:
             return (r * 0).sum()
-        neg, pos = (torch.as_tensor(x) for x in zip(*pairs))
+        neg, pos = (torch.as_tensor(x, device=device) for x in zip(*pairs))
         return F.relu(r[neg] - r[pos] + self.cfg.margin).mean()
 
 
@@ -138,9 +141,9 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     """
     if name not in REF_NMS_NAMES:
         raise InvalidInputError(f"{name!r} is not a Ref-NMS model name; choose one of {', '.join(REF_NMS_NAMES)}")
-    from engine.models.rpn import ProposalNetwork
-    from engine.training.feature_cache import FeatureCache
+    from engine.models.registry import load_model
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
 
     started = time.perf_counter()
@@ -148,12 +151,13 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     config = RefNMSConfig(loss="bce" if name == "ref-nms-b" else "rank")
     epochs = options.epochs if options.epochs is not None else cfg.epochs
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train, val, test = read_splits(data)
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
-    network = ProposalNetwork.from_checkpoint(rpn_checkpoint)
+    network = load_model(rpn_checkpoint, device=device, family="rpn")
     network.check_backbone(backbone.version, backbone.max_size)
     proposals = image_proposals(network, cache, dataset.images, progress=options.progress)
 
@@ -165,8 +169,9 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     items = _items(targets, proposals, config.delta)
     sample = np.concatenate([cache.region_maps(it.target.image, it.boxes[:8]) for it in items[:: max(1, len(items) // 200)]])
     net.input_scale.fill_(1.0 / max(float(np.sqrt((sample.astype(np.float64) ** 2).mean())), 1e-6))
+    net.to(device)
     batcher = _Batcher(items, cache.region_maps, vocab, config.loss, cfg)
-    log.info("%s: %d training expressions, %d RPN boxes, vocabulary of %d", name, len(items), sum(len(it.boxes) for it in items), len(vocab))
+    log.info("%s: %d training expressions, %d RPN boxes, vocabulary of %d, device %s", name, len(items), sum(len(it.boxes) for it in items), len(vocab), device)
 
     def validate(model: RelatednessModule) -> dict[str, float]:
         rows = evaluate_ref_proposals(val.images, proposals, cache.region_maps, [RefNMSModel(model, vocab, name=name)], ns=(5,), delta=config.delta, nms_iou=config.nms_iou)
@@ -192,6 +197,7 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
         scheduler=scheduler,
         progress=options.progress,
         desc=name,
+        device=device,
     )
     net.eval()
     model = RefNMSModel(net, vocab, name=name)

@@ -3,7 +3,7 @@
 Targets are every region box and every object box of ``annotations.jsonl`` (DenseCap-style
 proposals: single objects and multi-object regions alike), scaled into the resized frame the
 backbone saw. The backbone never runs during training: its padded ``c3`` / ``c4`` / ``c5`` maps come
-from the dataset's :class:`~engine.training.feature_cache.FeatureCache` (built first when missing)
+from the dataset's :class:`~indexer.feature_cache.FeatureCache` (built first when missing)
 and are held in memory as float16.
 
 Images of the ``train`` split train; after each epoch the recall@100 (IoU > 0.5) of the ``val``
@@ -32,13 +32,14 @@ from engine.datasets.annotations import read_annotations
 from engine.datasets.types import ImageAnn
 from engine.device import resolve_device
 from engine.errors import InvalidInputError
-from engine.evaluation.proposals_recall import DEFAULT_NS, propose_images, recall_table
 from engine.models.checkpoint import Manifest, save_checkpoint
+from engine.imaging import resized_size
 from engine.models.rpn import MODEL_NAME, MODEL_VERSION, ProposalNetwork, RpnConfig
-from engine.training.feature_cache import CachedImage, FeatureCache
+from engine.protocols.proposals import DEFAULT_NS, propose_images, recall_table
 from engine.training.loop import fit
 from engine.training.options import TrainOptions
-from indexer.backbone import BackboneConfig, create_backbone, resized_size
+from indexer.backbone import BackboneConfig, create_backbone
+from indexer.feature_cache import CachedImage, FeatureCache
 from indexer.region_features import RegionFeatureExtractor
 
 __all__ = ["RpnTrainConfig", "DEFAULT_EPOCHS", "train_rpn"]
@@ -156,6 +157,7 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
         scheduler=scheduler,
         progress=options.progress,
         desc="rpn",
+        device=device,
     )
     network.eval()
 

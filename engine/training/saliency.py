@@ -3,7 +3,7 @@
 The targets are each image's ``saliency`` mask of ``annotations.jsonl`` (for the synthetic corpus the
 union of its object masks), as soft targets on the ``c3`` grid (:func:`~engine.models.saliency.mask_targets`).
 The backbone never runs: its ``c3`` / ``c4`` / ``c5`` maps come from the dataset's
-:class:`~engine.training.feature_cache.FeatureCache`. Images of the ``train`` split train; the ``val``
+:class:`~indexer.feature_cache.FeatureCache`. Images of the ``train`` split train; the ``val``
 split's IoU (prediction ≥ 0.5 against the mask, at image resolution) picks the best epoch; the
 ``test`` split's MAE and IoU go into the manifest.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +21,20 @@ import torch
 
 from engine.datasets.annotations import read_annotations
 from engine.datasets.types import ImageAnn
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
-from engine.models.saliency import MODEL_NAME, MODEL_VERSION, SaliencyConfig, SaliencyNet, mask_targets, saliency_loss, saliency_quality, saliency_to_image
-from engine.synth.rle import rle_decode
-from engine.training.feature_cache import FeatureCache
+from engine.models.saliency import MODEL_NAME, MODEL_VERSION, SaliencyConfig, SaliencyNet, saliency_loss
+from engine.protocols.saliency import LEVELS, SaliencyItem, evaluate_saliency, load_saliency_items, shape_batches
 from engine.training.loop import fit
 from engine.training.options import TrainOptions
+from indexer.feature_cache import FeatureCache
 
-__all__ = ["SaliencyTrainConfig", "SaliencyItem", "load_saliency_items", "evaluate_saliency", "train_saliency"]
+__all__ = ["SaliencyTrainConfig", "train_saliency"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 8
-LEVELS = ("c3", "c4", "c5")
 
 
 @dataclass(frozen=True)
@@ -48,65 +47,6 @@ class SaliencyTrainConfig:
     width: int = 32
 
 
-@dataclass(frozen=True)
-class SaliencyItem:
-    """One image's cached maps (float16 ``[C, H, W]`` per level), its mask and soft targets on the ``c3`` grid."""
-
-    image: str
-    size: tuple[int, int]
-    maps: dict[str, torch.Tensor]
-    mask: np.ndarray  # bool [h, w]
-    target: torch.Tensor  # float32 [1, H3, W3]
-    valid: torch.Tensor  # bool [1, H3, W3]
-
-
-def load_saliency_items(cache: FeatureCache, images: Sequence[ImageAnn], config: SaliencyConfig) -> list[SaliencyItem]:
-    """The cached maps and targets of every image with a saliency mask (others are skipped)."""
-    from indexer.backbone import resized_size
-
-    items = []
-    for ann in images:
-        if ann.saliency is None:
-            continue
-        cached = cache.get(ann.image)
-        mask = rle_decode(ann.saliency)
-        grid = cached.maps["c3"].shape[-2:]
-        target, valid = mask_targets(mask, resized_size(*cached.size, config.max_size), grid, stride=config.stride, offset=config.offset)
-        maps = {lvl: torch.from_numpy(np.ascontiguousarray(cached.maps[lvl])) for lvl in LEVELS}
-        items.append(SaliencyItem(ann.image, cached.size, maps, mask, torch.from_numpy(target)[None], torch.from_numpy(valid)[None]))
-    return items
-
-
-@torch.no_grad()
-def evaluate_saliency(net: SaliencyNet, items: Sequence[SaliencyItem]) -> dict[str, float]:
-    """Mean MAE and IoU (prediction ≥ 0.5) of ``net`` over ``items`` at each image's resolution."""
-    if not items:
-        return {}
-    maes, ious = [], []
-    cfg = net.config
-    for batch in _shape_batches(items, 32, None):
-        _, s1 = net({lvl: torch.stack([it.maps[lvl] for it in batch]).float() for lvl in LEVELS})
-        probs = torch.sigmoid(s1[:, 0]).numpy()
-        for it, p in zip(batch, probs):
-            mae, iou = saliency_quality(saliency_to_image(p, it.size, stride=cfg.stride, offset=cfg.offset, max_size=cfg.max_size), it.mask)
-            maes.append(mae)
-            ious.append(iou)
-    return {"mae": float(np.mean(maes)), "iou": float(np.mean(ious))}
-
-
-def _shape_batches(items: Sequence[SaliencyItem], size: int, rng: np.random.Generator | None) -> Iterator[list[SaliencyItem]]:
-    """Batches of items whose maps share one shape (shuffled when ``rng`` is given)."""
-    groups: dict[tuple, list[SaliencyItem]] = defaultdict(list)
-    for it in items:
-        groups[tuple(m.shape for m in it.maps.values())].append(it)
-    chunks = []
-    for group in groups.values():
-        order = rng.permutation(len(group)) if rng is not None else np.arange(len(group))
-        chunks.extend([group[j] for j in order[i : i + size]] for i in range(0, len(group), size))
-    for k in rng.permutation(len(chunks)) if rng is not None else range(len(chunks)):
-        yield chunks[k]
-
-
 def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig = SaliencyTrainConfig()) -> Manifest:
     """Train a :class:`SaliencyNet` on ``options.data``'s masks and save the best epoch to ``options.out``
     (default ``saliency.pt``). The manifest's metrics hold the validation and test MAE / IoU."""
@@ -115,6 +55,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     epochs = options.epochs if options.epochs is not None else DEFAULT_EPOCHS
     images = read_annotations(data)
@@ -123,7 +64,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         by_split[ann.split or "none"].append(ann)
     if not any(im.saliency is not None for im in by_split.get("train", [])):
         raise InvalidInputError(f"{data} has no train-split images with a saliency mask; generate a corpus with `engine synth` (its annotations carry masks)")
-    backbone = create_backbone(BackboneConfig(), device="cpu")
+    backbone = create_backbone(BackboneConfig(), device=device)
     config = SaliencyConfig(
         in_channels=tuple(backbone.channels[lvl] for lvl in LEVELS),  # type: ignore[arg-type]
         width=train_config.width,
@@ -142,18 +83,19 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         for i, lvl in enumerate(LEVELS):
             sample = torch.stack([it.maps[lvl] for it in train_items[:: max(1, len(train_items) // 200)]]).float()
             net.input_scale[i] = 1.0 / max(sample.pow(2).mean().sqrt().item(), 1e-6)
-    log.info("saliency: %d train / %d val / %d test images, %d epochs", len(train_items), len(val_items), len(split_items["test"]), epochs)
+    net.to(device)
+    log.info("saliency: %d train / %d val / %d test images, %d epochs, device %s", len(train_items), len(val_items), len(split_items["test"]), epochs, device)
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=train_config.lr * 0.05)
 
     def loss_fn(model: SaliencyNet, batch: list[SaliencyItem]) -> torch.Tensor:
-        s0, s1 = model({lvl: torch.stack([it.maps[lvl] for it in batch]).float() for lvl in LEVELS})
-        return saliency_loss(s0, s1, torch.stack([it.target for it in batch]), torch.stack([it.valid for it in batch]))
+        s0, s1 = model({lvl: torch.stack([it.maps[lvl] for it in batch]).to(device).float() for lvl in LEVELS})
+        return saliency_loss(s0, s1, torch.stack([it.target for it in batch]).to(device), torch.stack([it.valid for it in batch]).to(device))
 
     result = fit(
         net,
-        batches=lambda e: list(_shape_batches(train_items, train_config.batch_size, np.random.default_rng([options.seed, e]))),
+        batches=lambda e: list(shape_batches(train_items, train_config.batch_size, np.random.default_rng([options.seed, e]))),
         loss_fn=loss_fn,
         validate=lambda m: evaluate_saliency(m, val_items),
         metric="iou",
@@ -162,6 +104,7 @@ def train_saliency(options: TrainOptions, *, train_config: SaliencyTrainConfig =
         scheduler=scheduler,
         progress=options.progress,
         desc="saliency",
+        device=device,
     )
     net.eval()
     test = evaluate_saliency(net, split_items["test"])

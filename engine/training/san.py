@@ -18,10 +18,9 @@ validation split's mR (mean of R@1/5/10 over the four directions) picks the best
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,23 +28,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from engine.datasets.types import ImageAnn
+from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.san import METHODS, MODEL_NAME, MODEL_VERSION, SANet, method_config, triplet_loss
+from engine.models.registry import family, load_model
 from engine.models.vocab import Vocabulary
+from engine.protocols.matching import MatchingItems, build_matching_items, evaluate_items
 from engine.training.loop import fit
 from engine.training.options import TrainOptions, read_splits
 
-__all__ = ["SAN_NAMES", "SAN_ABLATIONS", "SANTrainConfig", "MatchingItems", "build_matching_items", "train_san"]
+__all__ = ["SAN_NAMES", "SAN_ABLATIONS", "SANTrainConfig", "train_san"]
 
 log = logging.getLogger(__name__)
 
 SAN_ABLATIONS = tuple(f"san-{m}" for m in METHODS if m != "fv+ft")
 """Checkpoint / ``engine train`` names of the ablation rows (``san-gv+gt``, …); ``san`` is ``fv+ft``."""
 SAN_NAMES = ("san", *SAN_ABLATIONS)
+assert SAN_NAMES == family("san").names, "the model registry lists SAN's checkpoints"
 
 
 def method_of(name: str) -> str:
@@ -73,54 +74,6 @@ class SANTrainConfig:
     min_word_count: int = 2
 
 
-@dataclass
-class MatchingItems:
-    """Visual items (images and regions) of one split with their texts.
-
-    ``maps`` float16 ``[N, C, 7, 7]``, ``saliency`` float32 ``[N, 7, 7]`` (logits); ``kind[i]`` is
-    ``"image"`` or ``"region"``; ``texts[i]`` the item's sentences (captions, or the description);
-    ``keys[i][j]`` the identity of sentence ``j`` (the sentence itself, or the region's meaning), two
-    sentences with one key describe each other's items.
-    """
-
-    images: list[str]
-    kind: list[str]
-    maps: torch.Tensor
-    saliency: torch.Tensor
-    texts: list[list[str]]
-    keys: list[list[str]]
-
-    def rows(self, kind: str) -> np.ndarray:
-        return np.asarray([i for i, k in enumerate(self.kind) if k == kind and self.texts[i]], np.int64)
-
-
-def build_matching_items(images: Sequence[ImageAnn], cache: Any, pooler: Any, *, progress: bool = False) -> MatchingItems:
-    """Maps and saliency grids of every image (full box) and region of ``images``, from the feature cache."""
-    names, kinds, texts, keys = [], [], [], []
-    maps: list[torch.Tensor] = []
-    sal: list[torch.Tensor] = []
-    for ann in tqdm(images, desc="SAN items", unit="img", disable=not progress, dynamic_ncols=True):
-        cached = cache.get(ann.image)
-        w, h = cached.size
-        boxes = np.asarray([[0.0, 0.0, float(w), float(h)], *[r.box for r in ann.regions]], np.float64)
-        maps.append(torch.from_numpy(cache.region_maps(ann.image, boxes)).half())
-        level_maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in ("c3", "c4", "c5")}
-        sal.append(torch.from_numpy(pooler.grids(level_maps, [cached.size], [boxes])[0]))
-        names.append(ann.image)
-        kinds.append("image")
-        texts.append([c for c in ann.captions if c.strip()])
-        keys.append([c.strip().lower() for c in texts[-1]])
-        for r in ann.regions:
-            names.append(ann.image)
-            kinds.append("region")
-            texts.append([r.description] if r.description.strip() else [])
-            key = json.dumps(r.meaning, sort_keys=True) if r.meaning is not None else r.description.strip().lower()
-            keys.append([key] if texts[-1] else [])
-    if not maps:
-        raise InvalidInputError("no images to build SAN training items from")
-    return MatchingItems(images=names, kind=kinds, maps=torch.cat(maps), saliency=torch.cat(sal), texts=texts, keys=keys)
-
-
 def _batches(items: MatchingItems, cfg: SANTrainConfig, rng: np.random.Generator, epoch: int) -> Iterator[dict[str, Any]]:
     """Batches of one kind each; an image's caption is drawn anew every epoch."""
     chunks = []
@@ -141,11 +94,13 @@ class _Batcher:
         self.cfg = cfg
 
     def loss(self, net: SANet, batch: dict[str, Any]) -> torch.Tensor:
+        device = net.input_scale.device
         rows = torch.as_tensor(batch["rows"])
-        v = net.visual(self.items.maps[rows], self.items.saliency[rows])
+        v = net.visual(self.items.maps[rows].to(device), self.items.saliency[rows].to(device))
         ids, lengths = self.vocab.encode_batch(batch["texts"])
+        ids, lengths = ids.to(device), lengths.to(device)
         keys = batch["keys"]
-        same = torch.tensor([[a == b for b in keys] for a in keys])  # [B, B] the sentence also fits item i
+        same = torch.tensor([[a == b for b in keys] for a in keys], device=device)  # [B, B] the sentence also fits item i
         same.fill_diagonal_(True)
         margin = net.config.margin
         hardest = batch["epoch"] > self.cfg.warmup_epochs
@@ -172,10 +127,8 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     The manifest's metrics hold the best epoch's validation metrics and the test split's
     image↔sentence and region↔sentence R@1/5/10 and mR (percent).
     """
-    from engine.evaluation.matching import evaluate_items
-    from engine.models.saliency import SaliencyNet
-    from engine.training.feature_cache import FeatureCache
     from indexer.backbone import BackboneConfig, create_backbone
+    from indexer.feature_cache import FeatureCache
     from indexer.region_features import RegionFeatureExtractor
     from indexer.san_features import SALIENCY_LEVELS, SaliencyPooler
 
@@ -185,11 +138,12 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     epochs = options.epochs if options.epochs is not None else cfg.epochs
     config = method_config(method, **(model_overrides or {}))
     torch.manual_seed(options.seed)
+    device = resolve_device(options.device)
     data = Path(options.data)
     dataset, train_split, val_split, test_split = read_splits(data)
     splits = {"train": train_split.images, "val": val_split.images, "test": test_split.images}
-    backbone = create_backbone(BackboneConfig(), device="cpu")
-    saliency = SaliencyNet.from_checkpoint(saliency_checkpoint)
+    backbone = create_backbone(BackboneConfig(), device=device)
+    saliency = load_model(saliency_checkpoint, device=device, family="saliency")
     saliency.check_backbone(backbone.version, backbone.max_size)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=SALIENCY_LEVELS, cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
@@ -201,7 +155,8 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     with torch.no_grad():
         sample = train.maps[:: max(1, len(train.maps) // 2000)].float()
         net.input_scale.fill_(1.0 / max(sample.pow(2).mean().sqrt().item(), 1e-6))
-    log.info("%s: %d train items (%d images, %d regions), vocabulary of %d", name, len(train.kind), len(train.rows("image")), len(train.rows("region")), len(vocab))
+    net.to(device)
+    log.info("%s: %d train items (%d images, %d regions), vocabulary of %d, device %s", name, len(train.kind), len(train.rows("image")), len(train.rows("region")), len(vocab), device)
 
     val = items.get("val", train)
 
@@ -222,6 +177,7 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
         scheduler=scheduler,
         progress=options.progress,
         desc=name,
+        device=device,
     )
     net.eval()
     test = evaluate_items(net, vocab, items["test"]) if "test" in items else None

@@ -1,0 +1,79 @@
+"""``engine train NAME``: the trainer of each model family of :mod:`engine.models.registry`.
+
+:func:`train_model` looks ``NAME`` up in the model registry (a clear error lists the known names) and
+calls its family's trainer; each trainer module is imported only then.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from engine.models.registry import FAMILIES, family_of_name
+
+if TYPE_CHECKING:
+    from engine.models.checkpoint import Manifest
+    from engine.training.options import TrainOptions
+
+__all__ = ["TRAINERS", "train_model"]
+
+Trainer = Callable[[str, "TrainOptions"], "Manifest"]
+
+
+def _rpn(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.rpn import train_rpn
+
+    return train_rpn(options)
+
+
+def _grn(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.grn import train_grn
+
+    return train_grn(name, options)
+
+
+def _saliency(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.saliency import train_saliency
+
+    return train_saliency(options)
+
+
+def _san(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.san import train_san
+
+    return train_san(name, options)
+
+
+def _mcb(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.mcb import train_mcb
+
+    return train_mcb(name, options)
+
+
+def _ref_nms(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.ref_nms import train_ref_nms
+
+    return train_ref_nms(name, options)
+
+
+def _cm_att(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.cm_att import train_cm_att
+
+    return train_cm_att(name, options)
+
+
+TRAINERS: dict[str, Trainer] = {
+    "rpn": _rpn,
+    "grn-family": _grn,
+    "saliency": _saliency,
+    "san": _san,
+    "mcb-attention": _mcb,
+    "ref-nms": _ref_nms,
+    "cm-att": _cm_att,
+}
+"""The trainer of each model family (by the family's manifest name)."""
+assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a trainer"
+
+
+def train_model(name: str, options: TrainOptions) -> Manifest:
+    """Train the model ``name`` (one of :func:`engine.models.registry.model_names`) and write its checkpoint."""
+    return TRAINERS[family_of_name(name).name](name, options)
