@@ -37,11 +37,14 @@ def test_filters_glob_min_score_per_image_and_duplicate_pictures() -> None:
         _hit("/b/copy.jpg", (40, 40, 60, 60), 0.6, 4, "h1"),  # the same picture, another box
         _hit("/b/y.jpg", (0, 0, 10, 10), 0.2, 5, "h2"),
     ]
-    assert [h.region_id for h in HitFilter().apply(hits)] == [1, 2, 4, 5]
-    assert [h.region_id for h in HitFilter(path_glob="/b/*").apply(hits)] == [3, 4, 5]
-    assert [h.region_id for h in HitFilter(min_score=0.65).apply(hits)] == [1, 2]
+    assert [h.region_id for h in HitFilter(max_per_image=0).apply(hits)] == [1, 2, 4, 5]
+    assert [h.region_id for h in HitFilter(max_per_image=None).apply(hits)] == [1, 2, 4, 5]  # None: no limit either
+    assert [h.region_id for h in HitFilter(path_glob="/b/*", max_per_image=0).apply(hits)] == [3, 4, 5]
+    assert [h.region_id for h in HitFilter(min_score=0.65, max_per_image=0).apply(hits)] == [1, 2]
     assert [h.region_id for h in HitFilter(max_per_image=1).apply(hits)] == [1, 4, 5]
-    for bad in (dict(path_glob=" "), dict(min_score=float("nan")), dict(max_per_image=0)):
+    assert [h.region_id for h in HitFilter().apply(hits)] == [1, 4, 5]  # the default: one hit per image
+    assert [h.region_id for h in HitFilter(max_per_image=2).apply(hits)] == [1, 2, 4, 5]
+    for bad in (dict(path_glob=" "), dict(min_score=float("nan")), dict(max_per_image=-1), dict(max_per_image=True), dict(max_per_image=1.5)):
         with pytest.raises(InvalidInputError):
             HitFilter(**bad)
 
