@@ -17,7 +17,7 @@ from query.filters import HitFilter
 from query.grouping import suppress_per_image
 from query.rerank import Rescorer, StageScores
 
-__all__ = ["SearchOptions", "Candidates", "Rescorer", "search_regions", "ranked_hits"]
+__all__ = ["SearchOptions", "Candidates", "Rescorer", "search_regions", "stage1_candidates", "ranked_hits"]
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,7 @@ def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery
                     san = np.asarray(engine.san_encoder.model.score(q.text, vectors), np.float32)
                     scores = StageScores(final=fuse_scores(grn, san, image_weight=config.image_weight, text_weight=config.text_weight), grn=grn, san=san)
             with times.stage("filter"):  # per-image suppression, the hits' image rows read (the search's own code)
-                ranked_hits(store, found, scores, SearchOptions(k=10))
+                ranked_hits(store, found, scores, SearchOptions(k=10, filters=PER_REGION))
             per_query.append({**times.as_dict(), **_precompute_projection(store, model, query.query_map, q.text, maps, row_ids)})
     names = sorted({name for row in per_query for name in row})
     return {name: round(float(np.median([row.get(name, 0.0) for row in per_query]) * 1000), 3) for name in names}
