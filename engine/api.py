@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +13,9 @@ from engine.results import Hit
 from query.filters import HitFilter
 from query.request import SearchRequest
 
-__all__ = ["Engine", "SearchRequest", "Stage2Query"]
+__all__ = ["Engine", "SearchRequest"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Stage2Query:
-    """A visual or combined query after encoding: what stages 1–2 need (:meth:`Engine.stage2`)."""
-
-    store: Any
-    vector: Any  # np.ndarray [D], the query region's stage-1 vector
-    options: Any  # query.search.SearchOptions
-    rescore: Any  # stage-2 scorer, None for a visual-only query
-    extra: list[int]
-
-    def run(self, k: int | None = None) -> list[Hit]:
-        """Stages 1–2: the ``k`` (default ``options.k``) best hits."""
-        from dataclasses import replace
-
-        from query.search import search_regions
-
-        options = self.options if k is None else replace(self.options, k=k)
-        return search_regions(self.store, self.vector, options, self.rescore, extra_ids=self.extra)
 
 
 class Engine:
@@ -61,6 +40,7 @@ class Engine:
         self._san_encoder: Any = None
         self._grounding: Any = None
         self._ref_nms: Any = None
+        self._pipeline: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -207,7 +187,10 @@ class Engine:
         (``query/localize.py``). With ``text`` alone (no image), SAN's text vector searches the
         index's SAN embeddings and the full SAN (saliency-guided textual attention per candidate)
         reranks them. ``exclude_self`` drops hits from the query image itself (matched by content
-        hash); ``filters`` (:class:`query.filters.HitFilter`) restrict the hits.
+        hash); ``filters`` (:class:`query.filters.HitFilter`) restrict the hits. The hits come from
+        distinct images by default (each image's best box); ``filters=HitFilter(max_per_image=N)``
+        allows ``N`` boxes of one image (``0``: any number). Every query runs through
+        :attr:`pipeline` (``query/pipeline.py``, ``docs/query-pipeline.md``).
         """
         request = SearchRequest(image=image, region=region, text=text, k=k, exclude_self=exclude_self, region_id=region_id, filters=filters)
         return self._run(request, None)
@@ -234,175 +217,35 @@ class Engine:
 
     def region(self, region_id: int):  # -> indexer.store.RegionRow
         """The indexed region ``region_id`` (image path, box, …); a clear error when it is not in the index."""
-        rows = self._open_reader().regions([region_id])
-        if not rows:
-            raise InvalidInputError(f"region {region_id} is not in index {self.index_dir}; region ids come from earlier hits (engine query --json)")
-        return rows[0]
+        return self.pipeline.region(region_id)
+
+    @property
+    def pipeline(self):  # -> query.pipeline.QueryPipeline
+        """The query pipeline over the open index, built once from this engine's models (loaded on first use)."""
+        if self._pipeline is None:
+            from query.pipeline import QueryPipeline
+
+            self._pipeline = QueryPipeline(store=self._open_reader(), models=self, config=self.config)
+        return self._pipeline
 
     def _run(self, request: SearchRequest, encoded: Any) -> list[Hit]:  # noqa: ANN401
         request.validate()
-        if request.image is None and request.region_id is None:
-            return self._search_text(request)
-        query = self.stage2(request, encoded)
-        if request.text is not None and self.config.stage3:
-            return self._search_grounded(query, request)
-        return query.run()
+        return self.pipeline.run(request, encoded)
 
-    def stage2(self, request: SearchRequest, encoded: Any = None) -> "Stage2Query":  # noqa: ANN401
-        """Stages 1–2 of a visual (or combined) query, ready to run: the query vector, the stage-2
-        scorer (``None`` without text) and the extra candidates SAN adds (see :meth:`search`).
-        ``encoded``: the request's ``(QueryRegion, map, vector)`` when already encoded (batches)."""
-        from query.search import SearchOptions
-
-        request.validate()
-        SearchOptions(k=request.k, shortlist=self.config.shortlist)  # validates before any model loads
-        store = self._open_reader()
-        query_map, vector, digest = self._encode(store, request, encoded)
-        options = SearchOptions(k=request.k, exclude_self_hash=digest if request.exclude_self else None, shortlist=self.config.shortlist, filters=request.filters)
-        rescore = None
-        extra: list[int] = []
-        if request.text is not None:
-            rescore, extra = self._stage2_scorer(store, query_map, request.text)
-        return Stage2Query(store=store, vector=vector, options=options, rescore=rescore, extra=extra)
-
-    def _encode(self, store, request: SearchRequest, encoded: Any):  # noqa: ANN001, ANN202, ANN401
-        """``(query map, query vector, content hash of the query image)``."""
-        import numpy as np
-
-        if request.region_id is not None:
-            from query.rerank import read_region_maps
-
-            row = self.region(request.region_id)
-            rows = np.asarray([row.row], np.int64)
-            vector = store.read_arrays("visual", rows)[0].astype(np.float32)
-            return read_region_maps(store, rows)[0], vector / max(float(np.linalg.norm(vector)), 1e-12), row.content_hash
-        if encoded is None:
-            from query.encode import VisualQueryEncoder, load_query_region
-
-            query = load_query_region(request.image, request.region)
-            return (*VisualQueryEncoder(self.extractor).encode(query), query.content_hash)
-        query, query_map, vector = encoded
-        return query_map, vector, query.content_hash
-
-    def _stage2_scorer(self, store, query_map, text: str):  # noqa: ANN001, ANN202
-        """The stage-2 scorer of a combined query and the SAN candidates that join its shortlist."""
-        from query.rerank import FusedRescorer, GrnRescorer, SanRescorer
-
-        model = self.retrieval_model
-        model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
-        rescore = GrnRescorer(store=store, model=model, query_map=query_map, text=text)
-        san_vector = self._san_text_vector(store, text)
-        extra = self._san_candidates(store, san_vector) if san_vector is not None else []
-        if san_vector is not None and self.config.text_weight > 0:
-            san = SanRescorer(store=store, model=self.san_encoder.model, text=text)
-            return FusedRescorer(rescore, san, text_weight=self.config.text_weight, image_weight=self.config.image_weight), extra
-        return rescore, extra
-
-    def _search_grounded(self, query: "Stage2Query", request: SearchRequest) -> list[Hit]:
-        """Stages 1–2 ranked in full, then stage 3 over the best images (``query/localize.py``)."""
-        from query.localize import best_images, rank_stage3
-
-        ranked = query.run(k=self.config.shortlist)
-        weights, stage = self.grounding_stage(query.store)
-        grounded = {}
-        for path in best_images(ranked, weights.images):
-            candidates = stage.candidates(path, str(request.text), query.rescore, query.vector)
-            if candidates is not None:
-                grounded[path] = candidates
-        hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
-        if request.filters is not None:
-            hits = request.filters.apply(hits)
-        return hits[: request.k]
-
-    def grounding_stage(self, store):  # noqa: ANN001, ANN201
-        """Stage 3's weights and :class:`query.localize.GroundingStage` (models loaded once)."""
-        from indexer.store import REFNMS_ARRAY
-        from query.localize import GroundingStage, load_stage3_weights
-
+    @property
+    def grounding_models(self):  # -> query.localize.GroundingModels
+        """Stage 3's fitted weights, Ref-NMS model and CM-Att scorer, loaded once."""
         if self._grounding is None:
             from engine.device import resolve_device
             from engine.models.cm_att import REGION_GROUNDING_NAME
             from engine.models.registry import load_model
+            from query.localize import GroundingModels, load_stage3_weights
 
             device = resolve_device(self.config.device)
             weights = self.config.stage3_weights or load_stage3_weights()
             scorer = load_model(self.config.grounding_checkpoint or REGION_GROUNDING_NAME, device=device, family="cm-att")
-            self._grounding = (weights, self.ref_nms_model, scorer)
-        weights, ref_nms, scorer = self._grounding
-        stored = store.has_array(REFNMS_ARRAY) and store.models().get("ref_nms") == ref_nms.version
-        return weights, GroundingStage(store=store, ref_nms=ref_nms, scorer=scorer, image_vector=self._image_vector, region_maps=self._region_maps, stored_relatedness_features=stored)
-
-    def _image_vector(self, path: str):  # noqa: ANN202
-        """The mean backbone feature of an image file (for images indexed before they were stored)."""
-        from indexer.images import load_image
-
-        with __import__("torch").no_grad():
-            fmap = self.extractor.feature_map([load_image(Path(path))])
-        return fmap[0].float().mean(dim=(1, 2)).cpu().numpy()
-
-    def _region_maps(self, path: str, rows: list) -> Any:  # noqa: ANN401
-        """The 7×7 maps float16 ``[n, C, 7, 7]`` of indexed regions ``rows`` of the image at ``path``, computed
-        again from the file exactly as indexing computed them (an index built without maps); ``None`` when
-        the file is gone or no longer the one indexed (another content hash)."""
-        import numpy as np
-
-        from indexer.images import load_image
-        from indexer.scan import content_hash
-
-        try:
-            if content_hash(Path(path)) != rows[0].content_hash:
-                return None
-            image = load_image(Path(path))
-        except (OSError, EngineError):
-            return None
-        [(maps, _)] = self.extractor([image], [np.asarray([r.box for r in rows], np.float64)])  # no_grad inside
-        return maps
-
-    def _check_san_index(self, store) -> None:  # noqa: ANN001
-        """A clear error when the index holds no SAN embeddings, or ones of another SAN model."""
-        if not store.has_array("san"):
-            raise IndexVersionError(
-                f"index {self.index_dir} was built without SAN embeddings, which text-only search needs; "
-                f"re-index the corpus into a new directory: engine index CORPUS --index NEWDIR"
-            )
-        indexed = store.models().get("san")
-        if indexed and indexed != self.san_encoder.version:
-            raise IndexVersionError(
-                f"index {self.index_dir} holds SAN embeddings of {indexed}, but this engine loads {self.san_encoder.version}; "
-                f"re-index the corpus into a new directory (engine index CORPUS --index NEWDIR) or configure the SAN checkpoint it was built with"
-            )
-
-    def _search_text(self, request: SearchRequest) -> list[Hit]:
-        """Text-only search: SAN's ``t_g`` searches the ``san`` FAISS file (stage 1), the full STA reranks."""
-        from query.rerank import SanRescorer
-        from query.search import SearchOptions, search_regions
-
-        options = SearchOptions(k=request.k, shortlist=self.config.shortlist, filters=request.filters)
-        store = self._open_reader()
-        self._check_san_index(store)
-        model = self.san_encoder.model
-        text = str(request.text)
-        vector = model.text_vector(text)
-        return search_regions(store, vector, options, SanRescorer(store=store, model=model, text=text), array="san", stage1="san_text")
-
-    def _san_text_vector(self, store, text: str):  # noqa: ANN001, ANN202
-        """SAN's text vector when SAN can serve a combined query (the engine uses SAN, the index holds
-        this SAN model's embeddings, SAN knows a word of the text); ``None`` and the GRN works alone."""
-        if not self.config.san or not store.has_array("san"):
-            return None
-        try:
-            self._check_san_index(store)
-            return self.san_encoder.model.text_vector(text)
-        except (IndexVersionError, InvalidInputError) as exc:
-            log.info("SAN does not serve this query: %s", exc)
-            return None
-
-    def _san_candidates(self, store, vector) -> list[int]:  # noqa: ANN001
-        """Region ids of the SAN text ``vector``'s top matches (they join stage 1's shortlist)."""
-        if self.config.san_candidates <= 0:
-            return []
-        _, ids = store.search(vector[None], self.config.san_candidates, array="san")
-        return [int(i) for i in ids[0] if i >= 0]
+            self._grounding = GroundingModels(weights=weights, ref_nms=self.ref_nms_model, scorer=scorer)
+        return self._grounding
 
     @property
     def retrieval_model(self):  # -> RegionRetrievalModel
@@ -416,29 +259,15 @@ class Engine:
         return self._retrieval_model
 
     def _grn_path(self, device):  # noqa: ANN001, ANN202
-        """``config.grn_checkpoint``, else the shipped default for this index and device: the conv
-        ``grn`` (the paper's model; best R@10/R@100) on a GPU and for indexes under
-        ``config.fc_from_regions`` regions, ``grn-fc`` on the CPU from there on, where the conv GRN's
-        ~0.25 s per 1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md); ``grn-fc`` always
-        on an index built without the 7×7 maps (``engine index --no-maps``)."""
-        from engine.models.checkpoint import default_checkpoint
+        """``config.grn_checkpoint``, else the shipped default for this index and device
+        (:func:`query.rerank.default_grn_checkpoint`)."""
         from indexer.index_dir import IndexLayout
-        from indexer.store import MAPS_ARRAY
+        from query.rerank import default_grn_checkpoint
 
         if self.config.grn_checkpoint is not None:
             return self.config.grn_checkpoint
-        if not IndexLayout(self.index_dir.expanduser().resolve()).exists():
-            return None
-        if not self._open_reader().has_array(MAPS_ARRAY):
-            log.info("index built without 7x7 maps: stage 2 uses grn-fc")
-            return default_checkpoint("grn-fc")
-        if device.type == "cuda":
-            return None
-        regions = self._open_reader().vector_count()
-        if regions >= self.config.fc_from_regions:
-            log.info("index of %d regions on the CPU: stage 2 uses grn-fc (EngineConfig.fc_from_regions=%d)", regions, self.config.fc_from_regions)
-            return default_checkpoint("grn-fc")
-        return None
+        store = self._open_reader() if IndexLayout(self.index_dir.expanduser().resolve()).exists() else None
+        return default_grn_checkpoint(store, on_gpu=device.type == "cuda", fc_from_regions=self.config.fc_from_regions)
 
     def render(
         self,
@@ -544,6 +373,7 @@ class Engine:
         return self._reader
 
     def _close_reader(self) -> None:
+        self._pipeline = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None

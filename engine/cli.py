@@ -158,7 +158,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--ground/--no-ground", default=True, show_default=True, help="Stage 3 of a combined query (image + text): ground the text in the best images with Ref-NMS and CM-Att; their hits are the grounded regions, scored stage2 + w_r*relatedness + w_g*grounding (--json shows each part).")
 @click.option("--path-glob", help="Keep only hits whose image path matches this glob (fnmatch on the absolute path; * matches / too), e.g. '*/beach/*'.")
 @click.option("--min-score", type=float, help="Keep only hits with at least this score.")
-@click.option("--max-per-image", type=click.IntRange(min=1), help="At most this many hits per image.")
+@click.option("--max-per-image", type=click.IntRange(min=0), default=1, show_default=True, help="At most this many hits per image (each image's best boxes); 0: no limit.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False, path_type=Path), help="Run every query of this JSONL file (one object per line: image, region, text, region_id, k, exclude_self, id, path_glob, min_score, max_per_image); needs --out.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="With --batch: write one JSON line per query here ({\"id\", \"hits\"} or {\"id\", \"error\"}).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
@@ -172,7 +172,7 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
     Example:
       engine query --image q.jpg --region 40,60,200,220 -k 5 --save-vis out/
       engine query --text "a red circle left of a blue square" -k 5 --html hits.html
-      engine query --region-id 1234 --max-per-image 1
+      engine query --region-id 1234 --max-per-image 3
       engine query --batch queries.jsonl --out results.jsonl
     """
     from query.filters import HitFilter

@@ -1,14 +1,17 @@
-"""Turning a query (image, optional region) into the visual vector that stage 1 searches with."""
+"""Turning a query (image, optional region) into the visual vector that stage 1 searches with, and the
+other backbone passes a query makes over image files (an image's mean feature, indexed regions' maps)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from engine.boxes import Box, validate_box
-from engine.errors import ImageReadError
+from engine.errors import EngineError, ImageReadError
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor
 from indexer.scan import content_hash
@@ -50,3 +53,23 @@ class VisualQueryEncoder:
         # float64: a thin region (x2 - x1 below float32 resolution) must not collapse to an empty box
         [(maps, vectors)] = self.extractor([query.image], [np.asarray([query.box], np.float64)])
         return maps[0], vectors[0]
+
+    def image_vector(self, path: Path | str) -> np.ndarray:
+        """The mean backbone feature ``e_0`` ``[C]`` of an image file (stage 3, for images indexed before
+        indexing stored it)."""
+        with torch.no_grad():
+            fmap = self.extractor.feature_map([load_image(Path(path))])
+        return fmap[0].float().mean(dim=(1, 2)).cpu().numpy()
+
+    def region_maps(self, path: Path | str, rows: Sequence) -> np.ndarray | None:  # noqa: ANN001
+        """The 7×7 maps float16 ``[n, C, 7, 7]`` of indexed regions ``rows`` (``RegionRow``) of the image at
+        ``path``, computed again from the file exactly as indexing computed them (an index built without
+        maps); ``None`` when the file is gone or no longer the one indexed (another content hash)."""
+        try:
+            if content_hash(Path(path)) != rows[0].content_hash:
+                return None
+            image = load_image(Path(path))
+        except (OSError, EngineError):
+            return None
+        [(maps, _)] = self.extractor([image], [np.asarray([r.box for r in rows], np.float64)])  # no_grad inside
+        return maps

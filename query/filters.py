@@ -4,6 +4,11 @@ Applied to a ranked hit list, in order: a hit is dropped when its image path doe
 ``path_glob`` (``fnmatch`` on the absolute path, so ``*`` also matches ``/``), when its score is below
 ``min_score``, when its image already has ``max_per_image`` hits, or when it is a near-identical box
 (IoU > ``duplicate_iou``) in a copy of an image already shown (same content hash, another path).
+
+Every search applies one (``HitFilter()`` when none is given): by default a query's hits come from
+distinct images, each image's best box (``max_per_image=1``); ``max_per_image=N`` allows up to ``N``
+boxes of one image, ``0`` (or ``None``) any number. Evaluations that measure per-region recall pass
+``max_per_image=0`` (their papers' protocols).
 """
 from __future__ import annotations
 
@@ -18,14 +23,17 @@ from engine.boxes import box_iou
 from engine.errors import InvalidInputError
 from engine.results import Hit
 
-__all__ = ["HitFilter"]
+__all__ = ["HitFilter", "DEFAULT_MAX_PER_IMAGE"]
+
+DEFAULT_MAX_PER_IMAGE = 1
+"""Hits per image unless asked otherwise: a result list shows distinct images."""
 
 
 @dataclass(frozen=True)
 class HitFilter:
     path_glob: str | None = None
     min_score: float | None = None
-    max_per_image: int | None = None
+    max_per_image: int | None = DEFAULT_MAX_PER_IMAGE
     duplicate_iou: float = 0.5
 
     def __post_init__(self) -> None:
@@ -35,15 +43,15 @@ class HitFilter:
             raise InvalidInputError("--path-glob is empty; give a pattern such as '*/cats/*.jpg'")
         if self.min_score is not None and not _is_finite_number(self.min_score):
             raise InvalidInputError(f"--min-score must be a finite number, got {_show(self.min_score)}")
-        if self.max_per_image is not None and (isinstance(self.max_per_image, bool) or not isinstance(self.max_per_image, int) or self.max_per_image < 1):
-            raise InvalidInputError(f"--max-per-image must be an integer >= 1, got {_show(self.max_per_image)}")
+        if self.max_per_image is not None and (isinstance(self.max_per_image, bool) or not isinstance(self.max_per_image, int) or self.max_per_image < 0):
+            raise InvalidInputError(f"--max-per-image must be an integer >= 0 (0: no limit), got {_show(self.max_per_image)}")
         if not _is_finite_number(self.duplicate_iou) or not 0.0 < self.duplicate_iou <= 1.0:
             raise InvalidInputError(f"duplicate_iou must be in (0, 1], got {_show(self.duplicate_iou)}")
 
     @property
     def active(self) -> bool:
-        """Whether anything but duplicate removal is asked for."""
-        return self.path_glob is not None or self.min_score is not None or self.max_per_image is not None
+        """Whether anything but the defaults (duplicate removal, one hit per image) is asked for."""
+        return self.path_glob is not None or self.min_score is not None or self.max_per_image != DEFAULT_MAX_PER_IMAGE
 
     def matches(self, path: str) -> bool:
         return self.path_glob is None or fnmatch.fnmatch(path, self.path_glob)
@@ -56,7 +64,7 @@ class HitFilter:
         for hit in hits:
             if not self.matches(hit.image) or (self.min_score is not None and hit.score < self.min_score):
                 continue
-            if self.max_per_image is not None and per_image[hit.image] >= self.max_per_image:
+            if self.max_per_image and per_image[hit.image] >= self.max_per_image:
                 continue
             digest = hit.content_hash
             if digest is not None and self._duplicate(hit, shown[digest]):

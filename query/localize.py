@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +32,9 @@ from engine.errors import CheckpointError, EngineError, InvalidInputError
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
 from indexer.store import MAPS_ARRAY, REFNMS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
-from query.search import Rescorer
+from query.rerank import Rescorer, StageScores
 
-__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
+__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingModels", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,33 @@ def load_stage3_weights(path: Path | None = None) -> Stage3Weights:
 
 
 @dataclass(frozen=True)
+class GroundingModels:
+    """What stage 3 runs: its fitted weights, the Ref-NMS model and the CM-Att scorer (loaded once by the engine)."""
+
+    weights: Stage3Weights
+    ref_nms: Any  # engine.models.ref_nms.RefNMSModel
+    scorer: Any  # engine.models.cm_att.GroundingScorer
+
+
+@dataclass(frozen=True)
 class Stage3Candidates:
-    """One image's candidates after Ref-NMS, with every part of their score."""
+    """One image's candidates after Ref-NMS, with every part of their score, aligned with ``rows``:
+    the stage-1 ``visual`` cosine, stage 2's scores, Ref-NMS's ``relatedness`` and CM-Att's ``grounding``."""
 
     rows: list[RegionRow]
-    parts: dict[str, np.ndarray]  # stage-1 "visual", stage-2 parts ("grn", "san", "stage2"), "relatedness", "grounding"
+    visual: np.ndarray
+    stage2: StageScores
+    relatedness: np.ndarray
+    grounding: np.ndarray
+
+    def final(self, weights: Stage3Weights) -> np.ndarray:
+        """``stage2 + w_r · relatedness + w_g · grounding``."""
+        return self.stage2.final + weights.relatedness * self.relatedness + weights.grounding * self.grounding
+
+    def scores(self, i: int) -> dict[str, float]:
+        """Every part of candidate ``i``'s score by name, as a hit shows them."""
+        parts = {"visual": self.visual, **self.stage2.parts(), "stage2": self.stage2.final, "relatedness": self.relatedness, "grounding": self.grounding}
+        return {name: float(v[i]) for name, v in parts.items()}
 
 
 class GroundingStage:
@@ -133,11 +156,7 @@ class GroundingStage:
             return None
         size = (int(rows[0].width or 0), int(rows[0].height or 0))
         grounding = self.scorer.score(kept_maps, boxes[keep], size, e0, text)
-        stage2_parts = stage2(_feature_rows(kept))
-        parts = {"visual": self._visual(kept, query_vector)}
-        parts.update({name: v for name, v in stage2_parts.items() if name != "final"})
-        parts.update(stage2=stage2_parts["final"], relatedness=relatedness, grounding=grounding)
-        return Stage3Candidates(rows=kept, parts=parts)
+        return Stage3Candidates(rows=kept, visual=self._visual(kept, query_vector), stage2=stage2(_feature_rows(kept)), relatedness=np.asarray(relatedness), grounding=np.asarray(grounding))
 
     def _maps(self, path: str, rows: list[RegionRow]) -> np.ndarray | None:
         """The regions' 7×7 maps (float32): stored, or computed again from the image file when the index
@@ -177,11 +196,10 @@ def rank_stage3(stage2_hits: Sequence[Hit], grounded: dict[str, Stage3Candidates
     overlap their image's grounded region by IoU > ``iou`` (they would repeat it); ``k`` hits."""
     hits: list[Hit] = []
     for cand in grounded.values():
-        final = cand.parts["stage2"] + weights.relatedness * cand.parts["relatedness"] + weights.grounding * cand.parts["grounding"]
+        final = cand.final(weights)
         i = int(np.argmax(final))
         row = cand.rows[i]
-        scores = {name: float(v[i]) for name, v in cand.parts.items()}
-        hits.append(Hit(image=row.image_path, box=row.box, score=float(final[i]), region_id=row.id, scores=scores, content_hash=getattr(row, "content_hash", None)))
+        hits.append(Hit(image=row.image_path, box=row.box, score=float(final[i]), region_id=row.id, scores=cand.scores(i), content_hash=getattr(row, "content_hash", None)))
     hits.sort(key=lambda h: -h.score)
     boxes = {h.image: h.box for h in hits}
     rest = [h for h in stage2_hits if h.image not in boxes or box_iou([h.box], [boxes[h.image]])[0, 0] <= iou]

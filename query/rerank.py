@@ -3,12 +3,43 @@ and candidates are ranked by the cosine similarity of the gated representations,
 index holds SAN embeddings, a weighted text–region match score (SAN, Eq. 8–9)."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 from engine.errors import IndexVersionError
 from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
-__all__ = ["GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs", "read_region_maps"]
+__all__ = ["StageScores", "Rescorer", "fuse_scores", "GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs", "read_region_maps", "default_grn_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageScores:
+    """Stage 2's scores of some candidates, aligned with them: ``final`` ranks them; ``grn`` (the
+    text-gated similarity) and ``san`` (SAN's text–region score) are its parts where they were computed."""
+
+    final: np.ndarray
+    grn: np.ndarray | None = None
+    san: np.ndarray | None = None
+
+    def parts(self) -> dict[str, np.ndarray]:
+        """The computed parts by name (``grn`` before ``san``; ``final`` left out): what a hit's ``scores`` show."""
+        return {name: value for name, value in (("grn", self.grn), ("san", self.san)) if value is not None}
+
+
+Rescorer = Callable[[np.ndarray], StageScores]
+"""Stage 2: scores the shortlisted regions, given by their feature rows (int64 ``[n]``)."""
+
+
+def fuse_scores(grn: np.ndarray, san: np.ndarray, *, image_weight: float, text_weight: float) -> np.ndarray:
+    """The fused stage-2 score of a combined query: ``image_weight · grn + text_weight · san`` (float32).
+    The one place the formula lives: the engine's search, ``engine bench`` and the exhaustive benchmark use it."""
+    return (np.float32(image_weight) * np.asarray(grn, np.float32) + np.float32(text_weight) * np.asarray(san, np.float32)).astype(np.float32)
 
 
 def read_grn_inputs(store: IndexStore, model, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
@@ -51,11 +82,11 @@ class GrnRescorer:
         self.query_map = query_map
         self.text = text
 
-    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, rows: np.ndarray) -> StageScores:
         """Scores of the regions at feature rows ``rows``."""
         maps = read_grn_inputs(self.store, self.model, rows)
         scores = np.asarray(self.model.score(self.query_map, self.text, maps), np.float32)
-        return {"grn": scores, "final": scores}
+        return StageScores(final=scores, grn=scores)
 
 
 class SanRescorer:
@@ -76,11 +107,11 @@ class SanRescorer:
         self.model = model
         self.text = text
 
-    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, rows: np.ndarray) -> StageScores:
         """Scores of the regions at feature rows ``rows``."""
         vectors = self.store.read_arrays("san", rows).astype(np.float32)
         scores = np.asarray(self.model.score(self.text, vectors), np.float32)
-        return {"san": scores, "final": scores}
+        return StageScores(final=scores, san=scores)
 
 
 class FusedRescorer:
@@ -93,14 +124,39 @@ class FusedRescorer:
     split (``engine eval fusion``).
     """
 
-    def __init__(self, grn: GrnRescorer, san: SanRescorer, *, text_weight: float, image_weight: float = 1.0) -> None:
+    def __init__(self, grn: Rescorer, san: Rescorer, *, text_weight: float, image_weight: float = 1.0) -> None:
         self.grn = grn
         self.san = san
         self.text_weight = text_weight
         self.image_weight = image_weight
 
-    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, rows: np.ndarray) -> StageScores:
         """Scores of the regions at feature rows ``rows``."""
-        grn = self.grn(rows)["grn"]
-        san = self.san(rows)["san"]
-        return {"grn": grn, "san": san, "final": (self.image_weight * grn + self.text_weight * san).astype(np.float32)}
+        grn = self.grn(rows).final
+        san = self.san(rows).final
+        return StageScores(final=fuse_scores(grn, san, image_weight=self.image_weight, text_weight=self.text_weight), grn=grn, san=san)
+
+
+def default_grn_checkpoint(store: IndexStore | None, *, on_gpu: bool, fc_from_regions: int) -> Path | None:
+    """The stage-2 GRN for an index when none is configured (``None``: the shipped conv ``grn``).
+
+    The conv ``grn`` (the paper's model; best R@10/R@100) on a GPU and for indexes under
+    ``fc_from_regions`` regions; ``grn-fc`` on the CPU from there on, where the conv GRN's ~0.25 s per
+    1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md); ``grn-fc`` always on an index
+    built without the 7×7 maps (``engine index --no-maps``). ``store``: the open index, ``None`` when
+    there is none yet.
+    """
+    from engine.models.checkpoint import default_checkpoint
+
+    if store is None:
+        return None
+    if not store.has_array(MAPS_ARRAY):
+        log.info("index built without 7x7 maps: stage 2 uses grn-fc")
+        return default_checkpoint("grn-fc")
+    if on_gpu:
+        return None
+    regions = store.vector_count()
+    if regions >= fc_from_regions:
+        log.info("index of %d regions on the CPU: stage 2 uses grn-fc (EngineConfig.fc_from_regions=%d)", regions, fc_from_regions)
+        return default_checkpoint("grn-fc")
+    return None

@@ -61,6 +61,53 @@ def test_exhaustive_search_ranks_like_the_model_scores(tiny_engine) -> None:
     assert result.seconds > 0 and result.scored == len(table.ids)
 
 
+def test_exhaustive_fused_score_uses_both_weights(tiny_engine) -> None:
+    """The exhaustive benchmark ranks by the engine's formula ``image_weight · grn + text_weight · san``
+    (an earlier copy dropped ``image_weight``): its top ids equal a brute-force ranking by it."""
+    from indexer.store import IndexStore
+
+    model, san = tiny_engine.retrieval_model, tiny_engine.san_encoder.model
+    text = "a red circle left of a blue square"
+    with IndexStore.open(tiny_engine.index_dir) as store:
+        table = store.all_regions()
+        maps = store.read_arrays("maps", table.rows)
+        grn = np.asarray(model.score(maps[3], text, maps), np.float64)
+        san_scores = np.asarray(san.score(text, store.read_arrays("san", table.rows).astype(np.float32)), np.float64)
+        query = ExhaustiveQuery(query_map=maps[3], text=text)
+        for image_weight in (1.0, 0.25):
+            [result] = exhaustive_search(store, model, [query], san_model=san, text_weight=2.0, image_weight=image_weight, k=8, nms_iou=1.0, table=table, chunk=7)
+            expected = table.ids[np.argsort(-(image_weight * grn + 2.0 * san_scores), kind="stable")[:8]].tolist()
+            assert result.top_ids == expected
+
+
+def test_bench_compares_the_two_stage_search_with_exhaustive_scoring_of_the_same_weights(tiny_engine, tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine bench``: the exhaustive pass gets the engine's image weight, and on an index smaller than
+    the shortlist the two-stage top 10 (every region a possible hit) equals the exhaustive top 10."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import engine.benchmarking.exhaustive as exhaustive
+    from engine.api import Engine
+    from engine.benchmarking.latency import measure_latency
+    from engine.benchmarking.query_bench import _exhaustive
+    from engine.benchmarking.seed import load_queries
+
+    queries = load_queries(tiny_corpus, limit=2)
+    seen: list[float] = []
+    original = exhaustive.exhaustive_search
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs["image_weight"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exhaustive, "exhaustive_search", spy)
+    with Engine(tiny_engine.index_dir, config=replace(tiny_engine.config, image_weight=0.5, text_weight=1.5, stage3=False)) as engine:
+        latency = measure_latency(engine, queries, count=len(queries), warmup=0)
+        results, reused = _exhaustive(engine, SimpleNamespace(path=engine.index_dir), queries, SimpleNamespace(cache=tmp_path, k=10), progress=False)
+    assert seen == [0.5] and not reused
+    assert mean_recall_at_k(latency.top_ids, [r.top_ids for r in results], k=10) == 1.0
+
+
 def test_an_interrupted_exhaustive_pass_resumes_from_its_checkpoint(tiny_engine, tmp_path: Path) -> None:
     from indexer.store import IndexStore
 

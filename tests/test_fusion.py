@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from engine.evaluation.fusion import FusionRow, best_weight, evaluate_fusion
-from query.rerank import FusedRescorer
+from query.rerank import FusedRescorer, StageScores
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +28,18 @@ class _Fixed:
         self.name, self.values = name, np.asarray(values, np.float32)
 
     def __call__(self, rows):  # noqa: ANN001
-        return {self.name: self.values, "final": self.values}
+        return StageScores(final=self.values, **{self.name: self.values})
 
 
 def test_fused_score_is_grn_plus_weighted_san() -> None:
     fused = FusedRescorer(_Fixed("grn", [0.9, 0.5, 0.1]), _Fixed("san", [0.0, 0.4, 0.8]), text_weight=2.0)
     out = fused(np.arange(3))
-    np.testing.assert_allclose(out["final"], [0.9, 1.3, 1.7])
-    np.testing.assert_allclose(out["grn"], [0.9, 0.5, 0.1])
-    np.testing.assert_allclose(out["san"], [0.0, 0.4, 0.8])
+    np.testing.assert_allclose(out.final, [0.9, 1.3, 1.7])
+    np.testing.assert_allclose(out.grn, [0.9, 0.5, 0.1])
+    np.testing.assert_allclose(out.san, [0.0, 0.4, 0.8])
+    weighted = FusedRescorer(_Fixed("grn", [0.9, 0.5, 0.1]), _Fixed("san", [0.0, 0.4, 0.8]), text_weight=2.0, image_weight=0.5)(np.arange(3))
+    np.testing.assert_allclose(weighted.final, [0.45, 1.05, 1.65], rtol=1e-6)
+    assert list(weighted.parts()) == ["grn", "san"]
 
 
 def test_best_weight_prefers_r10_then_r1_then_the_smaller_weight() -> None:

@@ -47,7 +47,8 @@ class _Rows:
 def test_ranked_hits_over_the_best_candidates_equal_suppressing_them_all(k: int, filters: str | None) -> None:
     from indexer.region_table import Regions
     from query.filters import HitFilter
-    from query.search import SearchOptions, ranked_hits
+    from query.rerank import StageScores
+    from query.search import Candidates, SearchOptions, ranked_hits
 
     rng = np.random.default_rng(k)
     n = 2000
@@ -56,11 +57,11 @@ def test_ranked_hits_over_the_best_candidates_equal_suppressing_them_all(k: int,
     image_ids = rng.integers(0, 40, n)
     final = rng.standard_normal(n).astype(np.float32)
     found = Regions(np.arange(n), np.arange(n), image_ids, boxes)
-    hit_filter = {"max1": HitFilter(max_per_image=1), "glob": HitFilter(path_glob="/img/3?.jpg"), None: None}[filters]
+    hit_filter = {"max1": HitFilter(max_per_image=1), "glob": HitFilter(path_glob="/img/3?.jpg", max_per_image=0), None: HitFilter(max_per_image=0)}[filters]
     rows = _Rows(image_ids, boxes)
-    got = ranked_hits(rows, found, {"visual": final, "final": final}, SearchOptions(k=k, filters=hit_filter), "visual")[:k]
+    got = ranked_hits(rows, Candidates(found, final), StageScores(final=final), SearchOptions(k=k, filters=hit_filter))[:k]
     everything = suppress_per_image(boxes, final, image_ids, iou_threshold=0.5)
-    want = [int(i) for i in everything if hit_filter is None or hit_filter.matches(f"/img/{image_ids[i]}.jpg")]
+    want = [int(i) for i in everything if hit_filter.matches(f"/img/{image_ids[i]}.jpg")]
     if filters == "max1":
         seen: set[int] = set()
         want = [i for i in want if not (image_ids[i] in seen or seen.add(image_ids[i]))]

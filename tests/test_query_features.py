@@ -37,11 +37,14 @@ def test_filters_glob_min_score_per_image_and_duplicate_pictures() -> None:
         _hit("/b/copy.jpg", (40, 40, 60, 60), 0.6, 4, "h1"),  # the same picture, another box
         _hit("/b/y.jpg", (0, 0, 10, 10), 0.2, 5, "h2"),
     ]
-    assert [h.region_id for h in HitFilter().apply(hits)] == [1, 2, 4, 5]
-    assert [h.region_id for h in HitFilter(path_glob="/b/*").apply(hits)] == [3, 4, 5]
-    assert [h.region_id for h in HitFilter(min_score=0.65).apply(hits)] == [1, 2]
+    assert [h.region_id for h in HitFilter(max_per_image=0).apply(hits)] == [1, 2, 4, 5]
+    assert [h.region_id for h in HitFilter(max_per_image=None).apply(hits)] == [1, 2, 4, 5]  # None: no limit either
+    assert [h.region_id for h in HitFilter(path_glob="/b/*", max_per_image=0).apply(hits)] == [3, 4, 5]
+    assert [h.region_id for h in HitFilter(min_score=0.65, max_per_image=0).apply(hits)] == [1, 2]
     assert [h.region_id for h in HitFilter(max_per_image=1).apply(hits)] == [1, 4, 5]
-    for bad in (dict(path_glob=" "), dict(min_score=float("nan")), dict(max_per_image=0)):
+    assert [h.region_id for h in HitFilter().apply(hits)] == [1, 4, 5]  # the default: one hit per image
+    assert [h.region_id for h in HitFilter(max_per_image=2).apply(hits)] == [1, 2, 4, 5]
+    for bad in (dict(path_glob=" "), dict(min_score=float("nan")), dict(max_per_image=-1), dict(max_per_image=True), dict(max_per_image=1.5)):
         with pytest.raises(InvalidInputError):
             HitFilter(**bad)
 
@@ -127,3 +130,55 @@ def test_html_gallery_is_self_contained(tiny_engine, tiny_corpus: Path, tmp_path
     text = page.read_text(encoding="utf-8")
     assert text.count("data:image/jpeg;base64,") == 4  # the query and three hits
     assert "3 hits" in text and "grn" in text and "src='http" not in text
+
+
+def _per_image(hits) -> dict[str, int]:  # noqa: ANN001
+    counts: dict[str, int] = {}
+    for h in hits:
+        image = h["image"] if isinstance(h, dict) else h.image
+        counts[image] = counts.get(image, 0) + 1
+    return counts
+
+
+def test_hits_come_from_distinct_images_by_default_and_max_per_image_allows_more(tiny_engine) -> None:  # noqa: ANN001
+    """A whole-image query finds several boxes of its own image; by default it shows one (the best),
+    ``max_per_image=3`` up to three, ``0`` any number (the order of the kept hits is the ranking's)."""
+    image = _any_image(tiny_engine)
+    every = tiny_engine.search(image=image, k=12, filters=HitFilter(max_per_image=0))
+    assert max(_per_image(every).values()) > 3  # the query's own boxes crowd the unlimited list
+    default = tiny_engine.search(image=image, k=8)
+    assert len(default) == 8 and max(_per_image(default).values()) == 1
+    assert default[0].region_id == every[0].region_id  # each image's best box
+    assert [h.region_id for h in default] == [h.region_id for h in tiny_engine.search(image=image, k=8, filters=HitFilter(max_per_image=1))]
+    three = tiny_engine.search(image=image, k=8, filters=HitFilter(max_per_image=3))
+    assert max(_per_image(three).values()) == 3
+    combined = tiny_engine.search(image=image, text="a red circle", k=8)  # stage 2 (and 3) too
+    assert max(_per_image(combined).values()) == 1
+
+
+def test_cli_query_max_per_image_and_batch_lines(tiny_engine, tmp_path: Path) -> None:  # noqa: ANN001
+    image = _any_image(tiny_engine)
+    base = ["query", "--index", str(tiny_engine.index_dir), "--image", image, "-k", "8", "--json"]
+    for extra, most in (([], 1), (["--max-per-image", "3"], 3)):
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert max(_per_image(json.loads(result.output)["hits"]).values()) == most
+    unlimited = CliRunner().invoke(main, [*base, "--max-per-image", "0"])
+    assert max(_per_image(json.loads(unlimited.output)["hits"]).values()) > 3
+    bad = CliRunner().invoke(main, [*base, "--max-per-image", "-1"])
+    assert bad.exit_code == 2 and "--max-per-image" in bad.output
+    batch = tmp_path / "b.jsonl"
+    lines = [{"id": "default", "image": image}, {"id": "three", "image": image, "max_per_image": 3}, {"id": "any", "image": image, "max_per_image": 0}, {"id": "bad", "image": image, "max_per_image": -2}]
+    batch.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    result = CliRunner().invoke(main, ["query", "--index", str(tiny_engine.index_dir), "--batch", str(batch), "--out", str(out), "-k", "8"])
+    assert result.exit_code == 0, result.output
+    got = {g["id"]: g for g in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert max(_per_image(got["default"]["hits"]).values()) == 1
+    assert max(_per_image(got["three"]["hits"]).values()) == 3
+    assert max(_per_image(got["any"]["hits"]).values()) > 3
+    assert any("--max-per-image" in g.get("error", "") for g in got.values())  # the bad line answers an error
+    # --max-per-image on the command line is every line's default
+    result = CliRunner().invoke(main, ["query", "--index", str(tiny_engine.index_dir), "--batch", str(batch), "--out", str(out), "-k", "8", "--max-per-image", "2"])
+    got = {g["id"]: g for g in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert max(_per_image(got["default"]["hits"]).values()) == 2 and max(_per_image(got["three"]["hits"]).values()) == 3

@@ -45,7 +45,9 @@ class _Row:
 
 def _candidates(image: str, ids: list[int], s2: list[float], r: list[float], g: list[float]) -> Stage3Candidates:
     arr = lambda v: np.asarray(v, np.float32)  # noqa: E731
-    return Stage3Candidates(rows=[_Row(i, image) for i in ids], parts={"stage2": arr(s2), "relatedness": arr(r), "grounding": arr(g)})
+    from query.rerank import StageScores
+
+    return Stage3Candidates(rows=[_Row(i, image) for i in ids], visual=arr([0.0] * len(ids)), stage2=StageScores(final=arr(s2)), relatedness=arr(r), grounding=arr(g))
 
 
 def test_rank_stage3_puts_grounded_images_first_ranked_by_the_fused_score() -> None:
@@ -58,7 +60,7 @@ def test_rank_stage3_puts_grounded_images_first_ranked_by_the_fused_score() -> N
     repeat = rank_stage3([Hit("a", (0, 0, 20, 20), 0.9, 1)], grounded, Stage3Weights(2, 1.0, 1.0), k=10)
     assert [h.region_id for h in repeat] == [11, 20]  # IoU(a/1, a/11) > 0.5: dropped
     assert hits[0].score == pytest.approx(1.3)
-    assert hits[0].scores == pytest.approx({"stage2": 0.4, "relatedness": 0.9, "grounding": 0.0})
+    assert hits[0].scores == pytest.approx({"visual": 0.0, "stage2": 0.4, "relatedness": 0.9, "grounding": 0.0})
     assert [h.region_id for h in rank_stage3(stage2, grounded, Stage3Weights(2, 0.0, 0.0), k=2)] == [20, 10]
 
 
@@ -100,23 +102,24 @@ def test_indexing_stores_each_images_mean_backbone_feature(rpn_index: Path, tiny
 def test_candidates_are_ref_nms_survivors_with_every_score_part(rpn_index: Path, tiny_corpus: Path) -> None:
     q = _query(tiny_corpus)
     with _engine(rpn_index) as engine:
-        query = engine.stage2(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
-        ranked = query.run(k=100)
-        _, stage = engine.grounding_stage(query.store)
+        pipeline = engine.pipeline
+        query = pipeline.prepare(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
+        ranked = pipeline.rank(query, k=100)
+        stage = pipeline.grounding_stage()
         path = ranked[0].image
-        cand = stage.candidates(path, q["text"], query.rescore, query.vector)
+        cand = stage.candidates(path, q["text"], query.rescore, query.query.vector)
         assert cand is not None and cand.rows
-        assert set(cand.parts) >= {"visual", "grn", "san", "stage2", "relatedness", "grounding"}
-        assert all(len(v) == len(cand.rows) for v in cand.parts.values())
+        assert set(cand.scores(0)) >= {"visual", "grn", "san", "stage2", "relatedness", "grounding"}
+        assert all(len(v) == len(cand.rows) for v in (cand.visual, cand.stage2.final, cand.stage2.grn, cand.stage2.san, cand.relatedness, cand.grounding))
         boxes = np.asarray([r.box for r in cand.rows], np.float32)
         iou = box_iou(boxes, boxes)
         np.fill_diagonal(iou, 0)
         assert iou.max() <= stage.ref_nms.config.nms_iou + 1e-6  # NMS ran
-        all_rows = query.store.regions_of_image(path)
+        all_rows = pipeline.store.regions_of_image(path)
         assert len(cand.rows) <= len(all_rows)
-        assert ((cand.parts["relatedness"] > 0) & (cand.parts["relatedness"] < 1)).all()
+        assert ((cand.relatedness > 0) & (cand.relatedness < 1)).all()
         # the stage-2 part is exactly the stage-2 scorer's score of the same regions
-        np.testing.assert_allclose(cand.parts["stage2"], query.rescore(np.asarray([r.row for r in cand.rows]))["final"], rtol=1e-5)
+        np.testing.assert_allclose(cand.stage2.final, query.rescore(np.asarray([r.row for r in cand.rows])).final, rtol=1e-5)
 
 
 def test_search_with_zero_images_is_stage2(rpn_index: Path, tiny_corpus: Path) -> None:
@@ -212,15 +215,15 @@ def test_stage3_reads_the_stored_ref_nms_features_and_matches_the_maps(rpn_index
         row_ids = np.asarray([r.row for r in rows], np.int64)
         stored = store.read_arrays("refnms", row_ids).astype(np.float32)
         np.testing.assert_allclose(stored, engine.ref_nms_model.visual_features(store.read_arrays("maps", row_ids)), atol=2e-2, rtol=1e-2)
-        query = engine.stage2(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
-        path = query.run(k=50)[0].image
-        _, fast = engine.grounding_stage(query.store)
+        query = engine.pipeline.prepare(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
+        path = engine.pipeline.rank(query, k=50)[0].image
+        fast = engine.pipeline.grounding_stage()
         assert fast.stored_relatedness_features
         slow = GroundingStage(store=fast.store, ref_nms=fast.ref_nms, scorer=fast.scorer, image_vector=fast.image_vector, region_maps=fast.region_maps)
-        a = fast.candidates(path, q["text"], query.rescore, query.vector)
-        b = slow.candidates(path, q["text"], query.rescore, query.vector)
+        a = fast.candidates(path, q["text"], query.rescore, query.query.vector)
+        b = slow.candidates(path, q["text"], query.rescore, query.query.vector)
         assert [r.id for r in a.rows] == [r.id for r in b.rows]
-        np.testing.assert_allclose(a.parts["relatedness"], b.parts["relatedness"], atol=2e-3)
+        np.testing.assert_allclose(a.relatedness, b.relatedness, atol=2e-3)
 
 
 def test_indexing_refuses_features_of_another_ref_nms_model(rpn_index: Path, tiny_corpus: Path, tmp_path: Path) -> None:
@@ -233,7 +236,7 @@ def test_indexing_refuses_features_of_another_ref_nms_model(rpn_index: Path, tin
     with _engine(tmp_path / "idx", ref_nms_checkpoint="ref-nms-b") as other:
         with pytest.raises(IndexVersionError, match="holds Ref-NMS features of .*ref-nms-r"):
             other.index(tiny_corpus, config=IndexConfig(proposals="rpn"))
-        assert not other.grounding_stage(other._open_reader())[1].stored_relatedness_features  # queries compute them from the maps
+        assert not other.pipeline.grounding_stage().stored_relatedness_features  # queries compute them from the maps
 
 
 def test_an_index_without_ref_nms_features_still_grounds(tiny_corpus: Path, tmp_path: Path) -> None:

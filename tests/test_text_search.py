@@ -17,27 +17,33 @@ from query.encode import VisualQueryEncoder, load_query_region
 from query.grouping import suppress_per_image
 
 
-@pytest.mark.parametrize("text_weight", [0.0, 1.5])
-def test_stage2_equals_exhaustive_scoring(tiny_engine: Engine, tiny_corpus: Path, text_weight: float) -> None:
-    """The shortlist is honest: the top 10 equal exhaustive scoring of every indexed region,
-    ``grn + text_weight · san`` (the GRN alone at weight 0)."""
+@pytest.mark.parametrize("text_weight, image_weight", [(0.0, 1.0), (1.5, 1.0), (1.5, 0.5)])
+def test_stage2_equals_exhaustive_scoring(tiny_engine: Engine, tiny_corpus: Path, text_weight: float, image_weight: float) -> None:
+    """The shortlist is honest: the top 10 (every region a possible hit) equal exhaustive scoring of
+    every indexed region by the brute-force formula ``image_weight · grn + text_weight · san`` (the GRN
+    alone at text weight 0), and each hit's score and parts are that formula's."""
+    from query.filters import HitFilter
+
     q = read_queries(tiny_corpus)[0]
     image = tiny_corpus / q.image
-    engine = Engine(tiny_engine.index_dir, config=replace(tiny_engine.config, text_weight=text_weight, stage3=False))  # stage 2 only
+    engine = Engine(tiny_engine.index_dir, config=replace(tiny_engine.config, text_weight=text_weight, image_weight=image_weight, stage3=False))  # stage 2 only
     try:
-        hits = engine.search(image=image, region=q.region, text=q.text, k=10)
+        hits = engine.search(image=image, region=q.region, text=q.text, k=10, filters=HitFilter(max_per_image=0))
         store = engine._open_reader()
         rows = store.regions(store.all_region_ids().tolist())
         row_index = np.asarray([r.row for r in rows])
         query_map, _ = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region))
-        scores = engine.retrieval_model.score(query_map, q.text, store.read_arrays("maps", row_index))
-        if text_weight:
-            scores = scores + text_weight * engine.san_encoder.model.score(q.text, store.read_arrays("san", row_index).astype(np.float32))
+        grn = np.asarray(engine.retrieval_model.score(query_map, q.text, store.read_arrays("maps", row_index)), np.float64)
+        san = np.asarray(engine.san_encoder.model.score(q.text, store.read_arrays("san", row_index).astype(np.float32)), np.float64)
+        scores = image_weight * grn + text_weight * san if text_weight else grn
     finally:
         engine.close()
     keep = suppress_per_image(np.asarray([r.box for r in rows]), scores, np.asarray([r.image_id for r in rows]))[:10]
     assert [h.region_id for h in hits] == [rows[i].id for i in keep]
     assert [h.score for h in hits] == pytest.approx([float(scores[i]) for i in keep], abs=1e-5)
+    assert [h.scores["grn"] for h in hits] == pytest.approx([float(grn[i]) for i in keep], abs=1e-5)
+    if text_weight:
+        assert [h.scores["san"] for h in hits] == pytest.approx([float(san[i]) for i in keep], abs=1e-5)
     assert all(set(h.scores) == ({"visual", "grn", "san"} if text_weight else {"visual", "grn"}) for h in hits)
 
 
@@ -117,7 +123,7 @@ def test_grn_fc_reads_the_pooled_array_and_scores_as_from_the_maps(tiny_engine: 
         original = store.read_arrays
         store.read_arrays = lambda name, r: read.append(name) or original(name, r)  # type: ignore[method-assign]
         try:
-            scores = GrnRescorer(store=store, model=model, query_map=query_map, text=q.text)(row_index)["grn"]
+            scores = GrnRescorer(store=store, model=model, query_map=query_map, text=q.text)(row_index).grn
         finally:
             store.read_arrays = original  # type: ignore[method-assign]
         assert read == ["pooled"]

@@ -4,14 +4,17 @@ two-stage search against it.
 :func:`exhaustive_search` streams the feature store in chunks of rows. For each chunk the GRN's
 text-independent work (:meth:`RetrievalNet.prepare`) runs once and is shared by all queries; each
 query then gates the chunk with its text (:meth:`RetrievalNet.embed_prepared`) and, when the engine
-fuses SAN, adds ``text_weight`` × SAN's score. A query's *exhaustive latency* is the time of exactly
+fuses SAN, ranks by the engine's fused score ``image_weight · grn + text_weight · san``
+(:func:`query.rerank.fuse_scores`). A query's *exhaustive latency* is the time of exactly
 the work one query alone would need: reading and preparing every chunk plus its own gating and
 scoring — the queries are only interleaved to read the 7×7 maps once. The CPU time of the same work
 (``extra["cpu_seconds"]``) is kept too: other processes on the machine do not inflate it.
 
 The ranking then goes through the same filters as the engine's search: the query image's regions
 are left out (``exclude_self``) and boxes of one image overlapping by more than ``nms_iou`` collapse
-to the best one (:func:`query.grouping.suppress_per_image`).
+to the best one (:func:`query.grouping.suppress_per_image`). Every region may be a hit (no limit per
+image: the GRN paper's protocol), where a user's search shows one hit per image by default; the
+two-stage search it is compared with (``engine bench``) passes ``HitFilter(max_per_image=0)``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from engine.errors import InvalidInputError
 from indexer.region_table import Regions
-from query.rerank import read_grn_inputs
+from query.rerank import fuse_scores, read_grn_inputs
 
 __all__ = ["ExhaustiveQuery", "ExhaustiveResult", "exhaustive_search", "recall_at_k", "mean_recall_at_k"]
 
@@ -63,6 +66,7 @@ def exhaustive_search(
     *,
     san_model: Any | None = None,
     text_weight: float = 0.0,
+    image_weight: float = 1.0,
     k: int = 10,
     nms_iou: float = 0.5,
     table: Regions | None = None,
@@ -75,7 +79,8 @@ def exhaustive_search(
     """Score every region of ``store`` for every query; return each query's top ``k`` after the filters.
 
     ``model``: the :class:`~engine.models.retrieval.RegionRetrievalModel` of stage 2; ``san_model`` with
-    ``text_weight > 0``: the final score is ``grn + text_weight · san`` as in the engine's fused stage 2.
+    ``text_weight > 0``: the final score is ``image_weight · grn + text_weight · san`` as in the engine's
+    fused stage 2 (without SAN the GRN's score alone, as the engine ranks then).
     ``transform``: applied to each chunk of stored float16 maps ``[n, C, 7, 7]`` before scoring (e.g. a
     smaller storage format and back); the query maps are left as they are. ``table``: the regions to
     score (default: every live region, :meth:`indexer.store.IndexStore.all_regions`). ``checkpoint``: a file where
@@ -104,7 +109,7 @@ def exhaustive_search(
         for i, q in enumerate(queries):
             with state.clock.own(i):
                 grn = (net.embed_prepared(prepared, texts[i]) @ anchors[i]).cpu().numpy().astype(np.float32)
-                scores = grn if san_vectors is None else grn + np.float32(text_weight) * np.asarray(san_model.score(q.text, san_vectors), np.float32)
+                scores = grn if san_vectors is None else fuse_scores(grn, san_model.score(q.text, san_vectors), image_weight=image_weight, text_weight=text_weight)
                 state.best[i] = _merge(state.best[i], scores, part, keep)
             if san_vectors is not None:  # the GRN-alone ranking too (not part of the fused query's work)
                 state.best_grn[i] = _merge(state.best_grn[i], grn, part, keep)

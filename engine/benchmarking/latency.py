@@ -1,8 +1,10 @@
 """Query latency: combined queries (image + region + text) through :meth:`engine.api.Engine.search`, and
 where the time goes, stage by stage.
 
-:func:`measure_latency` times whole searches (p50 / p95 after a warm-up). :func:`measure_breakdown`
-runs the same queries through the same components one by one (query encoding, the SAN text vector and
+:func:`measure_latency` times whole searches (p50 / p95 after a warm-up), every region a possible hit
+(``HitFilter(max_per_image=0)``, where a user's search shows one hit per image by default: the
+two-stage top ids are compared with exhaustive scoring, which ranks regions). :func:`measure_breakdown`
+runs the same queries through the engine's query pipeline step by step (query encoding, the SAN text vector and
 its candidates, the region count that the search asks for, the FAISS shortlist, the candidates' rows in
 the in-memory region table, the feature-store reads, the GRN and SAN scores, the per-image suppression
 and the hits' image rows) and times each; it also
@@ -22,9 +24,13 @@ import torch
 from tqdm import tqdm
 
 from engine.benchmarking.seed import BenchQuery
-from engine.benchmarking.timing import StageTimes, percentile_ms
+from engine.benchmarking.timing import StageTimes, TimedProxy, percentile_ms
+from query.filters import HitFilter
 
-__all__ = ["LatencyResult", "measure_latency", "measure_breakdown"]
+__all__ = ["LatencyResult", "measure_latency", "measure_breakdown", "PER_REGION"]
+
+PER_REGION = HitFilter(max_per_image=0)
+"""The benchmark's filter: any number of hits per image, as the exhaustive ranking it is compared with."""
 
 
 @dataclass(frozen=True)
@@ -59,14 +65,14 @@ def measure_latency(engine: Any, queries: Sequence[BenchQuery], *, count: int, w
     that holds the query image would ask."""
     for i in range(warmup):
         q = queries[(len(queries) - 1 - i) % len(queries)]
-        engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True)
+        engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True, filters=PER_REGION)
     seconds: list[float] = []
     cpu: list[float] = []
     top: list[list[int]] = []
     for i in tqdm(range(count), desc="latency", unit="query", disable=not progress, dynamic_ncols=True):
         q = queries[i % len(queries)]
         start, start_cpu = time.perf_counter(), time.process_time()
-        hits = engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True)
+        hits = engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True, filters=PER_REGION)
         seconds.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         top.append([h.region_id for h in hits])
@@ -84,52 +90,53 @@ def measure_latency(engine: Any, queries: Sequence[BenchQuery], *, count: int, w
 
 @torch.no_grad()
 def measure_breakdown(engine: Any, index_dir: Path, queries: Sequence[BenchQuery], *, count: int, progress: bool = False) -> dict[str, float]:
-    """Median milliseconds per stage of a combined query, over ``count`` queries (see the module doc)."""
+    """Median milliseconds per stage of a combined query, over ``count`` queries (see the module doc).
+
+    The steps are the engine's own (:class:`query.pipeline.QueryPipeline` and the functions it calls),
+    taken apart to time each: the stage-1 search, the region table, the feature reads and the GRN and
+    SAN scores separately."""
     from indexer.store import IndexStore
-    from query.encode import VisualQueryEncoder, load_query_region
-    from query.search import SearchOptions, ranked_hits
-    from query.rerank import read_grn_inputs
+    from query.pipeline import QueryPipeline
+    from query.request import SearchRequest
+    from query.rerank import StageScores, fuse_scores, read_grn_inputs
+    from query.search import SearchOptions, ranked_hits, stage1_candidates
 
     config = engine.config
     model = engine.retrieval_model
-    encoder = VisualQueryEncoder(engine.extractor)
     per_query: list[dict[str, float]] = []
     with IndexStore.open(index_dir, config=config.store) as store:
-        use_san = bool(config.san) and store.has_array("san")
-        san_model = engine.san_encoder.model if use_san else None
+        pipeline = QueryPipeline(store=store, models=engine, config=config)
         for i in tqdm(range(count), desc="stage breakdown", unit="query", disable=not progress, dynamic_ncols=True):
             q = queries[i % len(queries)]
             times = StageTimes()
             with times.stage("encode"):
-                region = load_query_region(q.image, q.box)
-                query_map, vector = encoder.encode(region)
+                query = pipeline.encode(SearchRequest(image=q.image, region=q.box, text=q.text))
             with times.stage("text"):
                 model.encode_text(q.text)
-                san_vector = san_model.text_vector(q.text) if san_model is not None else None
-            extra: list[int] = []
+                san_vector = pipeline.san_text_vector(q.text)
+            extra: tuple[int, ...] = ()
             if san_vector is not None and config.san_candidates > 0:
                 with times.stage("san_candidates"):
-                    _, found = store.search(san_vector[None], config.san_candidates, array="san")
-                extra = [int(x) for x in found[0] if x >= 0]
+                    extra = pipeline.san_candidates(san_vector)
             with times.stage("count"):
                 total = store.vector_count()
-            with times.stage("stage1"):
-                scores, ids = store.search(vector[None], min(config.shortlist, total))
-            with times.stage("metadata"):  # the candidates' feature rows, images and boxes (the region table)
-                found = store.lookup_regions(list(dict.fromkeys([int(x) for x in ids[0] if x >= 0] + extra)))
-            row_ids = found.rows
+            # FAISS ("stage1"), then the candidates' feature rows, images and boxes from the region table ("metadata")
+            timed = TimedProxy(TimedProxy(store, times, "metadata", ["lookup_regions"]), times, "stage1", ["search"])
+            found = stage1_candidates(timed, np.asarray(query.vector, np.float32)[None], min(config.shortlist, total), array=query.array, stage1=query.stage1, extra_ids=extra)
+            row_ids = found.regions.rows
             with times.stage("read_maps"):  # what GrnRescorer reads: the pooled rows for a non-spatial GRN
                 maps = read_grn_inputs(store, model, row_ids)
             with times.stage("grn"):
-                grn = model.score(query_map, q.text, maps)
-            final = grn
-            if san_model is not None and config.text_weight > 0:
+                grn = np.asarray(model.score(query.query_map, q.text, maps), np.float32)
+            scores = StageScores(final=grn, grn=grn)
+            if san_vector is not None and config.text_weight > 0:
                 with times.stage("san"):
                     vectors = store.read_arrays("san", row_ids).astype(np.float32)
-                    final = grn + config.text_weight * san_model.score(q.text, vectors)
+                    san = np.asarray(engine.san_encoder.model.score(q.text, vectors), np.float32)
+                    scores = StageScores(final=fuse_scores(grn, san, image_weight=config.image_weight, text_weight=config.text_weight), grn=grn, san=san)
             with times.stage("filter"):  # per-image suppression, the hits' image rows read (the search's own code)
-                ranked_hits(store, found, {"visual": np.zeros(len(found), np.float32), "final": np.asarray(final, np.float32)}, SearchOptions(k=10), "visual")
-            per_query.append({**times.as_dict(), **_precompute_projection(store, model, query_map, q.text, maps, row_ids)})
+                ranked_hits(store, found, scores, SearchOptions(k=10, filters=PER_REGION))
+            per_query.append({**times.as_dict(), **_precompute_projection(store, model, query.query_map, q.text, maps, row_ids)})
     names = sorted({name for row in per_query for name in row})
     return {name: round(float(np.median([row.get(name, 0.0) for row in per_query]) * 1000), 3) for name in names}
 

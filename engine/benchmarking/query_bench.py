@@ -237,45 +237,48 @@ def _grn_only_recall(engine: Any, chosen: list[BenchQuery], exact: list[list[int
     from engine.api import Engine
     from engine.benchmarking.exhaustive import mean_recall_at_k
 
+    from engine.benchmarking.latency import PER_REGION
+
     with Engine(engine.index_dir, config=replace(engine.config, text_weight=0.0)) as grn_engine:
-        found = [[h.region_id for h in grn_engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True)] for q in chosen]
+        found = [[h.region_id for h in grn_engine.search(image=q.image, region=q.box, text=q.text, k=k, exclude_self=True, filters=PER_REGION)] for q in chosen]
     return round(mean_recall_at_k(found, exact, k=10), 4)
 
 
 def _exhaustive(engine: Any, built: BuiltIndex, chosen: list[BenchQuery], config: QueryBenchConfig, *, progress: bool) -> tuple[list[Any], bool]:
     """Exhaustive results of ``chosen`` on the index (the engine's stage-2 score over every region), and
     whether they were reused from an earlier run (saved under ``config.cache/exhaustive``: they depend on
-    the index, the model, the SAN weight and the queries, not on stage 1)."""
+    the index, the model, the fusion weights and the queries, not on stage 1)."""
     from engine.benchmarking.exhaustive import ExhaustiveQuery, exhaustive_search
     from indexer.store import IndexStore
-    from query.encode import VisualQueryEncoder, load_query_region
+    from query.request import SearchRequest
 
     with IndexStore.open(built.path, config=engine.config.store) as store:
         use_san = bool(engine.config.san) and store.has_array("san")
         weight = engine.config.text_weight if use_san else 0.0
-        key = _exhaustive_key(engine.retrieval_model.version, weight, config.k, chosen)
+        image_weight = engine.config.image_weight
+        key = _exhaustive_key(engine.retrieval_model.version, weight, config.k, chosen, image_weight=image_weight)
         cache_file = Path(config.cache) / "exhaustive" / f"{built.path.name}-{key}.json"
         results = _load_exhaustive(cache_file)
         if results is not None:
             return results, True
-        encoder = VisualQueryEncoder(engine.extractor)
         queries = []
-        for q in chosen:
-            region = load_query_region(q.image, q.box)
-            query_map, _ = encoder.encode(region)
-            queries.append(ExhaustiveQuery(query_map=query_map, text=q.text, exclude_hash=region.content_hash))
+        for q in chosen:  # encoded by the engine's pipeline, as its searches encode them
+            encoded = engine.pipeline.encode(SearchRequest(image=q.image, region=q.box, text=q.text))
+            queries.append(ExhaustiveQuery(query_map=encoded.query_map, text=q.text, exclude_hash=encoded.content_hash))
         san_model = engine.san_encoder.model if use_san else None
         partial = cache_file.with_name(cache_file.stem + ".partial.npz")  # an interrupted pass resumes from it
-        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, k=config.k, checkpoint=partial, progress=progress)
+        results = exhaustive_search(store, engine.retrieval_model, queries, san_model=san_model, text_weight=weight, image_weight=image_weight, k=config.k, checkpoint=partial, progress=progress)
     _save_exhaustive(cache_file, results)
     return results, False
 
 
-def _exhaustive_key(version: str, weight: float, k: int, queries: list[BenchQuery]) -> str:
-    """Identifies an exhaustive scoring: the model, the SAN weight, k and the queries."""
+def _exhaustive_key(version: str, weight: float, k: int, queries: list[BenchQuery], *, image_weight: float = 1.0) -> str:
+    """Identifies an exhaustive scoring: the model, the fusion weights, k and the queries (the key of an
+    image weight of 1 is the one earlier runs wrote)."""
     import hashlib
 
-    text = json.dumps([version, weight, k, [[str(q.image), list(q.box), q.text] for q in queries]])
+    weights: list[float] = [weight] if image_weight == 1.0 else [weight, image_weight]
+    text = json.dumps([version, *weights, k, [[str(q.image), list(q.box), q.text] for q in queries]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

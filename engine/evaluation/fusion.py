@@ -1,13 +1,15 @@
 """Fitting the weight of SAN's text score in a combined query (``engine eval fusion``).
 
-Stage 2 of a combined query (image + region + text) ranks by ``grn + w · san``
-(:class:`query.rerank.FusedRescorer`). This module measures the engine itself, end to end, for a
+Stage 2 of a combined query (image + region + text) ranks by ``image_weight · grn + w · san``
+(:func:`query.rerank.fuse_scores`). This module measures the engine itself, end to end, for a
 list of weights on one split of a dataset:
 
 * the split's images are copied into a temporary corpus (with their lines of ``annotations.jsonl``)
   and indexed by :class:`engine.api.Engine` (ground-truth boxes by default, or RPN proposals);
 * every benchmark query with a positive in another image is searched with its image, region and
-  text, ``k = 100``, hits from the query image excluded;
+  text, ``k = 100``, hits from the query image excluded, every region a possible hit
+  (``HitFilter(max_per_image=0)``: the per-region protocol, where a user's search shows one hit per
+  image by default);
 * a hit is a positive when it lies in a positive's image with IoU > 0.5 with its box (per-image
   duplicate suppression may keep an overlapping region in the positive's place);
 * ``R@1``, ``R@10``, ``R@100`` (percent) and the median rank of the first positive;
@@ -33,11 +35,15 @@ from engine.boxes import box_iou
 from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, read_dataset
 from engine.datasets.types import RetrievalQuery
 from engine.errors import InvalidInputError
+from query.filters import HitFilter
 
 __all__ = ["FusionRow", "evaluate_fusion", "best_weight", "first_positive_rank", "rows_to_markdown"]
 
 MISS = 10**9
 """The rank given to a query whose positives are not among its hits."""
+
+PER_REGION = HitFilter(max_per_image=0)
+"""The evaluations' filter: any number of hits per image (region-level recall, as in the papers)."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,11 @@ def _measure(engine, corpus: Path, queries: Sequence[RetrievalQuery], boxes, mea
     ranks, wins, losses = [], 0, 0
     for i, q in enumerate(tqdm(queries, desc=f"text weight {weight:g}", unit="query", disable=not progress, dynamic_ncols=True)):
         targets = _elsewhere(q, boxes)
-        own = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True), targets, boxes)
+        own = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True, filters=PER_REGION), targets, boxes)
         ranks.append(own)
         other = _other_text(queries, i, meanings)
         if other is not None:
-            rank_other = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=other, k=100, exclude_self=True), targets, boxes)
+            rank_other = first_positive_rank(engine.search(image=corpus / q.image, region=q.region, text=other, k=100, exclude_self=True, filters=PER_REGION), targets, boxes)
             wins += own < rank_other
             losses += own > rank_other
     r = np.asarray(ranks, np.float64)

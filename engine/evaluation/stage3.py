@@ -11,6 +11,10 @@ This module measures it end to end on one split, through :class:`engine.api.Engi
 * each ``(M, w_r, w_g)`` of the grid re-ranks those parts; ``M = 0`` is stage 2 alone;
 * a hit is a positive when it lies in a positive's image with IoU > 0.5 (as ``engine eval fusion``).
 
+Queries run through the engine's own :class:`query.pipeline.QueryPipeline` (prepare, rank, ground),
+with one difference from a user's search: every region may be a hit (``HitFilter(max_per_image=0)``),
+where a search shows one hit per image by default — the per-region protocol of the papers.
+
 The fitted setting has the best R@1 (then R@10, then the smaller ``M`` and weights).
 """
 from __future__ import annotations
@@ -29,10 +33,13 @@ from tqdm import tqdm
 
 from engine.datasets.annotations import read_dataset
 from engine.errors import InvalidInputError
-from engine.evaluation.fusion import MISS, _elsewhere, _split_corpus, first_positive_rank
+from engine.evaluation.fusion import MISS, PER_REGION, _elsewhere, _split_corpus, first_positive_rank
 from query.localize import Stage3Candidates, Stage3Weights, best_images, rank_stage3
 
 __all__ = ["Stage3Row", "Stage3Grid", "collect_stage3", "grid_rows", "best_row", "rows_to_markdown"]
+
+_PARTS_FORMAT = 2
+"""The collected parts' pickled layout (2: typed :class:`Stage3Candidates`); part of the cache key."""
 
 IMAGES = (0, 1, 3, 5, 10, 20)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -106,7 +113,7 @@ def _parts_key(proposals: str, max_images: int, grounding_model: str | None) -> 
     from engine.models.checkpoint import checkpoint_path
     from engine.models.cm_att import REGION_GROUNDING_NAME
 
-    digest = hashlib.sha256(f"{proposals}:{max_images}".encode())
+    digest = hashlib.sha256(f"{_PARTS_FORMAT}:{proposals}:{max_images}".encode())
     for spec, default in ((grounding_model, REGION_GROUNDING_NAME), (None, "ref-nms-r"), (None, "grn"), (None, "san"), (None, "rpn"), (None, "saliency")):
         digest.update(checkpoint_path(spec, default=default).read_bytes())
     return digest.hexdigest()[:16]
@@ -127,15 +134,11 @@ def _collect(data: Path, split: str, max_images: int, proposals: str, device: st
         _split_corpus(Path(data), {im.image for im in dataset.images}, corpus)
     with Engine(work / f"index-{proposals}", config=EngineConfig(device=device, stage3=False, stage3_weights=Stage3Weights(), grounding_checkpoint=grounding_model)) as engine:
         engine.index(corpus, config=IndexConfig(proposals=proposals), progress=progress)
+        pipeline = engine.pipeline
         for q in tqdm(queries, desc=f"stage 3 ({split})", unit="query", disable=not progress, dynamic_ncols=True):
-            query = engine.stage2(SearchRequest(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True))
-            ranked = query.run(k=engine.config.shortlist)
-            _, stage = engine.grounding_stage(query.store)
-            grounded = {}
-            for path in best_images(ranked, max_images):
-                cand = stage.candidates(path, q.text, query.rescore, query.vector)
-                if cand is not None:
-                    grounded[path] = cand
+            prepared = pipeline.prepare(SearchRequest(image=corpus / q.image, region=q.region, text=q.text, k=100, exclude_self=True, filters=PER_REGION))
+            ranked = pipeline.rank(prepared, k=engine.config.shortlist)
+            grounded = pipeline.ground(prepared, ranked, max_images)
             out.append(_Collected(ranked=ranked, grounded=grounded, targets=_elsewhere(q, boxes)))
     return out, boxes
 

@@ -1,0 +1,239 @@
+"""The query pipeline: one request, top to bottom, from encoding to hits (``docs/query-pipeline.md``).
+
+:meth:`QueryPipeline.run` reads like the steps of a query::
+
+    prepared = self.prepare(request)              # EncodedQuery + the stage-2 scorer -> PreparedQuery
+    ranked = self.rank(prepared)                  # stage 1 (Candidates) -> stage 2 (StageScores) -> hits
+    grounded = self.ground(prepared, ranked, M)   # stage 3: {image: Stage3Candidates}
+    hits = rank_stage3(ranked, grounded, ...)     # grounded hits first, then the filters, top k
+
+It is built once per open index by :class:`engine.api.Engine` from what the engine loads (the index,
+the backbone's region extractor, the GRN, SAN's encoder, the grounding models); models load on first
+use, so a visual query never loads the GRN. ``Engine.search``, ``Engine.search_batch``, ``engine eval
+fusion`` / ``stage3``, ``engine bench`` and the exhaustive benchmark all run queries through it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.errors import IndexVersionError, InvalidInputError
+from engine.results import Hit
+from indexer.store import VECTOR_ARRAY, IndexStore
+from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3
+from query.request import SearchRequest
+from query.rerank import FusedRescorer, GrnRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
+from query.search import SearchOptions, search_regions
+
+__all__ = ["QueryModels", "EncodedQuery", "PreparedQuery", "QueryPipeline", "StageScores"]
+
+log = logging.getLogger(__name__)
+
+SAN_ARRAY = "san"
+
+
+class QueryModels(Protocol):
+    """The parts a pipeline runs, loaded on first use (:class:`engine.api.Engine` is one)."""
+
+    @property
+    def extractor(self) -> Any: ...  # indexer.region_features.RegionFeatureExtractor
+
+    @property
+    def retrieval_model(self) -> Any: ...  # engine.models.retrieval.RegionRetrievalModel (the GRN)
+
+    @property
+    def san_encoder(self) -> Any: ...  # indexer.san_features.SanRegionEncoder
+
+    @property
+    def grounding_models(self) -> GroundingModels: ...
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A request after encoding: stage 1's query ``vector``, searched in the FAISS file of feature array
+    ``array`` (its score named ``stage1`` in the hits); the query region's 7×7 ``query_map`` and its
+    image's ``content_hash`` for a visual query (``None`` for a text-only one)."""
+
+    vector: np.ndarray
+    array: str = VECTOR_ARRAY
+    stage1: str = "visual"
+    query_map: np.ndarray | None = None
+    content_hash: str | None = None
+
+    @property
+    def visual(self) -> bool:
+        return self.array == VECTOR_ARRAY
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A request encoded, with its stage-2 scorer (``None``: a visual-only query, ranked by stage 1) and
+    the regions that join stage 1's shortlist (SAN's matches of the text): what stages 1–3 need."""
+
+    request: SearchRequest
+    query: EncodedQuery
+    options: SearchOptions
+    rescore: Rescorer | None = None
+    extra_ids: tuple[int, ...] = ()
+
+
+class QueryPipeline:
+    """Stages 1–3 of every query over one open index (module doc).
+
+    Args:
+        store: the open index (read-only).
+        models: the models, loaded on first use.
+        config: an :class:`engine.config.EngineConfig` (shortlist, SAN, fusion weights, stage 3).
+    """
+
+    def __init__(self, *, store: IndexStore, models: QueryModels, config: Any) -> None:  # noqa: ANN401
+        self.store = store
+        self.models = models
+        self.config = config
+
+    # -- the request, top to bottom -----------------------------------------------------------
+    def run(self, request: SearchRequest, encoded: Any = None) -> list[Hit]:  # noqa: ANN401
+        """The request's hits. ``encoded``: its ``(QueryRegion, map, vector)`` when already encoded (batches)."""
+        prepared = self.prepare(request, encoded)
+        if not self.grounds(prepared):
+            return self.rank(prepared)
+        ranked = self.rank(prepared, k=self.config.shortlist)
+        weights = self.models.grounding_models.weights
+        grounded = self.ground(prepared, ranked, weights.images)
+        hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
+        return prepared.options.filters.apply(hits)[: request.k]
+
+    def prepare(self, request: SearchRequest, encoded: Any = None) -> PreparedQuery:  # noqa: ANN401
+        """The request validated and encoded, with its stage-2 scorer."""
+        request.validate()
+        SearchOptions(k=request.k, shortlist=self.config.shortlist)  # validates before any model loads
+        if request.image is None and request.region_id is None:
+            query = self.encode_text(str(request.text))
+            rescore: Rescorer | None = SanRescorer(store=self.store, model=self.models.san_encoder.model, text=str(request.text))
+            extra: tuple[int, ...] = ()
+        else:
+            query = self.encode(request, encoded)
+            rescore, extra = self.stage2_scorer(query, request.text) if request.text is not None else (None, ())
+        digest = query.content_hash if request.exclude_self else None
+        options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=self.config.shortlist, filters=request.filters)
+        return PreparedQuery(request=request, query=query, options=options, rescore=rescore, extra_ids=extra)
+
+    def rank(self, prepared: PreparedQuery, k: int | None = None) -> list[Hit]:
+        """Stages 1–2: the ``k`` (default the request's) best hits after the filters."""
+        options = prepared.options if k is None else replace(prepared.options, k=k)
+        query = prepared.query
+        return search_regions(self.store, query.vector, options, prepared.rescore, array=query.array, stage1=query.stage1, extra_ids=prepared.extra_ids)
+
+    def grounds(self, prepared: PreparedQuery) -> bool:
+        """Whether stage 3 runs: a combined query (image or region id, and text) with ``config.stage3``."""
+        return bool(self.config.stage3) and prepared.request.text is not None and prepared.query.visual
+
+    def ground(self, prepared: PreparedQuery, ranked: list[Hit], images: int) -> dict[str, Stage3Candidates]:
+        """Stage 3: the grounded candidates of the first ``images`` images of the stage-2 ranking ``ranked``
+        (those that can be grounded), in that order."""
+        if prepared.rescore is None or prepared.request.text is None:
+            raise InvalidInputError("stage 3 grounds the text of a combined query; give the query a text")
+        stage = self.grounding_stage()
+        grounded = {}
+        for path in best_images(ranked, images):
+            candidates = stage.candidates(path, prepared.request.text, prepared.rescore, prepared.query.vector)
+            if candidates is not None:
+                grounded[path] = candidates
+        return grounded
+
+    # -- the steps ----------------------------------------------------------------------------
+    def encode(self, request: SearchRequest, encoded: Any = None) -> EncodedQuery:  # noqa: ANN401
+        """A visual query's region: an indexed region's stored features (``region_id``), or the region of
+        the query image passed through the backbone (or ``encoded`` already)."""
+        if request.region_id is not None:
+            row = self.region(request.region_id)
+            rows = np.asarray([row.row], np.int64)
+            vector = self.store.read_arrays(VECTOR_ARRAY, rows)[0].astype(np.float32)
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            return EncodedQuery(vector=vector, query_map=read_region_maps(self.store, rows)[0], content_hash=row.content_hash)
+        if encoded is None:
+            from query.encode import VisualQueryEncoder, load_query_region
+
+            region = load_query_region(request.image, request.region)
+            query_map, vector = VisualQueryEncoder(self.models.extractor).encode(region)
+            return EncodedQuery(vector=vector, query_map=query_map, content_hash=region.content_hash)
+        region, query_map, vector = encoded
+        return EncodedQuery(vector=vector, query_map=query_map, content_hash=region.content_hash)
+
+    def encode_text(self, text: str) -> EncodedQuery:
+        """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""
+        self.check_san_index()
+        return EncodedQuery(vector=self.models.san_encoder.model.text_vector(text), array=SAN_ARRAY, stage1="san_text")
+
+    def stage2_scorer(self, query: EncodedQuery, text: str) -> tuple[Rescorer, tuple[int, ...]]:
+        """A combined query's stage-2 scorer — the GRN, fused with SAN (``image_weight · grn + text_weight ·
+        san``) when SAN serves the text — and the SAN candidates that join its shortlist."""
+        model = self.models.retrieval_model
+        model.encode_text(text)  # unknown-only or empty text fails here, before any scoring
+        rescore: Rescorer = GrnRescorer(store=self.store, model=model, query_map=query.query_map, text=text)
+        san_vector = self.san_text_vector(text)
+        extra = self.san_candidates(san_vector) if san_vector is not None else ()
+        if san_vector is not None and self.config.text_weight > 0:
+            san = SanRescorer(store=self.store, model=self.models.san_encoder.model, text=text)
+            rescore = FusedRescorer(rescore, san, text_weight=self.config.text_weight, image_weight=self.config.image_weight)
+        return rescore, extra
+
+    def san_text_vector(self, text: str) -> np.ndarray | None:
+        """SAN's text vector when SAN can serve a combined query (the engine uses SAN, the index holds
+        this SAN model's embeddings, SAN knows a word of the text); ``None`` and the GRN works alone."""
+        if not self.config.san or not self.store.has_array(SAN_ARRAY):
+            return None
+        try:
+            self.check_san_index()
+            return self.models.san_encoder.model.text_vector(text)
+        except (IndexVersionError, InvalidInputError) as exc:
+            log.info("SAN does not serve this query: %s", exc)
+            return None
+
+    def san_candidates(self, vector: np.ndarray) -> tuple[int, ...]:
+        """Region ids of the SAN text ``vector``'s top ``config.san_candidates`` matches."""
+        if self.config.san_candidates <= 0:
+            return ()
+        _, ids = self.store.search(np.asarray(vector)[None], self.config.san_candidates, array=SAN_ARRAY)
+        return tuple(int(i) for i in ids[0] if i >= 0)
+
+    def check_san_index(self) -> None:
+        """A clear error when the index holds no SAN embeddings, or ones of another SAN model."""
+        if not self.store.has_array(SAN_ARRAY):
+            raise IndexVersionError(
+                f"index {self.store.path} was built without SAN embeddings, which text-only search needs; "
+                f"re-index the corpus into a new directory: engine index CORPUS --index NEWDIR"
+            )
+        indexed = self.store.models().get("san")
+        version = self.models.san_encoder.version
+        if indexed and indexed != version:
+            raise IndexVersionError(
+                f"index {self.store.path} holds SAN embeddings of {indexed}, but this engine loads {version}; "
+                f"re-index the corpus into a new directory (engine index CORPUS --index NEWDIR) or configure the SAN checkpoint it was built with"
+            )
+
+    def grounding_stage(self) -> GroundingStage:
+        """Stage 3 over this index (Ref-NMS reads its stored visual features when they are this model's)."""
+        from indexer.store import REFNMS_ARRAY
+        from query.encode import VisualQueryEncoder
+
+        parts = self.models.grounding_models
+        stored = self.store.has_array(REFNMS_ARRAY) and self.store.models().get("ref_nms") == parts.ref_nms.version
+        return GroundingStage(
+            store=self.store,
+            ref_nms=parts.ref_nms,
+            scorer=parts.scorer,
+            image_vector=lambda path: VisualQueryEncoder(self.models.extractor).image_vector(path),
+            region_maps=lambda path, rows: VisualQueryEncoder(self.models.extractor).region_maps(path, rows),
+            stored_relatedness_features=stored,
+        )
+
+    def region(self, region_id: int) -> Any:  # noqa: ANN401
+        """The indexed region ``region_id`` (a ``RegionRow``); a clear error when it is not in the index."""
+        rows = self.store.regions([region_id])
+        if not rows:
+            raise InvalidInputError(f"region {region_id} is not in index {self.store.path}; region ids come from earlier hits (engine query --json)")
+        return rows[0]
