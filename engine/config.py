@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import InvalidInputError
-from indexer.backbone import BackboneConfig
-from indexer.region_features import RegionFeatureConfig
+from typing import TYPE_CHECKING
+
+from indexer.component_configs import BackboneConfig, RegionFeatureConfig
 from indexer.store import StoreConfig
-from query.localize import Stage3Weights
+
+if TYPE_CHECKING:  # query.localize loads the models' code (torch): only its weights' type is named here
+    from query.localize import Stage3Weights
 
 __all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "EngineConfig", "IndexConfig", "default_index_dir"]
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from engine.device import resolve_device
 from engine.errors import InvalidInputError, ModelWeightsError
 from engine.imaging import resized_size
+from indexer.component_configs import BackboneConfig
 
 __all__ = [
     "BackboneConfig",
@@ -59,20 +60,6 @@ _RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGE
 _RESNET18_URL = f"https://download.pytorch.org/models/{_RESNET18_FILE}"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """How to build a backbone.
-
-    ``max_size`` is the longest image side fed to the network: larger images are downscaled (aspect
-    kept) so that their longest side equals ``max_size``; smaller images are never upsampled.
-    ``weights`` overrides the weight file (default: the packaged / cached one).
-    """
-
-    name: str = "efficientnet_lite0"
-    max_size: int = 640
-    weights: Path | None = None
 
 
 class Backbone(nn.Module):

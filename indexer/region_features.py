@@ -20,25 +20,13 @@ from torchvision.ops import roi_align
 
 from engine.errors import InvalidBoxError, InvalidInputError
 from indexer.backbone import Backbone, preprocess, resized_size
+from indexer.component_configs import RegionFeatureConfig
 
 __all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors", "mean_maps"]
 
 log = logging.getLogger(__name__)
 
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class RegionFeatureConfig:
-    """Which backbone level to pool regions from, and how.
-
-    ``output_size`` is the side of the pooled map; ``sampling_ratio`` the bilinear samples per bin
-    and axis (:func:`torchvision.ops.roi_align`).
-    """
-
-    level: str = "c4"
-    output_size: int = 7
-    sampling_ratio: int = 2
 
 
 class RegionFeatureExtractor:

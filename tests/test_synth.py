@@ -269,6 +269,15 @@ def test_positives_rederived_independently(corpus: Path) -> None:
     assert any(len({table[p][1]["image"] for p in q["positives"]} - {q["image"]}) >= 2 for q in queries)
 
 
+def test_every_query_has_a_positive_in_another_image(corpus: Path) -> None:
+    """A query whose positives are all in its own image cannot be answered by search (it excludes itself)."""
+    table = _region_table(_lines(corpus / "annotations.jsonl"))
+    queries = _lines(corpus / "queries.jsonl")
+    assert queries
+    for q in queries:
+        assert {table[p][1]["image"] for p in q["positives"]} - {q["image"]}, q["text"]
+
+
 def _forms(meaning):
     """Equivalent spellings of a meaning: converse relation with roles swapped, symmetric role orders."""
     converse = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above", "next_to": "next_to"}

@@ -22,7 +22,7 @@ from engine.synth import SynthConfig, generate_corpus
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ann") / "corpus"
-    generate_corpus(root, SynthConfig(images=12, seed=3, size=128))
+    generate_corpus(root, SynthConfig(images=24, seed=3, size=128))
     return root
 
 
@@ -62,7 +62,7 @@ def test_missing_files(tmp_path: Path) -> None:
 def test_dataset_without_queries(copy: Path) -> None:
     (copy / "queries.jsonl").unlink()
     ds = read_dataset(copy)
-    assert len(ds.images) == 12 and ds.queries == []
+    assert len(ds.images) == 24 and ds.queries == []
 
 
 def test_bad_json_names_the_line(copy: Path) -> None:

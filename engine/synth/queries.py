@@ -81,8 +81,10 @@ def build_queries(records: Sequence[RegionRecord], rng: np.random.Generator, *, 
     """Benchmark queries as ``queries.jsonl`` dicts.
 
     Per split and per planted meaning (pool meanings and their variants, grouped by canonical
-    meaning), up to ``per_meaning`` regions become queries; a query without positives is left out.
-    Positives and hard negatives come from the query's split only.
+    meaning), up to ``per_meaning`` regions become queries: drawn in a random order, a region whose
+    positives all lie in its own image (or that has none) is passed over for the next one, so every
+    query can be answered by another image. Positives and hard negatives come from the query's split
+    only; the positives list keeps those in the query's own image too.
     """
     by_split: dict[str, list[RegionRecord]] = defaultdict(list)
     for rec in records:
@@ -96,12 +98,7 @@ def build_queries(records: Sequence[RegionRecord], rng: np.random.Generator, *, 
                 groups[canonical_key(rec.meaning)].append(rec)
         for key in sorted(groups):
             members = sorted(groups[key], key=lambda r: r.id)
-            order = rng.permutation(len(members))[:per_meaning]
-            for i in sorted(order.tolist()):
-                rec = members[i]
-                positives = index.positives(rec.meaning, exclude=rec.id)
-                if not positives:
-                    continue
+            for rec, positives in _pick_queries(members, index, rng.permutation(len(members)), per_meaning):
                 queries.append(
                     {
                         "id": len(queries),
@@ -116,3 +113,19 @@ def build_queries(records: Sequence[RegionRecord], rng: np.random.Generator, *, 
                     }
                 )
     return queries
+
+
+def _pick_queries(
+    members: Sequence[RegionRecord], index: SplitIndex, order: np.ndarray, per_meaning: int
+) -> list[tuple[RegionRecord, list[int]]]:
+    """Up to ``per_meaning`` of ``members`` (taken in ``order``) with a positive in another image, and
+    their positives, in ``members``' order."""
+    picked: list[tuple[int, RegionRecord, list[int]]] = []
+    for i in order.tolist():
+        if len(picked) == per_meaning:
+            break
+        rec = members[i]
+        positives = index.positives(rec.meaning, exclude=rec.id)
+        if any(index.records[p].image != rec.image for p in positives):
+            picked.append((i, rec, positives))
+    return [(rec, positives) for _, rec, positives in sorted(picked, key=lambda t: t[0])]
