@@ -35,11 +35,12 @@ from engine.benchmarking.timing import machine_facts
 STEPS = ("indexing", "query", "sweep", "faiss", "compression", "realism", "table")
 RESULTS = Path(__file__).resolve().parent / "results"
 def default_variant(regions: int) -> str:
-    """The engine's default stage-2 checkpoint on the CPU at this size (``Engine._grn_path``): its runs
-    are also written as bench-SIZE.json."""
+    """The engine's default stage-2 checkpoint on the CPU at this size (``query.rerank.default_grn_name``):
+    its runs are also written as bench-SIZE.json."""
     from engine.config import EngineConfig
+    from query.rerank import default_grn_name
 
-    return "grn-fc" if regions >= EngineConfig().fc_from_regions else "grn"
+    return default_grn_name(regions, has_maps=True, on_gpu=False, fc_from_regions=EngineConfig().fc_from_regions)
 
 log = logging.getLogger("benchmarks")
 

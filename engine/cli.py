@@ -20,6 +20,7 @@ from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
 from engine.commands.options import device_option, index_option, json_option
+from engine.config import MAX_WEIGHT
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
@@ -55,10 +56,6 @@ class BoxType(click.ParamType):
         except EngineError as exc:
             self.fail(str(exc), param, ctx)
 
-
-MAX_WEIGHT = 100.0
-"""Largest stage-2 weight ``--weight-text`` / ``--weight-image`` take (the defaults are 1; 100 already
-ranks by one score alone, and a huge weight would overflow the fused score)."""
 
 MAX_REGION_ID = 2**63 - 1
 """Largest region id (SQLite's integer range); kept equal to :data:`query.request.MAX_REGION_ID`."""

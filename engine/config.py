@@ -15,12 +15,15 @@ from indexer.store import StoreConfig
 if TYPE_CHECKING:  # query.localize loads the models' code (torch): only its weights' type is named here
     from query.localize import Stage3Weights
 
-__all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "EngineConfig", "IndexConfig", "default_index_dir"]
+__all__ = ["DEFAULT_INDEX_DIR", "INDEX_ENV_VAR", "MAX_WEIGHT", "EngineConfig", "IndexConfig", "default_index_dir"]
 
 DEFAULT_INDEX_DIR = Path(".engine")
 INDEX_ENV_VAR = "ENGINE_INDEX"
 TEXT_WEIGHT = 1.0
 """Default weight of SAN's text–region score in a combined query's stage 2 (``engine eval fusion`` fits it)."""
+MAX_WEIGHT = 100.0
+"""Largest stage-2 weight (``text_weight``, ``image_weight``; ``--weight-*``): the defaults are 1, 100
+already ranks by one score alone, and a huge weight would overflow the fused score."""
 
 
 def default_index_dir() -> Path:
@@ -71,8 +74,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("text_weight", "image_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+                raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")
         if self.text_weight == 0 and self.image_weight == 0:
             raise InvalidInputError("--weight-text and --weight-image are both 0: nothing would rank the hits; give one of them a positive weight")
 

@@ -16,7 +16,7 @@ from engine.diskspace import disk_full_error
 from engine.errors import ImageReadError, InvalidInputError
 from indexer.images import load_image
 from indexer.proposal_sources import ProposalProvider
-from indexer.region_features import RegionFeatureExtractor, mean_maps
+from indexer.region_features import RegionFeatureExtractor, image_vectors, mean_maps
 from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
@@ -209,10 +209,10 @@ class IndexingPipeline:
         sizes = [im.size for im in images]
         boxes = [it.boxes for it in group]
         level = self.extractor.config.level
-        image_vectors = maps[level].float().mean(dim=(2, 3)).cpu().numpy()
+        vectors = image_vectors(maps[level])
         features = self.extractor.from_feature_map(maps[level], sizes, boxes)
         san = self.san.encode(maps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(features)
-        return [(m, v, s, e) for (m, v), s, e in zip(features, san, image_vectors)]
+        return [(m, v, s, e) for (m, v), s, e in zip(features, san, vectors)]
 
     def _backbone_maps(self, images: list[Image.Image]) -> dict:
         """The backbone levels the region features (and SAN's saliency network, when indexing SAN) need, in one pass."""

@@ -179,15 +179,23 @@ def mean_maps(maps: np.ndarray | Tensor) -> np.ndarray:
     return a.mean(axis=(2, 3), dtype=np.float32).astype(np.float16)  # float32 sums, no float32 copy of the maps
 
 
+def image_vectors(maps: np.ndarray | Tensor) -> np.ndarray:
+    """Spatial mean of feature maps ``[N, C, H, W]``, not normalised: float32 ``[N, C]``. Of a whole
+    image's map at the extractor's level it is the image context ``e_0`` that Ref-NMS and CM-Att take."""
+    t = torch.as_tensor(maps).float()
+    if t.ndim != 4:
+        raise InvalidInputError(f"image_vectors needs maps of shape [N, C, H, W], got {tuple(t.shape)}")
+    return t.mean(dim=(2, 3)).cpu().numpy()
+
+
 def pool_vectors(maps: np.ndarray | Tensor) -> np.ndarray:
     """Spatial mean of region maps ``[N, C, H, W]``, L2-normalised: float32 ``[N, C]``.
 
     An all-zero map gives an all-zero vector (no division by zero).
     """
-    t = torch.as_tensor(maps).float()
-    if t.ndim != 4:
-        raise InvalidInputError(f"pool_vectors needs maps of shape [N, C, H, W], got {tuple(t.shape)}")
-    v = t.mean(dim=(2, 3))
+    if np.ndim(maps) != 4:
+        raise InvalidInputError(f"pool_vectors needs maps of shape [N, C, H, W], got {tuple(np.shape(maps))}")
+    v = torch.from_numpy(image_vectors(maps))
     v = v / v.norm(dim=1, keepdim=True).clamp_min(_EPS)
     return v.cpu().numpy().astype(np.float32, copy=False)
 

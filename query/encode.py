@@ -13,7 +13,7 @@ from PIL import Image
 from engine.boxes import Box, validate_box
 from engine.errors import EngineError, ImageReadError
 from indexer.images import load_image
-from indexer.region_features import RegionFeatureExtractor
+from indexer.region_features import RegionFeatureExtractor, image_vectors
 from indexer.scan import content_hash
 
 __all__ = ["QueryRegion", "load_query_region", "VisualQueryEncoder"]
@@ -59,7 +59,7 @@ class VisualQueryEncoder:
         indexing stored it)."""
         with torch.no_grad():
             fmap = self.extractor.feature_map([load_image(Path(path))])
-        return fmap[0].float().mean(dim=(1, 2)).cpu().numpy()
+        return image_vectors(fmap)[0]
 
     def region_maps(self, path: Path | str, rows: Sequence) -> np.ndarray | None:  # noqa: ANN001
         """The 7×7 maps float16 ``[n, C, 7, 7]`` of indexed regions ``rows`` (``RegionRow``) of the image at

@@ -20,6 +20,7 @@ from engine.models.mcb import map_to_box
 from engine.models.vocab import tokenize
 from engine.results import Hit
 from indexer.images import load_image
+from query.output import writing
 from query.render import HIT_COLOUR, draw_box
 
 __all__ = ["Grounding", "AttentionGrounder", "attention_picture", "explain_hits", "heat_colours"]
@@ -105,14 +106,16 @@ def explain_hits(grounder: AttentionGrounder, hits: Sequence[Hit], text: str, ou
     """Write ``explain_NN.png`` per hit into ``out_dir``: the hit box beside the attention map of ``text`` over the hit image."""
     text = grounder.check_text(text)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, hit in enumerate(hits, start=1):
         image = load_image(Path(hit.image))
         grounding = grounder.ground(image, [text])[0]
         pic = attention_picture(image, grounding, box=hit.box, box_label=f"#{rank} {hit.score:.3f}")
         path = out_dir / f"explain_{rank:02d}.png"
-        pic.save(path, format="PNG")
+        with writing(path, partial=path):  # a full disk is one line naming the file, no partial file left
+            pic.save(path, format="PNG")
         written.append(path)
     return written
 

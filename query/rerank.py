@@ -13,7 +13,7 @@ import numpy as np
 from engine.errors import IndexVersionError
 from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
-__all__ = ["StageScores", "Rescorer", "fuse_scores", "GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs", "read_region_maps", "default_grn_checkpoint"]
+__all__ = ["StageScores", "Rescorer", "fuse_scores", "GrnRescorer", "SanRescorer", "FusedRescorer", "read_grn_inputs", "read_region_maps", "default_grn_name", "default_grn_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,14 @@ class FusedRescorer:
         return StageScores(final=fuse_scores(grn, san, image_weight=self.image_weight, text_weight=self.text_weight), grn=grn, san=san)
 
 
+def default_grn_name(regions: int, *, has_maps: bool, on_gpu: bool, fc_from_regions: int) -> str:
+    """The policy of :func:`default_grn_checkpoint` for an index of ``regions`` regions: ``"grn"`` or
+    ``"grn-fc"`` (the benchmarks name their default variant by it too)."""
+    if not has_maps:
+        return "grn-fc"
+    return "grn" if on_gpu or regions < fc_from_regions else "grn-fc"
+
+
 def default_grn_checkpoint(store: IndexStore | None, *, on_gpu: bool, fc_from_regions: int) -> Path | None:
     """The stage-2 GRN for an index when none is configured (``None``: the shipped conv ``grn``).
 
@@ -150,13 +158,12 @@ def default_grn_checkpoint(store: IndexStore | None, *, on_gpu: bool, fc_from_re
 
     if store is None:
         return None
-    if not store.has_array(MAPS_ARRAY):
-        log.info("index built without 7x7 maps: stage 2 uses grn-fc")
-        return default_checkpoint("grn-fc")
-    if on_gpu:
+    has_maps = store.has_array(MAPS_ARRAY)
+    regions = store.vector_count() if has_maps and not on_gpu else 0
+    if default_grn_name(regions, has_maps=has_maps, on_gpu=on_gpu, fc_from_regions=fc_from_regions) == "grn":
         return None
-    regions = store.vector_count()
-    if regions >= fc_from_regions:
+    if not has_maps:
+        log.info("index built without 7x7 maps: stage 2 uses grn-fc")
+    else:
         log.info("index of %d regions on the CPU: stage 2 uses grn-fc (EngineConfig.fc_from_regions=%d)", regions, fc_from_regions)
-        return default_checkpoint("grn-fc")
-    return None
+    return default_checkpoint("grn-fc")

@@ -30,6 +30,34 @@ def tiny_engine(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
     engine.close()
 
 
+@pytest.fixture(scope="session")
+def split_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 scenes of 128x128; seed 2 gives 8 train, 2 val and 2 test images (training commands; read-only)."""
+    root = tmp_path_factory.mktemp("train") / "corpus"
+    generate_corpus(root, SynthConfig(images=12, size=128, seed=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def grn_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 scenes of 128 px with few meanings and half of them training, so that val and test queries are
+    answerable (GRN training and retrieval evaluation; read-only: its backbone cache fills as tests run)."""
+    root = tmp_path_factory.mktemp("grn") / "corpus"
+    generate_corpus(root, SynthConfig(images=32, seed=1, size=128, meaning_pool=4, split_fractions=(0.5, 0.25, 0.25)), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def grn_fc_checkpoint(grn_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``grn-fc`` trained one epoch on :func:`grn_corpus`."""
+    from engine.training.grn import GRNTrainConfig, train_grn
+    from engine.training.options import TrainOptions
+
+    out = tmp_path_factory.mktemp("ckpt") / "grn-fc.pt"
+    train_grn("grn-fc", TrainOptions(data=grn_corpus, out=out, epochs=1, progress=False), train_config=GRNTrainConfig(batch_size=8))
+    return out
+
+
 @pytest.fixture()
 def corpus_copy(tiny_corpus: Path, tmp_path: Path) -> Path:
     """A private, writable copy of the tiny corpus."""

@@ -125,7 +125,7 @@ class _FullFile(io.StringIO):
         return 0
 
 
-@pytest.mark.parametrize("what", ["--save-vis", "--html", "--out"])
+@pytest.mark.parametrize("what", ["--save-vis", "--html", "--out", "--explain"])
 def test_full_disk_while_writing_results_is_one_line(runner: CliRunner, cli_index: Path, tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
     import query.batch
 
@@ -133,6 +133,10 @@ def test_full_disk_while_writing_results_is_one_line(runner: CliRunner, cli_inde
     if what == "--save-vis":
         monkeypatch.setattr(PIL.Image.Image, "save", _no_space)
         args, target = ["--image", image, "--save-vis", str(tmp_path / "vis")], tmp_path / "vis" / "query.png"
+    elif what == "--explain":
+        monkeypatch.setattr(PIL.Image.Image, "save", _no_space)
+        args = ["--image", image, "--text", "a red circle", "--no-ground", "--explain", str(tmp_path / "ex")]
+        target = tmp_path / "ex" / "explain_01.png"
     elif what == "--html":
         monkeypatch.setattr(Path, "write_text", _no_space)
         args, target = ["--image", image, "--html", str(tmp_path / "g.html")], tmp_path / "g.html"

@@ -53,6 +53,7 @@ def test_commands_without_models_do_not_import_torch(index_copy: Path, tiny_corp
         assert result["heavy"] == [], f"engine {' '.join(args)} imported {result['heavy']}"
 
 
+@pytest.mark.slow
 def test_query_imports_torch_only_when_it_runs(index_copy: Path) -> None:
     """The probe itself is sound: a command that loads a model does import torch."""
     result = _run(["query", "--index", str(index_copy), "--region-id", "1", "-k", "1", "--json"])

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from engine.commands.options import DeviceType
-from engine.synth import SynthConfig, generate_corpus
 
 NO_MODEL = {"info", "models", "remove", "compact", "synth"}
 """Commands that load no model (and so take no --device)."""
@@ -55,13 +54,6 @@ def test_device_type_accepts_the_documented_values_and_rejects_others() -> None:
     assert kind.convert("CPU", None, None) == "cpu"
     with pytest.raises(click.BadParameter, match="choose auto, cpu, cuda or cuda:N"):
         kind.convert("gpu", None, None)
-
-
-@pytest.fixture(scope="module")
-def split_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("device") / "corpus"
-    generate_corpus(root, SynthConfig(images=12, size=128, seed=2))
-    return root
 
 
 @needs_no_cuda
@@ -106,11 +98,10 @@ TRAINERS = ["rpn", "grn", "saliency", "san", "mcb", "ref-nms-b", "cm-att"]
 
 
 @pytest.fixture(scope="module")
-def train_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 scenes with queries answerable in other images (what GRN validation needs); one feature cache for all trainers."""
-    root = tmp_path_factory.mktemp("trainers") / "corpus"
-    generate_corpus(root, SynthConfig(images=24, seed=1, size=128, meaning_pool=4, split_fractions=(0.5, 0.25, 0.25)), progress=False)
-    return root
+def train_corpus(grn_corpus: Path) -> Path:
+    """The session's GRN corpus: queries answerable in other images (what GRN validation needs); one feature
+    cache for all trainers."""
+    return grn_corpus
 
 
 @pytest.mark.slow

@@ -14,8 +14,6 @@ from engine.errors import InvalidInputError
 from engine.evaluation.retrieval import evaluate_retrieval, resolve_models, rows_to_markdown
 from engine.models.retrieval import RegionRetrievalModel
 from engine.protocols.retrieval import Candidates, build_benchmark, gt_candidates, rpn_candidates, score_benchmark
-from engine.training.grn import GRNTrainConfig, train_grn
-from engine.training.options import TrainOptions
 
 KEYS = {"method", "proposals", "R@1", "R@10", "R@50", "R@100", "med_r"}
 
@@ -29,20 +27,14 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32 scenes of 128 px with few meanings and large val/test splits, so that test queries are answerable."""
-    from engine.synth import SynthConfig, generate_corpus
-
-    root = tmp_path_factory.mktemp("evalgrn") / "corpus"
-    generate_corpus(root, SynthConfig(images=32, seed=1, size=128, meaning_pool=4, split_fractions=(0.5, 0.25, 0.25)), progress=False)
-    return root
+def corpus(grn_corpus: Path) -> Path:
+    """The session's GRN corpus (conftest): few meanings and large val/test splits, so that test queries are answerable."""
+    return grn_corpus
 
 
 @pytest.fixture(scope="module")
-def checkpoint(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "grn-fc.pt"
-    train_grn("grn-fc", TrainOptions(data=corpus, out=out, epochs=1, progress=False), train_config=GRNTrainConfig(batch_size=8))
-    return out
+def checkpoint(grn_fc_checkpoint: Path) -> Path:
+    return grn_fc_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ def test_best_weight_prefers_r10_then_r1_then_the_smaller_weight() -> None:
     assert best_weight([row(0, 50, 70), row(1, 50, 70)]).weight == 0
 
 
+@pytest.mark.slow
 def test_eval_fusion_measures_each_weight_through_the_engine(fusion_corpus: Path, tmp_path: Path) -> None:
     rows = evaluate_fusion(fusion_corpus, [0.0, 1.0], split="val", progress=False)
     assert [r.weight for r in rows] == [0.0, 1.0]

@@ -188,16 +188,6 @@ def test_loss_decreases_on_a_tiny_separable_problem(method: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def grn_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32 scenes of 128 px with few meanings, half of them training, so that val and test have answerable queries."""
-    from engine.synth import SynthConfig, generate_corpus
-
-    root = tmp_path_factory.mktemp("grn") / "corpus"
-    generate_corpus(root, SynthConfig(images=32, seed=1, size=128, meaning_pool=4, split_fractions=(0.5, 0.25, 0.25)), progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(grn_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "grn.pt"
     train_grn("grn", TrainOptions(data=grn_corpus, out=out, epochs=1, progress=False, seed=3), train_config=GRNTrainConfig(batch_size=8))

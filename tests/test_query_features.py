@@ -93,8 +93,10 @@ def test_text_and_image_weights_scale_the_stage2_parts(tiny_engine, tiny_corpus:
 
 
 def test_batch_gives_the_same_hits_as_single_queries_and_reports_bad_lines(tiny_engine, tiny_corpus: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    queries = [json.loads(line) for line in (tiny_corpus / "queries.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
-    lines = [{"id": f"q{i}", "image": str(tiny_corpus / q["image"]), "region": q["region"], **({"text": q["text"]} if i % 2 else {})} for i, q in enumerate(queries)]
+    queries = [json.loads(line) for line in (tiny_corpus / "queries.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
+    assert len(queries) == 2
+    # each query twice: region only, then with its text
+    lines = [{"id": f"q{i}", "image": str(tiny_corpus / q["image"]), "region": q["region"], **({"text": q["text"]} if i % 2 else {})} for i, q in enumerate(q for q in queries for _ in range(2))]
     lines += [{"id": "bad-box", "image": str(tiny_corpus / queries[0]["image"]), "region": [0, 0, 5000, 5000]}, {"id": "missing", "image": str(tmp_path / "nope.jpg")}, {"id": "glob", "image": str(tiny_corpus / queries[0]["image"]), "path_glob": "*000001.jpg"}]
     batch = tmp_path / "b.jsonl"
     batch.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n", encoding="utf-8")

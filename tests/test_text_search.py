@@ -58,6 +58,7 @@ def engine320(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Path]:
     engine.close()
 
 
+@pytest.mark.slow
 def test_same_region_two_texts_rank_the_matching_positives(engine320: tuple[Engine, Path]) -> None:
     """From the same query region, its own description finds its positives earlier than another description.
 

@@ -9,15 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.synth import SynthConfig, generate_corpus
-
-
-@pytest.fixture(scope="module")
-def split_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 scenes of 128x128; seed 2 gives 8 train, 2 val and 2 test images."""
-    root = tmp_path_factory.mktemp("train") / "corpus"
-    generate_corpus(root, SynthConfig(images=12, size=128, seed=2))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def prepare_index(config: QueryBenchConfig, *, progress: bool = True) -> tuple[S
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    seed = prepare_seed(config.seed, config.cache, progress=progress)
+    seed = prepare_seed(config.seed, config.cache, device=config.device, progress=progress)
     synthetic = SyntheticConfig(regions=config.regions, mix_min=config.mix_min, noise=config.noise, maps=config.maps)
     found = find_index(synthetic, config.cache, seed.key)
     if found is not None:  # no need to load the seed's arrays

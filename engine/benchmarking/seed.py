@@ -118,9 +118,9 @@ class BenchQuery:
     text: str
 
 
-def prepare_seed(config: SeedConfig, cache: Path, *, progress: bool = True) -> Seed:
-    """Generate (``engine synth``) and index (``engine index``) the seed corpus under ``cache`` unless it is
-    there already; an interrupted index run resumes. Returns where it is."""
+def prepare_seed(config: SeedConfig, cache: Path, *, device: str = "cpu", progress: bool = True) -> Seed:
+    """Generate (``engine synth``) and index (``engine index``, models on ``device``) the seed corpus under
+    ``cache`` unless it is there already; an interrupted index run resumes. Returns where it is."""
     from engine.api import Engine
     from engine.config import EngineConfig, IndexConfig
 
@@ -139,7 +139,7 @@ def prepare_seed(config: SeedConfig, cache: Path, *, progress: bool = True) -> S
 
         log.info("generating the %d-image seed corpus in %s", config.images, seed.corpus)
         generate_corpus(seed.corpus, SynthConfig(images=config.images, seed=config.seed, size=config.size), progress=progress)
-    with Engine(seed.index, config=EngineConfig(device="cpu")) as engine:
+    with Engine(seed.index, config=EngineConfig(device=device)) as engine:
         summary = engine.index(seed.corpus, config=IndexConfig(proposals=config.proposals), progress=progress)
     marker.write_text(json.dumps({"config": _jsonable(asdict(config)), "index": summary.to_dict()}, indent=2) + "\n", encoding="utf-8")
     return seed

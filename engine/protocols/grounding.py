@@ -14,6 +14,7 @@ import torch
 from engine.datasets.types import ImageAnn
 from engine.errors import InvalidInputError
 from engine.models.cm_att import Candidates, CMAttConfig, GroundingScorer, build_candidates
+from indexer.region_features import image_vectors
 
 __all__ = ["GROUNDING_TARGETS", "GroundingData", "build_grounding_data", "grounding_accuracy", "image_vector"]
 
@@ -43,7 +44,7 @@ class GroundingData:
 def image_vector(cache: Any, image: str) -> np.ndarray:
     """The image's context feature: the mean over positions of its map at the extractor's level (float32 ``[C]``)."""
     level = cache.extractor.config.level
-    return cache.get(image).maps[level].astype(np.float32).mean(axis=(1, 2))
+    return image_vectors(cache.get(image).maps[level][None])[0]
 
 
 def _targets(im: ImageAnn, targets: str) -> tuple[np.ndarray, list[tuple[str, int]]]:
