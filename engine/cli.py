@@ -20,7 +20,6 @@ from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
 from engine.commands.options import device_option, index_option, json_option
-from engine.config import MAX_WEIGHT
 from engine.commands.saliency import saliency_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
@@ -62,11 +61,14 @@ MAX_REGION_ID = 2**63 - 1
 
 
 class WeightType(click.ParamType):
-    """A stage-2 weight: a finite number from 0 to :data:`MAX_WEIGHT`."""
+    """A stage-2 weight: a finite number from 0 to :data:`engine.config.MAX_WEIGHT` (imported when a
+    weight is given: ``engine.config`` loads the store, which commands without weights need not)."""
 
     name = "weight"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from engine.config import MAX_WEIGHT
+
         try:
             weight = float(value)
         except (TypeError, ValueError):

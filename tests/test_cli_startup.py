@@ -18,7 +18,7 @@ import json, sys
 from click.testing import CliRunner
 from engine.cli import main
 result = CliRunner().invoke(main, json.loads(sys.argv[1]), catch_exceptions=False)
-print(json.dumps({"exit": result.exit_code, "output": result.output, "heavy": sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules)}))
+print(json.dumps({"exit": result.exit_code, "output": result.output, "heavy": sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules), "store": sorted(m for m in ("faiss", "sqlalchemy") if m in sys.modules)}))
 """
 
 
@@ -51,6 +51,8 @@ def test_commands_without_models_do_not_import_torch(index_copy: Path, tiny_corp
         result = _run(args)
         assert result["exit"] == 0, (args, result["output"])
         assert result["heavy"] == [], f"engine {' '.join(args)} imported {result['heavy']}"
+        if args == ["--help"]:  # not even the store's libraries
+            assert result["store"] == [], f"engine --help imported {result['store']}"
 
 
 @pytest.mark.slow
