@@ -80,6 +80,18 @@ def test_revisions_are_typed_and_chained() -> None:
     assert head_revision() in known_revisions()
 
 
+def test_the_revision_list_is_alembics_chain() -> None:
+    """``migrations.REVISIONS`` (read on every open without Alembic) is exactly Alembic's chain, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    import migrations
+
+    script = ScriptDirectory.from_config(alembic_config())
+    chain = [s.revision for s in script.walk_revisions()][::-1]
+    assert list(migrations.REVISIONS) == chain
+    assert head_revision() == script.get_current_head()
+
+
 def test_models_match_migrated_schema(tmp_path: Path) -> None:
     db = tmp_path / "engine.db"
     upgrade_database(db)

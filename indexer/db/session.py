@@ -13,17 +13,17 @@ configured here without an ``alembic.ini`` (``script_location`` is the directory
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.exc import DatabaseError
 
 from engine.errors import EngineError, IndexVersionError
+
+if TYPE_CHECKING:  # Alembic is imported only to migrate: opening an up-to-date index needs none of it
+    from alembic.config import Config
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -92,6 +92,8 @@ def alembic_config(connection: Connection | None = None, *, url: str | None = No
     ``config.attributes``); commands then run inside that connection's transaction. ``url`` is the
     alternative for offline (``--sql``) use.
     """
+    from alembic.config import Config
+
     import migrations
 
     config = Config()
@@ -103,23 +105,19 @@ def alembic_config(connection: Connection | None = None, *, url: str | None = No
     return config
 
 
-@lru_cache(maxsize=1)
-def _script() -> ScriptDirectory:
-    """The revisions shipped with this code (parsed once per process)."""
-    return ScriptDirectory.from_config(alembic_config())
-
-
 def head_revision() -> str:
-    """The newest revision id this code knows (e.g. ``"0002_tombstones"``)."""
-    head = _script().get_current_head()
-    if head is None:  # pragma: no cover - the package always ships revisions
-        raise EngineError("the migrations package holds no Alembic revisions; reinstall the engine")
-    return head
+    """The newest revision id this code knows (e.g. ``"0002_tombstones"``): the last of
+    :data:`migrations.REVISIONS` (no Alembic import)."""
+    from migrations import REVISIONS
+
+    return REVISIONS[-1]
 
 
 def known_revisions() -> set[str]:
-    """All revision ids of :mod:`migrations`."""
-    return {script.revision for script in _script().walk_revisions()}
+    """All revision ids of :mod:`migrations` (:data:`migrations.REVISIONS`)."""
+    from migrations import REVISIONS
+
+    return set(REVISIONS)
 
 
 def current_revision(connection: Connection) -> str | None:
@@ -183,6 +181,8 @@ def upgrade_database(db_path: Path, *, revision: str = "head") -> bool:
             if current == target:
                 return False
             logger.info("upgrading %s from revision %s to %s", db_path, current, target)
+            from alembic import command
+
             command.upgrade(alembic_config(connection), target)
             _check_foreign_keys(connection, db_path)
     finally:
@@ -196,6 +196,8 @@ def downgrade_database(db_path: Path, *, revision: str) -> None:
     try:
         with migrator.begin() as connection:
             _check_known(current_revision(connection), Path(db_path).parent)
+            from alembic import command
+
             command.downgrade(alembic_config(connection), revision)
             _check_foreign_keys(connection, Path(db_path))
     finally:
