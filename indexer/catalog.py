@@ -22,6 +22,7 @@ from indexer.db.models import REGION_SOURCES, RUN_STATUSES, Image, IndexRun, Reg
 from indexer.db_state import Database, DbState, dbapi, set_meta, snapshot_state, utc_now
 from indexer.feature_store import ArraySpec
 from indexer.integrity import SavedFile, Segment, record_file, record_segments, replace_segments
+from indexer.scan import is_utf8
 
 __all__ = [
     "ImageRecord",
@@ -519,19 +520,11 @@ def check_path(path: str) -> None:
         raise InvalidInputError(
             f"image path {path!r} is not absolute; pass str(Path(p).resolve())"
         )
-    if not path.isascii() and not _is_utf8(path):
+    if not path.isascii() and not is_utf8(path):
         raise InvalidInputError(
             f"image path {path!r} is not UTF-8 (a file name with undecodable bytes); the index stores UTF-8 "
             "paths: rename the file"
         )
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_items(items: Sequence[tuple[ImageRecord, RegionBatch]], specs: Mapping[str, ArraySpec]) -> None:

@@ -19,6 +19,7 @@ from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, image_vectors, mean_maps
 from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
+from indexer.catalog import RunCounts
 from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
 from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
@@ -30,15 +31,8 @@ INDEX_DISK_ADVICE = "free space and re-run `engine index`, which resumes where i
 
 
 @dataclass(frozen=True)
-class IndexSummary:
-    """What one ``engine index`` run did."""
-
-    processed: int
-    unchanged: int
-    removed: int
-    regions_added: int
-    errors: int
-    seconds: float
+class IndexSummary(RunCounts):
+    """What one ``engine index`` run did (the counts its run records)."""
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)

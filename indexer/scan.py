@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.errors import InvalidInputError
 from indexer.images import IMAGE_EXTENSIONS
 
-__all__ = ["FileEntry", "ScanIssue", "CorpusScan", "ScanPlan", "IMAGE_EXTENSIONS", "scan_corpus", "list_image_files", "plan_scan", "content_hash", "printable_path"]
+__all__ = ["FileEntry", "ScanIssue", "CorpusScan", "ScanPlan", "IMAGE_EXTENSIONS", "scan_corpus", "list_image_files", "plan_scan", "content_hash", "printable_path", "is_utf8"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def scan_corpus(root: Path, *, skip: tuple[Path, ...] = ()) -> CorpusScan:
         raise InvalidInputError(f"corpus folder {printable_path(root)} does not exist; pass a folder of images")
     if not root.is_dir():
         raise InvalidInputError(f"corpus {printable_path(root)} is not a folder; pass a folder of images")
-    if not _is_utf8(str(root)):
+    if not is_utf8(str(root)):
         raise InvalidInputError(f"corpus folder {printable_path(root)} has a name that is not UTF-8, which the index stores paths in; rename the folder (e.g. convmv -f latin1 -t utf-8)")
     skipped = {p.resolve() for p in skip}
     scan = CorpusScan()
@@ -127,7 +127,7 @@ def _is_folder(entry: os.DirEntry) -> bool:
 def _take_file(path: Path, scan: CorpusScan) -> None:
     """Add ``path`` to ``scan``'s files, or the reason it cannot be indexed to its issues."""
     shown = printable_path(path)
-    if not _is_utf8(str(path)):
+    if not is_utf8(str(path)):
         scan.issues.append(ScanIssue(shown, "file name is not UTF-8, which the index stores paths in; rename the file (e.g. convmv -f latin1 -t utf-8) and re-run engine index"))
         return
     try:
@@ -172,7 +172,8 @@ def _strerror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a name decoded with surrogates for undecodable bytes does not)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -233,6 +233,9 @@ _READER = textwrap.dedent(
     with IndexStore.open({index!r}) as store:
         _, ids = store.search(np.ones((1, {dim}), np.float32), 3)
         print(store.info().images, len(store.regions(ids[0])))
+    from pathlib import Path
+    from indexer.integrity import check_index
+    print(check_index(Path({index!r})).clean)  # engine check reads a read-only index too
     try:
         IndexStore.open({index!r}, writable=True)
     except Exception as exc:
@@ -260,7 +263,7 @@ def test_a_chmod_read_only_index_answers_a_user_without_write_permission() -> No
         if child.returncode != 0 and "Permission denied" in child.stderr and "idx" not in child.stderr:
             pytest.skip(f"'nobody' cannot run the engine here: {child.stderr.strip().splitlines()[-1]}")
         assert child.returncode == 0, child.stderr
-        assert child.stdout.split() == ["4", "3", "IndexReadOnlyError"]
+        assert child.stdout.split() == ["4", "3", "True", "IndexReadOnlyError"]
         assert _listing(index_dir) == before
     finally:
         for path in [top, *top.rglob("*")]:
