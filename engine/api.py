@@ -369,7 +369,20 @@ class Engine:
         from indexer.store import IndexStore
 
         if self._reader is None:
-            self._reader = IndexStore.open(self.index_dir, config=self.config.store)
+            try:
+                self._reader = IndexStore.open(self.index_dir, config=self.config.store)
+            except Exception as exc:  # a reader on a full disk: SQLite cannot create its -shm/-wal files
+                from engine.diskspace import disk_full_error
+
+                full = disk_full_error(
+                    exc,
+                    doing=f"opening the index at {self.index_dir}",
+                    advice="a reader needs a little space for SQLite's -shm/-wal files; free some on that disk and run the query again",
+                    where=Path(self.index_dir),
+                )
+                if full is not None:
+                    raise full from exc
+                raise
         return self._reader
 
     def _close_reader(self) -> None:

@@ -57,3 +57,22 @@ def test_an_unclear_error_on_a_disk_without_space_is_put_down_to_it(tmp_path: Pa
     err = disk_full_error(unclear, doing="indexing c into i", advice="free space and re-run `engine index`", where=tmp_path / "not-yet")
     assert str(err) == "disk full (4,096 bytes free) while indexing c into i: free space and re-run `engine index`"
     assert disk_full_error(InvalidInputError("corpus folder c does not exist"), doing="d", advice="a", where=tmp_path) is None
+
+
+def test_a_reader_that_cannot_open_the_index_on_a_full_disk_gets_one_line(tiny_engine, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """SQLite cannot create a reader's -shm file on a full disk: the query says so instead of a traceback."""
+    from engine.api import Engine
+    from engine.config import EngineConfig
+    from indexer.store import IndexStore
+
+    def no_shm(*args: object, **kwargs: object) -> None:
+        raise OperationalError("PRAGMA journal_mode=WAL", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(IndexStore, "open", no_shm)
+    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu")) as engine:
+        with pytest.raises(OperationalError):  # space left: the error is not put down to the disk
+            engine.info()
+        monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 4096})())
+        with pytest.raises(DiskFullError, match=r"^disk full \(4,096 bytes free\) while opening the index at .*run the query again$") as info:
+            engine.info()
+    assert "\n" not in str(info.value)
