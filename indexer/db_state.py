@@ -32,7 +32,6 @@ from urllib.parse import quote
 
 from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
 from engine.errors import (
@@ -47,9 +46,9 @@ from indexer.arrays import VECTOR_ARRAY, describe_specs
 from indexer.db.models import Meta
 from indexer.db.session import (
     create_db_engine,
-    current_revision,
     head_revision,
     known_revisions,
+    read_revision,
     upgrade_database,
 )
 from indexer.feature_store import ArraySpec
@@ -367,17 +366,7 @@ def _create_database(layout: IndexLayout, specs: Mapping[str, ArraySpec]) -> Non
 
 def _require_head(layout: IndexLayout) -> None:
     """On a read-only folder: the database must be at the schema this code reads (it cannot be migrated)."""
-    engine = create_db_engine(layout.db_path, read_only=True)
-    try:
-        with engine.connect() as connection:
-            current = current_revision(connection)
-    except DatabaseError as exc:
-        raise EngineError(
-            f"{layout.db_path} is not a readable SQLite database ({exc.orig}); restore it from a "
-            "backup or rebuild the index with `engine index CORPUS --index NEWDIR`"
-        ) from None
-    finally:
-        engine.dispose()
+    current = read_revision(layout.db_path, read_only=True)
     head = head_revision()
     if current == head:
         return

@@ -32,6 +32,7 @@ __all__ = [
     "head_revision",
     "known_revisions",
     "current_revision",
+    "read_revision",
     "upgrade_database",
     "downgrade_database",
 ]
@@ -137,6 +138,22 @@ def current_revision(connection: Connection) -> str | None:
     return heads[0] if heads else None
 
 
+def read_revision(db_path: Path, *, read_only: bool = False) -> str | None:
+    """The revision of the existing database ``db_path`` (``None``: Alembic never touched it), read
+    without any write lock (``read_only``: opened immutable); an unreadable file is a clear error."""
+    probe = create_db_engine(db_path, read_only=read_only)
+    try:
+        with probe.connect() as connection:
+            return current_revision(connection)
+    except DatabaseError as exc:
+        raise EngineError(
+            f"{db_path} is not a readable SQLite database ({exc.orig}); restore it from a "
+            "backup or rebuild the index with `engine index CORPUS --index NEWDIR`"
+        ) from None
+    finally:
+        probe.dispose()
+
+
 def _check_known(revision: str | None, index_dir: Path) -> None:
     if revision is not None and revision not in known_revisions():
         raise IndexVersionError(
@@ -158,17 +175,7 @@ def upgrade_database(db_path: Path, *, revision: str = "head") -> bool:
     index_dir = db_path.parent
     target = head_revision() if revision == "head" else revision
     if db_path.is_file():
-        probe = create_db_engine(db_path)
-        try:
-            with probe.connect() as connection:
-                current = current_revision(connection)
-        except DatabaseError as exc:
-            raise EngineError(
-                f"{db_path} is not a readable SQLite database ({exc.orig}); restore it from a "
-                "backup or rebuild the index with `engine index CORPUS --index NEWDIR`"
-            ) from None
-        finally:
-            probe.dispose()
+        current = read_revision(db_path)
         _check_known(current, index_dir)
         if current == target:
             return False
