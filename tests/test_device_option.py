@@ -17,7 +17,11 @@ from engine.commands.options import DeviceType
 NO_MODEL = {"info", "models", "remove", "compact", "synth"}
 """Commands that load no model (and so take no --device)."""
 
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without CUDA, also where one is present (the error is what these tests check)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 def _leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
@@ -56,7 +60,7 @@ def test_device_type_accepts_the_documented_values_and_rejects_others() -> None:
         kind.convert("gpu", None, None)
 
 
-@needs_no_cuda
+@pytest.mark.usefixtures("no_cuda")
 @pytest.mark.parametrize(
     "args",
     [
@@ -78,7 +82,7 @@ def test_cuda_without_cuda_is_a_one_line_error(args: list[str], device: str, spl
     assert not list(tmp_path.iterdir()) and not (split_corpus / ".engine-cache").exists()  # nothing ran
 
 
-@needs_no_cuda
+@pytest.mark.usefixtures("no_cuda")
 def test_load_model_refuses_cuda_without_cuda() -> None:
     from engine.errors import InvalidInputError
     from engine.models.registry import load_model
