@@ -196,7 +196,7 @@ def _compression(plan: Plan) -> None:
             queries = []
             for q in chosen:
                 region = load_query_region(q.image, q.box)
-                queries.append(ExhaustiveQuery(query_map=encoder.encode(region)[0], text=q.text, exclude_hash=region.content_hash))
+                queries.append(ExhaustiveQuery(query_map=encoder.encode(region).query_map, text=q.text, exclude_hash=region.content_hash))
             with IndexStore.open(built.path) as store:
                 log.info("map storage variants: %d regions, %s", regions, variant)
                 rows.extend(compare_map_storage(store, engine.retrieval_model, queries, map_variants(), progress=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.boxes import Box
 from engine.config import EngineConfig, IndexConfig, default_index_dir
@@ -12,6 +12,9 @@ from engine.errors import EngineError, IndexNotFoundError, IndexVersionError, In
 from engine.results import Hit
 from query.filters import HitFilter
 from query.request import SearchRequest
+
+if TYPE_CHECKING:  # query.encode imports torch: named for the types only
+    from query.encode import EncodedQuery
 
 __all__ = ["Engine", "SearchRequest"]
 
@@ -228,7 +231,7 @@ class Engine:
             self._pipeline = QueryPipeline(store=self._open_reader(), models=self, config=self.config)
         return self._pipeline
 
-    def _run(self, request: SearchRequest, encoded: Any) -> list[Hit]:  # noqa: ANN401
+    def _run(self, request: SearchRequest, encoded: EncodedQuery | None) -> list[Hit]:
         request.validate()
         return self.pipeline.run(request, encoded)
 

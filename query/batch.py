@@ -23,17 +23,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
 
 from engine.boxes import validate_box
 from engine.errors import EngineError, InvalidInputError
 from engine.results import Hit
-from query.encode import QueryRegion, load_query_region
+from query.encode import EncodedQuery, QueryRegion, load_query_region
 from query.filters import HitFilter
 from query.output import writing
 from query.request import SearchRequest
+
+if TYPE_CHECKING:
+    from indexer.region_features import RegionFeatureExtractor
 
 __all__ = ["BATCH_CHUNK", "BatchSummary", "BatchSearcher", "iter_batch", "read_batch", "encode_requests", "result_line", "run_batch"]
 
@@ -154,12 +157,12 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def encode_requests(extractor, requests: Sequence[Line], *, batch_size: int) -> dict[int, tuple[QueryRegion, np.ndarray, np.ndarray] | EngineError]:  # noqa: ANN001
-    """``(query, map, vector)`` per request with an image (or its :class:`EngineError`): an image
+def encode_requests(extractor: RegionFeatureExtractor, requests: Sequence[Line], *, batch_size: int) -> dict[int, EncodedQuery | EngineError]:
+    """The encoded query region per request with an image (or its :class:`EngineError`): an image
     file named by several requests is decoded once, the regions of one image share a backbone pass,
     images of one size go ``batch_size`` at a time."""
     loaded = _load_queries(requests)
-    out: dict[int, Any] = {i: q for i, q in loaded.items() if isinstance(q, EngineError)}
+    out: dict[int, EncodedQuery | EngineError] = {i: q for i, q in loaded.items() if isinstance(q, EngineError)}
     by_size: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, q in loaded.items():
         if isinstance(q, QueryRegion):
@@ -169,10 +172,11 @@ def encode_requests(extractor, requests: Sequence[Line], *, batch_size: int) -> 
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             images = [loaded[idx[0]].image for idx in chunk]
-            boxes = [np.asarray([loaded[i].box for i in idx], np.float32) for idx in chunk]
+            # float64, as one query's box (query/encode.py): a thin region must not collapse
+            boxes = [np.asarray([loaded[i].box for i in idx], np.float64) for idx in chunk]
             for idx, (maps, vectors) in zip(chunk, extractor(images, boxes)):
                 for j, i in enumerate(idx):
-                    out[i] = (loaded[i], maps[j], vectors[j])
+                    out[i] = EncodedQuery.of_region(loaded[i], maps[j], vectors[j])
     return out
 
 

@@ -15,8 +15,9 @@ from engine.errors import EngineError, ImageReadError
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor, image_vectors
 from indexer.scan import content_hash
+from indexer.arrays import VECTOR_ARRAY
 
-__all__ = ["QueryRegion", "load_query_region", "VisualQueryEncoder"]
+__all__ = ["QueryRegion", "EncodedQuery", "load_query_region", "VisualQueryEncoder"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,28 @@ class QueryRegion:
     image: Image.Image
     content_hash: str
     box: Box
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A request after encoding: stage 1's query ``vector``, searched in the FAISS file of feature array
+    ``array`` (its score named ``stage1`` in the hits); the query region's 7×7 ``query_map`` and its
+    image's ``content_hash`` for a visual query (``None`` for a text-only one)."""
+
+    vector: np.ndarray
+    array: str = VECTOR_ARRAY
+    stage1: str = "visual"
+    query_map: np.ndarray | None = None
+    content_hash: str | None = None
+
+    @property
+    def visual(self) -> bool:
+        return self.array == VECTOR_ARRAY
+
+    @classmethod
+    def of_region(cls, query: QueryRegion, query_map: np.ndarray, vector: np.ndarray) -> EncodedQuery:
+        """A query region encoded by the backbone (its map and L2-normalised vector)."""
+        return cls(vector=vector, query_map=query_map, content_hash=query.content_hash)
 
 
 def load_query_region(path: Path | str, region: Box | list[float] | None) -> QueryRegion:
@@ -48,11 +71,11 @@ class VisualQueryEncoder:
     def __init__(self, extractor: RegionFeatureExtractor) -> None:
         self.extractor = extractor
 
-    def encode(self, query: QueryRegion) -> tuple[np.ndarray, np.ndarray]:
-        """Returns ``(map [C, 7, 7] float16, vector [C] float32, L2-normalised)``."""
+    def encode(self, query: QueryRegion) -> EncodedQuery:
+        """The region's map ``[C, 7, 7]`` float16 and vector ``[C]`` float32 (L2-normalised)."""
         # float64: a thin region (x2 - x1 below float32 resolution) must not collapse to an empty box
         [(maps, vectors)] = self.extractor([query.image], [np.asarray([query.box], np.float64)])
-        return maps[0], vectors[0]
+        return EncodedQuery.of_region(query, maps[0], vectors[0])
 
     def image_vector(self, path: Path | str) -> np.ndarray:
         """The mean backbone feature ``e_0`` ``[C]`` of an image file (stage 3, for images indexed before

@@ -16,19 +16,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
-from indexer.store import VECTOR_ARRAY, IndexStore
+from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+from query.encode import EncodedQuery, VisualQueryEncoder, load_query_region
 from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import SearchOptions, search_regions
 
-__all__ = ["QueryModels", "EncodedQuery", "PreparedQuery", "QueryPipeline", "StageScores"]
+if TYPE_CHECKING:  # the models' classes, named for the types only
+    from engine.models.retrieval import RegionRetrievalModel
+    from indexer.region_features import RegionFeatureExtractor
+    from indexer.san_features import SanRegionEncoder
+
+__all__ = ["QueryModels", "PipelineSettings", "EncodedQuery", "PreparedQuery", "QueryPipeline", "StageScores"]
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +45,38 @@ class QueryModels(Protocol):
     """The parts a pipeline runs, loaded on first use (:class:`engine.api.Engine` is one)."""
 
     @property
-    def extractor(self) -> Any: ...  # indexer.region_features.RegionFeatureExtractor
+    def extractor(self) -> RegionFeatureExtractor: ...
 
     @property
-    def retrieval_model(self) -> Any: ...  # engine.models.retrieval.RegionRetrievalModel (the GRN)
+    def retrieval_model(self) -> RegionRetrievalModel: ...  # the stage-2 GRN
 
     @property
-    def san_encoder(self) -> Any: ...  # indexer.san_features.SanRegionEncoder
+    def san_encoder(self) -> SanRegionEncoder: ...
 
     @property
     def grounding_models(self) -> GroundingModels: ...
 
 
-@dataclass(frozen=True)
-class EncodedQuery:
-    """A request after encoding: stage 1's query ``vector``, searched in the FAISS file of feature array
-    ``array`` (its score named ``stage1`` in the hits); the query region's 7×7 ``query_map`` and its
-    image's ``content_hash`` for a visual query (``None`` for a text-only one)."""
-
-    vector: np.ndarray
-    array: str = VECTOR_ARRAY
-    stage1: str = "visual"
-    query_map: np.ndarray | None = None
-    content_hash: str | None = None
+class PipelineSettings(Protocol):
+    """What the pipeline reads of :class:`engine.config.EngineConfig`."""
 
     @property
-    def visual(self) -> bool:
-        return self.array == VECTOR_ARRAY
+    def shortlist(self) -> int: ...
+
+    @property
+    def stage3(self) -> bool: ...
+
+    @property
+    def san(self) -> bool: ...
+
+    @property
+    def san_candidates(self) -> int: ...
+
+    @property
+    def text_weight(self) -> float: ...
+
+    @property
+    def image_weight(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -89,14 +100,14 @@ class QueryPipeline:
         config: an :class:`engine.config.EngineConfig` (shortlist, SAN, fusion weights, stage 3).
     """
 
-    def __init__(self, *, store: IndexStore, models: QueryModels, config: Any) -> None:  # noqa: ANN401
+    def __init__(self, *, store: IndexStore, models: QueryModels, config: PipelineSettings) -> None:
         self.store = store
         self.models = models
         self.config = config
 
     # -- the request, top to bottom -----------------------------------------------------------
-    def run(self, request: SearchRequest, encoded: Any = None) -> list[Hit]:  # noqa: ANN401
-        """The request's hits. ``encoded``: its ``(QueryRegion, map, vector)`` when already encoded (batches)."""
+    def run(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> list[Hit]:
+        """The request's hits. ``encoded``: its query region when already encoded (batches)."""
         prepared = self.prepare(request, encoded)
         if not self.grounds(prepared):
             return self.rank(prepared)
@@ -106,7 +117,7 @@ class QueryPipeline:
         hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
         return prepared.options.filters.apply(hits)[: request.k]
 
-    def prepare(self, request: SearchRequest, encoded: Any = None) -> PreparedQuery:  # noqa: ANN401
+    def prepare(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> PreparedQuery:
         """The request validated and encoded, with its stage-2 scorer."""
         request.validate()
         SearchOptions(k=request.k, shortlist=self.config.shortlist)  # validates before any model loads
@@ -145,7 +156,7 @@ class QueryPipeline:
         return grounded
 
     # -- the steps ----------------------------------------------------------------------------
-    def encode(self, request: SearchRequest, encoded: Any = None) -> EncodedQuery:  # noqa: ANN401
+    def encode(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> EncodedQuery:
         """A visual query's region: an indexed region's stored features (``region_id``), or the region of
         the query image passed through the backbone (or ``encoded`` already)."""
         if request.region_id is not None:
@@ -154,14 +165,9 @@ class QueryPipeline:
             vector = self.store.read_arrays(VECTOR_ARRAY, rows)[0].astype(np.float32)
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             return EncodedQuery(vector=vector, query_map=read_region_maps(self.store, rows)[0], content_hash=row.content_hash)
-        if encoded is None:
-            from query.encode import VisualQueryEncoder, load_query_region
-
-            region = load_query_region(request.image, request.region)
-            query_map, vector = VisualQueryEncoder(self.models.extractor).encode(region)
-            return EncodedQuery(vector=vector, query_map=query_map, content_hash=region.content_hash)
-        region, query_map, vector = encoded
-        return EncodedQuery(vector=vector, query_map=query_map, content_hash=region.content_hash)
+        if encoded is not None:
+            return encoded
+        return VisualQueryEncoder(self.models.extractor).encode(load_query_region(request.image, request.region))
 
     def encode_text(self, text: str) -> EncodedQuery:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""
@@ -218,7 +224,6 @@ class QueryPipeline:
     def grounding_stage(self) -> GroundingStage:
         """Stage 3 over this index (Ref-NMS reads its stored visual features when they are this model's)."""
         from indexer.store import REFNMS_ARRAY
-        from query.encode import VisualQueryEncoder
 
         parts = self.models.grounding_models
         stored = self.store.has_array(REFNMS_ARRAY) and self.store.models().get("ref_nms") == parts.ref_nms.version
@@ -231,7 +236,7 @@ class QueryPipeline:
             stored_relatedness_features=stored,
         )
 
-    def region(self, region_id: int) -> Any:  # noqa: ANN401
+    def region(self, region_id: int) -> RegionRow:
         """The indexed region ``region_id`` (a ``RegionRow``); a clear error when it is not in the index."""
         rows = self.store.regions([region_id])
         if not rows:

@@ -155,9 +155,9 @@ def test_a_repeated_image_is_decoded_once(tmp_path: Path, monkeypatch: pytest.Mo
     encoded = encode_requests(extractor, requests, batch_size=4)
     assert sorted(loads) == ["a.png", "b.png"]
     assert isinstance(encoded[3], InvalidInputError) and "--region" in str(encoded[3])
-    boxes = {i: tuple(encoded[i][2]) for i in (0, 1, 2, 4)}
+    boxes = {i: tuple(encoded[i].vector) for i in (0, 1, 2, 4)}
     assert boxes == {0: (0, 0, 10, 10), 1: (0, 0, 40, 30), 2: (5, 5, 20, 30), 4: (0, 0, 40, 30)}
-    assert encoded[0][0].content_hash == encoded[2][0].content_hash != encoded[1][0].content_hash
+    assert encoded[0].content_hash == encoded[2].content_hash != encoded[1].content_hash
 
 
 @pytest.mark.slow

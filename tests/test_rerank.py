@@ -32,7 +32,7 @@ def test_stage2_equals_exhaustive_scoring(tiny_engine: Engine, tiny_corpus: Path
         store = engine._open_reader()
         rows = store.regions(store.all_region_ids().tolist())
         row_index = np.asarray([r.row for r in rows])
-        query_map, _ = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region))
+        query_map = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region)).query_map
         grn = np.asarray(engine.retrieval_model.score(query_map, q.text, store.read_arrays("maps", row_index)), np.float64)
         san = np.asarray(engine.san_encoder.model.score(q.text, store.read_arrays("san", row_index).astype(np.float32)), np.float64)
         scores = image_weight * grn + text_weight * san if text_weight else grn
@@ -119,7 +119,7 @@ def test_grn_fc_reads_the_pooled_array_and_scores_as_from_the_maps(tiny_engine: 
         np.testing.assert_allclose(store.read_arrays("pooled", row_index).astype(np.float32), mean_maps(maps).astype(np.float32), rtol=1e-3, atol=1e-3)
         model = engine.retrieval_model
         assert model.method == "grn-fc" and not model.spatial and tiny_engine.retrieval_model.spatial
-        query_map, _ = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region))
+        query_map = VisualQueryEncoder(engine.extractor).encode(load_query_region(image, q.region)).query_map
         read: list[str] = []
         original = store.read_arrays
         store.read_arrays = lambda name, r: read.append(name) or original(name, r)  # type: ignore[method-assign]

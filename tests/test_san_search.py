@@ -147,7 +147,7 @@ def test_san_candidates_join_the_shortlist_of_a_combined_query(engine320: Engine
     try:
         hits = small.search(image=corpus320 / ann.image, region=region.box, text=region.description, k=25)
         store = small._open_reader()
-        _, vector = VisualQueryEncoder(small.extractor).encode(load_query_region(corpus320 / ann.image, region.box))
+        vector = VisualQueryEncoder(small.extractor).encode(load_query_region(corpus320 / ann.image, region.box)).vector
         _, visual_ids = store.search(vector[None], 5)
         _, san_ids = store.search(small.san_encoder.model.text_vector(region.description)[None], 20, array="san")
         got = {h.region_id for h in hits}
