@@ -105,7 +105,6 @@ class Engine:
     # -- indexing -----------------------------------------------------------------------------
     def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
         """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``."""
-        from indexer.pipeline import IndexingPipeline
         from indexer.proposal_sources import create_proposal_provider
         from indexer.store import IndexStore
 
@@ -116,15 +115,19 @@ class Engine:
         proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
         with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps)) as store:
-            san = self.san_encoder if store.has_array("san") else None
-            models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-            if san is not None:
-                models["san"] = san.version
-            ref_nms = self._indexing_ref_nms(store)
-            if ref_nms is not None:
-                models["ref_nms"] = ref_nms.version
-            pipeline = IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms)
+            pipeline = self._indexing_pipeline(store, proposals, config)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
+
+    def _indexing_pipeline(self, store, proposals, config: IndexConfig):  # noqa: ANN001, ANN202 - IndexStore, ProposalProvider -> IndexingPipeline
+        """The indexing pipeline of this engine's models into the open, writable ``store``: SAN and the
+        Ref-NMS features when the index has those arrays; ``models`` records every version."""
+        from indexer.pipeline import IndexingPipeline
+
+        san = self.san_encoder if store.has_array("san") else None
+        ref_nms = self._indexing_ref_nms(store)
+        models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
+        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms)) if m is not None})
+        return IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms)
 
     def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
         """The Ref-NMS model whose visual features an index with the ``refnms`` array stores; a clear error
@@ -343,21 +346,18 @@ class Engine:
 
     def _reindex_damaged(self, store, job) -> None:  # noqa: ANN001 - IndexStore, indexer.integrity.ReindexJob
         """Extract ``job``'s images again into ``store`` with the models their run used (else a clear error)."""
-        from indexer.pipeline import IndexingPipeline
         from indexer.proposal_sources import create_proposal_provider
 
         proposals = create_proposal_provider(job.proposals, job.corpus, backbone=self.extractor.backbone)
-        san = self.san_encoder if store.has_array("san") else None
-        ref_nms = self._indexing_ref_nms(store)
-        models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms)) if m is not None})
+        pipeline = self._indexing_pipeline(store, proposals, IndexConfig())  # batch and save settings: the defaults
+        models = pipeline.models
         differ = sorted(k for k in set(models) & set(job.models) if models[k] != job.models[k])
         if differ:
             raise IndexVersionError(
                 f"{len(job.paths)} image(s) were indexed with other models ({', '.join(f'{k}: {job.models[k]}' for k in differ)}); "
                 f"this engine loads {', '.join(models[k] for k in differ)}; configure those models, or re-index into a new directory"
             )
-        IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, models=models, san=san, ref_nms=ref_nms).reindex(list(job.paths), corpus=job.corpus)
+        pipeline.reindex(list(job.paths), corpus=job.corpus)
 
     def close(self) -> None:
         self._close_reader()
