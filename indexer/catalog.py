@@ -21,7 +21,7 @@ from engine.errors import EngineError, InvalidBoxError, InvalidInputError
 from indexer.db.models import REGION_SOURCES, RUN_STATUSES, Image, IndexRun, Region, Tombstone
 from indexer.db_state import Database, DbState, dbapi, set_meta, snapshot_state, utc_now
 from indexer.feature_store import ArraySpec
-from indexer.integrity import SavedFile, Segment, record_file, record_segments, replace_segments
+from indexer.checksums import SavedFile, Segment, record_file, record_segments, replace_segments
 from indexer.scan import is_utf8
 
 __all__ = [

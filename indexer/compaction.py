@@ -29,7 +29,7 @@ import numpy as np
 
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.index_dir import IndexLayout, fsync_dir, parse_generation_file
-from indexer.integrity import Segment, generation_segments
+from indexer.checksums import Segment, generation_segments
 
 __all__ = [
     "CompactSummary",

@@ -1,22 +1,13 @@
-"""Integrity of an index on disk: checksums recorded when files are written, ``engine check`` and its repair.
-
-What is recorded (docs/index-layout.md, "Checksums and `engine check`"):
-
-* every commit appends rows to every feature array; ``commit_images`` records, per array, the crc32 of
-  the bytes it appended with their rows (``feature_segments``: array, generation, first row, row count),
-  in the same transaction as the rows. A compaction records the segments of the generation it writes
-  (at most :data:`SEGMENT_ROWS` rows each) in the transaction that switches to it. Rows written before
-  schema revision 0004 have no segment: they are *unrecorded*, checked for NaN/inf only.
-* each save of a FAISS file or of the region table (``regions.npz``) records the file's size, crc32 and
-  the database state it reflects in ``meta`` (key ``file:NAME``), in the transaction after the save.
+"""``engine check``: every file of an index verified against its database, and ``--repair``.
 
 :func:`check_index` compares every file with the database: feature-file sizes with ``next_row``, each
-segment's crc32 (and NaN/inf in live rows without a segment), the FAISS files and the region table
-with their records (and their own internal checksums). Damage that touches only dead rows (no live
-region refers to them) is harmless and reported as a note. :func:`repair_index` (``--repair``) extends
-truncated feature files (with NaN, so nothing reads them as data), re-extracts the features of the
-images whose live rows are damaged from their files (the same pipeline as ``engine index``; their old
-rows become dead), and rebuilds damaged FAISS files and the region table from the feature store.
+segment's crc32 (:mod:`indexer.checksums`; NaN/inf in live rows without a segment), the FAISS files and
+the region table with their records (and their own internal checksums). Damage that touches only dead
+rows (no live region refers to them) is harmless and reported as a note. :func:`repair_index`
+(``--repair``) extends truncated feature files (with NaN, so nothing reads them as data), re-extracts the
+features of the images whose live rows are damaged from their files (the same pipeline as ``engine
+index``; their old rows become dead), and rebuilds damaged FAISS files and the region table from the
+feature store. docs/index-layout.md, "Checksums and `engine check`".
 """
 from __future__ import annotations
 
@@ -24,17 +15,18 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine.errors import EngineError, IndexCorruptError
+from indexer.arrays import SAN_ARRAY, VECTOR_ARRAY
+from indexer.checksums import FILE_KEY, Segment
 from indexer.db.models import FeatureSegment, Image, IndexRun, Meta, Region
 from indexer.db_state import Database, snapshot_state
 from indexer.faiss_store import VectorFileError, read_header
@@ -46,20 +38,11 @@ if TYPE_CHECKING:
     from indexer.store import IndexStore, StoreConfig
 
 __all__ = [
-    "SEGMENT_ROWS",
-    "Segment",
     "DamagedPart",
     "RepairReport",
     "CheckReport",
     "ReindexJob",
     "Reindexer",
-    "commit_segments",
-    "generation_segments",
-    "record_segments",
-    "replace_segments",
-    "SavedFile",
-    "record_file",
-    "check_scores",
     "check_index",
     "check_layout",
     "ensure_features_intact",
@@ -68,111 +51,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEGMENT_ROWS = 4096
-"""At most this many rows per segment a compaction records: a damaged segment re-extracts its images."""
 _READ_BYTES = 16 << 20  # feature bytes read per step when verifying
-_FILE_KEY = "file:"  # meta key prefix of a saved file's record
-_VECTOR_ARRAYS = ("visual", "san")  # the arrays with a FAISS file (indexer.store.IndexStore.vector_arrays)
+_VECTOR_ARRAYS = (VECTOR_ARRAY, SAN_ARRAY)  # the arrays with a FAISS file (indexer.store.IndexStore.vector_arrays)
 _NAN_BYTE = b"\xff"  # 0xFFFF is a float16 NaN: padding that no reader takes for data
 _PROPOSAL_SOURCES = ("gt", "selective-search")  # runs record these by name, the RPN by its version
-
-
-# ----------------------------------------------------------------------------------------------
-# recording
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``first_row .. first_row + n_rows - 1`` of feature array ``array`` (generation ``generation``)
-    as one commit (or compaction step) wrote them, and the crc32 of their bytes."""
-
-    array: str
-    generation: int
-    first_row: int
-    n_rows: int
-    crc32: int
-
-    @property
-    def end_row(self) -> int:
-        return self.first_row + self.n_rows
-
-
-def _crc32(block: np.ndarray, crc: int = 0) -> int:
-    return zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1), crc)
-
-
-def commit_segments(arrays: Mapping[str, np.ndarray], first_row: int, generation: int) -> list[Segment]:
-    """One segment per array for the rows ``arrays`` (float16, as appended) written at ``first_row``."""
-    return [
-        Segment(name, int(generation), int(first_row), int(block.shape[0]), _crc32(block))
-        for name, block in arrays.items()
-        if block.shape[0]
-    ]
-
-
-def generation_segments(name: str, block: np.ndarray, first_row: int, generation: int) -> list[Segment]:
-    """Segments of at most :data:`SEGMENT_ROWS` rows for ``block`` written at ``first_row`` by a compaction."""
-    return [
-        Segment(name, int(generation), int(first_row + start), int(part.shape[0]), _crc32(part))
-        for start in range(0, block.shape[0], SEGMENT_ROWS)
-        for part in (block[start : start + SEGMENT_ROWS],)
-    ]
-
-
-def _upsert_segments(session: Session, segments: Sequence[Segment]) -> None:
-    if not segments:
-        return
-    stmt = sqlite_insert(FeatureSegment)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[FeatureSegment.array, FeatureSegment.generation, FeatureSegment.first_row],
-        set_={"n_rows": stmt.excluded.n_rows, "crc32": stmt.excluded.crc32},
-    )
-    session.execute(
-        stmt,
-        [{"array": s.array, "generation": s.generation, "first_row": s.first_row, "n_rows": s.n_rows, "crc32": s.crc32} for s in segments],
-    )
-
-
-def record_segments(session: Session, segments: Sequence[Segment]) -> None:
-    """Record ``segments`` in the caller's transaction (the one that commits their rows)."""
-    _upsert_segments(session, segments)
-
-
-def replace_segments(session: Session, generation: int, segments: Sequence[Segment]) -> None:
-    """A compaction's commit: forget the segments of every other generation, record ``segments``."""
-    session.execute(delete(FeatureSegment).where(FeatureSegment.generation != int(generation)))
-    _upsert_segments(session, segments)
-
-
-@dataclass(frozen=True)
-class SavedFile:
-    """A file a save wrote (``vectors.faiss``, ``regions.npz``, ...): its size and crc32, and the database
-    ``state`` it reflects (its header's region id and tombstone seq; the table's generation too)."""
-
-    name: str
-    digest: FileDigest
-    state: tuple[int, ...]
-
-
-def record_file(session: Session, saved: SavedFile) -> None:
-    """Record ``saved`` in the caller's transaction, for ``engine check``."""
-    value = json.dumps(
-        {"size": int(saved.digest.size), "crc32": int(saved.digest.crc32), "state": [int(v) for v in saved.state]},
-        sort_keys=True,
-    )
-    session.execute(
-        sqlite_insert(Meta)
-        .values(key=_FILE_KEY + saved.name, value=value)
-        .on_conflict_do_update(index_elements=[Meta.key], set_={"value": value})
-    )
-
-
-def check_scores(scores: np.ndarray, ids: np.ndarray, index_dir: Path) -> None:
-    """Raise :class:`IndexCorruptError` when a FAISS search returned a NaN score for a real hit (id >= 0)."""
-    if np.isnan(scores[ids >= 0]).any():
-        raise IndexCorruptError(
-            f"the vector index of {index_dir} returned NaN scores: a FAISS file or the feature rows it was built "
-            f"from are damaged on disk; run `engine check --index {index_dir} --repair`"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +214,7 @@ def _read_state(session: Session) -> _DbState:
         segments=segments,
         live_rows=live[:, 0].copy(),
         live_images=live[:, 1].copy(),
-        files={k[len(_FILE_KEY) :]: v for k, v in meta.items() if k.startswith(_FILE_KEY)},
+        files={k[len(FILE_KEY) :]: v for k, v in meta.items() if k.startswith(FILE_KEY)},
     )
 
 

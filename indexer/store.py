@@ -71,7 +71,8 @@ from indexer.faiss_store import DEFAULT_FLAT_THRESHOLD, num_faiss_gpus
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout, WriterLock, remove_stale_temps
-from indexer.integrity import check_scores, commit_segments, ensure_features_intact
+from indexer.checksums import check_scores, commit_segments
+from indexer.integrity import ensure_features_intact
 from indexer.region_table import Regions
 from indexer.table_sync import TableSync
 from indexer.vector_sync import VectorSync

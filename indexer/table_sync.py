@@ -12,7 +12,7 @@ from indexer.catalog import tombstones_since
 from indexer.db_state import Database, DbState, dbapi, snapshot_state
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout
-from indexer.integrity import SavedFile
+from indexer.checksums import SavedFile
 from indexer.region_table import RegionTable, load_table, read_regions, save_table
 
 __all__ = ["TableSync"]

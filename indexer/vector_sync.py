@@ -18,7 +18,7 @@ from indexer.db_state import Database, DbState, snapshot_state
 from indexer.faiss_store import VectorFileError, VectorIndex
 from indexer.feature_sync import FeatureSync
 from indexer.index_dir import IndexLayout
-from indexer.integrity import SavedFile
+from indexer.checksums import SavedFile
 
 __all__ = ["VectorSync"]
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from engine.errors import IndexCorruptError
 from indexer.db.session import downgrade_database, upgrade_database
-from indexer.integrity import SEGMENT_ROWS, ReindexJob, check_index, check_scores, repair_index
+from indexer.checksums import SEGMENT_ROWS, check_scores
+from indexer.integrity import ReindexJob, check_index, repair_index
 from indexer.store import ImageRecord, IndexStore, RegionBatch
 
 DIM = 8
