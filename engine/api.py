@@ -13,7 +13,11 @@ from engine.results import Hit
 from query.filters import HitFilter
 from query.request import SearchRequest
 
-if TYPE_CHECKING:  # query.encode imports torch: named for the types only
+if TYPE_CHECKING:  # named for the types only (these modules import torch, faiss or the models)
+    from indexer.integrity import ReindexJob
+    from indexer.pipeline import IndexingPipeline
+    from indexer.proposal_sources import ProposalProvider
+    from indexer.store import IndexStore
     from query.encode import EncodedQuery
 
 __all__ = ["Engine", "SearchRequest"]
@@ -118,7 +122,7 @@ class Engine:
             pipeline = self._indexing_pipeline(store, proposals, config)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
 
-    def _indexing_pipeline(self, store, proposals, config: IndexConfig):  # noqa: ANN001, ANN202 - IndexStore, ProposalProvider -> IndexingPipeline
+    def _indexing_pipeline(self, store: IndexStore, proposals: ProposalProvider, config: IndexConfig) -> IndexingPipeline:
         """The indexing pipeline of this engine's models into the open, writable ``store``: SAN and the
         Ref-NMS features when the index has those arrays; ``models`` records every version."""
         from indexer.pipeline import IndexingPipeline
@@ -344,7 +348,7 @@ class Engine:
             return check_index(self.index_dir, config=self.config.store)
         return repair_index(self.index_dir, config=self.config.store, reindex=self._reindex_damaged)
 
-    def _reindex_damaged(self, store, job) -> None:  # noqa: ANN001 - IndexStore, indexer.integrity.ReindexJob
+    def _reindex_damaged(self, store: IndexStore, job: ReindexJob) -> None:
         """Extract ``job``'s images again into ``store`` with the models their run used (else a clear error)."""
         from indexer.proposal_sources import create_proposal_provider
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor, image_vectors
 from indexer.scan import content_hash
 from indexer.arrays import VECTOR_ARRAY
+
+if TYPE_CHECKING:
+    from indexer.store import RegionRow
 
 __all__ = ["QueryRegion", "EncodedQuery", "load_query_region", "VisualQueryEncoder"]
 
@@ -84,7 +88,7 @@ class VisualQueryEncoder:
             fmap = self.extractor.feature_map([load_image(Path(path))])
         return image_vectors(fmap)[0]
 
-    def region_maps(self, path: Path | str, rows: Sequence) -> np.ndarray | None:  # noqa: ANN001
+    def region_maps(self, path: Path | str, rows: Sequence[RegionRow]) -> np.ndarray | None:
         """The 7×7 maps float16 ``[n, C, 7, 7]`` of indexed regions ``rows`` (``RegionRow``) of the image at
         ``path``, computed again from the file exactly as indexing computed them (an index built without
         maps); ``None`` when the file is gone or no longer the one indexed (another content hash)."""
