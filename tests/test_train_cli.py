@@ -96,3 +96,31 @@ def test_models_lists_the_shipped_rpn() -> None:
     assert rows["rpn"]["key_metrics"]["test_regions@100"] >= 0.9
     table = CliRunner().invoke(main, ["models"]).output
     assert "rpn" in table and rows["rpn"]["sha256"][:12] in table
+
+
+def test_train_rpn_on_two_datasets_reports_each(split_corpus: Path, tmp_path: Path) -> None:
+    """Two --data folders train one network; the manifest has the pooled test recall and each dataset's own."""
+    from engine.synth import SynthConfig, generate_corpus
+
+    other = tmp_path / "other"
+    generate_corpus(other, SynthConfig(images=12, size=160, seed=7))
+    out = tmp_path / "rpn.pt"
+    args = ["train", "rpn", "--data", str(split_corpus), "--data", str(other), "--out", str(out), "--epochs", "1", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["command"] == f"engine train rpn --data {split_corpus} --data {other} --out {out} --epochs 1 --seed 0 --device cpu"
+    assert manifest["data"] == f"{split_corpus.resolve()}, {other.resolve()}"
+    metrics = manifest["metrics"]
+    per = {name: metrics[f"{name}/test_images"] for name in (split_corpus.name, other.name) if f"{name}/test_images" in metrics}
+    assert per and sum(per.values()) == metrics["test_images"]
+    for name in per:
+        assert 0 <= metrics[f"{name}/test_objects@100"] <= 1
+
+
+def test_only_rpn_trains_on_several_datasets(split_corpus: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    result = CliRunner().invoke(main, ["train", "grn", "--data", str(split_corpus), "--data", str(other), "--epochs", "1", "--quiet"])
+    assert result.exit_code != 0
+    assert "grn trains on one dataset: give --data once" in result.output and "Traceback" not in result.output

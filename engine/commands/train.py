@@ -49,13 +49,13 @@ class _TrainCommand(click.Command):
 
 @click.command("train", cls=_TrainCommand)
 @click.argument("model", type=_ModelChoice(), metavar="MODEL")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. rpn takes it more than once to learn several worlds together.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
+def train_command(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
     """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
 
     MODEL is a name of the model registry (all are listed under Models
@@ -69,13 +69,15 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
     Example:
       engine synth data/synth --images 1500 --seed 1
       engine train rpn --data data/synth --out rpn.pt --seed 0
+      engine train rpn --data data/synth --data data/stamps --out rpn.pt
       engine train grn --data data/synth --epochs 5
     """
     from engine.training.options import TrainOptions
     from engine.training.registry import train_model
 
     options = TrainOptions(
-        data=data,
+        data=data[0],
+        extra_data=tuple(data[1:]),
         out=out if out is not None else Path(f"{model}.pt"),
         epochs=epochs,
         seed=seed,
@@ -88,9 +90,11 @@ def train_command(model: str, data: Path, out: Path | None, epochs: int | None, 
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
 
 
-def _command_line(model: str, data: Path, out: Path | None, epochs: int | None, seed: int, device: str) -> str:
+def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str) -> str:
     """The reproducing command line recorded in the manifest (progress flags left out)."""
-    parts = ["engine", "train", model, "--data", str(data)]
+    parts = ["engine", "train", model]
+    for folder in data:
+        parts += ["--data", str(folder)]
     if out is not None:
         parts += ["--out", str(out)]
     if epochs is not None:

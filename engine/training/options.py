@@ -18,6 +18,8 @@ class TrainOptions:
     """Where the data is, where the checkpoint goes, and how long and how reproducibly to train.
 
     ``epochs=None`` means the model's own default. ``command`` is the command line recorded in the manifest.
+    ``extra_data`` are more dataset folders trained on together with ``data`` (``engine train rpn --data A
+    --data B``: the proposal network learns both worlds); the other trainers read ``data`` only and refuse them.
     """
 
     data: Path
@@ -28,12 +30,22 @@ class TrainOptions:
     progress: bool = True
     command: str = ""
     cache_dir: Path | None = None
+    extra_data: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs <= 0:
             raise InvalidInputError(f"--epochs must be a positive integer, got {self.epochs}")
-        if not Path(self.data).is_dir():
-            raise InvalidInputError(f"--data {self.data} is not a folder; pass a dataset folder (e.g. made by `engine synth`)")
+        for folder in self.datasets:
+            if not Path(folder).is_dir():
+                raise InvalidInputError(f"--data {folder} is not a folder; pass a dataset folder (e.g. made by `engine synth`)")
+        names = [Path(d).resolve().name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"--data folders need distinct names (got {', '.join(names)}): each names its dataset in the manifest")
+
+    @property
+    def datasets(self) -> tuple[Path, ...]:
+        """Every dataset folder: ``data`` first, then ``extra_data``."""
+        return (Path(self.data), *(Path(d) for d in self.extra_data))
 
 
 def read_splits(data: Path) -> tuple["Dataset", "Dataset", "Dataset", "Dataset"]:

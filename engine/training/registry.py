@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from engine.models.checkpoint import Manifest
     from engine.training.options import TrainOptions
 
-__all__ = ["TRAINERS", "train_model"]
+__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "train_model"]
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
+
+MULTI_DATASET_FAMILIES = frozenset({"rpn"})  # families whose trainer reads every --data folder
 
 
 def _rpn(name: str, options: TrainOptions) -> Manifest:
@@ -75,5 +77,13 @@ assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a 
 
 
 def train_model(name: str, options: TrainOptions) -> Manifest:
-    """Train the model ``name`` (one of :func:`engine.models.registry.model_names`) and write its checkpoint."""
-    return TRAINERS[family_of_name(name).name](name, options)
+    """Train the model ``name`` (one of :func:`engine.models.registry.model_names`) and write its checkpoint.
+
+    Only the proposal network trains on several datasets at once (``options.extra_data``); any other model
+    given more than one ``--data`` is a clear error rather than a silently ignored folder."""
+    family = family_of_name(name).name
+    if options.extra_data and family not in MULTI_DATASET_FAMILIES:
+        from engine.errors import InvalidInputError
+
+        raise InvalidInputError(f"{name} trains on one dataset: give --data once (several --data folders work for: {', '.join(sorted(MULTI_DATASET_FAMILIES))})")
+    return TRAINERS[family](name, options)

@@ -21,7 +21,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,68 @@ class _Memory:
     def get(self, image: str) -> CachedImage:
         return self._by_image[image].get_cached()
 
+    def item(self, image: str) -> _Item:
+        return self._by_image[image]
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    """One training dataset's splits and in-memory maps. With several datasets each image's name is
+    prefixed by its dataset's tag (``shapes:images/000001.jpg``) so that equal relative paths stay apart."""
+
+    tag: str
+    train: list[ImageAnn]
+    val: list[ImageAnn]
+    val_split: str
+    test: list[ImageAnn]
+    items: list[_Item]
+
+
+def _load_corpus(data: Path, extractor: RegionFeatureExtractor, config: RpnConfig, options: TrainOptions, *, tagged: bool) -> _Corpus:
+    """Read ``data``'s annotations, build its backbone feature cache if needed and load its maps."""
+    data = Path(data)
+    by_split: dict[str, list[ImageAnn]] = defaultdict(list)
+    for ann in read_annotations(data):
+        by_split[ann.split or "none"].append(ann)
+    train = by_split.get("train", [])
+    if not train:
+        raise InvalidInputError(f"{data} has no images of split 'train' (splits: {sorted(by_split)}); give each image a \"split\" in annotations.jsonl, e.g. with `engine synth`")
+    val, val_split = by_split.get("val", []), "val"
+    if not val:
+        log.warning("%s has no 'val' images: the best epoch is chosen on the training images", data)
+        val, val_split = train, "train"
+    test = by_split.get("test", [])
+    cache = FeatureCache(data, extractor, levels=config.levels, cache_dir=options.cache_dir)
+    needed = train + ([] if val_split == "train" else val) + test
+    cache.build(needed, progress=options.progress)
+    tag = data.resolve().name
+    items: list[_Item] = []
+    renamed: dict[str, ImageAnn] = {}
+    for ann in needed:
+        key = f"{tag}:{ann.image}" if tagged else ann.image
+        items.append(replace(_load_item(cache, ann, config), image=key))
+        renamed[ann.image] = replace(ann, image=key)
+    return _Corpus(
+        tag=tag,
+        train=[renamed[a.image] for a in train],
+        val=[renamed[a.image] for a in val],
+        val_split=val_split,
+        test=[renamed[a.image] for a in test],
+        items=items,
+    )
+
+
+def _test_metrics(network: ProposalNetwork, memory: _Memory, images: Sequence[ImageAnn], prefix: str) -> dict[str, float]:
+    """Recall of ``images``' region and object boxes at :data:`DEFAULT_NS` proposals, keys ``{prefix}test_{kind}@{n}``."""
+    proposals = propose_images(network, memory, images, max_proposals=max(DEFAULT_NS))
+    table = recall_table(proposals, images, DEFAULT_NS)
+    out: dict[str, float] = {f"{prefix}test_images": table["images"]}
+    for kind in ("regions", "objects"):
+        for n, value in table[kind].items():
+            out[f"{prefix}test_{kind}@{n}"] = value
+    log.info("RPN test recall %s(%d images): regions %s, objects %s", prefix, len(images), table["regions"], table["objects"])
+    return out
+
 
 def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_config: RpnTrainConfig = RpnTrainConfig()) -> Manifest:
     """Train a :class:`ProposalNetwork` on ``options.data`` and save its best epoch to ``options.out`` (default ``rpn.pt``).
@@ -97,19 +159,6 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
     out = Path(options.out) if options.out is not None else DEFAULT_OUT
     epochs = options.epochs if options.epochs is not None else DEFAULT_EPOCHS
 
-    images = read_annotations(data)
-    by_split: dict[str, list[ImageAnn]] = defaultdict(list)
-    for ann in images:
-        by_split[ann.split or "none"].append(ann)
-    train_images = by_split.get("train", [])
-    if not train_images:
-        raise InvalidInputError(f"{data} has no images of split 'train' (splits: {sorted(by_split)}); give each image a \"split\" in annotations.jsonl, e.g. with `engine synth`")
-    val_images, val_split = by_split.get("val", []), "val"
-    if not val_images:
-        log.warning("%s has no 'val' images: the best epoch is chosen on the training images", data)
-        val_images, val_split = train_images, "train"
-    test_images = by_split.get("test", [])
-
     backbone_config = BackboneConfig()
     backbone = create_backbone(backbone_config, device=device)
     if config is None:
@@ -120,13 +169,15 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
             backbone=backbone.version,
             max_size=backbone.max_size,
         )
-    cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), levels=config.levels, cache_dir=options.cache_dir)
-    needed = train_images + ([] if val_split == "train" else val_images) + test_images
-    cache.build(needed, progress=options.progress)
-    items = {ann.image: _load_item(cache, ann, config) for ann in needed}
-    memory = _Memory(list(items.values()))
-    train_items = [items[a.image] for a in train_images]
-    log.info("RPN training on %d images (%d val from %r, %d test), %d epochs, device %s", len(train_items), len(val_images), val_split, len(test_images), epochs, device)
+    extractor = RegionFeatureExtractor(backbone=backbone)
+    corpora = [_load_corpus(path, extractor, config, options, tagged=len(options.datasets) > 1) for path in options.datasets]
+    train_images = [ann for c in corpora for ann in c.train]
+    val_images = [ann for c in corpora for ann in c.val]
+    val_split = "val" if all(c.val_split == "val" for c in corpora) else "train"
+    test_images = [ann for c in corpora for ann in c.test]
+    memory = _Memory([it for c in corpora for it in c.items])
+    train_items = [memory.item(a.image) for a in train_images]
+    log.info("RPN training on %d images (%d val from %r, %d test) of %d dataset(s), %d epochs, device %s", len(train_items), len(val_images), val_split, len(test_images), len(corpora), epochs, device)
 
     network = ProposalNetwork(config=config).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
@@ -167,13 +218,11 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
         "val_split": val_split,
     }
     if test_images:
-        proposals = propose_images(network, memory, test_images, max_proposals=max(DEFAULT_NS))
-        table = recall_table(proposals, test_images, DEFAULT_NS)
-        metrics["test_images"] = table["images"]
-        for kind in ("regions", "objects"):
-            for n, value in table[kind].items():
-                metrics[f"test_{kind}@{n}"] = value
-        log.info("RPN test recall (%d images): regions %s, objects %s", len(test_images), table["regions"], table["objects"])
+        metrics.update(_test_metrics(network, memory, test_images, ""))
+        if len(corpora) > 1:
+            for c in corpora:
+                if c.test:
+                    metrics.update(_test_metrics(network, memory, c.test, f"{c.tag}/"))
     else:
         log.warning("%s has no 'test' images: the manifest records no test recall", data)
         metrics["test_images"] = 0
@@ -182,8 +231,8 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
         model=MODEL_NAME,
         version=MODEL_VERSION,
         config=config.to_dict(),
-        command=options.command or f"engine train rpn --data {data} --seed {options.seed}",
-        data=str(data.resolve()),
+        command=options.command or " ".join(["engine train rpn", *(f"--data {d}" for d in options.datasets), f"--seed {options.seed}"]),
+        data=", ".join(str(Path(d).resolve()) for d in options.datasets),
         seed=options.seed,
         metrics=metrics,
         extra={
