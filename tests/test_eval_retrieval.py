@@ -176,3 +176,28 @@ def test_cli_eval_rpn_prints_a_table_and_writes_json(corpus: Path, tmp_path: Pat
     assert "| 100 |" in result.output
     bad = CliRunner().invoke(main, ["eval", "rpn", "--data", str(corpus), "--ns", "ten"])
     assert bad.exit_code == 2 and "--ns" in bad.output
+
+
+def test_mix_proposals_alternates_and_drops_duplicates() -> None:
+    from engine.evaluation.proposals_recall import mix_proposals
+
+    rpn = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32), np.ones(3))
+    selective = (np.array([[0, 0, 10, 11], [60, 60, 70, 70]], np.float32), np.ones(2))
+    mixed = mix_proposals(rpn, selective, 10)
+    # [0,0,10,11] overlaps the RPN's first box (IoU 0.91) and is dropped; the rest alternate RPN first
+    assert mixed.tolist() == [[0, 0, 10, 10], [20, 20, 30, 30], [60, 60, 70, 70], [40, 40, 50, 50]]
+    assert mix_proposals(rpn, selective, 2).tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]]
+
+
+def test_cli_eval_rpn_measures_selective_search_and_the_mix(corpus: Path, tmp_path: Path) -> None:
+    from engine.cli import main
+
+    pytest.importorskip("cv2")
+    for source in ("selective-search", "mix"):
+        out = tmp_path / f"{source}.json"
+        result = CliRunner().invoke(main, ["eval", "rpn", "--data", str(corpus), "--source", source, "--limit", "2", "--ns", "10,100", "--json", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(out.read_text())
+        assert data["source"] == source and data["images"] == 2 and result.output.startswith(f"{source} proposal recall")
+        recalls = [r["objects"] for r in data["rows"]]
+        assert all(0 <= v <= 100 for v in recalls) and recalls == sorted(recalls)

@@ -75,34 +75,38 @@ def retrieval_command(data: Path, models: tuple[str, ...], split: str, proposals
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint (default: the shipped one).")
 @click.option("--split", default="test", show_default=True, help="train, val, test or all.")
 @click.option("--ns", default="10,50,100,300", show_default=True, help="Numbers of proposals per image, comma-separated.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"images", "rows": [{"n", "regions", "objects"}]} here (recalls in percent).')
+@click.option("--source", type=click.Choice(["rpn", "selective-search", "mix"]), default="rpn", show_default=True, help="Proposals measured: the RPN, selective search (~2 s per 640 px image), or both taken alternately.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the split's first N images (selective search is slow).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"images", "source", "rows": [{"n", "regions", "objects"}]} here (recalls in percent).')
 @device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, json_path: Path | None, device: str, quiet: bool) -> None:
-    """Recall (IoU > 0.5) of the split's region and object boxes by the RPN's top-N proposals.
+def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, source: str, limit: int | None, json_path: Path | None, device: str, quiet: bool) -> None:
+    """Recall (IoU > 0.5) of the split's region and object boxes by the top-N proposals of the RPN
+    (or of selective search, or of a mix of both).
 
     \b
     Example:
       engine eval rpn --data bench --ns 10,100,300 --json rpn.json
+      engine eval rpn --data data/stamps --source selective-search --limit 100
     """
-    from engine.evaluation.proposals_recall import rpn_recall
+    from engine.evaluation.proposals_recall import proposal_recall
 
     try:
         numbers = tuple(int(n) for n in ns.split(",") if n.strip())
     except ValueError:
         raise click.BadParameter(f"{ns!r}: give positive integers separated by commas, e.g. 10,50,100,300", param_hint="--ns") from None
-    table = rpn_recall(data, checkpoint=checkpoint, split=split, ns=numbers, device=device, progress=not quiet)
+    table = proposal_recall(data, source=source, checkpoint=checkpoint, split=split, ns=numbers, limit=limit, device=device, progress=not quiet)
 
     def pct(v: float) -> float | None:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(100.0 * v, 3)
 
     rows = [{"n": n, "regions": pct(table["regions"][n]), "objects": pct(table["objects"][n])} for n in numbers]
-    click.echo(f"RPN proposal recall (IoU > 0.5), {split} split, {table['images']} images")
+    click.echo(f"{source} proposal recall (IoU > 0.5), {split} split, {table['images']} images")
     click.echo("| proposals | regions % | objects % |\n| ---: | ---: | ---: |")
     for r in rows:
         click.echo(f"| {r['n']} | " + " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("regions", "objects")) + " |")
     if json_path is not None:
-        _write(json_path, json.dumps({"data": str(data), "split": split, "images": table["images"], "rows": rows}, indent=2) + "\n")
+        _write(json_path, json.dumps({"data": str(data), "split": split, "source": source, "images": table["images"], "rows": rows}, indent=2) + "\n")
 
 
 @eval_group.command("matching")
