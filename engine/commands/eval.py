@@ -27,12 +27,13 @@ def _write(path: Path, text: str) -> None:
 
 @click.group("eval")
 def eval_group() -> None:
-    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall; matching: SAN; attention: MCB).
+    """Evaluate models with the papers' protocols (retrieval: GRN Table 2; rpn: proposal recall; matching: SAN; attention: MCB; search: what a user sees).
 
     \b
     Example:
       engine eval retrieval --data bench --proposals gt --json results.json
       engine eval rpn --data bench --split test
+      engine eval search --data bench --mode region+text --json search.json
     """
 
 
@@ -371,3 +372,51 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
     network = load_model(rpn_checkpoint, device=device, family="rpn")
     network.check_backbone(backbone.version, backbone.max_size)
     return part, cache, image_proposals(network, cache, part.images, progress=not quiet)
+
+
+@eval_group.command("search")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@click.option("--split", default="test", show_default=True, help="Which split's images to index and queries to run.")
+@click.option("--mode", type=click.Choice(["region", "region+text", "text"]), default="region", show_default=True, help="What each query gives the engine: its image and region, plus its text, or its text alone.")
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), help="Build the split's index here (when missing or empty) and reuse it on later runs (when it holds exactly the split's images). Default: a temporary folder, removed afterwards.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"metrics": {"box@1": {"value", "low", "high", "n"}, …}, "mode", "split", "queries", "index", "command", …} here (fractions in [0, 1]; rank; milliseconds).')
+@click.option("--limit", type=click.IntRange(min=1), help="Run only the first N queries of the split.")
+@device_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_dir: Path | None, json_path: Path | None, limit: int | None, device: str, quiet: bool) -> None:
+    """What a user sees: box@1/10, img@1/10, median rank and latency of Engine.search with the default index.
+
+    Indexes the split's images as `engine index` would (RPN proposals, the shipped models), runs each
+    query of the split through Engine.search (its own image excluded, k = 10, one hit per image as by
+    default) and prints each figure with a 95 % bootstrap interval over queries. The protocol:
+    docs/eval-search.md.
+
+    \b
+    Example:
+      engine eval search --data data/synth --mode region+text --json search.json
+    """
+    from engine.evaluation.search import SearchEvalConfig, evaluate_search, metrics_table
+
+    config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet)
+    result = evaluate_search(config)
+    indexed = f"index of {result.images} images reused (checked in {result.index_seconds:.1f} s)" if result.index_reused else f"{result.images} images indexed in {result.index_seconds:.1f} s"
+    click.echo(f"engine eval search: {mode} queries, {split} split of {data}: {result.queries} queries ({result.skipped} without a positive in another image left out), {indexed}, queries {result.query_seconds:.1f} s")
+    click.echo(metrics_table(result), nl=False)
+    click.echo(f"k = {config.k}, one hit per image (the engine default); rank: first right box among {config.depth} hits ('> {config.depth}': none)")
+    if json_path is not None:
+        _write(json_path, json.dumps(result.to_dict(command=_command_line(ctx)), indent=2) + "\n")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as it was given (``engine eval search --data …``), from the parsed parameters."""
+    import shlex
+
+    parts = ["engine", "eval", ctx.info_name or "search"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or not isinstance(param, click.Option):
+            continue
+        flag = max(param.opts, key=len)
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
