@@ -56,6 +56,7 @@ class CorpusWritten(Generic[R]):
 
     images: int
     objects: int
+    regions: int
     refs: int
     records: tuple[R, ...]
     queries: tuple[dict[str, Any], ...]
@@ -118,7 +119,7 @@ def write_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records: list[R] = []
-    n_objects = n_refs = 0
+    n_objects = n_regions = n_refs = 0
     ann_path = out_dir / ANNOTATIONS_FILE
     ann_tmp = ann_path.with_name(ann_path.name + ".tmp")
     written: set[str] = set()
@@ -133,6 +134,7 @@ def write_corpus(
                 ann.write(json.dumps(image.line) + "\n")
                 records.extend(image.regions)
                 n_objects += len(image.annotation.objects)
+                n_regions += len(image.annotation.regions)
                 n_refs += len(image.annotation.refs)
                 bar.update(1)
     except BaseException:
@@ -148,6 +150,7 @@ def write_corpus(
     return CorpusWritten(
         images=count,
         objects=n_objects,
+        regions=n_regions,
         refs=n_refs,
         records=tuple(records),
         queries=tuple(queries),
