@@ -143,12 +143,20 @@ def refer(
     if len(group) == 1:
         return Reference(f"the {name}", target, None)
     margin = 0.05 * max(width, height)
-    positions = (
-        (0, 1.0, ("the {n} on the left", "the leftmost {n}", "the {n} furthest to the left")),
-        (0, -1.0, ("the {n} on the right", "the rightmost {n}", "the {n} furthest to the right")),
-        (1, 1.0, ("the {n} at the top", "the topmost {n}", "the upper {n}" if len(group) == 2 else "the highest {n}")),
-        (1, -1.0, ("the {n} at the bottom", "the lowest {n}", "the lower {n}" if len(group) == 2 else "the bottom {n}")),
-    )
+    if len(same_name) > 1:  # several of the same name: superlatives among them
+        positions = (
+            (0, 1.0, ("the {n} on the left", "the leftmost {n}", "the {n} furthest to the left")),
+            (0, -1.0, ("the {n} on the right", "the rightmost {n}", "the {n} furthest to the right")),
+            (1, 1.0, ("the {n} at the top", "the topmost {n}", "the upper {n}" if len(group) == 2 else "the highest {n}")),
+            (1, -1.0, ("the {n} at the bottom", "the lowest {n}", "the lower {n}" if len(group) == 2 else "the bottom {n}")),
+        )
+    else:  # one of its name among look-alikes of its category: where it is
+        positions = (
+            (0, 1.0, ("the {n} on the left", "the {n} on the left side")),
+            (0, -1.0, ("the {n} on the right", "the {n} on the right side")),
+            (1, 1.0, ("the {n} at the top", "the {n} near the top")),
+            (1, -1.0, ("the {n} at the bottom", "the {n} near the bottom")),
+        )
     options = [forms for axis, sign, forms in positions if _extreme(target, group, boxes, axis, sign, margin)]
     if options and (len(same_name) == len(group) or rng.random() < 0.7):
         forms = options[int(rng.integers(len(options)))]
