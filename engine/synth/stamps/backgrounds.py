@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import DataNotFoundError
-from engine.synth.backgrounds import _load_photo
+from engine.synth.backgrounds import load_package_photo
 
 __all__ = ["Photo", "PhotoLibrary", "find_photo_files", "is_photo", "MIN_PHOTO_SIDE", "PACKAGE_PHOTOS"]
 
@@ -110,7 +110,7 @@ class PhotoLibrary:
         if package_photos:
             for name in PACKAGE_PHOTOS:
                 try:
-                    arr = np.ascontiguousarray(_load_photo(name)[..., :3], dtype=np.uint8)
+                    arr = np.ascontiguousarray(load_package_photo(name)[..., :3], dtype=np.uint8)
                 except Exception as exc:  # a package without its sample data: say so, keep the rest
                     logger.warning("background photo %s could not be loaded (%s); corpora will differ from ones made with it", name, exc)
                     continue

@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.synth.stamps.catalog import Stamp
 
-__all__ = ["Cutout", "StampCache", "make_cutout", "Visible", "Canvas"]
+__all__ = ["Cutout", "StampCache", "make_cutout", "Visible", "Canvas", "max_stamp_side"]
 
 _ALPHA_CUT = 128
 
