@@ -12,7 +12,13 @@ __all__ = ["data_group"]
 
 @click.group("data")
 def data_group() -> None:
-    """Data the generators use: Debian packages of stamps and photographs."""
+    """Data the generators use: Debian packages of stamps and photographs.
+
+    \b
+    Example:
+      engine data fetch
+      ENGINE_DATA=/data/engine engine data fetch
+    """
 
 
 @data_group.command("fetch")
