@@ -16,6 +16,7 @@ import click
 from engine.boxes import Box, parse_box
 from engine.commands.bench import bench_command
 from engine.commands.check import check_command
+from engine.commands.data import data_group
 from engine.commands.eval import eval_group
 from engine.commands.ground import ground_command
 from engine.commands.models import models_command
@@ -279,5 +280,6 @@ main.add_command(remove_command)
 main.add_command(compact_command)
 main.add_command(bench_command)
 main.add_command(check_command)
+main.add_command(data_group)
 if __name__ == "__main__":
     main()

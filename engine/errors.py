@@ -20,6 +20,8 @@ __all__ = [
     "ModelWeightsError",
     "CheckpointError",
     "DiskFullError",
+    "DataNotFoundError",
+    "DataFetchError",
 ]
 
 
@@ -80,3 +82,11 @@ class DiskFullError(EngineError):
     """A write failed because the disk (or the user's quota) is full. What was committed is kept;
     the message names what was being written and the command to re-run once there is space."""
 
+
+
+class DataNotFoundError(EngineError):
+    """A data folder the command needs (tuxpaint stamps, background photographs) is missing or holds nothing usable."""
+
+
+class DataFetchError(EngineError):
+    """``engine data fetch`` could not download or unpack a Debian data package (no ``apt-get``, a failed download)."""

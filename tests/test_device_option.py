@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.commands.options import DeviceType
 
-NO_MODEL = {"info", "models", "remove", "compact", "synth"}
+NO_MODEL = {"info", "models", "remove", "compact", "synth", "data fetch"}
 """Commands that load no model (and so take no --device)."""
 
 @pytest.fixture

@@ -5,7 +5,7 @@ and ``from … import`` counts, including those inside functions and under ``TYP
 module may import its own layer and the layers below it, bottom to top:
 
 0. leaves: ``engine.errors``, ``engine.boxes``, ``engine.imaging``, ``engine.device``,
-   ``engine.metrics``, ``engine.results``, ``engine.diskspace``, ``engine.datasets``, ``engine.synth``, ``engine.demo``
+   ``engine.metrics``, ``engine.results``, ``engine.diskspace``, ``engine.datasets``, ``engine.synth``, ``engine.demo``, ``engine.data_fetch``
 1. ``engine.models``: the networks and their checkpoints (the model registry)
 2. ``indexer``: scanning, backbone, feature cache, stores, indexing pipeline
 3. ``engine.protocols``: each paper's targets and metrics on computed features
@@ -28,7 +28,7 @@ PACKAGES = ("engine", "indexer", "query")
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ("engine.errors", "engine.boxes", "engine.imaging", "engine.device", "engine.metrics", "engine.results", "engine.diskspace", "engine.datasets", "engine.synth", "engine.demo"), 0
+        ("engine.errors", "engine.boxes", "engine.imaging", "engine.device", "engine.metrics", "engine.results", "engine.diskspace", "engine.datasets", "engine.synth", "engine.demo", "engine.data_fetch"), 0
     ),
     "engine.models": 1,
     "indexer": 2,

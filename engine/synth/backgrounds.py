@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.errors import EngineError
 
-__all__ = ["BackgroundMaker", "BACKGROUND_KINDS", "PHOTO_NAMES"]
+__all__ = ["BackgroundMaker", "BACKGROUND_KINDS", "PHOTO_NAMES", "load_package_photo"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def _load_photo(name: str) -> np.ndarray:
         return skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
     arr = getattr(skimage.data, name)()
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+load_package_photo = _load_photo  # the stamps world's backgrounds load the same sample photographs
 
 
 def _two_colour_lut(rng: np.random.Generator, low: float, high: float) -> np.ndarray:

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
-import os
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, image_to_dict
+from engine.datasets.annotations import image_to_dict
 from engine.datasets.types import ImageAnn, ObjectAnn, RefAnn, RegionAnn
 from engine.errors import EngineError, InvalidInputError
 from engine.synth.backgrounds import BackgroundMaker
@@ -36,6 +31,7 @@ from engine.synth.relations import relation_holds, relation_is_clear
 from engine.synth.render import object_pixels, paint_object, shape_mask
 from engine.synth.rle import rle_encode
 from engine.synth.scene import PlacedObject, Plant, layout_scene, spec_for_role
+from engine.synth.writing import check_out_dir, image_rng, write_corpus
 
 __all__ = ["SynthConfig", "SynthSummary", "SynthImage", "SynthGenerator", "generate_corpus", "split_of", "SPLITS"]
 
@@ -132,10 +128,6 @@ def split_of(seed: int, index: int, fractions: tuple[float, float, float] = (0.8
     return "test"
 
 
-def _image_rng(seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, index)))
-
-
 def _region_box(
     rng: np.random.Generator,
     member_boxes: list[tuple[int, int, int, int]],
@@ -213,7 +205,7 @@ class SynthGenerator:
         """Generate image ``index`` (deterministic for the config's seed)."""
         cfg = self.config
         size = cfg.size
-        rng = _image_rng(cfg.seed, index)
+        rng = image_rng(cfg.seed, index)
         background, bg_kind = self.backgrounds.make(rng, size)
 
         for _ in range(5):
@@ -402,41 +394,6 @@ class SynthGenerator:
 # ---------------------------------------------------------------------- the corpus
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-_CORPUS_ENTRIES = {"images", ANNOTATIONS_FILE, QUERIES_FILE, ANNOTATIONS_FILE + ".tmp", QUERIES_FILE + ".tmp"}
-_IMAGE_NAME = re.compile(r"^\d{6,}\.(jpg|png)(\.tmp)?$")
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse a file, or a non-empty directory that holds anything but a (possibly half-written) synthetic corpus."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InvalidInputError(f"output {out_dir} is a file, not a directory; choose a new or empty directory")
-    if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _CORPUS_ENTRIES)
-        if foreign:
-            raise InvalidInputError(
-                f"output directory {out_dir} is not empty and is not a synthetic corpus (it holds {', '.join(foreign[:3])}); "
-                "choose a new or empty directory (an existing synthetic corpus is overwritten)"
-            )
-
-
-def _remove_stale_images(images_dir: Path, written: set[str]) -> None:
-    """Delete generator-named images of an earlier, larger corpus (and leftovers of an interrupted run)."""
-    if not images_dir.is_dir():
-        return
-    stale = [p for p in images_dir.iterdir() if _IMAGE_NAME.match(p.name) and p.name not in written]
-    for p in stale:
-        p.unlink()
-    if stale:
-        logger.info("removed %d images of an earlier corpus from %s", len(stale), images_dir)
-
-
 def generate_corpus(out_dir: Path, config: SynthConfig, *, progress: bool = False) -> SynthSummary:
     """Write ``images/``, ``annotations.jsonl`` and ``queries.jsonl`` of a synthetic corpus under ``out_dir``.
 
@@ -444,51 +401,25 @@ def generate_corpus(out_dir: Path, config: SynthConfig, *, progress: bool = Fals
     ``out_dir`` is overwritten; a non-empty directory without one is refused.
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    check_out_dir(out_dir)
     generator = SynthGenerator(config)
-    records: list[RegionRecord] = []
-    n_objects = n_refs = 0
-    ann_path = out_dir / ANNOTATIONS_FILE
-    ann_tmp = ann_path.with_name(ann_path.name + ".tmp")
-    written: set[str] = set()
-    try:
-        with open(ann_tmp, "w", encoding="utf-8") as ann, tqdm(
-            total=config.images, disable=not progress, unit="img", desc="synth", dynamic_ncols=True
-        ) as bar:
-            for index in range(config.images):
-                image = generator.generate(index)
-                _write_atomic(out_dir / image.annotation.image, image.data)
-                written.add(Path(image.annotation.image).name)
-                ann.write(json.dumps(image.line) + "\n")
-                records.extend(image.regions)
-                n_objects += len(image.annotation.objects)
-                n_refs += len(image.annotation.refs)
-                bar.update(1)
-    except BaseException:
-        ann_tmp.unlink(missing_ok=True)
-        raise
-    _remove_stale_images(out_dir / "images", written)
-    query_rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(2,)))
-    queries = build_queries(records, query_rng, per_meaning=config.queries_per_meaning)
-    q_path = out_dir / QUERIES_FILE
-    q_tmp = q_path.with_name(q_path.name + ".tmp")
-    q_tmp.write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
-    os.replace(ann_tmp, ann_path)
-    os.replace(q_tmp, q_path)
-    seconds = time.perf_counter() - start
+
+    def make_queries(records: list[RegionRecord]) -> list[dict[str, Any]]:
+        query_rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(2,)))
+        return build_queries(records, query_rng, per_meaning=config.queries_per_meaning)
+
+    written = write_corpus(out_dir, config.images, generator.generate, make_queries, progress=progress)
     summary = SynthSummary(
-        images=config.images,
-        objects=n_objects,
-        regions=len(records),
-        refs=n_refs,
-        queries=len(queries),
-        seconds=seconds,
+        images=written.images,
+        objects=written.objects,
+        regions=len(written.records),
+        refs=written.refs,
+        queries=len(written.queries),
+        seconds=written.seconds,
         out_dir=out_dir,
     )
     logger.info(
         "synthetic corpus: %d images, %d objects, %d regions, %d refs, %d queries in %.1f s -> %s",
-        summary.images, summary.objects, summary.regions, summary.refs, summary.queries, seconds, out_dir,
+        summary.images, summary.objects, summary.regions, summary.refs, summary.queries, summary.seconds, out_dir,
     )
     return summary

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rle_encode", "rle_decode", "rle_area"]
+__all__ = ["rle_encode", "rle_encode_box", "rle_decode", "rle_area"]
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
@@ -27,6 +27,32 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     if flat[0]:
         counts.insert(0, 0)
     return {"size": [int(h), int(w)], "counts": counts}
+
+
+def rle_encode_box(local: np.ndarray, x1: int, y1: int, height: int, width: int) -> dict[str, Any]:
+    """:func:`rle_encode` of a ``height x width`` mask that is zero outside the box whose top-left corner is
+    ``(x1, y1)`` and whose pixels are ``local`` (``[h, w]`` bool), without building the whole mask."""
+    m = np.asarray(local, dtype=bool)
+    bh, bw = m.shape
+    if not (0 <= x1 and 0 <= y1 and x1 + bw <= width and y1 + bh <= height):
+        raise ValueError(f"box at ({x1}, {y1}) of {bw}x{bh} is outside the {width}x{height} mask")
+    strip = np.zeros((bw, height), dtype=bool)  # the box's columns, column-major
+    strip[:, y1 : y1 + bh] = m.T
+    flat = strip.ravel()
+    lead, trail = x1 * height, (width - x1 - bw) * height
+    if flat.size == 0 or not flat.any():
+        return {"size": [int(height), int(width)], "counts": [int(height * width)]}
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()
+    if flat[0]:
+        counts.insert(0, 0)
+    counts[0] += lead
+    if flat[-1]:
+        if trail:
+            counts.append(trail)
+    else:
+        counts[-1] += trail
+    return {"size": [int(height), int(width)], "counts": counts}
 
 
 def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
