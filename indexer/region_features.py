@@ -146,7 +146,15 @@ class RegionFeatureExtractor:
         for level in self.config.key_levels:
             if level not in fmaps:
                 raise InvalidInputError(f"the visual key needs backbone level {level!r}; the maps given hold {sorted(fmaps)}: compute them with feature_maps(images)")
-            region = pooled if (pooled is not None and level == self.config.level) else self.pool(fmaps[level], sizes, boxes, level=level)
+            if pooled is not None and level == self.config.level:
+                region = pooled
+            elif self.config.key_pooling == "mean" and self.config.sampling_ratio > 0:
+                # the mean of an S x S map with r x r samples per bin is one bin of (S r) x (S r) samples:
+                # the same sample points (up to float rounding), ~40 % less time than pooling the map
+                c = self.config
+                region = self.pool(fmaps[level], sizes, boxes, level=level, output_size=1, sampling_ratio=c.output_size * c.sampling_ratio)
+            else:
+                region = self.pool(fmaps[level], sizes, boxes, level=level)
             parts.append(region)
         return visual_key(parts, pooling=self.config.key_pooling)
 
@@ -170,7 +178,16 @@ class RegionFeatureExtractor:
         return out
 
     @torch.no_grad()
-    def pool(self, fmap: Tensor, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray], *, level: str | None = None) -> Tensor:
+    def pool(
+        self,
+        fmap: Tensor,
+        sizes: Sequence[tuple[int, int]],
+        boxes: Sequence[np.ndarray],
+        *,
+        level: str | None = None,
+        output_size: int | None = None,
+        sampling_ratio: int | None = None,
+    ) -> Tensor:
         """RoIAlign maps ``[K, C, S, S]`` (float32) from an already computed level map.
 
         Args:
@@ -178,6 +195,7 @@ class RegionFeatureExtractor:
                 (or a cached copy of it).
             sizes: each image's ORIGINAL ``(width, height)``.
             boxes: per image ``[n_i, 4]`` xyxy in original pixels (checked, non-empty boxes).
+            output_size, sampling_ratio: override the configured ones (the key's one-bin means).
         """
         level = self.config.level if level is None else level
         rois = self._rois(sizes, boxes, level).to(device=fmap.device, dtype=fmap.dtype)
@@ -185,9 +203,9 @@ class RegionFeatureExtractor:
         return roi_align(
             fmap,
             rois,
-            output_size=self.config.output_size,
+            output_size=self.config.output_size if output_size is None else output_size,
             spatial_scale=1.0 / stride,
-            sampling_ratio=self.config.sampling_ratio,
+            sampling_ratio=self.config.sampling_ratio if sampling_ratio is None else sampling_ratio,
             aligned=True,
         ).float()
 
