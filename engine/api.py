@@ -62,6 +62,13 @@ class Engine:
             self._extractor = RegionFeatureExtractor(backbone=backbone, config=self.config.features)
         return self._extractor
 
+    @property
+    def visual_key(self) -> str:
+        """The visual key version this engine's configuration builds (recorded with, and checked against, an index)."""
+        from indexer.component_configs import visual_key_version
+
+        return visual_key_version(self.config.backbone, self.config.features)
+
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
@@ -69,7 +76,7 @@ class Engine:
         from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
 
         c, h, w = self.extractor.map_shape
-        shapes: dict[str, tuple[int, ...]] = {"visual": (c,)}
+        shapes: dict[str, tuple[int, ...]] = {"visual": (self.extractor.dim,)}
         if maps:
             shapes[MAPS_ARRAY] = (c, h, w)
         if pooled:
@@ -118,7 +125,7 @@ class Engine:
             raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
         proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
-        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps)) as store:
+        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps), visual_key=self.visual_key) as store:
             pipeline = self._indexing_pipeline(store, proposals, config)
             return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
 
@@ -156,7 +163,7 @@ class Engine:
         from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
         try:
-            with IndexStore.open(self.index_dir, config=self.config.store) as existing:
+            with IndexStore.open(self.index_dir, config=self.config.store, visual_key=self.visual_key) as existing:
                 stored = {name: spec.shape for name, spec in existing.array_specs.items()}
         except IndexNotFoundError:  # none yet, or a creation a killed run left unfinished: a new index
             return self._array_shapes(maps=maps)
@@ -377,7 +384,7 @@ class Engine:
 
         if self._reader is None:
             try:
-                self._reader = IndexStore.open(self.index_dir, config=self.config.store)
+                self._reader = IndexStore.open(self.index_dir, config=self.config.store, visual_key=self.visual_key)
             except Exception as exc:  # a reader on a full disk: SQLite cannot create its -shm/-wal files
                 from engine.diskspace import disk_full_error
 

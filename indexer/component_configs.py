@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BackboneConfig", "RegionFeatureConfig"]
+__all__ = ["BackboneConfig", "RegionFeatureConfig", "KEY_POOLINGS", "visual_key_version"]
+
+KEY_POOLINGS: tuple[str, ...] = ("mean", "gem")
+"""How a level's RoI map becomes its part of the visual key: spatial mean, or GeM (p=3, on the map clamped at 1e-6)."""
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,31 @@ class BackboneConfig:
 class RegionFeatureConfig:
     """Which backbone level to pool regions from, and how (:class:`indexer.region_features.RegionFeatureExtractor`).
 
-    ``output_size`` is the side of the pooled map; ``sampling_ratio`` the bilinear samples per bin
+    ``level`` is the level of the stored region maps (``maps``, ``pooled``: the GRN / Ref-NMS / CM-Att
+    inputs); ``output_size`` is the side of the pooled map; ``sampling_ratio`` the bilinear samples per bin
     and axis (:func:`torchvision.ops.roi_align`).
+
+    ``key_levels`` and ``key_pooling`` make the region's visual vector, stage 1's FAISS key: per level
+    a RoIAlign map (same ``output_size`` / ``sampling_ratio``) reduced by ``key_pooling`` (``mean`` or
+    ``gem``) and L2-normalised; the levels concatenated and L2-normalised again (``c4`` + ``c5``: 432-d
+    for EfficientNet-Lite0; ``benchmarks/results/visual-key.json`` measures the choice).
     """
 
     level: str = "c4"
     output_size: int = 7
     sampling_ratio: int = 2
+    key_levels: tuple[str, ...] = ("c4", "c5")
+    key_pooling: str = "mean"
+
+    @property
+    def key_version(self) -> str:
+        """The visual key's recipe (levels, pooling, RoI size and sampling), e.g. ``c4+c5:mean:roi7:s2``."""
+        s = self.output_size
+        return f"{'+'.join(self.key_levels)}:{self.key_pooling}:roi{s}:s{self.sampling_ratio}"
+
+
+def visual_key_version(backbone: BackboneConfig, features: RegionFeatureConfig) -> str:
+    """What an index records as its visual key (``meta.visual_key``): backbone, input size and the key's
+    recipe, e.g. ``efficientnet_lite0/640:c4+c5:mean:roi7:s2``. Computed from the configuration alone, so
+    that opening an index for search checks it without loading torch."""
+    return f"{backbone.name}/{backbone.max_size}:{features.key_version}"

@@ -66,10 +66,15 @@ __all__ = [
     "dbapi",
     "get_meta",
     "set_meta",
+    "stored_visual_key",
+    "VISUAL_KEY_META",
     "utc_now",
 ]
 
 logger = logging.getLogger(__name__)
+
+VISUAL_KEY_META = "visual_key"
+"""The ``meta`` key of the index's visual key version (migration ``0005_visual_key``)."""
 
 _DB_STATE = (
     "SELECT key, value FROM meta WHERE key IN ('feature_generation', 'next_row') "
@@ -192,7 +197,7 @@ class OpenedDatabase:
 
 
 def open_database(
-    layout: IndexLayout, *, create: bool, writable: bool, wanted: dict[str, ArraySpec] | None
+    layout: IndexLayout, *, create: bool, writable: bool, wanted: dict[str, ArraySpec] | None, visual_key: str | None = None
 ) -> OpenedDatabase:
     """Open (``create``: create, or finish an unfinished creation of) the database of ``layout``.
 
@@ -200,10 +205,13 @@ def open_database(
     releases it once the database exists. Readers migrate an old schema when they can write the folder
     (as the writer would), and on a read-only folder open it immutable and never write.
     ``wanted``: the feature-array specs to create the index with, checked against the stored ones.
+    ``visual_key``: the engine's visual key version (``meta.visual_key``), recorded by a creation and
+    checked against the stored one before anything else (an :class:`IndexVersionError` on a mismatch);
+    ``None`` checks nothing (commands that read no vectors of the engine's own: info, check, remove).
     """
     read_only = not layout.is_writable()
     if writable or (create and _creation_of(layout, read_only=read_only) is not Creation.CREATED):
-        return _open_as_writer(layout, create=create, writable=writable, wanted=wanted)
+        return _open_as_writer(layout, create=create, writable=writable, wanted=wanted, visual_key=visual_key)
     creation = _creation_of(layout, read_only=read_only)
     if creation is not Creation.CREATED:
         raise _not_created(layout, creation)
@@ -214,6 +222,7 @@ def open_database(
         upgrade_database(layout.db_path)
     database = Database(layout, writable=False, read_only=read_only)
     try:
+        _check_visual_key(database, visual_key)
         specs = _read_specs(database, wanted)
     except BaseException:
         database.close()
@@ -222,7 +231,7 @@ def open_database(
 
 
 def _open_as_writer(
-    layout: IndexLayout, *, create: bool, writable: bool, wanted: dict[str, ArraySpec] | None
+    layout: IndexLayout, *, create: bool, writable: bool, wanted: dict[str, ArraySpec] | None, visual_key: str | None = None
 ) -> OpenedDatabase:
     if layout.root.exists():
         unwritable = layout.unwritable_paths()
@@ -265,9 +274,10 @@ def _open_as_writer(
             if creation is Creation.UNFINISHED:
                 logger.warning("%s was left by an interrupted creation; creating the index again", layout.db_path)
                 _remove_database(layout)
-            _create_database(layout, wanted)
+            _create_database(layout, wanted, visual_key)
         upgrade_database(layout.db_path)
         database = Database(layout, writable=writable)
+        _check_visual_key(database, visual_key)
         specs = _read_specs(database, wanted)
         if not writable:
             lock.release()
@@ -331,8 +341,9 @@ def _remove_database(layout: IndexLayout) -> None:
     fsync_dir(layout.root)
 
 
-def _create_database(layout: IndexLayout, specs: Mapping[str, ArraySpec]) -> None:
-    """Build the database under a temporary name, migrate it, record ``specs``, then rename it into place."""
+def _create_database(layout: IndexLayout, specs: Mapping[str, ArraySpec], visual_key: str | None = None) -> None:
+    """Build the database under a temporary name, migrate it, record ``specs`` (and ``visual_key``), then
+    rename it into place."""
     temp = layout.db_path.with_name(f".{layout.db_path.name}.tmp-{os.getpid()}")
     try:
         upgrade_database(temp)
@@ -343,6 +354,8 @@ def _create_database(layout: IndexLayout, specs: Mapping[str, ArraySpec]) -> Non
                 set_meta(s, "vector_array", VECTOR_ARRAY)
                 set_meta(s, "next_row", 0)
                 set_meta(s, "created_at", utc_now().isoformat())
+                if visual_key is not None:
+                    set_meta(s, VISUAL_KEY_META, visual_key)
             raw = engine.raw_connection()  # everything into the main file: no -wal to carry along
             try:
                 raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -388,6 +401,26 @@ def _warn_of_unseen_commits(layout: IndexLayout) -> None:
             "%s holds commits that a read-only open cannot see (a writer did not close cleanly); the index "
             "answers as of its last checkpoint; open it once with write access to fold them in", wal,
         )
+
+
+def _check_visual_key(database: Database, visual_key: str | None) -> None:
+    """One line, never a traceback, when the index's vectors were built with another visual key."""
+    if visual_key is None:
+        return
+    with database.read() as s:
+        stored = get_meta(s, VISUAL_KEY_META, None)
+    if stored != visual_key:
+        root = database.layout.root
+        raise IndexVersionError(
+            f"index {root} was built with visual key {stored or 'unrecorded'}; this engine uses {visual_key}: "
+            f"re-index into a new directory (engine index CORPUS --index NEW)"
+        )
+
+
+def stored_visual_key(database: Database) -> str | None:
+    """The visual key version an index records (``None``: none recorded)."""
+    with database.read() as s:
+        return get_meta(s, VISUAL_KEY_META, None)
 
 
 def _read_specs(database: Database, wanted: dict[str, ArraySpec] | None) -> dict[str, ArraySpec]:

@@ -189,27 +189,32 @@ class IndexingPipeline:
         return len(items)
 
     def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]]:
-        """Region maps, vectors, SAN vectors (``None`` without SAN) and the image vector (mean backbone
-        feature, CM-Att's ``e_0``) of one same-size group. A batch proposal network (the RPN) runs the
-        backbone once and proposes from its maps; everything else is pooled from the same maps."""
+        """Region maps, vectors (the visual key), SAN vectors (``None`` without SAN) and the image vector
+        (mean backbone feature of the maps' level ``c4``, CM-Att's ``e_0``) of one same-size group. A batch
+        proposal network (the RPN) runs the backbone once (``c3``..``c5``) and proposes from its maps;
+        everything else, the key's levels included, is pooled from the same maps."""
         images = [it.image for it in group]
         propose_batch = getattr(self.proposals, "propose_batch", None)
         if propose_batch is not None:
             maps, proposals = propose_batch(images)
             for it, (boxes, objectness) in zip(group, proposals):
                 it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
+            missing = set(self.extractor.levels) - set(maps)
+            if missing:  # a proposal network on fewer levels than the key reads (not the shipped RPN)
+                maps = {**maps, **self._backbone_maps(images, levels=missing)}
         else:
             maps = self._backbone_maps(images)
         sizes = [im.size for im in images]
         boxes = [it.boxes for it in group]
         level = self.extractor.config.level
         vectors = image_vectors(maps[level])
-        features = self.extractor.from_feature_map(maps[level], sizes, boxes)
+        features = self.extractor.from_feature_map(maps, sizes, boxes)
         san = self.san.encode(maps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(features)
         return [(m, v, s, e) for (m, v), s, e in zip(features, san, vectors)]
 
-    def _backbone_maps(self, images: list[Image.Image]) -> dict:
-        """The backbone levels the region features (and SAN's saliency network, when indexing SAN) need, in one pass."""
+    def _backbone_maps(self, images: list[Image.Image], levels: set[str] | None = None) -> dict:
+        """The backbone levels the region features and key (and SAN's saliency network, when indexing SAN)
+        need, in one pass (``levels``: only those)."""
         import torch
 
         from indexer.backbone import preprocess
@@ -217,7 +222,8 @@ class IndexingPipeline:
 
         backbone = self.extractor.backbone
         batch, _ = preprocess(images, max_size=backbone.max_size)
-        levels = {self.extractor.config.level, *(SALIENCY_LEVELS if self.san is not None else ())}
+        if levels is None:
+            levels = {*self.extractor.levels, *(SALIENCY_LEVELS if self.san is not None else ())}
         with torch.no_grad():
             return backbone(batch.to(backbone.device), levels=sorted(levels))
 

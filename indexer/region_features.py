@@ -1,16 +1,19 @@
-"""Region features: RoIAlign over a backbone feature map, and the pooled vector that goes to FAISS.
+"""Region features: RoIAlign over backbone feature maps, and the visual key vector that goes to FAISS.
 
 For each box, :class:`RegionFeatureExtractor` pools a ``C x 7 x 7`` map from the stride-16 level
 ``c4`` (112 channels for EfficientNet-Lite0) with :func:`torchvision.ops.roi_align`. The map is kept
-(float16, in the feature store) for query-time gating; its spatial mean, L2-normalised
-(:func:`pool_vectors`), is the region's visual vector: the GRN paper's "Visual Feature" baseline and
-the stage-1 FAISS key.
+(float16, in the feature store) for query-time gating (GRN, Ref-NMS, CM-Att read ``c4``: their
+checkpoints were trained on it). The region's visual vector, the stage-1 FAISS key, is the
+:func:`visual_key` of the key levels (default ``c4`` and ``c5``, 112 + 320 = 432-d): per level the
+RoIAlign map's spatial mean L2-normalised, concatenated, L2-normalised again. On real cut-outs pasted
+on real photographs the ``c4`` mean alone found the same object first about half the time, ``c5``
+about 0.9 (``benchmarks/visual_key.py``, ``docs/query-pipeline.md``). All levels come from ONE
+backbone pass (:meth:`RegionFeatureExtractor.feature_maps`, or the proposal network's maps).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,29 +23,39 @@ from torchvision.ops import roi_align
 
 from engine.errors import InvalidBoxError, InvalidInputError
 from indexer.backbone import Backbone, preprocess, resized_size
-from indexer.component_configs import RegionFeatureConfig
+from indexer.component_configs import KEY_POOLINGS, RegionFeatureConfig
 
-__all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors", "mean_maps"]
+__all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors", "mean_maps", "image_vectors", "visual_key", "gem", "GEM_P"]
 
 log = logging.getLogger(__name__)
 
 _EPS = 1e-12
+GEM_P = 3.0
 
 
 class RegionFeatureExtractor:
-    """Pools a feature map per box and its L2-normalised mean vector.
+    """Pools a feature map per box, and the box's visual key vector, from one backbone pass.
 
     Args:
         backbone: a frozen :class:`~indexer.backbone.Backbone`; images are resized for it with
             :func:`~indexer.backbone.preprocess` (longest side ``backbone.max_size``).
-        config: level, output size and sampling of the pooling.
+        config: level, output size and sampling of the pooling; levels and pooling of the key.
 
-    ``map_shape`` is ``(C, output_size, output_size)``; ``dim`` is ``C``.
+    ``map_shape`` is ``(C, output_size, output_size)`` of the configured ``level`` (``c4``: the stored
+    7×7 maps and their ``pooled`` means, which the GRN, Ref-NMS and CM-Att checkpoints were trained on;
+    retraining them on other levels is a later step). ``dim`` is the length of the visual key: the sum
+    of the ``key_levels``' channels (432 for ``c4`` + ``c5``). ``levels`` are the backbone levels one
+    pass must compute for both.
     """
 
     def __init__(self, *, backbone: Backbone, config: RegionFeatureConfig = RegionFeatureConfig()) -> None:
-        if config.level not in backbone.channels:
-            raise InvalidInputError(f"feature level {config.level!r} is not one of backbone {backbone.name}'s levels {list(backbone.channels)}")
+        for level in (config.level, *config.key_levels):
+            if level not in backbone.channels:
+                raise InvalidInputError(f"feature level {level!r} is not one of backbone {backbone.name}'s levels {list(backbone.channels)}")
+        if not config.key_levels or len(set(config.key_levels)) != len(config.key_levels):
+            raise InvalidInputError(f"key_levels must name one or more distinct levels, got {config.key_levels!r}")
+        if config.key_pooling not in KEY_POOLINGS:
+            raise InvalidInputError(f"key_pooling must be one of {', '.join(KEY_POOLINGS)}, got {config.key_pooling!r}")
         if config.output_size < 1:
             raise InvalidInputError(f"output_size must be >= 1, got {config.output_size}")
         if config.sampling_ratio < 0:
@@ -54,14 +67,24 @@ class RegionFeatureExtractor:
 
     @property
     def dim(self) -> int:
-        """Length of the region vectors (the level's channels)."""
-        return self.map_shape[0]
+        """Length of the region vectors (the visual key): the key levels' channels summed."""
+        return sum(self.backbone.channels[level] for level in self.config.key_levels)
+
+    @property
+    def levels(self) -> list[str]:
+        """The backbone levels that the maps and the key need, computed in one pass (sorted)."""
+        return sorted({self.config.level, *self.config.key_levels})
+
+    @property
+    def key_version(self) -> str:
+        """What an index records as its visual key (:func:`~indexer.component_configs.visual_key_version`)."""
+        return f"{self.backbone.name}/{self.backbone.max_size}:{self.config.key_version}"
 
     @property
     def version(self) -> str:
-        """Identity of the features, to record with an index: backbone version plus pooling settings."""
+        """Identity of the features, to record with an index: backbone version, pooling settings and the key."""
         c = self.config
-        return f"{self.backbone.version}+roi_align:{c.level}:{c.output_size}x{c.output_size}:s{c.sampling_ratio}:max{self.backbone.max_size}"
+        return f"{self.backbone.version}+roi_align:{c.level}:{c.output_size}x{c.output_size}:s{c.sampling_ratio}:max{self.backbone.max_size}+key:{'+'.join(c.key_levels)}:{c.key_pooling}"
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -75,10 +98,10 @@ class RegionFeatureExtractor:
                 inside the image; parts outside read the padding.
 
         Returns:
-            per image ``(maps, vectors)``: ``maps`` float16 ``[n_i, C, S, S]`` and ``vectors``
-            float32 ``[n_i, C]``, L2-normalised (``pool_vectors`` of the float32 maps).
+            per image ``(maps, vectors)``: ``maps`` float16 ``[n_i, C, S, S]`` of the configured level
+            and ``vectors`` float32 ``[n_i, dim]``, the visual key (:func:`visual_key`).
 
-        Runs :func:`preprocess` and the backbone once for the whole batch.
+        Runs :func:`preprocess` and the backbone once for the whole batch (all of :attr:`levels`).
         """
         if len(images) != len(boxes):
             raise InvalidInputError(f"got {len(images)} images but {len(boxes)} box arrays; pass one [N, 4] array per image")
@@ -87,21 +110,24 @@ class RegionFeatureExtractor:
         checked = [_check_boxes(b, i) for i, b in enumerate(boxes)]
         if sum(len(b) for b in checked) == 0:
             return self.from_feature_map(None, [im.size for im in images], checked)
-        return self.from_feature_map(self.feature_map(images), [im.size for im in images], checked)
+        return self.from_feature_map(self.feature_maps(images), [im.size for im in images], checked)
 
     @torch.no_grad()
-    def from_feature_map(self, fmap: Tensor | None, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Like :meth:`__call__`, from an already computed map of the configured level ``[B, C, H, W]``
-        (e.g. the one a proposal network just used), the images' original ``sizes`` and their boxes."""
+    def from_feature_map(self, fmap: Mapping[str, Tensor] | Tensor | None, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Like :meth:`__call__`, from already computed backbone maps ``{level: [B, C, H, W]}`` holding
+        :attr:`levels` (e.g. the ones a proposal network just used: no second backbone pass), the
+        images' original ``sizes`` and their boxes. A bare tensor is the configured level's map alone,
+        enough only when the key reads that level alone."""
         checked = [_check_boxes(b, i) for i, b in enumerate(boxes)]
         counts = [len(b) for b in checked]
         c, s, _ = self.map_shape
         if sum(counts) == 0:
-            return [(np.zeros((0, c, s, s), np.float16), np.zeros((0, c), np.float32)) for _ in sizes]
+            return [(np.zeros((0, c, s, s), np.float16), np.zeros((0, self.dim), np.float32)) for _ in sizes]
         if fmap is None:
-            raise InvalidInputError("a feature map is needed to pool regions; compute it with feature_map(images)")
-        pooled = self.pool(fmap, sizes, checked)
-        vectors = pool_vectors(pooled)
+            raise InvalidInputError("a feature map is needed to pool regions; compute it with feature_maps(images)")
+        maps_of = self._levels_of(fmap)
+        pooled = self.pool(maps_of[self.config.level], sizes, checked)
+        vectors = self.key(maps_of, sizes, checked, pooled=pooled)
         maps = pooled.cpu().numpy().astype(np.float16)
         out: list[tuple[np.ndarray, np.ndarray]] = []
         start = 0
@@ -109,6 +135,28 @@ class RegionFeatureExtractor:
             out.append((maps[start : start + n], vectors[start : start + n]))
             start += n
         return out
+
+    @torch.no_grad()
+    def key(self, fmaps: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray], *, pooled: Tensor | None = None) -> np.ndarray:
+        """The visual key float32 ``[K, dim]`` of checked, non-empty ``boxes`` from backbone maps ``fmaps``:
+        per key level the RoIAlign map reduced by ``key_pooling`` and L2-normalised, concatenated in
+        ``key_levels`` order, L2-normalised again. ``pooled``: the configured level's RoIAlign maps when
+        already computed (reused, not pooled twice)."""
+        parts = []
+        for level in self.config.key_levels:
+            if level not in fmaps:
+                raise InvalidInputError(f"the visual key needs backbone level {level!r}; the maps given hold {sorted(fmaps)}: compute them with feature_maps(images)")
+            if pooled is not None and level == self.config.level:
+                region = pooled
+            elif self.config.key_pooling == "mean" and self.config.sampling_ratio > 0:
+                # the mean of an S x S map with r x r samples per bin is one bin of (S r) x (S r) samples:
+                # the same sample points (up to float rounding), ~40 % less time than pooling the map
+                c = self.config
+                region = self.pool(fmaps[level], sizes, boxes, level=level, output_size=1, sampling_ratio=c.output_size * c.sampling_ratio)
+            else:
+                region = self.pool(fmaps[level], sizes, boxes, level=level)
+            parts.append(region)
+        return visual_key(parts, pooling=self.config.key_pooling)
 
     @torch.no_grad()
     def image_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
@@ -130,35 +178,60 @@ class RegionFeatureExtractor:
         return out
 
     @torch.no_grad()
-    def pool(self, fmap: Tensor, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> Tensor:
+    def pool(
+        self,
+        fmap: Tensor,
+        sizes: Sequence[tuple[int, int]],
+        boxes: Sequence[np.ndarray],
+        *,
+        level: str | None = None,
+        output_size: int | None = None,
+        sampling_ratio: int | None = None,
+    ) -> Tensor:
         """RoIAlign maps ``[K, C, S, S]`` (float32) from an already computed level map.
 
         Args:
-            fmap: ``[B, C, H, W]`` the configured level of :meth:`feature_map` (or a cached copy of it).
+            fmap: ``[B, C, H, W]`` the map of ``level`` (default: the configured level) of :meth:`feature_maps`
+                (or a cached copy of it).
             sizes: each image's ORIGINAL ``(width, height)``.
             boxes: per image ``[n_i, 4]`` xyxy in original pixels (checked, non-empty boxes).
+            output_size, sampling_ratio: override the configured ones (the key's one-bin means).
         """
-        rois = self._rois(sizes, boxes).to(device=fmap.device, dtype=fmap.dtype)
-        stride = self.backbone.strides[self.config.level]
+        level = self.config.level if level is None else level
+        rois = self._rois(sizes, boxes, level).to(device=fmap.device, dtype=fmap.dtype)
+        stride = self.backbone.strides[level]
         return roi_align(
             fmap,
             rois,
-            output_size=self.config.output_size,
+            output_size=self.config.output_size if output_size is None else output_size,
             spatial_scale=1.0 / stride,
-            sampling_ratio=self.config.sampling_ratio,
+            sampling_ratio=self.config.sampling_ratio if sampling_ratio is None else sampling_ratio,
             aligned=True,
         ).float()
 
     def feature_map(self, images: Sequence[Image.Image]) -> Tensor:
+        """The configured level's map ``[B, C, H, W]`` alone (the image context ``e_0``, training caches)."""
         batch, _ = preprocess(images, max_size=self.backbone.max_size)
         level = self.config.level
         return self.backbone(batch.to(self.backbone.device), levels=[level])[level]
 
-    def _rois(self, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]) -> Tensor:
+    def feature_maps(self, images: Sequence[Image.Image]) -> dict[str, Tensor]:
+        """The maps of all :attr:`levels` ``{level: [B, C, H, W]}``, from one backbone pass."""
+        batch, _ = preprocess(images, max_size=self.backbone.max_size)
+        return self.backbone(batch.to(self.backbone.device), levels=self.levels)
+
+    def _levels_of(self, fmap: Mapping[str, Tensor] | Tensor) -> Mapping[str, Tensor]:
+        if isinstance(fmap, Tensor):
+            return {self.config.level: fmap}
+        if self.config.level not in fmap:
+            raise InvalidInputError(f"the region maps need backbone level {self.config.level!r}; the maps given hold {sorted(fmap)}")
+        return fmap
+
+    def _rois(self, sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray], level: str | None = None) -> Tensor:
         """``Tensor[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in resized pixels, shifted so that
         roi_align's ``aligned=True`` convention (cell ``i`` centred at ``(i + 0.5) * stride``) meets the
         backbone's true cell centres (``offsets[level] + i * stride``)."""
-        level = self.config.level
+        level = self.config.level if level is None else level
         shift = self.backbone.strides[level] / 2 - self.backbone.offsets[level]
         rows = []
         for i, ((w, h), b) in enumerate(zip(sizes, boxes)):
@@ -198,6 +271,33 @@ def pool_vectors(maps: np.ndarray | Tensor) -> np.ndarray:
     v = torch.from_numpy(image_vectors(maps))
     v = v / v.norm(dim=1, keepdim=True).clamp_min(_EPS)
     return v.cpu().numpy().astype(np.float32, copy=False)
+
+
+def gem(maps: np.ndarray | Tensor, p: float = GEM_P) -> np.ndarray:
+    """Generalised-mean pooling of region maps ``[N, C, H, W]``, not normalised: float32 ``[N, C]``
+    (``mean(clamp(x, 1e-6) ** p) ** (1 / p)``)."""
+    t = torch.as_tensor(maps).float()
+    if t.ndim != 4:
+        raise InvalidInputError(f"gem needs maps of shape [N, C, H, W], got {tuple(t.shape)}")
+    return t.clamp_min(1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p).cpu().numpy()
+
+
+def visual_key(level_maps: Sequence[np.ndarray | Tensor], *, pooling: str = "mean") -> np.ndarray:
+    """The visual key float32 ``[N, sum C_l]`` of per-level region maps ``[N, C_l, H, W]`` (key-level order):
+    each level reduced (``mean``: spatial mean, ``gem``: :func:`gem`) and L2-normalised, the levels
+    concatenated and L2-normalised again, so that every level weighs the same whatever its channels
+    or activation scale. One level with ``mean`` is :func:`pool_vectors`."""
+    if pooling not in KEY_POOLINGS:
+        raise InvalidInputError(f"pooling must be one of {', '.join(KEY_POOLINGS)}, got {pooling!r}")
+    if not level_maps:
+        raise InvalidInputError("visual_key needs the region maps of one or more levels")
+    parts = []
+    for maps in level_maps:
+        v = torch.from_numpy(image_vectors(maps) if pooling == "mean" else gem(maps))
+        parts.append(v / v.norm(dim=1, keepdim=True).clamp_min(_EPS))
+    key = torch.cat(parts, dim=1)
+    key = key / key.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return key.cpu().numpy().astype(np.float32, copy=False)
 
 
 def _check_boxes(boxes: np.ndarray, image_index: int) -> np.ndarray:

@@ -66,7 +66,7 @@ from indexer.compaction import (
     remove_stale_generations,
     write_generation,
 )
-from indexer.db_state import Database, open_database
+from indexer.db_state import Database, open_database, stored_visual_key
 from indexer.faiss_store import DEFAULT_FLAT_THRESHOLD, num_faiss_gpus
 from indexer.feature_store import ArraySpec, FeatureStore
 from indexer.feature_sync import FeatureSync
@@ -203,11 +203,15 @@ class IndexStore:
         writable: bool = False,
         config: StoreConfig = StoreConfig(),
         array_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        visual_key: str | None = None,
     ) -> IndexStore:
         """Open (and with ``create=True`` create) the index at ``index_dir``; migrate it to head.
 
         ``array_shapes`` (row shape per feature array, must include ``"visual"``, 1-d) is needed
         to create an index; for an existing one it is checked against the stored shapes.
+        ``visual_key`` (:func:`~indexer.component_configs.visual_key_version`) is recorded by a creation
+        and, for an existing index, must equal the recorded one (else one :class:`IndexVersionError`
+        line: re-index into a new directory); ``None`` checks nothing.
         ``writable=True`` takes the writer lock (:class:`IndexLockedError` if held elsewhere;
         :class:`IndexReadOnlyError` when the folder cannot be written). Creation is atomic, and
         ``create=True`` finishes a creation that a killed process left unfinished
@@ -220,7 +224,7 @@ class IndexStore:
                 "'auto' or 'cpu', or run on a machine with a CUDA device and faiss-gpu"
             )
         wanted = specs_from_shapes(array_shapes) if array_shapes is not None else None
-        opened = open_database(layout, create=create, writable=writable, wanted=wanted)
+        opened = open_database(layout, create=create, writable=writable, wanted=wanted, visual_key=visual_key)
         store: IndexStore | None = None
         try:
             store = cls(layout=layout, database=opened.database, specs=opened.specs, config=config, lock=opened.lock)
@@ -533,6 +537,11 @@ class IndexStore:
     def all_region_ids(self) -> np.ndarray:
         """Every committed region id, ascending, int64."""
         return self._catalog.region_ids()
+
+    @property
+    def visual_key(self) -> str | None:
+        """The visual key version the index records (``meta.visual_key``; ``None``: none recorded)."""
+        return stored_visual_key(self._db)
 
     def models(self) -> dict[str, str]:
         """The model versions of the latest indexing run (``IndexInfo.models`` without the counts)."""

@@ -151,7 +151,12 @@ def test_synthetic_index_keeps_the_real_regions_and_derives_the_rest(seed_data, 
         np.testing.assert_array_equal(real, data.arrays["maps"])
         synthetic = store.read_arrays("maps", table.rows[data.regions :]).astype(np.float32)
         vectors = store.read_arrays("visual", table.rows[data.regions :]).astype(np.float32)
-    np.testing.assert_allclose(vectors, pool_vectors(synthetic), atol=2e-3)
+        assert store.visual_key == data.visual_key is not None  # recorded like the seed's: Engine.search opens it
+    # the visual key (c4 + c5) is the seed keys' mixture: unit vectors whose c4 half points where the mixed map's mean does
+    assert vectors.shape == (150, data.arrays["visual"].shape[1]) == (150, 432)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+    c4 = vectors[:, :112] / np.linalg.norm(vectors[:, :112], axis=1, keepdims=True)
+    assert float(np.mean(np.sum(c4 * pool_vectors(synthetic), axis=1))) > 0.9
     assert not np.allclose(synthetic[:10], real[:10].astype(np.float32))
     again = cached_index(data, SyntheticConfig(regions=data.regions + 150), tmp_path, seed.key, san_visual=None, progress=False)
     assert again.reused and again.path == built.path
@@ -218,11 +223,11 @@ def test_faiss_tradeoff_compares_flat_ivf_and_pq(seed_data, tmp_path: Path) -> N
     seed, data = seed_data
     built = cached_index(data, SyntheticConfig(regions=1000, flat_threshold=500), tmp_path, seed.key, san_visual=None, progress=False)
     queries = data.arrays["visual"][:8].astype(np.float32)
-    rows = measure_faiss(built.path, queries, FaissTradeoffConfig(shortlist=50, pq_m=(28,), nprobes=(4, 64)))
+    rows = measure_faiss(built.path, queries, FaissTradeoffConfig(shortlist=50, pq_m=(28,), nprobes=(4, 64)))  # 432-d key: PQ27
     names = [r.index for r in rows]
     assert names[0] == "Flat" and rows[0].recall_at_10 == 1.0
     assert any(r.chosen_by_store and r.index.startswith("IVF") for r in rows)
-    assert any(",PQ28" in n for n in names)
+    assert any(",PQ27" in n for n in names)
     assert all(0.0 <= r.recall_at_10 <= 1.0 and r.p50_ms >= 0 for r in rows)
 
 

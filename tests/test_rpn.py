@@ -162,7 +162,8 @@ def test_rpn_provider_maps_serve_the_region_features(shipped_provider, tiny_corp
     # batching two images reorders float sums: the same boxes to well under a pixel
     np.testing.assert_allclose(proposals[0][0], boxes, atol=1e-2)
     boxes_per_image = [b for b, _ in proposals]
-    pooled = extractor.from_feature_map(maps[extractor.config.level], [im.size for im in images], boxes_per_image)
+    assert set(extractor.levels) <= set(maps)  # the RPN's c3..c5 pass holds the key's c4 and c5
+    pooled = extractor.from_feature_map(maps, [im.size for im in images], boxes_per_image)
     direct = extractor(images, boxes_per_image)
     for (maps_pooled, vectors_pooled), (maps_direct, vectors_direct), b in zip(pooled, direct, boxes_per_image):
         assert len(maps_pooled) == len(b)

@@ -23,7 +23,7 @@ __all__ = ["FaissTradeoffConfig", "FaissRow", "measure_faiss"]
 
 @dataclass(frozen=True)
 class FaissTradeoffConfig:
-    """``shortlist``: the k stage 1 asks for; ``pq_m``: PQ sub-quantizers (one code byte per 112 / m dims);
+    """``shortlist``: the k stage 1 asks for; ``pq_m``: PQ sub-quantizers (one code byte per dim / m dims; each is lowered to the nearest divisor of the key's dim);
     ``nprobes``: probes swept on the IVF variants."""
 
     shortlist: int = 1000
@@ -88,7 +88,8 @@ def measure_faiss(index_dir: Path, queries: np.ndarray, config: FaissTradeoffCon
     sq8.add_with_ids(vectors, ids)
     out.extend(_sweep(sq8, f"IVF{nlist},SQ8", q, truth, k, config.nprobes, len(ids), build=time.perf_counter() - start))
     quantizer = faiss.extract_index_ivf(sq8).quantizer
-    for m in config.pq_m:
+    for wanted in config.pq_m:
+        m = max(d for d in range(1, min(wanted, dim) + 1) if dim % d == 0)  # PQ needs m | dim (432-d key: 28 -> 27, 56 -> 54)
         start = time.perf_counter()
         pq = _ivf_pq(quantizer, dim, m, vectors, ids)
         out.extend(_sweep(pq, f"IVF{nlist},PQ{m}", q, truth, k, config.nprobes, len(ids), build=time.perf_counter() - start))

@@ -129,7 +129,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
     san = TimedProxy(engine.san_encoder, times, "embedding", ["encode"])
     ref_nms = TimedProxy(engine.ref_nms_model, times, "embedding", ["visual_features"])
     shapes = engine._array_shapes(san=True)  # what `engine index` creates
-    store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes)
+    store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes, visual_key=engine.visual_key)
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version, "ref_nms": engine.ref_nms_model.version}
     pipeline = IndexingPipeline(
         store=TimedProxy(store, times, "writes", ["commit_images", "save_vectors"]),

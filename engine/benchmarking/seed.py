@@ -103,6 +103,7 @@ class SeedData:
     grids: np.ndarray
     shapes: dict[str, tuple[int, ...]]
     models: dict[str, str]
+    visual_key: str | None = None  # the seed index's (meta.visual_key): a synthetic index built from it records it too
 
     @property
     def regions(self) -> int:
@@ -187,11 +188,12 @@ def load_seed_data(seed: Seed, engine: Any, *, progress: bool = True) -> SeedDat
         all_rows = np.concatenate(rows)
         arrays = {name: store.read_arrays(name, all_rows) for name in store.array_specs}
         shapes = {name: spec.shape for name, spec in store.array_specs.items()}
+        visual_key = store.visual_key
     if POOLED_ARRAY not in arrays:  # a seed indexed before the pooled array: derive it as indexing would
         arrays[POOLED_ARRAY] = mean_maps(arrays["maps"])
         shapes[POOLED_ARRAY] = (arrays["maps"].shape[1],)
     grids = _cached_grids(seed, engine, images, arrays, progress=progress)
-    return SeedData(images=images, arrays=arrays, grids=grids, shapes=shapes, models=dict(info.models))
+    return SeedData(images=images, arrays=arrays, grids=grids, shapes=shapes, models=dict(info.models), visual_key=visual_key)
 
 
 def _with_image_vectors(store: Any, images: list[SeedImage]) -> list[SeedImage]:

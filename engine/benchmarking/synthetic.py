@@ -7,9 +7,11 @@ layout of a random seed image (its size and its proposal boxes) and gets, for ea
     map = a · M[dominant] + (1 − a) · M[partner] + noise · rms · ε,    a ~ U(mix_min, 1),  ε ~ N(0, 1)
 
 where ``M[dominant]`` is the seed region of that box, ``M[partner]`` a random seed region and ``rms`` the
-seed maps' root mean square. Everything else is derived from the map as at index time: the ``visual``
-vector is :func:`indexer.region_features.pool_vectors` of it, the SAN vector is SAN's visual encoder
-over it and the same mixture of the two regions' saliency grids. So FAISS, SQLite, the feature store
+seed maps' root mean square. Everything else is derived from the map as at index time (the ``pooled``
+mean, the SAN vector: SAN's visual encoder over it and the same mixture of the two regions' saliency
+grids), except the ``visual`` key, which reads levels the 7×7 ``c4`` map does not hold (``c4`` + ``c5``):
+it is the same mixture of the two seed regions' keys, with noise of the same relative size
+(``noise / sqrt(dim)`` per component of a unit vector), L2-normalised. So FAISS, SQLite, the feature store
 and the rerankers see data with the statistics of real regions, through the code that serves queries.
 
 Built indexes are cached: ``built.json`` in the index folder marks a finished build.
@@ -114,7 +116,7 @@ class RegionMixer:
 
     def arrays(self, dominant: np.ndarray) -> dict[str, np.ndarray]:
         """Arrays of one synthetic region per seed row in ``dominant`` (``maps``, ``visual``, ``san``, …)."""
-        from indexer.region_features import mean_maps, pool_vectors
+        from indexer.region_features import mean_maps
 
         n = len(dominant)
         partner = self.rng.integers(0, self.data.regions, size=n)
@@ -122,7 +124,7 @@ class RegionMixer:
         source = self.data.arrays["maps"]
         maps = _mix(source[dominant], source[partner], a)
         maps += (self.noise * self.rms) * self.rng.standard_normal(maps.shape, dtype=np.float32)
-        out: dict[str, np.ndarray] = {"maps": maps.astype(np.float16), "visual": pool_vectors(maps), "pooled": mean_maps(maps)}
+        out: dict[str, np.ndarray] = {"maps": maps.astype(np.float16), "visual": self._key(dominant, partner, a), "pooled": mean_maps(maps)}
         for name, array in self.data.arrays.items():
             if name in out:
                 continue
@@ -132,6 +134,14 @@ class RegionMixer:
             else:
                 out[name] = _mix(array[dominant], array[partner], a)
         return out
+
+
+    def _key(self, dominant: np.ndarray, partner: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """The synthetic regions' visual keys: the seed keys mixed as the maps, plus noise, L2-normalised."""
+        keys = self.data.arrays["visual"]
+        mixed = _mix(keys[dominant], keys[partner], a)
+        mixed += (self.noise / np.sqrt(mixed.shape[1])) * self.rng.standard_normal(mixed.shape, dtype=np.float32)
+        return (mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san_visual: SanVisual | None, progress: bool = True) -> BuiltIndex:
@@ -146,7 +156,7 @@ def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san
     rng = np.random.default_rng(config.seed)
     # no Ref-NMS features for the mixed regions (stage 3 computes them from the maps, as for an older index)
     shapes = {name: shape for name, shape in data.shapes.items() if name != "refnms" and (config.maps or name != "maps")}
-    with IndexStore.open(index_dir, create=True, writable=True, config=store_config, array_shapes=shapes) as store:
+    with IndexStore.open(index_dir, create=True, writable=True, config=store_config, array_shapes=shapes, visual_key=data.visual_key) as store:
         run_id = store.begin_run("synthetic-benchmark", data.models)
         bar = tqdm(total=config.regions, unit="region", desc=f"building {config.regions:,}-region index", disable=not progress, dynamic_ncols=True)
         real = images = 0
