@@ -16,9 +16,10 @@ install: $(PY)
 install-test: $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 
-## demo: install, make a 200-image synthetic corpus, index it, query it, draw the hits into demo/hits/
+## demo: install, make a corpus (real objects on real photos when the Debian data can be fetched, else shapes),
+## index it, query it, draw the hits into demo/hits/
 demo: install
-	$(ENGINE) synth $(DEMO)/corpus --images 200 --seed 0
+	$(ENGINE) synth $(DEMO)/corpus $$($(PY) -m engine.demo --world) --seed 0
 	$(ENGINE) index $(DEMO)/corpus --index $(DEMO)/index
 	$(ENGINE) query --index $(DEMO)/index $$($(PY) -m engine.demo $(DEMO)/corpus) -k 8 --exclude-self --save-vis $(DEMO)/hits
 	@echo "open $(DEMO)/hits/contact_sheet.png to see the query and its hits"

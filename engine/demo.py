@@ -1,4 +1,7 @@
 """``python -m engine.demo CORPUS``: print the query options of the corpus's first benchmark query.
+``python -m engine.demo --world``: print the ``engine synth`` options of the demo corpus: the stamps world
+(real objects on real photographs) when its Debian data is in the cache or can be fetched, the shapes
+world otherwise (with the reason on stderr).
 
 Used by the Quick start (``make demo``) to query a synthetic corpus with one of its own described regions.
 """
@@ -20,10 +23,29 @@ def demo_query_args(corpus: Path) -> list[str]:
     return ["--image", str(corpus / q.image), "--region", ",".join(f"{v:g}" for v in q.region)]
 
 
+STAMPS_DEMO = ["--world", "stamps", "--images", "400"]
+SHAPES_DEMO = ["--world", "shapes", "--images", "200"]
+
+
+def demo_world_args() -> list[str]:
+    """The ``engine synth`` options of the demo corpus: real photographs when the stamps can be had, else shapes."""
+    from engine.data_fetch import ensure_stamps
+
+    try:
+        ensure_stamps(log=lambda line: print(line, file=sys.stderr))
+    except EngineError as exc:
+        print(f"the real-photo data is not available ({exc}); the demo uses the shapes world", file=sys.stderr)
+        return SHAPES_DEMO
+    return STAMPS_DEMO
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--world"]:
+        print(" ".join(demo_world_args()))
+        return 0
     if len(args) != 1:
-        print("usage: python -m engine.demo CORPUS", file=sys.stderr)
+        print("usage: python -m engine.demo CORPUS | --world", file=sys.stderr)
         return 2
     try:
         print(" ".join(demo_query_args(Path(args[0]))))
