@@ -93,7 +93,7 @@ def test_models_lists_the_shipped_rpn() -> None:
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.output)["checkpoints"]}
     assert rows["rpn"]["model"] == "rpn" and len(rows["rpn"]["sha256"]) == 64
-    assert rows["rpn"]["key_metrics"]["test_regions@100"] >= 0.9
+    assert rows["rpn"]["key_metrics"]["test_regions@100"] >= 0.85  # pooled over both worlds (each world's own: test_checkpoint)
     table = CliRunner().invoke(main, ["models"]).output
     assert "rpn" in table and rows["rpn"]["sha256"][:12] in table
 
