@@ -6,32 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
 import engine.data_fetch as data_fetch
-from engine.commands.data import data_group
-from engine.commands.synth import synth_command
+from engine.cli import main as _cli  # the real CLI, which turns an EngineError into one line
 from engine.data_fetch import ensure_stamps, fetch_data, has_stamps, stamps_dir
-from engine.errors import DataFetchError, EngineError
+from engine.errors import DataFetchError
 
-
-class _Group(click.Group):  # converts EngineError the way engine.cli does
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EngineError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-@click.group(cls=_Group)
-def _cli() -> None:
-    pass
-
-
-_cli.add_command(data_group)
-_cli.add_command(synth_command)
 
 _FAKE_APT = """#!/bin/sh
 [ "$1" = download ] || exit 1

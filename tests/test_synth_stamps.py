@@ -5,15 +5,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from engine.commands.synth import synth_command
+from engine.cli import main as _cli  # the real CLI, which turns an EngineError into one line
 from engine.datasets.annotations import read_dataset
-from engine.errors import DataNotFoundError, EngineError
+from engine.errors import DataNotFoundError
 from engine.synth.rle import rle_decode, rle_encode, rle_encode_box
 from engine.synth.stamps import StampsConfig, generate_stamps_corpus, load_catalog, stamp_split
 from engine.synth.stamps.language import noun_phrase, short_name, with_article
@@ -189,21 +188,6 @@ def test_language() -> None:
     assert short_name("An Indian blackbuck.", "x") == "Indian blackbuck"
     assert [with_article(n) for n in ("apple", "tiger", "European coin")] == ["an apple", "a tiger", "a European coin"]
 
-
-class _Group(click.Group):  # converts EngineError the way engine.cli does
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EngineError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-@click.group(cls=_Group)
-def _cli() -> None:
-    pass
-
-
-_cli.add_command(synth_command)
 
 
 def test_cli_stamps_world_and_its_errors(stamps_root: Path, photos_dir: Path, tmp_path: Path) -> None:

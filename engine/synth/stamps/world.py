@@ -20,7 +20,7 @@ from PIL import Image
 from engine.datasets.annotations import image_to_dict
 from engine.datasets.types import ImageAnn, ObjectAnn, RefAnn, RegionAnn
 from engine.errors import DataNotFoundError, EngineError, InvalidInputError
-from engine.synth.corpus import FORMATS, SPLITS, split_of
+from engine.synth.corpus import FORMATS, SPLITS, SynthSummary, split_of
 from engine.synth.relations import relation_is_clear
 from engine.synth.rle import rle_encode, rle_encode_box
 from engine.synth.stamps.backgrounds import PhotoLibrary
@@ -116,19 +116,12 @@ class StampsImage:
 
 
 @dataclass(frozen=True)
-class StampsSummary:
-    """What :func:`generate_stamps_corpus` wrote."""
+class StampsSummary(SynthSummary):
+    """What :func:`generate_stamps_corpus` wrote: the shapes world's summary plus counts per split."""
 
-    images: int
-    objects: int
-    regions: int
-    refs: int
-    queries: int
     queries_per_split: dict[str, int] = field(default_factory=dict)
     images_per_split: dict[str, int] = field(default_factory=dict)
     stamps_per_split: dict[str, int] = field(default_factory=dict)  # catalog stamps of each split
-    seconds: float = 0.0
-    out_dir: Path = Path(".")
 
 
 @dataclass(frozen=True)
