@@ -213,3 +213,16 @@ def test_missing_split_is_an_error(stamps_root: Path, photos_dir: Path, tmp_path
     (only / f"{key}.txt").write_text("A disc.\n")
     with pytest.raises(DataNotFoundError, match="no stamp of the val split"):
         generate_stamps_corpus(tmp_path / "c", _config(only, photos_dir, images=2))
+
+
+def test_a_folder_above_the_stamps_folder_is_refused(stamps_root: Path, tmp_path: Path) -> None:
+    """Keys, and so the fixed split, are paths below the stamps folder: pointing above it would change every split."""
+    import shutil
+
+    nested = tmp_path / "pkg" / "usr" / "share" / "tuxpaint" / "stamps"
+    shutil.copytree(stamps_root, nested)
+    result = CliRunner().invoke(_cli, ["synth", str(tmp_path / "c"), "--world", "stamps", "--stamps-dir", str(tmp_path / "pkg"), "--images", "2", "--quiet"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"pass --stamps-dir {nested}" in result.output
+    assert not (tmp_path / "c").exists()
+    assert len(load_catalog(nested)) == len(load_catalog(stamps_root))

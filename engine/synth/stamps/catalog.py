@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import DataNotFoundError
+from engine.errors import DataNotFoundError, InvalidInputError
 from engine.synth.stamps.language import noun_phrase, short_name
 
 __all__ = ["Stamp", "stamp_split", "load_catalog", "SPLIT_RULE"]
@@ -50,6 +50,14 @@ def _first_line(path: Path) -> str:
         return f.readline().strip()
 
 
+def _nested_stamps_folder(root: Path) -> Path | None:
+    """A ``…/tuxpaint/stamps`` folder strictly below ``root`` (the user pointed above the stamps folder), or None."""
+    for candidate in root.rglob("stamps"):
+        if candidate.is_dir() and candidate.parent.name == "tuxpaint" and candidate != root:
+            return candidate
+    return None
+
+
 def load_catalog(root: Path) -> tuple[Stamp, ...]:
     """Every PNG stamp with a description under ``root``, sorted by key.
 
@@ -59,6 +67,9 @@ def load_catalog(root: Path) -> tuple[Stamp, ...]:
     hint = "pass --stamps-dir DIR (the usr/share/tuxpaint/stamps folder of tuxpaint-stamps-default) or run `engine data fetch`"
     if not root.is_dir():
         raise DataNotFoundError(f"stamps folder {root} does not exist; {hint}")
+    nested = _nested_stamps_folder(root)
+    if nested is not None:  # keys (and so the split) are paths below the stamps folder itself
+        raise InvalidInputError(f"--stamps-dir {root} holds the tuxpaint stamps folder {nested} deeper down; pass --stamps-dir {nested}")
     stamps: list[Stamp] = []
     for png in sorted(root.rglob("*.png")):
         txt = png.with_suffix(".txt")
