@@ -126,3 +126,21 @@ def test_missing_annotations_and_queries(tiny_corpus: Path, tmp_path: Path) -> N
     shutil.copy(tiny_corpus / "annotations.jsonl", empty / "annotations.jsonl")
     result = CliRunner().invoke(main, ["eval", "search", "--data", str(empty), "-q"])
     assert result.exit_code == 1 and "queries.jsonl" in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_a_refused_query_counts_as_a_miss() -> None:
+    """A query the engine refuses (e.g. a text it cannot read) gives the user no hit: every figure a miss."""
+    from engine.datasets.types import RetrievalQuery
+    from engine.errors import InvalidInputError
+    from engine.evaluation.search import Target, _measure
+
+    query = RetrievalQuery(image="a.jpg", region=(0, 0, 10, 10), text="grandma's rag doll", region_id=1, positives=(2,))
+
+    def refuse(q):  # noqa: ANN001, ANN202
+        raise InvalidInputError("none of the words of 'grandma's rag doll' is known")
+
+    outcome = _measure(refuse, query, [Target("b.jpg", (0, 0, 10, 10))], 10)
+    assert outcome.refused and not (outcome.box_at_1 or outcome.box_at_k or outcome.img_at_1 or outcome.img_at_k)
+    assert outcome.rank == float("inf")
+    answered = _measure(lambda q: ([("b.jpg", (0, 0, 10, 10))], [("b.jpg", (0, 0, 10, 10))], 0.01), query, [Target("b.jpg", (0, 0, 10, 10))], 10)
+    assert not answered.refused and answered.box_at_1 and answered.rank == 1.0

@@ -401,7 +401,7 @@ def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_
     config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet)
     result = evaluate_search(config)
     indexed = f"index of {result.images} images reused (checked in {result.index_seconds:.1f} s)" if result.index_reused else f"{result.images} images indexed in {result.index_seconds:.1f} s"
-    click.echo(f"engine eval search: {mode} queries, {split} split of {data}: {result.queries} queries ({result.skipped} without a positive in another image left out), {indexed}, queries {result.query_seconds:.1f} s")
+    click.echo(f"engine eval search: {mode} queries, {split} split of {data}: {result.queries} queries ({result.skipped} without a positive in another image left out; {result.refused} refused by the engine, counted as misses), {indexed}, queries {result.query_seconds:.1f} s")
     click.echo(metrics_table(result), nl=False)
     click.echo(f"k = {config.k}, one hit per image (the engine default); rank: first right box among {config.depth} hits ('> {config.depth}': none)")
     if json_path is not None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from engine.boxes import Box, box_iou
 from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, read_dataset
 from engine.datasets.types import Dataset, RetrievalQuery
-from engine.errors import IndexNotFoundError, InvalidInputError
+from engine.errors import EngineError, IndexNotFoundError, InvalidInputError
 from engine.evaluation.bootstrap import CONFIDENCE, RESAMPLES, SEED, Interval, bootstrap_interval
 
 __all__ = [
@@ -111,6 +111,7 @@ class QueryOutcome:
     img_at_k: bool
     rank: float
     seconds: float
+    refused: bool = False  # the engine refused the query (an EngineError, e.g. a text it cannot read): no hits, a miss
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,11 @@ class SearchEvalResult:
     query_seconds: float
     outcomes: tuple[QueryOutcome, ...] = field(repr=False, default=())
 
+    @property
+    def refused(self) -> int:
+        """Queries the engine refused (counted as misses: a user gets no hit)."""
+        return sum(o.refused for o in self.outcomes)
+
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
         c = self.config
         return {
@@ -142,6 +148,7 @@ class SearchEvalResult:
             "max_per_image": _default_max_per_image(),
             "queries": self.queries,
             "skipped_queries": self.skipped,
+            "refused_queries": self.refused,
             "images": self.images,
             "metrics": {name: _json_interval(iv) for name, iv in self.metrics.items()},
             "bootstrap": {"resamples": c.resamples, "seed": c.seed, "confidence": CONFIDENCE, "method": "percentile"},
@@ -223,7 +230,7 @@ def evaluate_search(config: SearchEvalConfig) -> SearchEvalResult:
     images = sorted({im.image for im in dataset.images})
     with _indexed(config, images) as indexed:
         run_query = _query_runner(indexed.engine, indexed.links, config)
-        run_query(queries[0][0])  # warm-up: models loaded, caches filled
+        _measure(run_query, *queries[0], config.k)  # warm-up: models loaded, caches filled
         started = time.perf_counter()
         outcomes = tuple(_measure(run_query, q, t, config.k) for q, t in tqdm(queries, desc=f"searching ({config.mode})", unit="query", disable=not config.progress, dynamic_ncols=True))
         query_seconds = time.perf_counter() - started
@@ -257,7 +264,14 @@ def _load(config: SearchEvalConfig) -> tuple[Dataset, list[tuple[RetrievalQuery,
 
 
 def _measure(run_query, query: RetrievalQuery, targets: list[Target], k: int) -> QueryOutcome:  # noqa: ANN001
-    shown, deep, seconds = run_query(query)
+    """One query's outcome; a query the engine refuses (:class:`EngineError`) is a miss with ``refused=True``,
+    as a user gets no hit for it (its time is that of the refusal)."""
+    started = time.perf_counter()
+    try:
+        shown, deep, seconds = run_query(query)
+    except EngineError as exc:
+        log.debug("query %s refused: %s", query.region_id, exc)
+        return QueryOutcome(box_at_1=False, box_at_k=False, img_at_1=False, img_at_k=False, rank=float("inf"), seconds=time.perf_counter() - started, refused=True)
     box1, boxk, img1, imgk = score_hits(shown, targets, k)
     return QueryOutcome(box_at_1=box1, box_at_k=boxk, img_at_1=img1, img_at_k=imgk, rank=first_right_rank(deep, targets), seconds=seconds)
 
