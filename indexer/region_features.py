@@ -23,7 +23,7 @@ from torchvision.ops import roi_align
 
 from engine.errors import InvalidBoxError, InvalidInputError
 from indexer.backbone import Backbone, preprocess, resized_size
-from indexer.component_configs import KEY_POOLINGS, RegionFeatureConfig
+from indexer.component_configs import KEY_POOLINGS, RegionFeatureConfig, whitening_tag
 
 __all__ = ["RegionFeatureConfig", "RegionFeatureExtractor", "pool_vectors", "mean_maps", "image_vectors", "visual_key", "gem", "GEM_P"]
 
@@ -64,10 +64,20 @@ class RegionFeatureExtractor:
         self.config = config
         channels = backbone.channels[config.level]
         self.map_shape: tuple[int, int, int] = (channels, config.output_size, config.output_size)
+        self._whitening = None  # loaded on first use: extractors that only pool maps never read it
+
+    @property
+    def whitening(self):  # -> engine.models.key_whitening.KeyWhitening | None
+        """The configured key whitening (``None`` without one), loaded once and checked to fit this key."""
+        if self._whitening is None and self.config.key_whitening is not None:
+            self._whitening = _load_whitening(self.config, self.backbone)
+        return self._whitening
 
     @property
     def dim(self) -> int:
-        """Length of the region vectors (the visual key): the key levels' channels summed."""
+        """Length of the region vectors (the visual key): the key levels' channels summed, or the whitening's output."""
+        if self.config.key_whitening is not None:
+            return self.whitening.out_dim
         return sum(self.backbone.channels[level] for level in self.config.key_levels)
 
     @property
@@ -84,7 +94,8 @@ class RegionFeatureExtractor:
     def version(self) -> str:
         """Identity of the features, to record with an index: backbone version, pooling settings and the key."""
         c = self.config
-        return f"{self.backbone.version}+roi_align:{c.level}:{c.output_size}x{c.output_size}:s{c.sampling_ratio}:max{self.backbone.max_size}+key:{'+'.join(c.key_levels)}:{c.key_pooling}"
+        whitening = whitening_tag(c.key_whitening)
+        return f"{self.backbone.version}+roi_align:{c.level}:{c.output_size}x{c.output_size}:s{c.sampling_ratio}:max{self.backbone.max_size}+key:{'+'.join(c.key_levels)}:{c.key_pooling}{whitening}"
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -140,8 +151,9 @@ class RegionFeatureExtractor:
     def key(self, fmaps: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray], *, pooled: Tensor | None = None) -> np.ndarray:
         """The visual key float32 ``[K, dim]`` of checked, non-empty ``boxes`` from backbone maps ``fmaps``:
         per key level the RoIAlign map reduced by ``key_pooling`` and L2-normalised, concatenated in
-        ``key_levels`` order, L2-normalised again. ``pooled``: the configured level's RoIAlign maps when
-        already computed (reused, not pooled twice)."""
+        ``key_levels`` order, L2-normalised again, then whitened when the configuration has a
+        ``key_whitening``. ``pooled``: the configured level's RoIAlign maps when already computed
+        (reused, not pooled twice)."""
         parts = []
         for level in self.config.key_levels:
             if level not in fmaps:
@@ -156,7 +168,8 @@ class RegionFeatureExtractor:
             else:
                 region = self.pool(fmaps[level], sizes, boxes, level=level)
             parts.append(region)
-        return visual_key(parts, pooling=self.config.key_pooling)
+        key = visual_key(parts, pooling=self.config.key_pooling)
+        return key if self.config.key_whitening is None else self.whitening.apply(key)
 
     @torch.no_grad()
     def image_maps(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
@@ -298,6 +311,17 @@ def visual_key(level_maps: Sequence[np.ndarray | Tensor], *, pooling: str = "mea
     key = torch.cat(parts, dim=1)
     key = key / key.norm(dim=1, keepdim=True).clamp_min(_EPS)
     return key.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _load_whitening(config: RegionFeatureConfig, backbone: Backbone):  # -> KeyWhitening | None
+    """The configured key whitening, checked to be fitted on this backbone's key recipe (input size aside)."""
+    if config.key_whitening is None:
+        return None
+    from engine.models.registry import load_model
+
+    whitening = load_model(config.key_whitening, device=backbone.device, family="key-whitening")
+    whitening.check_recipe(f"{backbone.name}:{config.key_recipe}", source=f"key whitening {config.key_whitening!r}")
+    return whitening
 
 
 def _check_boxes(boxes: np.ndarray, image_index: int) -> np.ndarray:

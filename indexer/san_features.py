@@ -32,7 +32,7 @@ class SaliencyPooler:
 
     def __init__(self, *, backbone: Backbone, network: torch.nn.Module, output_size: int = 7) -> None:
         self.network = network
-        self.pooler = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(level="c3", output_size=output_size))
+        self.pooler = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(level="c3", output_size=output_size, key_whitening=None))
 
     @torch.no_grad()
     def saliency_maps(self, maps: Mapping[str, Tensor]) -> Tensor:

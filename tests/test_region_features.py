@@ -128,7 +128,7 @@ class _RandomBackbone(Backbone):
 @pytest.mark.parametrize("offset", [8.0, 15.5])
 def test_boxes_in_original_pixels_land_on_the_right_cells(offset: float) -> None:
     # 400 x 200 image, max_size 200 -> resized 200 x 100 (scale 0.5) -> padded 224 x 128 -> c4 14 x 8
-    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=200, offset=offset))
+    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=200, offset=offset), config=RegionFeatureConfig(key_whitening=None))
     image = Image.new("RGB", (400, 200))
     boxes = np.array([[100.0, 60.0, 300.0, 180.0], [64.0, 64.0, 128.0, 96.0]])
     [(maps, vectors)] = extractor([image], [boxes])
@@ -143,7 +143,7 @@ def test_boxes_in_original_pixels_land_on_the_right_cells(offset: float) -> None
 
 
 def test_box_covering_cells_exactly_reads_those_cells() -> None:
-    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=640, offset=8.0), config=RegionFeatureConfig(sampling_ratio=1))
+    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=640, offset=8.0), config=RegionFeatureConfig(key_whitening=None, sampling_ratio=1))
     image = Image.new("RGB", (320, 160))  # c4 is 20 x 10
     [(maps, _)] = extractor([image], [np.array([[2 * 16, 1 * 16, 9 * 16, 8 * 16]], float)])
     np.testing.assert_array_equal(maps[0, 0], np.tile(np.arange(2, 9), (7, 1)))
@@ -154,7 +154,7 @@ def test_box_covering_cells_exactly_reads_those_cells() -> None:
 
 
 def test_box_argument_checks() -> None:
-    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0))
+    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0), config=RegionFeatureConfig(key_whitening=None))
     image = Image.new("RGB", (64, 64))
     with pytest.raises(InvalidInputError, match="got 1 images but 2 box arrays"):
         extractor([image], [np.zeros((0, 4)), np.zeros((0, 4))])
@@ -165,11 +165,11 @@ def test_box_argument_checks() -> None:
     with pytest.raises(InvalidBoxError, match="non-finite"):
         extractor([image], [np.array([[0, 0, np.nan, 5]])])
     with pytest.raises(InvalidInputError, match=r"feature level 'c3' is not one of backbone grid's levels \['c4', 'c5'\]"):
-        RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0), config=RegionFeatureConfig(level="c3"))
+        RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0), config=RegionFeatureConfig(key_whitening=None, level="c3"))
 
 
 def test_images_without_boxes_give_empty_arrays() -> None:
-    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0))
+    extractor = RegionFeatureExtractor(backbone=_GridBackbone(max_size=64, offset=8.0), config=RegionFeatureConfig(key_whitening=None))
     images = [Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64))]
     out = extractor(images, [np.zeros((0, 4)), np.array([[0, 0, 32, 32]], float)])
     assert out[0][0].shape == (0, 3, 7, 7) and out[0][1].shape == (0, 6)
@@ -182,7 +182,7 @@ def test_images_without_boxes_give_empty_arrays() -> None:
 
 @pytest.fixture(scope="module")
 def extractor() -> RegionFeatureExtractor:
-    return RegionFeatureExtractor(backbone=create_backbone(BackboneConfig(max_size=160)))
+    return RegionFeatureExtractor(backbone=create_backbone(BackboneConfig(max_size=160)), config=RegionFeatureConfig(key_whitening=None))
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_real_maps_and_unit_vectors(extractor: RegionFeatureExtractor, cat: Imag
     np.testing.assert_allclose(pool_vectors(maps) / np.sqrt(2), vectors[:, :112], atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(vectors[:, 112:], axis=1), 1 / np.sqrt(2), atol=1e-5)
     assert extractor.version == "efficientnet_lite0@imagenet-tf+roi_align:c4:7x7:s2:max160+key:c4+c5:mean"
-    assert extractor.key_version == "efficientnet_lite0/160:c4+c5:mean:roi7:s2" == visual_key_version(BackboneConfig(max_size=160), RegionFeatureConfig())
+    assert extractor.key_version == "efficientnet_lite0/160:c4+c5:mean:roi7:s2" == visual_key_version(BackboneConfig(max_size=160), RegionFeatureConfig(key_whitening=None))
 
 
 def test_same_box_same_vector(extractor: RegionFeatureExtractor, cat: Image.Image) -> None:
@@ -265,7 +265,7 @@ def _direct_key(fmaps: dict[str, Tensor], boxes: np.ndarray, levels: tuple[str, 
 @pytest.mark.parametrize(("levels", "pooling"), [(("c4", "c5"), "mean"), (("c3", "c4", "c5"), "mean"), (("c5",), "mean"), (("c4", "c5"), "gem")])
 def test_key_is_the_concatenation_of_per_level_normalised_means(levels: tuple[str, ...], pooling: str) -> None:
     backbone = _RandomBackbone(max_size=128)
-    extractor = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_levels=levels, key_pooling=pooling))
+    extractor = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_levels=levels, key_pooling=pooling))
     image = Image.new("RGB", (128, 96))  # no resize: box pixels are resized pixels
     boxes = np.array([[10.0, 8.0, 90.0, 70.0], [40.0, 30.0, 120.0, 90.0], [0.0, 0.0, 128.0, 96.0]])
     [(maps, vectors)] = extractor([image], [boxes])
@@ -290,7 +290,7 @@ def test_visual_key_function() -> None:
 
 def test_one_backbone_pass_for_maps_and_key() -> None:
     backbone = _GridBackbone(max_size=200, offset=8.0)
-    extractor = RegionFeatureExtractor(backbone=backbone)
+    extractor = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None))
     images = [Image.new("RGB", (200, 100)), Image.new("RGB", (200, 100))]
     extractor(images, [np.array([[0.0, 0.0, 100.0, 80.0]]), np.array([[20.0, 10.0, 180.0, 90.0], [0.0, 0.0, 50.0, 50.0]])])
     assert backbone.calls == 1 and backbone.asked == [["c4", "c5"]]
@@ -307,14 +307,14 @@ def test_version_and_dim_follow_the_key() -> None:
     backbone = _RandomBackbone()
     versions = set()
     for levels, pooling in [(("c4",), "mean"), (("c4", "c5"), "mean"), (("c4", "c5"), "gem"), (("c3", "c4", "c5"), "mean")]:
-        ex = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_levels=levels, key_pooling=pooling))
+        ex = RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_levels=levels, key_pooling=pooling))
         versions.add(ex.version)
         versions.add(ex.key_version)
         assert "+".join(levels) in ex.version and pooling in ex.key_version
         assert ex.dim == sum(backbone.channels[lv] for lv in levels) and ex.map_shape == (5, 7, 7)
     assert len(versions) == 8
-    assert RegionFeatureConfig(key_levels=("c4",)).key_version == "c4:mean:roi7:s2"
+    assert RegionFeatureConfig(key_whitening=None, key_levels=("c4",)).key_version == "c4:mean:roi7:s2"
     with pytest.raises(InvalidInputError, match="key_pooling must be one of"):
-        RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_pooling="max"))
+        RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_pooling="max"))
     with pytest.raises(InvalidInputError, match="key_levels must name"):
-        RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_levels=()))
+        RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_levels=()))

@@ -16,11 +16,13 @@ from engine.cli import main
 from engine.config import EngineConfig, IndexConfig
 from engine.errors import IndexVersionError
 from engine.datasets.annotations import read_annotations
+from indexer.component_configs import BackboneConfig, RegionFeatureConfig, visual_key_version
 from indexer.db.session import downgrade_database
 from indexer.store import IndexStore
 
 OLD_KEY = "efficientnet_lite0/640:c4:mean:roi7:s2"
 OLD_FEATURES = "efficientnet_lite0@imagenet-tf+roi_align:c4:7x7:s2:max640"
+CURRENT_KEY = visual_key_version(BackboneConfig(), RegionFeatureConfig())  # c4+c5, whitened by the shipped key-whitening
 
 
 def _config() -> EngineConfig:
@@ -69,20 +71,20 @@ def _query(corpus: Path) -> tuple[Path, list[float]]:
 
 def test_a_new_index_records_its_key_and_searches(built: Path, small_corpus: Path) -> None:
     with Engine(built, config=_config()) as engine:
-        assert _meta(built, "visual_key") == engine.visual_key == "efficientnet_lite0/640:c4+c5:mean:roi7:s2"
+        assert _meta(built, "visual_key") == engine.visual_key == CURRENT_KEY
         assert engine.info().dims["visual"] == (432,) and engine.info().dims["maps"] == (112, 7, 7)
         image, box = _query(small_corpus)
         hits = engine.search(image=image, region=box, k=2)
         assert hits[0].score == pytest.approx(1.0, abs=1e-3)
     with IndexStore.open(built) as store:
-        assert store.visual_key == "efficientnet_lite0/640:c4+c5:mean:roi7:s2"
+        assert store.visual_key == CURRENT_KEY
         assert "+key:c4+c5:mean" in store.models()["region_features"]
 
 
 def _expected(index_dir: Path, stored: str) -> str:
     return (
         f"index {index_dir.resolve()} was built with visual key {stored}; this engine uses "
-        "efficientnet_lite0/640:c4+c5:mean:roi7:s2: re-index into a new directory (engine index CORPUS --index NEW)"
+        f"{CURRENT_KEY}: re-index into a new directory (engine index CORPUS --index NEW)"
     )
 
 
@@ -134,7 +136,7 @@ def test_an_index_without_runs_to_read_is_unrecorded(built: Path, tmp_path: Path
     with sqlite3.connect(db) as con:
         con.execute("UPDATE index_runs SET models = '{}'")
     with pytest.raises(IndexVersionError, match=r"built with visual key unrecorded \(built before visual key versions\); this engine uses"):
-        IndexStore.open(index_dir, visual_key="efficientnet_lite0/640:c4+c5:mean:roi7:s2")
+        IndexStore.open(index_dir, visual_key=CURRENT_KEY)
 
 
 def test_migration_reads_both_version_formats() -> None:
@@ -159,7 +161,7 @@ def test_an_index_built_with_another_key_config_is_refused(small_corpus: Path, t
     shutil.copy(small_corpus / ann.image, one / ann.image)
     lines = [line for line in (small_corpus / "annotations.jsonl").read_text().splitlines() if json.loads(line).get("image") == ann.image]
     (one / "annotations.jsonl").write_text("\n".join(lines) + "\n")
-    old = EngineConfig(device="cpu", san=False, stage3=False, features=RegionFeatureConfig(key_levels=("c4",)))
+    old = EngineConfig(device="cpu", san=False, stage3=False, features=RegionFeatureConfig(key_levels=("c4",), key_whitening=None))
     with Engine(index_dir, config=old) as engine:
         engine.index(one, config=IndexConfig(proposals="gt"))
         assert engine.info().dims["visual"] == (112,)

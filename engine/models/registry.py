@@ -58,6 +58,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("mcb-attention", "engine.models.mcb:GroundingModel", ("mcb", "mcb-no-sparsity"), "mcb"),
     ModelFamily("ref-nms", "engine.models.ref_nms:RefNMSModel", ("ref-nms-b", "ref-nms-r"), "ref-nms-r"),
     ModelFamily("cm-att", "engine.models.cm_att:GroundingScorer", ("cm-att", "cm-att-erase", "cm-att-erase-region"), "cm-att-erase"),
+    ModelFamily("key-whitening", "engine.models.key_whitening:KeyWhitening", ("key-whitening",), "key-whitening"),
 )
 """Every model family, in the order ``engine train`` lists them."""
 
