@@ -100,6 +100,13 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     assert second.exit_code == 0, second.output
     text = _check_json(tmp_path / "text.json", "text")
     assert text["index_reused"] is True and text["index"]["images"] == region["images"]
+    assert "+pcaw:" in region["visual_key"]
+
+    # the un-whitened key (an ablation): the index of the whitened key is not reused, nor changed
+    third = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--key-whitening", "none", "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "raw.json")])
+    assert third.exit_code == 0, third.output
+    raw = _check_json(tmp_path / "raw.json", "region")
+    assert raw["index_reused"] is False and raw["visual_key"] == "efficientnet_lite0/640:c4+c5:mean:roi7:s2"
 
 
 @pytest.mark.parametrize(

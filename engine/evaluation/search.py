@@ -38,6 +38,7 @@ from engine.boxes import Box, box_iou
 from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, read_dataset
 from engine.datasets.types import Dataset, RetrievalQuery
 from engine.errors import EngineError, IndexNotFoundError, InvalidInputError
+from indexer.component_configs import RegionFeatureConfig
 from engine.evaluation.bootstrap import CONFIDENCE, RESAMPLES, SEED, Interval, bootstrap_interval
 
 __all__ = [
@@ -83,6 +84,7 @@ class SearchEvalConfig:
     resamples: int = RESAMPLES
     seed: int = SEED
     progress: bool = True
+    features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -146,6 +148,7 @@ class SearchEvalResult:
             "k": c.k,
             "rank_depth": c.depth,
             "max_per_image": _default_max_per_image(),
+            "visual_key": _visual_key(c.features),
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -324,7 +327,7 @@ def _indexed(config: SearchEvalConfig, images: Sequence[str]) -> Iterator[_Index
     """The split's index (default settings). ``config.index_dir``: built there when it is missing or
     empty, reused when it holds exactly these images, else (with a warning) a temporary one, as without it."""
     target = Path(config.index_dir) if config.index_dir is not None else None
-    if target is not None and _usable(target, Path(config.data), images):
+    if target is not None and _usable(target, Path(config.data), images, config.features):
         with _engine_over(config, target, images, temporary=False) as out:
             yield out
         return
@@ -343,15 +346,16 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
     reused = index_dir.is_dir() and any(index_dir.iterdir())
     links = _link_split(Path(config.data), images, index_dir / LINKS_FOLDER)
     started = time.perf_counter()
-    with Engine(index_dir, config=EngineConfig(device=config.device)) as engine:
+    with Engine(index_dir, config=EngineConfig(device=config.device, features=config.features)) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
         if summary.errors:
             raise InvalidInputError(f"{summary.errors} image(s) of split {config.split!r} could not be indexed; see engine info --index {index_dir} --errors")
         yield _Indexed(engine=engine, links=links.resolve(), reused=reused, temporary=temporary, seconds=time.perf_counter() - started)
 
 
-def _usable(index_dir: Path, data: Path, images: Sequence[str]) -> bool:
-    """Whether ``index_dir`` may be built or reused: missing or empty, or an index of exactly the links to ``images``."""
+def _usable(index_dir: Path, data: Path, images: Sequence[str], features: RegionFeatureConfig) -> bool:
+    """Whether ``index_dir`` may be built or reused: missing or empty, or an index of exactly the links to
+    ``images`` with the visual key of ``features``."""
     from indexer.store import IndexStore
 
     if not index_dir.exists() or (index_dir.is_dir() and not any(index_dir.iterdir())):
@@ -364,7 +368,10 @@ def _usable(index_dir: Path, data: Path, images: Sequence[str]) -> bool:
         with IndexStore.open(index_dir) as store:
             known = store.known_images(os.sep)
             models = store.models()
+            key = store.visual_key
     except IndexNotFoundError:
+        return False
+    if key != _visual_key(features):
         return False
     indexed = {p for p, row in known.items() if row[3] == "indexed"}
     return indexed == expected and len(known) == len(expected) and str(models.get("proposals", "")).startswith("rpn")
@@ -399,6 +406,12 @@ def _warn(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- output
+
+
+def _visual_key(features: RegionFeatureConfig) -> str:
+    from indexer.component_configs import BackboneConfig, visual_key_version
+
+    return visual_key_version(BackboneConfig(), features)
 
 
 def _json_interval(interval: Interval) -> dict[str, Any]:
