@@ -21,6 +21,11 @@ DEFAULT_INDEX_DIR = Path(".engine")
 INDEX_ENV_VAR = "ENGINE_INDEX"
 TEXT_WEIGHT = 1.0
 """Default weight of SAN's text–region score in a combined query's stage 2 (``engine eval fusion`` fits it)."""
+LAYOUT_WEIGHT = 5.0
+"""Default weight of the 7×7 layout similarity in a region-only query's stage 2 (``visual + w · layout``;
+fitted on the stamps world's val split, docs/query-pipeline.md)."""
+LAYOUT_SHORTLIST = 300
+"""Stage-1 candidates a region-only query reranks by layout (fitted with :data:`LAYOUT_WEIGHT`)."""
 MAX_WEIGHT = 100.0
 """Largest stage-2 weight (``text_weight``, ``image_weight``; ``--weight-*``): the defaults are 1, 100
 already ranks by one score alone, and a huge weight would overflow the fused score."""
@@ -50,7 +55,10 @@ class EngineConfig:
     ``stage3_weights.images`` images (Ref-NMS with ``ref_nms_checkpoint``, CM-Att with
     ``grounding_checkpoint``; ``None``: the shipped ``ref-nms-r`` and ``cm-att-erase-region``, and the
     weights fitted by ``engine eval stage3`` in ``engine/checkpoints/stage3.json``); see
-    ``query/localize.py``.
+    ``query/localize.py``. ``layout_weight``: a region-only query (no text) reranks its first
+    ``layout_shortlist`` stage-1 candidates by ``visual + layout_weight · layout``, the visual key's
+    cosine plus the aligned similarity of the 7×7 maps (``query.rerank.LayoutRescorer``); 0 ranks by
+    the visual key alone, as does an index built without maps.
     """
 
     device: str = "auto"
@@ -63,6 +71,8 @@ class EngineConfig:
     san_candidates: int = 1000
     text_weight: float = TEXT_WEIGHT
     image_weight: float = 1.0
+    layout_weight: float = LAYOUT_WEIGHT
+    layout_shortlist: int = LAYOUT_SHORTLIST
     stage3: bool = True
     stage3_weights: Stage3Weights | None = None
     ref_nms_checkpoint: Path | None = None
@@ -72,10 +82,12 @@ class EngineConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")
+        if isinstance(self.layout_shortlist, bool) or not isinstance(self.layout_shortlist, int) or self.layout_shortlist <= 0:
+            raise InvalidInputError(f"layout_shortlist must be a positive integer, got {self.layout_shortlist!r}")
         if self.text_weight == 0 and self.image_weight == 0:
             raise InvalidInputError("--weight-text and --weight-image are both 0: nothing would rank the hits; give one of them a positive weight")
 

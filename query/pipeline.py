@@ -22,11 +22,11 @@ import numpy as np
 
 from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
-from indexer.store import VECTOR_ARRAY, IndexStore, RegionRow
+from indexer.store import MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.encode import EncodedQuery, VisualQueryEncoder, load_query_region
 from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3
 from query.request import SearchRequest
-from query.rerank import FusedRescorer, GrnRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
+from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import SearchOptions, search_regions
 
 if TYPE_CHECKING:  # the models' classes, named for the types only
@@ -78,6 +78,12 @@ class PipelineSettings(Protocol):
     @property
     def image_weight(self) -> float: ...
 
+    @property
+    def layout_weight(self) -> float: ...
+
+    @property
+    def layout_shortlist(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -127,9 +133,10 @@ class QueryPipeline:
             extra: tuple[int, ...] = ()
         else:
             query = self.encode(request, encoded)
-            rescore, extra = self.stage2_scorer(query, request.text) if request.text is not None else (None, ())
+            rescore, extra = self.stage2_scorer(query, request.text) if request.text is not None else (self.layout_scorer(query), ())
         digest = query.content_hash if request.exclude_self else None
-        options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=self.config.shortlist, filters=request.filters)
+        shortlist = self.config.layout_shortlist if isinstance(rescore, LayoutRescorer) else self.config.shortlist
+        options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=shortlist, filters=request.filters)
         return PreparedQuery(request=request, query=query, options=options, rescore=rescore, extra_ids=extra)
 
     def rank(self, prepared: PreparedQuery, k: int | None = None) -> list[Hit]:
@@ -173,6 +180,16 @@ class QueryPipeline:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""
         self.check_san_index()
         return EncodedQuery(vector=self.models.san_encoder.model.text_vector(text), array=SAN_ARRAY, stage1="san_text")
+
+    def layout_scorer(self, query: EncodedQuery) -> LayoutRescorer | None:
+        """A region-only query's stage 2 (:class:`~query.rerank.LayoutRescorer`), or ``None`` (ranked by the
+        visual key alone) when ``config.layout_weight`` is 0, the index holds no 7×7 maps, or the query
+        has no spatial map (an indexed region of such an index)."""
+        if self.config.layout_weight == 0 or not self.store.has_array(MAPS_ARRAY) or query.query_map is None:
+            return None
+        if query.query_map.ndim != 3 or query.query_map.shape[1] == 1:
+            return None
+        return LayoutRescorer(store=self.store, vector=query.vector, query_map=query.query_map, weight=self.config.layout_weight)
 
     def stage2_scorer(self, query: EncodedQuery, text: str) -> tuple[Rescorer, tuple[int, ...]]:
         """A combined query's stage-2 scorer — the GRN, fused with SAN (``image_weight · grn + text_weight ·

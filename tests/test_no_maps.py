@@ -65,6 +65,10 @@ def test_stage_2_and_3_answer_as_an_index_with_maps_does(no_maps_index: Path, ti
             np.testing.assert_allclose([got.scores[k] for k in want.scores], [want.scores[k] for k in want.scores], atol=2e-3)
         more = engine.search(region_id=hits[0].region_id, text=text, k=5)  # "more like this": its pooled features
         assert [h.region_id for h in more] == [h.region_id for h in full.search(region_id=hits[0].region_id, text=text, k=5)]
+        # a region-only query has no maps to compare layouts with here: the visual key alone ranks it
+        visual = engine.search(image=image, region=region, k=5)
+        assert visual and all(h.scores == {} for h in visual)
+        assert all("layout" in h.scores for h in full.search(image=image, region=region, k=5))
 
 
 def test_the_conv_grn_gets_a_clear_error(no_maps_index: Path, tiny_corpus: Path) -> None:

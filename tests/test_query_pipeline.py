@@ -13,7 +13,7 @@ from query.localize import best_images
 from query.filters import HitFilter
 from query.pipeline import EncodedQuery, PreparedQuery
 from query.request import SearchRequest
-from query.rerank import StageScores, default_grn_checkpoint, fuse_scores
+from query.rerank import LayoutRescorer, StageScores, default_grn_checkpoint, fuse_scores
 
 
 def test_fuse_scores_is_the_weighted_sum() -> None:
@@ -54,7 +54,8 @@ def test_the_steps_hand_typed_values_down(tiny_engine, tiny_corpus: Path) -> Non
         assert engine.pipeline is pipeline  # built once
         visual = pipeline.prepare(SearchRequest(image=image, region=q.region, k=5))
         assert isinstance(visual, PreparedQuery) and isinstance(visual.query, EncodedQuery)
-        assert visual.rescore is None and visual.query.visual and visual.query.query_map is not None and not pipeline.grounds(visual)
+        assert isinstance(visual.rescore, LayoutRescorer) and visual.options.shortlist == engine.config.layout_shortlist
+        assert visual.query.visual and visual.query.query_map is not None and not pipeline.grounds(visual)
         combined = pipeline.prepare(SearchRequest(image=image, region=q.region, text=q.text, k=5, exclude_self=True))
         assert isinstance(combined.rescore, FusedRescorer) and combined.extra_ids and pipeline.grounds(combined)
         assert combined.options.exclude_self_hash == combined.query.content_hash
