@@ -107,6 +107,13 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     assert third.exit_code == 0, third.output
     raw = _check_json(tmp_path / "raw.json", "region")
     assert raw["index_reused"] is False and raw["visual_key"] == "efficientnet_lite0/640:c4+c5:mean:roi7:s2"
+    assert region["layout_weight"] == 5.0
+
+    # stage 1 alone (an ablation) reuses the index: the layout is a query-time setting
+    fourth = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--layout-weight", "0", "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "plain.json")])
+    assert fourth.exit_code == 0, fourth.output
+    plain = _check_json(tmp_path / "plain.json", "region")
+    assert plain["index_reused"] is True and plain["layout_weight"] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ class SearchEvalConfig:
     seed: int = SEED
     progress: bool = True
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
+    layout_weight: float | None = None  # None: the engine's default (EngineConfig.layout_weight)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -149,6 +150,7 @@ class SearchEvalResult:
             "rank_depth": c.depth,
             "max_per_image": _default_max_per_image(),
             "visual_key": _visual_key(c.features),
+            "layout_weight": c.layout_weight if c.layout_weight is not None else _default_layout_weight(),
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -346,7 +348,10 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
     reused = index_dir.is_dir() and any(index_dir.iterdir())
     links = _link_split(Path(config.data), images, index_dir / LINKS_FOLDER)
     started = time.perf_counter()
-    with Engine(index_dir, config=EngineConfig(device=config.device, features=config.features)) as engine:
+    settings = EngineConfig(device=config.device, features=config.features)
+    if config.layout_weight is not None:
+        settings = replace(settings, layout_weight=config.layout_weight)
+    with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
         if summary.errors:
             raise InvalidInputError(f"{summary.errors} image(s) of split {config.split!r} could not be indexed; see engine info --index {index_dir} --errors")
@@ -406,6 +411,12 @@ def _warn(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- output
+
+
+def _default_layout_weight() -> float:
+    from engine.config import EngineConfig
+
+    return EngineConfig().layout_weight
 
 
 def _visual_key(features: RegionFeatureConfig) -> str:
