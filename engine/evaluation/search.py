@@ -140,6 +140,8 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
+        from engine.config import LAYOUT_WEIGHT
+
         c = self.config
         return {
             "command": command,
@@ -150,7 +152,7 @@ class SearchEvalResult:
             "rank_depth": c.depth,
             "max_per_image": _default_max_per_image(),
             "visual_key": _visual_key(c.features),
-            "layout_weight": c.layout_weight if c.layout_weight is not None else _default_layout_weight(),
+            "layout_weight": c.layout_weight if c.layout_weight is not None else LAYOUT_WEIGHT,
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -411,12 +413,6 @@ def _warn(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _default_layout_weight() -> float:
-    from engine.config import EngineConfig
-
-    return EngineConfig().layout_weight
 
 
 def _visual_key(features: RegionFeatureConfig) -> str:

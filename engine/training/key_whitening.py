@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -177,37 +178,43 @@ def _keys(extractor: RegionFeatureExtractor, cached: CachedImage, boxes: np.ndar
 
 
 def _train_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, images: Sequence[ImageAnn], rpn: Any, config: WhiteningTrainConfig, *, progress: bool) -> Iterator[np.ndarray]:
-    """The un-whitened keys of each train image's boxes (annotated, and the RPN's proposals when given)."""
+    """The un-whitened keys of each train image's boxes (annotated, and the RPN's proposals when given);
+    each image's maps are read from the cache once, for both."""
     from engine.protocols.proposals import propose_images
 
-    chunk = 32  # proposals run on a few images at a time: the maps of a whole split do not fit in memory
+    chunk = 32  # a few images at a time: the maps of a whole split do not fit in memory
     with tqdm(total=len(images), desc="whitening keys", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(images), chunk):
             part = images[start : start + chunk]
-            proposed = propose_images(rpn, cache, part, max_proposals=config.proposals) if rpn is not None else [None] * len(part)
+            loaded = {ann.image: cache.get(ann.image) for ann in part}
+            proposed = propose_images(rpn, SimpleNamespace(get=loaded.__getitem__), part, max_proposals=config.proposals) if rpn is not None else [None] * len(part)
             for ann, props in zip(part, proposed):
                 boxes = _annotated(ann)
                 if props is not None and len(props[0]):
                     boxes = np.concatenate([boxes, np.asarray(props[0], np.float64)])
                 if len(boxes):
-                    yield _keys(extractor, cache.get(ann.image), boxes)
+                    yield _keys(extractor, loaded[ann.image], boxes)
                 bar.update(1)
 
 
 def _split_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, split: Dataset) -> _Split:
-    """The annotated boxes of ``split``'s images with their keys, and its queries' keys and positives."""
+    """The annotated boxes of ``split``'s images with their keys, and its queries' keys and positives
+    (each image's maps read once: its annotated boxes and its queries' boxes in one pooling)."""
     where = {r.id: (im.image, np.asarray(r.box, np.float64)) for im in split.images for r in im.regions}
-    keys, images, boxes = [], [], []
-    for ann in split.images:
-        b = _annotated(ann)
-        if len(b):
-            keys.append(_keys(extractor, cache.get(ann.image), b))
-            images.extend([ann.image] * len(b))
-            boxes.append(b)
-    queries = []
+    asked: dict[str, list] = {}
     for q in split.queries:
         positives = [where[p] for p in q.positives if p in where and where[p][0] != q.image]
         if positives:
-            key = _keys(extractor, cache.get(q.image), np.asarray([q.region], np.float64))[0]
-            queries.append((key, q.image, positives))
+            asked.setdefault(q.image, []).append((np.asarray(q.region, np.float64), positives))
+    keys, images, boxes, queries = [], [], [], []
+    for ann in split.images:
+        annotated, wanted = _annotated(ann), asked.get(ann.image, [])
+        if not len(annotated) and not wanted:
+            continue
+        both = np.concatenate([annotated, np.asarray([box for box, _ in wanted], np.float64).reshape(-1, 4)])
+        found = _keys(extractor, cache.get(ann.image), both)
+        keys.append(found[: len(annotated)])
+        images.extend([ann.image] * len(annotated))
+        boxes.append(annotated)
+        queries.extend((key, ann.image, positives) for key, (_, positives) in zip(found[len(annotated) :], wanted))
     return _Split(keys=np.concatenate(keys), images=images, boxes=np.concatenate(boxes), queries=queries)
