@@ -44,13 +44,13 @@ def collect(data: Path, index_dir: Path, depth: int) -> list[Candidates]:
     from engine.api import Engine
     from engine.boxes import box_iou
     from engine.config import EngineConfig
-    from engine.evaluation.search import LINKS_FOLDER, SearchEvalConfig, _load, _relative, evaluate_search
+    from engine.evaluation.search import LINKS_FOLDER, SearchEvalConfig, corpus_path, evaluate_search, split_queries
     from query.request import SearchRequest
     from query.rerank import layout_similarity, read_region_maps
 
     config = SearchEvalConfig(data=data, split="val", index_dir=index_dir, limit=1, progress=True)
     evaluate_search(config)  # builds (or reuses) the val index with the engine's defaults
-    _, queries, _ = _load(SearchEvalConfig(data=data, split="val"))
+    _, queries, _ = split_queries(SearchEvalConfig(data=data, split="val"))
     links = (index_dir / LINKS_FOLDER).resolve()
     out = []
     with Engine(index_dir, config=EngineConfig()) as engine:
@@ -62,7 +62,7 @@ def collect(data: Path, index_dir: Path, depth: int) -> list[Candidates]:
             found = store.lookup_regions(ids[0])
             by_id = dict(zip(ids[0].tolist(), scores[0].tolist()))
             rows = {r.id: r for r in store.regions(found.ids)}
-            images = np.asarray([_relative(rows[int(i)].image_path, links) for i in found.ids])
+            images = np.asarray([corpus_path(rows[int(i)].image_path, links) for i in found.ids])
             keep = images != query.image
             layout = layout_similarity(encoded.query_map, read_region_maps(store, found.rows))
             iou = np.full(len(images), -1.0)

@@ -48,6 +48,9 @@ __all__ = [
     "Target",
     "QueryOutcome",
     "evaluate_search",
+    "split_queries",
+    "corpus_path",
+    "LINKS_FOLDER",
     "query_targets",
     "score_hits",
     "first_right_rank",
@@ -233,7 +236,7 @@ def evaluate_search(config: SearchEvalConfig) -> SearchEvalResult:
     """Index ``config.split`` of ``config.data`` with the default settings and measure every query's search."""
     from engine.config import IndexConfig
 
-    dataset, queries, skipped = _load(config)
+    dataset, queries, skipped = split_queries(config)
     images = sorted({im.image for im in dataset.images})
     with _indexed(config, images) as indexed:
         run_query = _query_runner(indexed.engine, indexed.links, config)
@@ -252,7 +255,7 @@ def evaluate_search(config: SearchEvalConfig) -> SearchEvalResult:
     )
 
 
-def _load(config: SearchEvalConfig) -> tuple[Dataset, list[tuple[RetrievalQuery, list[Target]]], int]:
+def split_queries(config: SearchEvalConfig) -> tuple[Dataset, list[tuple[RetrievalQuery, list[Target]]], int]:
     """The split, its answerable queries with their targets (first ``limit``), and how many were left out."""
     data = Path(config.data)
     if not (data / QUERIES_FILE).is_file():
@@ -293,7 +296,7 @@ def _query_runner(engine, links: Path, config: SearchEvalConfig):  # noqa: ANN00
         else:
             text = query.text if config.mode == "region+text" else None
             hits = engine.search(image=links / query.image, region=query.region, text=text, k=k, exclude_self=True)
-        refs = [(_relative(h.image, links), tuple(h.box)) for h in hits]
+        refs = [(corpus_path(h.image, links), tuple(h.box)) for h in hits]
         return [r for r in refs if r[0] != query.image][:k]
 
     def run(query: RetrievalQuery) -> tuple[list[HitRef], list[HitRef], float]:
@@ -305,7 +308,8 @@ def _query_runner(engine, links: Path, config: SearchEvalConfig):  # noqa: ANN00
     return run
 
 
-def _relative(image: str, links: Path) -> str:
+def corpus_path(image: str, links: Path) -> str:
+    """An indexed image's path relative to the folder of links ``links``: its path in ``annotations.jsonl``."""
     try:
         return Path(image).relative_to(links).as_posix()
     except ValueError:  # not one of the split's links (cannot happen with an index this run checked)

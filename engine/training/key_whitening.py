@@ -117,10 +117,9 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
         metrics["val_r1"] = val_recall[shrink]["r1"]
         metrics["val_r1_by_shrink"] = {str(s): round(r["r1"], 4) for s, r in val_recall.items()}
         metrics["val_r1_unwhitened"] = _pooled_recall(vals, None)["r1"]
-    for name, splits in (("test", tests),):
-        if splits:
-            raw, white = _pooled_recall(splits, None), _pooled_recall(splits, whitening)
-            metrics.update({f"{name}_queries": white["queries"], f"{name}_r1": white["r1"], f"{name}_r10": white["r10"], f"{name}_r1_unwhitened": raw["r1"], f"{name}_r10_unwhitened": raw["r10"]})
+    if tests:
+        raw, white = _pooled_recall(tests, None), _pooled_recall(tests, whitening)
+        metrics.update({"test_queries": white["queries"], "test_r1": white["r1"], "test_r10": white["r10"], "test_r1_unwhitened": raw["r1"], "test_r10_unwhitened": raw["r10"]})
     seconds = time.perf_counter() - start
     manifest = Manifest(
         model=MODEL_NAME,
