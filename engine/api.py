@@ -48,6 +48,8 @@ class Engine:
         self._grounding: Any = None
         self._ref_nms: Any = None
         self._pipeline: Any = None
+        self._concept_evidence: Any = None
+        self._concept_vocabulary: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -72,8 +74,9 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True, refnms: bool | None = None) -> dict[str, tuple[int, ...]]:
-        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
+    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True, refnms: bool | None = None, concepts: bool | None = None) -> dict[str, tuple[int, ...]]:
+        from indexer.concept_evidence import CONCEPT_SHAPE
+        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
 
         c, h, w = self.extractor.map_shape
         shapes: dict[str, tuple[int, ...]] = {"visual": (self.extractor.dim,)}
@@ -85,7 +88,29 @@ class Engine:
             shapes["san"] = (self.san_encoder.dim,)
         if self.config.stage3 if refnms is None else refnms:
             shapes[REFNMS_ARRAY] = (self.ref_nms_model.config.dim,)
+        if self.config.concepts if concepts is None else concepts:
+            shapes[CONCEPT_ARRAY] = CONCEPT_SHAPE
         return shapes
+
+    @property
+    def concept_evidence(self):  # -> indexer.concept_evidence.ConceptEvidence
+        """Each region's ImageNet class evidence from the backbone's own classifier (array ``concepts``)."""
+        if self._concept_evidence is None:
+            from indexer.concept_evidence import ConceptEvidence
+
+            self._concept_evidence = ConceptEvidence(backbone=self.extractor.backbone)
+        return self._concept_evidence
+
+    @property
+    def concept_vocabulary(self):  # -> engine.models.concepts.ConceptVocabulary
+        """The open vocabulary: all-MiniLM-L6-v2 and the shipped concept table, loaded once."""
+        if self._concept_vocabulary is None:
+            from engine.device import resolve_device
+            from engine.models.concepts import ConceptVocabulary
+            from engine.models.minilm import MiniLMEncoder
+
+            self._concept_vocabulary = ConceptVocabulary(encoder=MiniLMEncoder(device=resolve_device(self.config.device)))
+        return self._concept_vocabulary
 
     @property
     def ref_nms_model(self):  # -> engine.models.ref_nms.RefNMSModel
@@ -134,11 +159,16 @@ class Engine:
         Ref-NMS features when the index has those arrays; ``models`` records every version."""
         from indexer.pipeline import IndexingPipeline
 
+        from indexer.store import CONCEPT_ARRAY
+
         san = self.san_encoder if store.has_array("san") else None
         ref_nms = self._indexing_ref_nms(store)
+        concepts = self.concept_evidence if store.has_array(CONCEPT_ARRAY) else None
         models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms)) if m is not None})
-        return IndexingPipeline(store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms)
+        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms), ("concepts", concepts)) if m is not None})
+        return IndexingPipeline(
+            store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms, concepts=concepts
+        )
 
     def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
         """The Ref-NMS model whose visual features an index with the ``refnms`` array stores; a clear error
@@ -160,7 +190,7 @@ class Engine:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
         ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
         with a warning: text-only search then needs a re-index into a new directory)."""
-        from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
+        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
         try:
             with IndexStore.open(self.index_dir, config=self.config.store, visual_key=self.visual_key) as existing:
@@ -172,11 +202,12 @@ class Engine:
         if has_maps != maps:
             log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", self.index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
         refnms = REFNMS_ARRAY in stored  # an index from before it computes Ref-NMS's visual half at query time
+        concepts = CONCEPT_ARRAY in stored  # an index from before the open vocabulary keeps the first-wave text path
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
-            return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms)
+            return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
         if self.config.san:
             log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
-        return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms)
+        return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
 
     # -- searching ----------------------------------------------------------------------------
     def search(

@@ -26,6 +26,15 @@ LAYOUT_WEIGHT = 5.0
 fitted on the stamps world's val split, docs/query-pipeline.md)."""
 LAYOUT_SHORTLIST = 300
 """Stage-1 candidates a region-only query reranks by layout (fitted with :data:`LAYOUT_WEIGHT`)."""
+CONCEPT_WEIGHT = 0.2
+"""Weight of the open vocabulary's ConSE score in a combined query's stage 2 (``base + w · gate · concept``;
+fitted on the val splits by ``benchmarks/text_fit.py``)."""
+CONCEPT_GATE = (0.4, 0.6)
+"""The query region's own ConSE score at which the text starts to count (gate 0) and counts fully (gate 1)."""
+SAN_GATE = 0.2
+"""SAN's score of the query region for its text from which a combined query whose words the first-wave
+models all know is read by them (GRN + SAN + stage 3); below it the open vocabulary reads it (fitted
+on the val splits: docs/open-vocabulary.md)."""
 MAX_WEIGHT = 100.0
 """Largest stage-2 weight (``text_weight``, ``image_weight``; ``--weight-*``): the defaults are 1, 100
 already ranks by one score alone, and a huge weight would overflow the fused score."""
@@ -58,7 +67,13 @@ class EngineConfig:
     ``query/localize.py``. ``layout_weight``: a region-only query (no text) reranks its first
     ``layout_shortlist`` stage-1 candidates by ``visual + layout_weight · layout``, the visual key's
     cosine plus the aligned similarity of the 7×7 maps (``query.rerank.LayoutRescorer``); 0 ranks by
-    the visual key alone, as does an index built without maps.
+    the visual key alone, as does an index built without maps. ``concepts``: index each region's
+    ImageNet class evidence and serve texts that the first-wave text models do not fully know through
+    the open vocabulary (``query/concept_search.py``): a combined query then ranks by ``base +
+    concept_weight · gate · concept`` (``gate`` from the query region's own ConSE score over the range
+    ``concept_gate``), a text-only one by ConSE over every region. ``san_gate``: a combined query whose
+    content words the first-wave models all know still goes through the open vocabulary when SAN scores
+    the query region under this for the text (they cannot read it in this picture).
     """
 
     device: str = "auto"
@@ -73,6 +88,10 @@ class EngineConfig:
     image_weight: float = 1.0
     layout_weight: float = LAYOUT_WEIGHT
     layout_shortlist: int = LAYOUT_SHORTLIST
+    concepts: bool = True
+    concept_weight: float = CONCEPT_WEIGHT
+    concept_gate: tuple[float, float] = CONCEPT_GATE
+    san_gate: float = SAN_GATE
     stage3: bool = True
     stage3_weights: Stage3Weights | None = None
     ref_nms_checkpoint: Path | None = None
@@ -82,12 +101,17 @@ class EngineConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "layout_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")
         if isinstance(self.layout_shortlist, bool) or not isinstance(self.layout_shortlist, int) or self.layout_shortlist <= 0:
             raise InvalidInputError(f"layout_shortlist must be a positive integer, got {self.layout_shortlist!r}")
+        if isinstance(self.san_gate, bool) or not isinstance(self.san_gate, (int, float)) or not math.isfinite(self.san_gate):
+            raise InvalidInputError(f"san_gate must be a finite number (a cosine, -1 to 1), got {self.san_gate!r}")
+        gate = self.concept_gate
+        if not (isinstance(gate, tuple) and len(gate) == 2 and all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) for g in gate) and gate[0] <= gate[1]):
+            raise InvalidInputError(f"concept_gate must be two finite numbers (floor, ceiling) with floor <= ceiling, got {gate!r}")
         if self.text_weight == 0 and self.image_weight == 0:
             raise InvalidInputError("--weight-text and --weight-image are both 0: nothing would rank the hits; give one of them a positive weight")
 

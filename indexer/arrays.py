@@ -18,6 +18,7 @@ __all__ = [
     "MAPS_ARRAY",
     "REFNMS_ARRAY",
     "POOLED_ARRAY",
+    "CONCEPT_ARRAY",
     "specs_from_shapes",
     "describe_specs",
     "vector_arrays",
@@ -30,6 +31,7 @@ SAN_ARRAY = "san"
 MAPS_ARRAY = "maps"  # the 7×7 RoI maps; absent from an index built with ``engine index --no-maps``
 REFNMS_ARRAY = "refnms"  # Ref-NMS's text-independent visual feature v_i of each region (query stage 3)
 POOLED_ARRAY = "pooled"  # the un-normalised spatial mean of each 7×7 map: all a non-spatial stage 2 (grn-fc) reads
+CONCEPT_ARRAY = "concepts"  # each region's top ImageNet classes and probabilities [2, T] (indexer/concept_evidence.py)
 
 
 def specs_from_shapes(array_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ArraySpec]:

@@ -128,6 +128,14 @@ class Backbone(nn.Module):
         """ImageNet logits ``Tensor[B, 1000]`` for ``x: Tensor[B, 3, H, W]`` in ``[-1, 1]`` (224 x 224 is the trained size)."""
         raise NotImplementedError
 
+    def head_map(self, c5: Tensor) -> Tensor:
+        """The classifier's spatial features ``[B, D, h, w]`` from the ``c5`` map (before its global average pool)."""
+        raise NotImplementedError
+
+    def head_logits(self, pooled: Tensor) -> Tensor:
+        """ImageNet logits ``[N, 1000]`` of :meth:`head_map` features averaged over a region ``[N, D]``."""
+        raise NotImplementedError
+
     def _check_input(self, x: Tensor) -> Tensor:
         """Validate ``x`` and return it in channels-last memory layout (the layout of the weights)."""
         if x.ndim != 4 or x.shape[1] != 3:
@@ -182,6 +190,12 @@ class _EfficientNetLite0(Backbone):
     def classify(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
         return self.model.forward_head(self.model.forward_features(x))
+
+    def head_map(self, c5: Tensor) -> Tensor:
+        return self.model.bn2(self.model.conv_head(c5))  # 1×1 conv 320 -> 1280, BatchNorm, ReLU6
+
+    def head_logits(self, pooled: Tensor) -> Tensor:
+        return self.model.classifier(pooled)
 
     def train(self, mode: bool = True) -> "_EfficientNetLite0":
         self._frozen.clear()  # a frozen copy holds the weights as constants: drop it when they may change
@@ -260,6 +274,12 @@ class _ResNet18(Backbone):
     def classify(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
         return self.model(self._normalise(x))
+
+    def head_map(self, c5: Tensor) -> Tensor:
+        return c5  # ResNet pools layer4's output directly
+
+    def head_logits(self, pooled: Tensor) -> Tensor:
+        return self.model.fc(pooled)
 
 
 # --------------------------------------------------------------------------- weights and constructors

@@ -19,9 +19,10 @@ from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, image_vectors, mean_maps
 from engine.models.ref_nms import RefNMSModel
 from indexer.san_features import SanRegionEncoder
+from indexer.concept_evidence import CONCEPT_LEVEL, ConceptEvidence
 from indexer.catalog import RunCounts
 from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
-from indexer.store import MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
+from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
 __all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE"]
 
@@ -65,6 +66,7 @@ class IndexingPipeline:
         models: dict[str, str] | None = None,
         san: SanRegionEncoder | None = None,
         ref_nms: RefNMSModel | None = None,
+        concepts: ConceptEvidence | None = None,
     ) -> None:
         if batch_size <= 0:
             raise InvalidInputError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -76,6 +78,7 @@ class IndexingPipeline:
         self.models = models or {}
         self.san = san
         self.ref_nms = ref_nms  # computes the stored Ref-NMS visual features (array ``refnms``)
+        self.concepts = concepts  # each region's ImageNet class evidence (array ``concepts``)
 
     def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
         """Index ``corpus``; a full disk is one :class:`DiskFullError` (the cause chained), and
@@ -171,8 +174,10 @@ class IndexingPipeline:
         items: list[tuple[ImageRecord, RegionBatch]] = []
         for group in _same_size_groups(loaded):
             features = self._features(group)
-            for it, (maps, vectors, san, image_vector) in zip(group, features):
+            for it, (maps, vectors, san, image_vector, concepts) in zip(group, features):
                 arrays = {"visual": vectors}
+                if concepts is not None:
+                    arrays[CONCEPT_ARRAY] = concepts
                 if self.store.has_array(MAPS_ARRAY):
                     arrays[MAPS_ARRAY] = maps
                 if self.store.has_array(POOLED_ARRAY):
@@ -188,9 +193,10 @@ class IndexingPipeline:
         counts["regions_added"] += sum(len(b.boxes) for _, b in items)
         return len(items)
 
-    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]]:
-        """Region maps, vectors (the visual key), SAN vectors (``None`` without SAN) and the image vector
-        (mean backbone feature of the maps' level ``c4``, CM-Att's ``e_0``) of one same-size group. A batch
+    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]]:
+        """Region maps, vectors (the visual key), SAN vectors (``None`` without SAN), the image vector
+        (mean backbone feature of the maps' level ``c4``, CM-Att's ``e_0``) and the class evidence (``None``
+        without the ``concepts`` array) of one same-size group. A batch
         proposal network (the RPN) runs the backbone once (``c3``..``c5``) and proposes from its maps;
         everything else, the key's levels included, is pooled from the same maps."""
         images = [it.image for it in group]
@@ -199,7 +205,7 @@ class IndexingPipeline:
             maps, proposals = propose_batch(images)
             for it, (boxes, objectness) in zip(group, proposals):
                 it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
-            missing = set(self.extractor.levels) - set(maps)
+            missing = {*self.extractor.levels, *((CONCEPT_LEVEL,) if self.concepts is not None else ())} - set(maps)
             if missing:  # a proposal network on fewer levels than the key reads (not the shipped RPN)
                 maps = {**maps, **self._backbone_maps(images, levels=missing)}
         else:
@@ -210,7 +216,8 @@ class IndexingPipeline:
         vectors = image_vectors(maps[level])
         features = self.extractor.from_feature_map(maps, sizes, boxes)
         san = self.san.encode(maps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(features)
-        return [(m, v, s, e) for (m, v), s, e in zip(features, san, vectors)]
+        concepts = self.concepts.evidence(maps, sizes, boxes) if self.concepts is not None else [None] * len(features)
+        return [(m, v, s, e, c) for (m, v), s, e, c in zip(features, san, vectors, concepts)]
 
     def _backbone_maps(self, images: list[Image.Image], levels: set[str] | None = None) -> dict:
         """The backbone levels the region features and key (and SAN's saliency network, when indexing SAN)
@@ -223,7 +230,7 @@ class IndexingPipeline:
         backbone = self.extractor.backbone
         batch, _ = preprocess(images, max_size=backbone.max_size)
         if levels is None:
-            levels = {*self.extractor.levels, *(SALIENCY_LEVELS if self.san is not None else ())}
+            levels = {*self.extractor.levels, *(SALIENCY_LEVELS if self.san is not None else ()), *((CONCEPT_LEVEL,) if self.concepts is not None else ())}
         with torch.no_grad():
             return backbone(batch.to(backbone.device), levels=sorted(levels))
 

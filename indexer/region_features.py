@@ -228,10 +228,10 @@ class RegionFeatureExtractor:
         level = self.config.level
         return self.backbone(batch.to(self.backbone.device), levels=[level])[level]
 
-    def feature_maps(self, images: Sequence[Image.Image]) -> dict[str, Tensor]:
-        """The maps of all :attr:`levels` ``{level: [B, C, H, W]}``, from one backbone pass."""
+    def feature_maps(self, images: Sequence[Image.Image], *, extra_levels: Sequence[str] = ()) -> dict[str, Tensor]:
+        """The maps of all :attr:`levels` (and ``extra_levels``) ``{level: [B, C, H, W]}``, from one backbone pass."""
         batch, _ = preprocess(images, max_size=self.backbone.max_size)
-        return self.backbone(batch.to(self.backbone.device), levels=self.levels)
+        return self.backbone(batch.to(self.backbone.device), levels=sorted({*self.levels, *extra_levels}))
 
     def _levels_of(self, fmap: Mapping[str, Tensor] | Tensor) -> Mapping[str, Tensor]:
         if isinstance(fmap, Tensor):

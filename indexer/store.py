@@ -41,6 +41,7 @@ import numpy as np
 
 from engine.errors import EngineError, IndexVersionError, InvalidInputError
 from indexer.arrays import (
+    CONCEPT_ARRAY,
     MAPS_ARRAY,
     POOLED_ARRAY,
     REFNMS_ARRAY,
@@ -83,6 +84,7 @@ __all__ = [
     "MAPS_ARRAY",
     "REFNMS_ARRAY",
     "POOLED_ARRAY",
+    "CONCEPT_ARRAY",
     "StoreConfig",
     "ImageRecord",
     "RegionBatch",

@@ -3,7 +3,7 @@ other backbone passes a query makes over image files (an image's mean feature, i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +17,10 @@ from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor, image_vectors
 from indexer.scan import content_hash
 from indexer.arrays import VECTOR_ARRAY
+from indexer.concept_evidence import CONCEPT_LEVEL
 
 if TYPE_CHECKING:
+    from indexer.concept_evidence import ConceptEvidence
     from indexer.store import RegionRow
 
 __all__ = ["QueryRegion", "EncodedQuery", "load_query_region", "VisualQueryEncoder"]
@@ -45,6 +47,7 @@ class EncodedQuery:
     stage1: str = "visual"
     query_map: np.ndarray | None = None
     content_hash: str | None = None
+    concepts: np.ndarray | None = None  # the query region's class evidence [2, T] (indexer/concept_evidence.py)
 
     @property
     def visual(self) -> bool:
@@ -72,14 +75,23 @@ def load_query_region(path: Path | str, region: Box | list[float] | None) -> Que
 class VisualQueryEncoder:
     """Encodes query regions exactly as the indexer encodes indexed regions (same extractor, image alone)."""
 
-    def __init__(self, extractor: RegionFeatureExtractor) -> None:
+    def __init__(self, extractor: RegionFeatureExtractor, concepts: ConceptEvidence | None = None) -> None:
         self.extractor = extractor
+        self.concepts = concepts
 
     def encode(self, query: QueryRegion) -> EncodedQuery:
-        """The region's map ``[C, 7, 7]`` float16 and vector ``[C]`` float32 (L2-normalised)."""
+        """The region's map ``[C, 7, 7]`` float16 and vector ``[C]`` float32 (L2-normalised), and its class
+        evidence from the same backbone pass when the encoder has a ``concepts`` model."""
         # float64: a thin region (x2 - x1 below float32 resolution) must not collapse to an empty box
-        [(maps, vectors)] = self.extractor([query.image], [np.asarray([query.box], np.float64)])
-        return EncodedQuery.of_region(query, maps[0], vectors[0])
+        boxes = [np.asarray([query.box], np.float64)]
+        if self.concepts is None:
+            [(maps, vectors)] = self.extractor([query.image], boxes)
+            return EncodedQuery.of_region(query, maps[0], vectors[0])
+        with torch.no_grad():
+            fmaps = self.extractor.feature_maps([query.image], extra_levels=(CONCEPT_LEVEL,))
+        [(maps, vectors)] = self.extractor.from_feature_map(fmaps, [query.image.size], boxes)
+        [evidence] = self.concepts.evidence(fmaps, [query.image.size], boxes)
+        return replace(EncodedQuery.of_region(query, maps[0], vectors[0]), concepts=evidence[0])
 
     def image_vector(self, path: Path | str) -> np.ndarray:
         """The mean backbone feature ``e_0`` ``[C]`` of an image file (stage 3, for images indexed before

@@ -44,11 +44,12 @@ class StageScores:
     san: np.ndarray | None = None
     layout: np.ndarray | None = None
     visual: np.ndarray | None = None
+    concept: np.ndarray | None = None
 
     def parts(self) -> dict[str, np.ndarray]:
         """The computed parts by name (``visual`` when stage 2 recomputed it exactly, ``grn``, ``san``,
-        ``layout``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
-        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout))
+        ``layout``, ``concept``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
+        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept))
         return {name: value for name, value in named if value is not None}
 
 

@@ -72,7 +72,7 @@ def test_info_json_and_errors(runner: CliRunner, cli_index: Path) -> None:
         (["--image", "{image}", "--region", "1,2,three,4"], "four comma-separated numbers"),
         (["--image", "{image}", "-k", "0"], "0"),
         (["--image", "{image}", "--text", " "], "empty"),
-        (["--text", "zorblax quuxly"], "none of the words"),
+        (["--text", "?! ..."], "holds no words"),
         (["--region", "1,2,3,4"], "--region needs --image"),
         ([], "needs an image"),
         (["--region-id", str(2**63)], "not in the range 0<=x<=9223372036854775807"),

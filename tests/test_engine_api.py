@@ -69,7 +69,6 @@ def test_info_counts(tiny_engine: Engine, tiny_corpus: Path) -> None:
     [
         ({"image": None}, InvalidInputError, "needs an image"),
         ({"text": "   "}, InvalidInputError, "empty"),
-        ({"image": None, "text": "zorblax quuxly"}, InvalidInputError, "none of the words"),
         ({"k": 0}, InvalidInputError, "positive"),
         ({"region": (0, 0, 10_000, 10)}, InvalidBoxError, "outside"),
         ({"region": (50, 50, 50, 80)}, InvalidBoxError, "empty"),

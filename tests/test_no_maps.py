@@ -82,7 +82,8 @@ def test_the_conv_grn_gets_a_clear_error(no_maps_index: Path, tiny_corpus: Path)
 
 def test_stage_3_skips_an_image_whose_file_changed(corpus_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     index_dir = tmp_path / "idx"
-    with Engine(index_dir, config=EngineConfig(device="cpu")) as engine:
+    # san_gate=-1: the query stays on the first-wave path (with stage 3) even when its own image is one of those replaced
+    with Engine(index_dir, config=EngineConfig(device="cpu", san_gate=-1.0)) as engine:
         engine.index(corpus_copy, config=IndexConfig(proposals="gt", maps=False))
         image, region, text = _query(corpus_copy)
         before = engine.search(image=image, region=region, text=text, k=5)

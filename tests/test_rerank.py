@@ -52,7 +52,8 @@ def engine320(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Path]:
     """40 synthetic scenes at the training resolution (320 px), indexed with their GT boxes."""
     root = tmp_path_factory.mktemp("tp") / "corpus"
     generate_corpus(root, SynthConfig(images=40, seed=11, size=320))
-    engine = Engine(tmp_path_factory.mktemp("tpidx") / "idx", config=EngineConfig(device="cpu"))
+    # san_gate=-1: every shapes-words text is read by the first-wave models (what these tests are about)
+    engine = Engine(tmp_path_factory.mktemp("tpidx") / "idx", config=EngineConfig(device="cpu", san_gate=-1.0))
     engine.index(root, config=IndexConfig(proposals="gt"))
     yield engine, root
     engine.close()

@@ -99,11 +99,12 @@ def test_cli_text_only_query_draws_its_pictures(engine320: Engine, tmp_path: Pat
     assert (np.abs(edge - (255, 40, 40)).sum(axis=-1) < 30).mean() > 0.8  # the red box on its top edge
 
 
-def test_wordless_or_unknown_text_is_an_error(engine320: Engine) -> None:
+def test_wordless_text_is_an_error_and_unknown_words_go_through_the_open_vocabulary(engine320: Engine) -> None:
     with pytest.raises(InvalidInputError):
         engine320.search(text="   ")
-    with pytest.raises(InvalidInputError, match="none of the words"):
-        engine320.search(text="zorblax quuxly")
+    hits = engine320.search(text="zorblax quuxly", k=3)  # no word SAN knows: ConSE over the class evidence answers
+    assert len(hits) == 3 and set(hits[0].scores) == {"concept"}
+    assert "san" in engine320.search(text="a red circle", k=1)[0].scores  # the shapes vocabulary keeps SAN
 
 
 def test_an_index_without_san_says_to_reindex(tiny_corpus: Path, tmp_path: Path) -> None:

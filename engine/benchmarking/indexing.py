@@ -128,9 +128,12 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
         proposals = TimedProxy(provider, times, "proposals", ["__call__"])
     san = TimedProxy(engine.san_encoder, times, "embedding", ["encode"])
     ref_nms = TimedProxy(engine.ref_nms_model, times, "embedding", ["visual_features"])
+    concepts = TimedProxy(engine.concept_evidence, times, "embedding", ["evidence"]) if engine.config.concepts else None
     shapes = engine._array_shapes(san=True)  # what `engine index` creates
     store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes, visual_key=engine.visual_key)
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version, "ref_nms": engine.ref_nms_model.version}
+    if concepts is not None:
+        models["concepts"] = engine.concept_evidence.version
     pipeline = IndexingPipeline(
         store=TimedProxy(store, times, "writes", ["commit_images", "save_vectors"]),
         extractor=extractor,
@@ -140,6 +143,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
         models=models,
         san=san,
         ref_nms=ref_nms,
+        concepts=concepts,
     )
     return pipeline, store
 

@@ -89,6 +89,8 @@ class SearchEvalConfig:
     progress: bool = True
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     layout_weight: float | None = None  # None: the engine's default (EngineConfig.layout_weight)
+    concept_weight: float | None = None  # None: the engine's default (EngineConfig.concept_weight)
+    san_gate: float | None = None  # None: the engine's default (EngineConfig.san_gate)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,7 +145,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import LAYOUT_WEIGHT
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, SAN_GATE
 
         c = self.config
         return {
@@ -156,6 +158,9 @@ class SearchEvalResult:
             "max_per_image": _default_max_per_image(),
             "visual_key": _visual_key(c.features),
             "layout_weight": c.layout_weight if c.layout_weight is not None else LAYOUT_WEIGHT,
+            "concept_weight": c.concept_weight if c.concept_weight is not None else CONCEPT_WEIGHT,
+            "concept_gate": list(CONCEPT_GATE),
+            "san_gate": c.san_gate if c.san_gate is not None else SAN_GATE,
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -357,6 +362,10 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
     settings = EngineConfig(device=config.device, features=config.features)
     if config.layout_weight is not None:
         settings = replace(settings, layout_weight=config.layout_weight)
+    if config.concept_weight is not None:
+        settings = replace(settings, concept_weight=config.concept_weight)
+    if config.san_gate is not None:
+        settings = replace(settings, san_gate=config.san_gate)
     with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
         if summary.errors:

@@ -1,0 +1,96 @@
+"""Text through the open visual vocabulary (ConSE over the stored class evidence, ``engine/models/concepts.py``).
+
+Two uses, both over the ``concepts`` array of an index:
+
+* a text-only query whose words the first-wave text models (SAN, the GRN) do not all know scores every
+  indexed region exhaustively (:func:`concept_candidates`: 20 bytes read and ten multiply-adds a
+  region), and ranks them by that score;
+* a combined query of such a text keeps its region-only ranking (visual key + layout) and adds the
+  candidates' ConSE score, weighted by how well the text fits the QUERY region itself
+  (:class:`ConceptRescorer`): a text that the vocabulary cannot relate to the query region leaves
+  the visual ranking as it was, so a description never sinks a good visual match.
+
+:func:`text_models_cover` is the routing rule: texts whose content words the first-wave models all
+know (the shapes world's vocabulary) keep the GRN / SAN / stage-3 path they were fitted for.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.models.concepts import conse_scores
+from engine.models.vocab import tokenize
+from indexer.arrays import CONCEPT_ARRAY, VECTOR_ARRAY
+from indexer.region_table import Regions
+from indexer.store import IndexStore
+from query.rerank import Rescorer, StageScores
+
+__all__ = ["ConceptRescorer", "concept_candidates", "text_models_cover", "content_words", "concept_gate"]
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that carry meaning: scikit-learn's English stop words left out."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return [w for w in tokenize(text) if w not in ENGLISH_STOP_WORDS]
+
+
+def text_models_cover(text: str, vocabulary: Collection[str]) -> bool:
+    """Whether the first-wave text models know every content word of ``text`` (and it has one)."""
+    words = content_words(text)
+    return bool(words) and all(w in vocabulary for w in words)
+
+
+def concept_gate(query_score: float, *, floor: float, ceiling: float) -> float:
+    """How far the text fits the query region, in ``[0, 1]``: the query region's own ConSE score mapped
+    linearly from ``floor`` (0: the text is unrelated to what the region shows) to ``ceiling`` (1)."""
+    if ceiling <= floor:
+        return 1.0 if query_score >= floor else 0.0
+    return float(np.clip((query_score - floor) / (ceiling - floor), 0.0, 1.0))
+
+
+def concept_candidates(store: IndexStore, relevance: np.ndarray, count: int, *, excluded_images: np.ndarray | None = None) -> tuple[Regions, np.ndarray]:
+    """The ``count`` live regions with the best ConSE score for class ``relevance`` ``[C]``, best first,
+    with their scores (exhaustive over the index's ``concepts`` array)."""
+    regions = store.all_regions()
+    if excluded_images is not None and excluded_images.shape[0]:
+        regions = regions.take(~np.isin(regions.image_ids, excluded_images))
+    if not len(regions):
+        return regions, np.zeros(0, np.float32)
+    scores = conse_scores(store.read_arrays(CONCEPT_ARRAY, regions.rows), relevance)
+    count = min(count, len(regions))
+    head = np.argpartition(-scores, count - 1)[:count]
+    head = head[np.argsort(-scores[head], kind="stable")]
+    return regions.take(head), scores[head]
+
+
+@dataclass(frozen=True)
+class ConceptRescorer:
+    """Stage 2 of a combined query through the vocabulary: ``final = base + weight · gate · concept``.
+
+    ``base`` is the region-only stage 2 (``None``: the visual key's exact cosine alone), ``concept`` each
+    candidate's ConSE score for the text, ``gate`` :func:`concept_gate` of the query region's own score.
+    ``weight`` and the gate's range are fitted on the val splits (``benchmarks/text_fit.py``).
+    """
+
+    store: IndexStore
+    base: Rescorer | None
+    vector: np.ndarray
+    relevance: np.ndarray
+    weight: float
+    gate: float
+
+    def __call__(self, rows: np.ndarray) -> StageScores:
+        """Scores of the regions at feature rows ``rows``."""
+        if self.base is not None:
+            base = self.base(rows)
+        else:
+            vectors = self.store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)
+            q = np.asarray(self.vector, np.float32) / max(float(np.linalg.norm(self.vector)), 1e-12)
+            visual = (vectors @ q / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)).astype(np.float32)
+            base = StageScores(final=visual, visual=visual)
+        concept = conse_scores(self.store.read_arrays(CONCEPT_ARRAY, rows), self.relevance)
+        final = (base.final + np.float32(self.weight * self.gate) * concept).astype(np.float32)
+        return StageScores(final=final, grn=base.grn, san=base.san, layout=base.layout, visual=base.visual, concept=concept)

@@ -1,0 +1,108 @@
+"""Search through the open vocabulary on real photographs: any English text is understood, and a text
+unrelated to the query region does not sink its visual match."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from engine.api import Engine
+from engine.config import EngineConfig
+from query.request import SearchRequest
+
+
+@pytest.fixture(scope="module")
+def photo_engine(tmp_path_factory: pytest.TempPathFactory):
+    import skimage.data
+
+    corpus = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(corpus / f"{name}.jpg", quality=92)
+    ImageOps.mirror(Image.fromarray(skimage.data.chelsea())).save(corpus / "chelsea_mirrored.jpg", quality=92)
+    engine = Engine(tmp_path_factory.mktemp("photo-index"))
+    engine.index(corpus)
+    yield engine, corpus
+    engine.close()
+
+
+def _names(hits) -> list[str]:
+    return [Path(h.image).name for h in hits]
+
+
+def test_index_stores_class_evidence(photo_engine) -> None:
+    engine, _ = photo_engine
+    store = engine.pipeline.store
+    assert store.has_array("concepts")
+    assert "concepts" in store.models()
+    rows = store.all_regions().rows[:5]
+    evidence = store.read_arrays("concepts", rows).astype(np.float32)
+    assert evidence.shape == (5, 2, 10)
+    assert np.all((evidence[:, 0] >= 0) & (evidence[:, 0] < 1000)) and np.all(evidence[:, 1] <= 1.0)
+
+
+def test_text_only_understands_any_english(photo_engine) -> None:
+    engine, _ = photo_engine
+    hits = engine.search(text="a kitten", k=3)
+    assert _names(hits)[0].startswith("chelsea")
+    assert set(hits[0].scores) == {"concept"}
+    assert _names(engine.search(text="a cup of espresso", k=1)) == ["coffee.jpg"]
+    assert len(engine.search(text="grandma's old rag doll", k=3)) == 3  # no word is out of vocabulary
+
+
+def test_combined_query_keeps_its_visual_match_under_an_unrelated_text(photo_engine) -> None:
+    engine, corpus = photo_engine
+    region = (60, 30, 280, 260)
+    own = engine.search(image=corpus / "chelsea.jpg", region=region, text="a cat", k=3, exclude_self=True)
+    other = engine.search(image=corpus / "chelsea.jpg", region=region, text="a rocket on its launch pad", k=3, exclude_self=True)
+    alone = engine.search(image=corpus / "chelsea.jpg", region=region, k=3, exclude_self=True)
+    assert _names(own)[0] == _names(other)[0] == _names(alone)[0] == "chelsea_mirrored.jpg"
+    assert {"visual", "layout", "concept"} <= set(own[0].scores)
+    assert own[0].score > alone[0].score  # the fitting text adds to the match
+
+
+def test_batch_and_single_combined_queries_agree(photo_engine) -> None:
+    engine, corpus = photo_engine
+    request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a tabby cat", k=3, exclude_self=True)
+    [batched] = engine.search_batch([request])
+    single = engine.search(image=request.image, region=request.region, text=request.text, k=3, exclude_self=True)
+    assert [(h.region_id, round(h.score, 5)) for h in batched] == [(h.region_id, round(h.score, 5)) for h in single]
+
+
+def test_region_id_query_reads_the_stored_evidence(photo_engine) -> None:
+    engine, corpus = photo_engine
+    [first] = engine.search(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), k=1, exclude_self=True)
+    hits = engine.search(region_id=first.region_id, text="a cat", k=2)
+    assert "concept" in hits[0].scores
+
+
+def test_index_without_the_vocabulary_keeps_the_first_wave_text_path(tmp_path: Path) -> None:
+    import skimage.data
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(corpus / "coffee.jpg")
+    with Engine(tmp_path / "idx", config=EngineConfig(concepts=False)) as engine:
+        engine.index(corpus)
+        assert not engine.pipeline.store.has_array("concepts")
+        assert not engine.pipeline.uses_concepts()
+
+
+def test_shapes_words_on_a_photo_go_through_the_open_vocabulary(photo_engine) -> None:
+    engine, corpus = photo_engine
+    pipe = engine.pipeline
+    request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a big white circle", k=3, exclude_self=True)
+    assert not pipe.through_concepts("a big white circle", combined=True)  # every word is in the shapes vocabulary ...
+    assert not pipe.san_relates(request, "a big white circle")  # ... but SAN cannot read it in a photograph of a cat
+    hits = engine.search(image=request.image, region=request.region, text=request.text, k=3, exclude_self=True)
+    assert _names(hits)[0] == "chelsea_mirrored.jpg" and "concept" in hits[0].scores and "grounding" not in hits[0].scores
+
+
+def test_san_gate_below_every_score_keeps_the_first_wave_path(photo_engine, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    engine, corpus = photo_engine
+    with Engine(engine.index_dir, config=replace(engine.config, san_gate=-1.0)) as ungated:
+        request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a big white circle", k=3)
+        assert ungated.pipeline.san_relates(request, "a big white circle")
