@@ -17,12 +17,12 @@ Test splits are never read. Writes ``benchmarks/results/layout-fit.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fit_common import first_hits, rates, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (100, 200, 300)
@@ -77,25 +77,12 @@ def collect(data: Path, index_dir: Path, depth: int) -> list[Candidates]:
 
 def measure(queries: list[Candidates], weight: float, shortlist: int, k: int = 10) -> dict[str, float]:
     """box@1, box@k, img@1 of ranking each query's first ``shortlist`` candidates by ``visual + weight · layout``."""
-    box1 = boxk = img1 = 0
+    outcomes = []
     for c in queries:
         m = min(shortlist, len(c.visual))
-        if m == 0:
-            continue
-        order = np.argsort(-(c.visual[:m] + weight * c.layout[:m]), kind="stable")
-        seen: set[str] = set()
-        top: list[int] = []
-        for j in order:
-            if c.images[j] not in seen:
-                seen.add(c.images[j])
-                top.append(int(j))
-                if len(top) == k:
-                    break
-        box1 += c.iou[top[0]] > 0.5
-        img1 += c.iou[top[0]] >= 0
-        boxk += any(c.iou[j] > 0.5 for j in top)
-    n = max(len(queries), 1)
-    return {"box@1": box1 / n, f"box@{k}": boxk / n, "img@1": img1 / n, "queries": len(queries)}
+        if m:
+            outcomes.append(first_hits(c.visual[:m] + weight * c.layout[:m], c.iou[:m], c.images[:m], k))
+    return rates(outcomes, len(queries), k)
 
 
 def main() -> None:
@@ -127,8 +114,7 @@ def main() -> None:
         "grid": grid,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ never read. Writes ``benchmarks/results/text-fit.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fit_common import first_hits, rates, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -127,25 +127,12 @@ def gate_of(score: float, floor: float, ceiling: float) -> float:
 
 def measure(queries: list[Candidates], weight: float, gate: tuple[float, float], *, unrelated: bool, k: int = 10) -> dict[str, float]:
     """box@1, box@k, img@1 of ranking each query's candidates by ``base + weight · gate · concept``."""
-    box1 = boxk = img1 = 0
+    outcomes = []
     for c in queries:
-        if len(c.base) == 0:
-            continue
-        term, score = (c.unrelated, c.unrelated_gate) if unrelated else (c.concept, c.own_gate)
-        order = np.argsort(-(c.base + weight * gate_of(score, *gate) * term), kind="stable")
-        seen: set[str] = set()
-        top: list[int] = []
-        for j in order:
-            if c.images[j] not in seen:
-                seen.add(c.images[j])
-                top.append(int(j))
-                if len(top) == k:
-                    break
-        box1 += int(c.iou[top[0]] > 0.5)
-        img1 += int(c.iou[top[0]] >= 0)
-        boxk += int(any(c.iou[j] > 0.5 for j in top))
-    n = max(len(queries), 1)
-    return {"box@1": box1 / n, f"box@{k}": boxk / n, "img@1": img1 / n, "queries": len(queries)}
+        if len(c.base):
+            term, score = (c.unrelated, c.unrelated_gate) if unrelated else (c.concept, c.own_gate)
+            outcomes.append(first_hits(c.base + weight * gate_of(score, *gate) * term, c.iou, c.images, k))
+    return rates(outcomes, len(queries), k)
 
 
 def main() -> None:
@@ -194,8 +181,7 @@ def main() -> None:
         "grid": grid,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
