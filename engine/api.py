@@ -224,7 +224,12 @@ class Engine:
         """The ``k`` indexed regions that show the same thing as ``region`` of ``image``.
 
         ``region`` defaults to the whole image; ``region_id`` instead queries with an indexed region
-        (its stored features: "more like this hit"). With ``text``, stage 1 shortlists
+        (its stored features: "more like this hit"). Any English ``text`` goes through the open visual
+        vocabulary (``query/concept_search.py``, docs/open-vocabulary.md): with a region, the region-only
+        ranking plus ``config.concept_weight · gate · ConSE``, the gate being how well the text fits the
+        query region; alone, ConSE over every region. A text whose content words the first-wave models
+        all know, and that SAN relates to the query region (``config.san_gate``), is read by them
+        instead, as follows. With such a ``text``, stage 1 shortlists
         ``config.shortlist`` candidates by visual similarity, joined by the text's top
         ``config.san_candidates`` SAN matches, and stage 2 reranks them by
         ``config.image_weight · grn + config.text_weight · san``: the GRN similarity (the text gates
@@ -232,7 +237,7 @@ class Engine:
         text (the GRN alone when the index holds no SAN vectors). Stage 3 (with ``config.stage3``)
         then grounds the text in the best images with Ref-NMS and CM-Att and returns their grounded
         regions first, scored ``stage2 + w_r · relatedness + w_g · grounding``
-        (``query/localize.py``). With ``text`` alone (no image), SAN's text vector searches the
+        (``query/localize.py``). With such a ``text`` alone (no image), SAN's text vector searches the
         index's SAN embeddings and the full SAN (saliency-guided textual attention per candidate)
         reranks them. ``exclude_self`` drops hits from the query image itself (matched by content
         hash); ``filters`` (:class:`query.filters.HitFilter`) restrict the hits. The hits come from
