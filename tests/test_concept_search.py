@@ -106,3 +106,10 @@ def test_san_gate_below_every_score_keeps_the_first_wave_path(photo_engine, tmp_
     with Engine(engine.index_dir, config=replace(engine.config, san_gate=-1.0)) as ungated:
         request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a big white circle", k=3)
         assert ungated.pipeline.san_relates(request, "a big white circle")
+
+
+def test_a_synonym_finds_what_the_word_finds(photo_engine) -> None:
+    engine, _ = photo_engine
+    for word, synonym in (("a cat", "a kitten"), ("a cup of coffee", "an espresso"), ("a rocket", "a spacecraft launcher")):
+        first = [n.replace("_mirrored", "") for n in _names(engine.search(text=word, k=1)) + _names(engine.search(text=synonym, k=1))]
+        assert first[0] == first[1], (word, synonym, first)  # the same photograph (or its mirrored copy)
