@@ -256,7 +256,7 @@ class Engine:
         """
         from query.batch import encode_requests
 
-        encoded = encode_requests(self.extractor, requests, batch_size=batch_size)
+        encoded = encode_requests(self.pipeline.query_encoder(), requests, batch_size=batch_size)
         out: list[list[Hit] | EngineError] = []
         for i, request in enumerate(requests):
             try:

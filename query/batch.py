@@ -23,9 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
-
-import numpy as np
+from typing import Any, Protocol, TextIO
 
 from engine.boxes import validate_box
 from engine.errors import EngineError, InvalidInputError
@@ -35,8 +33,6 @@ from query.filters import HitFilter
 from query.output import writing
 from query.request import SearchRequest
 
-if TYPE_CHECKING:
-    from indexer.region_features import RegionFeatureExtractor
 
 __all__ = ["BATCH_CHUNK", "BatchSummary", "BatchSearcher", "iter_batch", "read_batch", "encode_requests", "result_line", "run_batch"]
 
@@ -51,6 +47,12 @@ _FILTER_KEYS = {"path_glob", "min_score", "max_per_image"}
 
 Line = SearchRequest | EngineError
 """One non-empty line of a batch: its request, or the error that line has (naming its number)."""
+
+
+class QueryEncoder(Protocol):
+    """What batches encode with: :class:`query.encode.VisualQueryEncoder`."""
+
+    def encode_batch(self, images: Sequence[Any], queries: Sequence[Sequence[QueryRegion]]) -> list[EncodedQuery]: ...
 
 
 class BatchSearcher(Protocol):
@@ -157,10 +159,10 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def encode_requests(extractor: RegionFeatureExtractor, requests: Sequence[Line], *, batch_size: int) -> dict[int, EncodedQuery | EngineError]:
+def encode_requests(encoder: QueryEncoder, requests: Sequence[Line], *, batch_size: int) -> dict[int, EncodedQuery | EngineError]:
     """The encoded query region per request with an image (or its :class:`EngineError`): an image
-    file named by several requests is decoded once, the regions of one image share a backbone pass,
-    images of one size go ``batch_size`` at a time."""
+    file named by several requests is decoded once, the regions of one image share a backbone pass
+    (``encoder``: a :class:`~query.encode.VisualQueryEncoder`), images of one size go ``batch_size`` at a time."""
     loaded = _load_queries(requests)
     out: dict[int, EncodedQuery | EngineError] = {i: q for i, q in loaded.items() if isinstance(q, EngineError)}
     by_size: dict[tuple[int, int], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -172,11 +174,8 @@ def encode_requests(extractor: RegionFeatureExtractor, requests: Sequence[Line],
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             images = [loaded[idx[0]].image for idx in chunk]
-            # float64, as one query's box (query/encode.py): a thin region must not collapse
-            boxes = [np.asarray([loaded[i].box for i in idx], np.float64) for idx in chunk]
-            for idx, (maps, vectors) in zip(chunk, extractor(images, boxes)):
-                for j, i in enumerate(idx):
-                    out[i] = EncodedQuery.of_region(loaded[i], maps[j], vectors[j])
+            encoded = encoder.encode_batch(images, [[loaded[i] for i in idx] for idx in chunk])
+            out.update(zip((i for idx in chunk for i in idx), encoded))
     return out
 
 

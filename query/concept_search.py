@@ -3,7 +3,7 @@
 Two uses, both over the ``concepts`` array of an index:
 
 * a text-only query whose words the first-wave text models (SAN, the GRN) do not all know scores every
-  indexed region exhaustively (:func:`concept_candidates`: 20 bytes read and ten multiply-adds a
+  indexed region exhaustively (:func:`concept_scores`: 40 bytes read and ten multiply-adds a
   region), and ranks them by that score;
 * a combined query of such a text keeps its region-only ranking (visual key + layout) and adds the
   candidates' ConSE score, weighted by how well the text fits the QUERY region itself
@@ -22,12 +22,12 @@ import numpy as np
 
 from engine.models.concepts import conse_scores
 from engine.models.vocab import tokenize
-from indexer.arrays import CONCEPT_ARRAY, VECTOR_ARRAY
+from indexer.arrays import CONCEPT_ARRAY
 from indexer.region_table import Regions
 from indexer.store import IndexStore
-from query.rerank import Rescorer, StageScores
+from query.rerank import Rescorer, StageScores, visual_cosine
 
-__all__ = ["ConceptRescorer", "concept_candidates", "text_models_cover", "content_words", "concept_gate"]
+__all__ = ["ConceptRescorer", "concept_scores", "best_first", "text_models_cover", "content_words", "concept_gate"]
 
 
 def content_words(text: str) -> list[str]:
@@ -51,16 +51,20 @@ def concept_gate(query_score: float, *, floor: float, ceiling: float) -> float:
     return float(np.clip((query_score - floor) / (ceiling - floor), 0.0, 1.0))
 
 
-def concept_candidates(store: IndexStore, relevance: np.ndarray, count: int, *, excluded_images: np.ndarray | None = None) -> tuple[Regions, np.ndarray]:
-    """The ``count`` live regions with the best ConSE score for class ``relevance`` ``[C]``, best first,
-    with their scores (exhaustive over the index's ``concepts`` array)."""
+def concept_scores(store: IndexStore, relevance: np.ndarray) -> tuple[Regions, np.ndarray]:
+    """Every live region and its ConSE score for class ``relevance`` ``[C]`` (exhaustive over the index's
+    ``concepts`` array: 40 bytes a region)."""
     regions = store.all_regions()
-    if excluded_images is not None and excluded_images.shape[0]:
-        regions = regions.take(~np.isin(regions.image_ids, excluded_images))
     if not len(regions):
         return regions, np.zeros(0, np.float32)
-    scores = conse_scores(store.read_arrays(CONCEPT_ARRAY, regions.rows), relevance)
+    return regions, conse_scores(store.read_arrays(CONCEPT_ARRAY, regions.rows), relevance)
+
+
+def best_first(regions: Regions, scores: np.ndarray, count: int) -> tuple[Regions, np.ndarray]:
+    """The ``count`` best-scored of ``regions``, best first, with their scores."""
     count = min(count, len(regions))
+    if count == 0:
+        return regions.take(np.zeros(0, np.int64)), scores[:0]
     head = np.argpartition(-scores, count - 1)[:count]
     head = head[np.argsort(-scores[head], kind="stable")]
     return regions.take(head), scores[head]
@@ -87,9 +91,7 @@ class ConceptRescorer:
         if self.base is not None:
             base = self.base(rows)
         else:
-            vectors = self.store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)
-            q = np.asarray(self.vector, np.float32) / max(float(np.linalg.norm(self.vector)), 1e-12)
-            visual = (vectors @ q / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)).astype(np.float32)
+            visual = visual_cosine(self.store, self.vector, rows)
             base = StageScores(final=visual, visual=visual)
         concept = conse_scores(self.store.read_arrays(CONCEPT_ARRAY, rows), self.relevance)
         final = (base.final + np.float32(self.weight * self.gate) * concept).astype(np.float32)

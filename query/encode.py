@@ -18,9 +18,11 @@ from indexer.region_features import RegionFeatureExtractor, image_vectors
 from indexer.scan import content_hash
 from indexer.arrays import VECTOR_ARRAY
 from indexer.concept_evidence import CONCEPT_LEVEL
+from indexer.san_features import SALIENCY_LEVELS
 
 if TYPE_CHECKING:
     from indexer.concept_evidence import ConceptEvidence
+    from indexer.san_features import SanRegionEncoder
     from indexer.store import RegionRow
 
 __all__ = ["QueryRegion", "EncodedQuery", "load_query_region", "VisualQueryEncoder"]
@@ -48,6 +50,7 @@ class EncodedQuery:
     query_map: np.ndarray | None = None
     content_hash: str | None = None
     concepts: np.ndarray | None = None  # the query region's class evidence [2, T] (indexer/concept_evidence.py)
+    san_vector: np.ndarray | None = None  # the query region's SAN visual vector (indexer/san_features.py)
 
     @property
     def visual(self) -> bool:
@@ -75,23 +78,35 @@ def load_query_region(path: Path | str, region: Box | list[float] | None) -> Que
 class VisualQueryEncoder:
     """Encodes query regions exactly as the indexer encodes indexed regions (same extractor, image alone)."""
 
-    def __init__(self, extractor: RegionFeatureExtractor, concepts: ConceptEvidence | None = None) -> None:
+    def __init__(self, extractor: RegionFeatureExtractor, concepts: ConceptEvidence | None = None, san: SanRegionEncoder | None = None) -> None:
         self.extractor = extractor
         self.concepts = concepts
+        self.san = san
 
     def encode(self, query: QueryRegion) -> EncodedQuery:
-        """The region's map ``[C, 7, 7]`` float16 and vector ``[C]`` float32 (L2-normalised), and its class
-        evidence from the same backbone pass when the encoder has a ``concepts`` model."""
+        """The region's map ``[C, 7, 7]`` float16 and vector ``[C]`` float32 (L2-normalised), and, from the same
+        backbone pass, its class evidence when the encoder has a ``concepts`` model and its SAN vector when
+        it has a ``san`` encoder."""
+        [encoded] = self.encode_batch([query.image], [[query]])
+        return encoded
+
+    def encode_batch(self, images: Sequence[Image.Image], queries: Sequence[Sequence[QueryRegion]]) -> list[EncodedQuery]:
+        """:meth:`encode` of the regions ``queries[i]`` of each image ``images[i]`` (one backbone pass), flattened."""
         # float64: a thin region (x2 - x1 below float32 resolution) must not collapse to an empty box
-        boxes = [np.asarray([query.box], np.float64)]
-        if self.concepts is None:
-            [(maps, vectors)] = self.extractor([query.image], boxes)
-            return EncodedQuery.of_region(query, maps[0], vectors[0])
+        boxes = [np.asarray([q.box for q in qs], np.float64) for qs in queries]
+        sizes = [im.size for im in images]
+        extra = (*((CONCEPT_LEVEL,) if self.concepts is not None else ()), *(SALIENCY_LEVELS if self.san is not None else ()))
         with torch.no_grad():
-            fmaps = self.extractor.feature_maps([query.image], extra_levels=(CONCEPT_LEVEL,))
-        [(maps, vectors)] = self.extractor.from_feature_map(fmaps, [query.image.size], boxes)
-        [evidence] = self.concepts.evidence(fmaps, [query.image.size], boxes)
-        return replace(EncodedQuery.of_region(query, maps[0], vectors[0]), concepts=evidence[0])
+            fmaps = self.extractor.feature_maps(images, extra_levels=extra)
+        features = self.extractor.from_feature_map(fmaps, sizes, boxes)
+        evidence = self.concepts.evidence(fmaps, sizes, boxes) if self.concepts is not None else [None] * len(images)
+        san = self.san.encode(fmaps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(images)
+        out = []
+        for qs, (maps, vectors), ev, sv in zip(queries, features, evidence, san):
+            for j, q in enumerate(qs):
+                extras = {"concepts": None if ev is None else ev[j], "san_vector": None if sv is None else np.asarray(sv[j], np.float32)}
+                out.append(replace(EncodedQuery.of_region(q, maps[j], vectors[j]), **extras))
+        return out
 
     def image_vector(self, path: Path | str) -> np.ndarray:
         """The mean backbone feature ``e_0`` ``[C]`` of an image file (stage 3, for images indexed before

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
@@ -29,7 +28,7 @@ from query.localize import GroundingModels, GroundingStage, Stage3Candidates, be
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import Candidates, SearchOptions, ranked_hits, search_regions
-from query.concept_search import ConceptRescorer, concept_candidates, concept_gate, text_models_cover
+from query.concept_search import ConceptRescorer, best_first, concept_gate, concept_scores, text_models_cover
 from engine.models.concepts import conse_scores
 
 if TYPE_CHECKING:  # the models' classes, named for the types only
@@ -161,13 +160,16 @@ class QueryPipeline:
             rescore: Rescorer | None = SanRescorer(store=self.store, model=self.models.san_encoder.model, text=text)
             extra: tuple[int, ...] = ()
         else:
-            query = self.encode(request, encoded)
-            if request.text is None:
+            text = request.text
+            vocabulary = text is not None and self.through_concepts(text, combined=True)
+            # a text in the first-wave models' words is checked against the query region by SAN: its vector comes from the same backbone pass
+            query = self.encode(request, encoded, san=text is not None and not vocabulary and self.gates_with_san())
+            if text is None:
                 rescore, extra = self.layout_scorer(query), ()
-            elif self.through_concepts(request.text, combined=True) or not self.san_relates(request, request.text):
-                rescore, extra = self.concept_scorer(request, query, request.text), ()
+            elif vocabulary or not self.san_relates(request, query, text):
+                rescore, extra = self.concept_scorer(request, query, text), ()
             else:
-                rescore, extra = self.stage2_scorer(query, request.text)
+                rescore, extra = self.stage2_scorer(query, text)
         digest = query.content_hash if request.exclude_self else None
         shortlist = self.config.layout_shortlist if isinstance(rescore, (LayoutRescorer, ConceptRescorer)) else self.config.shortlist
         options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=shortlist, filters=request.filters)
@@ -199,10 +201,10 @@ class QueryPipeline:
         return grounded
 
     # -- the steps ----------------------------------------------------------------------------
-    def encode(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> EncodedQuery:
+    def encode(self, request: SearchRequest, encoded: EncodedQuery | None = None, *, san: bool = False) -> EncodedQuery:
         """A visual query's region: an indexed region's stored features (``region_id``), or the region of
         the query image passed through the backbone (or ``encoded`` already); with its class evidence
-        when the index stores it."""
+        when the index stores it, and (``san``) its SAN vector from the same pass."""
         if request.region_id is not None:
             row = self.region(request.region_id)
             rows = np.asarray([row.row], np.int64)
@@ -212,8 +214,13 @@ class QueryPipeline:
             return EncodedQuery(vector=vector, query_map=read_region_maps(self.store, rows)[0], content_hash=row.content_hash, concepts=concepts)
         if encoded is not None:
             return encoded
+        return self.query_encoder(san=san).encode(load_query_region(request.image, request.region))
+
+    def query_encoder(self, *, san: bool = False) -> VisualQueryEncoder:
+        """The encoder of query regions over this index: the visual key and map, the class evidence when the
+        index serves the open vocabulary, and (``san``) SAN's visual vector, all from one backbone pass."""
         evidence = self.models.concept_evidence if self.uses_concepts() else None
-        return VisualQueryEncoder(self.models.extractor, evidence).encode(load_query_region(request.image, request.region))
+        return VisualQueryEncoder(self.models.extractor, evidence, self.models.san_encoder if san else None)
 
     def uses_concepts(self) -> bool:
         """Whether this index serves text through the open vocabulary (configured, and the index stores the evidence)."""
@@ -227,51 +234,44 @@ class QueryPipeline:
         vocab = self.models.retrieval_model.vocab if combined else self.models.san_encoder.model.vocab
         return vocab is None or not text_models_cover(text, vocab)
 
-    def san_relates(self, request: SearchRequest, text: str) -> bool:
+    def gates_with_san(self) -> bool:
+        """Whether a combined query in the first-wave models' words is checked by :meth:`san_relates` (the index
+        serves the open vocabulary and holds SAN's vectors)."""
+        return self.uses_concepts() and bool(self.config.san) and self.store.has_array(SAN_ARRAY)
+
+    def san_relates(self, request: SearchRequest, query: EncodedQuery, text: str) -> bool:
         """Whether the first-wave models can read ``text`` in THIS query region: SAN's score of the region for
         the text reaches ``config.san_gate`` (fitted on val: shapes-world regions score their own texts
         0.31 and more in 95 % of queries, real photographs' regions theirs under 0.15 in 86 %). Always
-        True where the index cannot serve the open vocabulary or has no SAN (the first-wave path, as before)."""
-        if not self.uses_concepts() or not self.config.san or not self.store.has_array(SAN_ARRAY):
+        True where :meth:`gates_with_san` is not (the first-wave path, as before)."""
+        if not self.gates_with_san():
             return True
-        vector = self.query_san_vector(request)
-        return float(self.models.san_encoder.model.score(text, vector[None])[0]) >= self.config.san_gate
-
-    def query_san_vector(self, request: SearchRequest) -> np.ndarray:
-        """SAN's visual vector of the query region: stored for an indexed region, else from a backbone pass."""
-        if request.region_id is not None:
-            row = self.region(request.region_id)
-            return self.store.read_arrays(SAN_ARRAY, np.asarray([row.row], np.int64))[0].astype(np.float32)
-        from indexer.san_features import SALIENCY_LEVELS
-
-        query = load_query_region(request.image, request.region)
-        extractor = self.models.extractor
-        boxes = [np.asarray([query.box], np.float64)]
-        with torch.no_grad():
-            maps = extractor.feature_maps([query.image], extra_levels=SALIENCY_LEVELS)
-        [(region_map, _)] = extractor.from_feature_map(maps, [query.image.size], boxes)
-        [vector] = self.models.san_encoder.encode(maps, [query.image.size], boxes, [region_map])
-        return np.asarray(vector, np.float32)[0]
+        vector = query.san_vector
+        if vector is None:  # an indexed region (its stored vector), or a query encoded in a batch without it
+            if request.region_id is not None:
+                vector = self.store.read_arrays(SAN_ARRAY, np.asarray([self.region(request.region_id).row], np.int64))[0].astype(np.float32)
+            else:
+                vector = self.encode(request, san=True).san_vector
+        return float(self.models.san_encoder.model.score(text, np.asarray(vector)[None])[0]) >= self.config.san_gate
 
     def concept_scorer(self, request: SearchRequest, query: EncodedQuery, text: str) -> ConceptRescorer:
         """A combined query's stage 2 through the open vocabulary (:class:`~query.concept_search.ConceptRescorer`)."""
         relevance = self.models.concept_vocabulary.relevance(text)
-        evidence = query.concepts
-        if evidence is None:  # encoded in a batch without its evidence: one more backbone pass for the region
-            evidence = self.encode(request).concepts
-        gate = concept_gate(float(conse_scores(np.asarray(evidence)[None], relevance)[0]), floor=self.config.concept_gate[0], ceiling=self.config.concept_gate[1]) if evidence is not None else 1.0
+        evidence = query.concepts if query.concepts is not None else self.encode(request).concepts  # one more pass for a query encoded without it
+        own = float(conse_scores(np.asarray(evidence)[None], relevance)[0])
+        gate = concept_gate(own, floor=self.config.concept_gate[0], ceiling=self.config.concept_gate[1])
         return ConceptRescorer(store=self.store, base=self.layout_scorer(query), vector=query.vector, relevance=relevance, weight=self.config.concept_weight, gate=gate)
 
     def rank_concepts(self, relevance: np.ndarray, options: SearchOptions) -> list[Hit]:
         """A text-only query through the open vocabulary: every region scored by ConSE, the best first."""
-        total = self.store.vector_count()
-        fetch = min(total, options.shortlist)
+        regions, scores = concept_scores(self.store, relevance)  # every region scored once
+        fetch = min(len(regions), options.shortlist)
         while True:
-            regions, scores = concept_candidates(self.store, relevance, fetch)
-            hits = ranked_hits(self.store, Candidates(regions, scores, "concept"), StageScores(final=scores, concept=scores), options)
-            if len(hits) >= options.k or fetch >= total:
+            head, head_scores = best_first(regions, scores, fetch)
+            hits = ranked_hits(self.store, Candidates(head, head_scores, "concept"), StageScores(final=head_scores, concept=head_scores), options)
+            if len(hits) >= options.k or fetch >= len(regions):
                 return hits[: options.k]
-            fetch = min(total, fetch * 4)
+            fetch = min(len(regions), fetch * 4)
 
     def encode_text(self, text: str) -> EncodedQuery:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""

@@ -25,6 +25,7 @@ __all__ = [
     "FusedRescorer",
     "LayoutRescorer",
     "layout_similarity",
+    "visual_cosine",
     "read_grn_inputs",
     "read_region_maps",
     "default_grn_name",
@@ -104,6 +105,14 @@ def layout_similarity(query_map: np.ndarray, maps: np.ndarray) -> np.ndarray:
     return np.einsum("ncs,cs->n", mc, qc).astype(np.float32) / qc.shape[1]
 
 
+def visual_cosine(store: IndexStore, vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The exact cosine float32 ``[n]`` of the query's visual key ``vector`` and the stored keys of feature rows
+    ``rows`` (stage 1's FAISS score is approximate on a compressed index)."""
+    q = np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12)
+    vectors = store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)
+    return (vectors @ q / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)).astype(np.float32)
+
+
 class LayoutRescorer:
     """Stage 2 of a region-only query: ``final = (visual + weight · layout) / (1 + weight)``, the visual key's
     exact cosine plus :func:`layout_similarity` of the stored 7×7 maps, scaled so that a region matched
@@ -122,16 +131,14 @@ class LayoutRescorer:
 
     def __init__(self, *, store: IndexStore, vector: np.ndarray, query_map: np.ndarray, weight: float) -> None:
         self.store = store
-        self.vector = np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12)
+        self.vector = np.asarray(vector, np.float32)
         self.query_map = np.asarray(query_map, np.float32)
         self.weight = np.float32(weight)
 
     def __call__(self, rows: np.ndarray) -> StageScores:
         """Scores of the regions at feature rows ``rows``."""
-        vectors = self.store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)
-        visual = vectors @ self.vector / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+        visual = visual_cosine(self.store, self.vector, rows)
         layout = layout_similarity(self.query_map, self.store.read_arrays(MAPS_ARRAY, rows))
-        visual = visual.astype(np.float32)
         return StageScores(final=((visual + self.weight * layout) / (1 + self.weight)).astype(np.float32), layout=layout, visual=visual)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 import query.batch as batch_module
 from engine.errors import EngineError, InvalidInputError
 from engine.results import Hit
+from query.encode import EncodedQuery
 from query.batch import encode_requests, iter_batch, read_batch, run_batch
 from query.request import SearchRequest
 
@@ -142,8 +143,9 @@ def test_a_repeated_image_is_decoded_once(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(batch_module, "load_query_region", counting)
 
-    def extractor(images, boxes):  # noqa: ANN001, ANN202 - one "map" and "vector" per box: the box itself
-        return [(np.asarray(bx), np.asarray(bx)) for bx in boxes]
+    class BoxEncoder:  # one "map" and "vector" per region: its box itself
+        def encode_batch(self, images, queries):  # noqa: ANN001, ANN202
+            return [EncodedQuery.of_region(q, np.asarray(q.box), np.asarray(q.box)) for qs in queries for q in qs]
 
     requests = [
         SearchRequest(image=a, region=(0, 0, 10, 10)),
@@ -152,7 +154,7 @@ def test_a_repeated_image_is_decoded_once(tmp_path: Path, monkeypatch: pytest.Mo
         SearchRequest(image=a, region=(0, 0, 99, 99)),  # outside the image: this request's error only
         SearchRequest(image=a),
     ]
-    encoded = encode_requests(extractor, requests, batch_size=4)
+    encoded = encode_requests(BoxEncoder(), requests, batch_size=4)
     assert sorted(loads) == ["a.png", "b.png"]
     assert isinstance(encoded[3], InvalidInputError) and "--region" in str(encoded[3])
     boxes = {i: tuple(encoded[i].vector) for i in (0, 1, 2, 4)}

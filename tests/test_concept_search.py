@@ -94,7 +94,9 @@ def test_shapes_words_on_a_photo_go_through_the_open_vocabulary(photo_engine) ->
     pipe = engine.pipeline
     request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a big white circle", k=3, exclude_self=True)
     assert not pipe.through_concepts("a big white circle", combined=True)  # every word is in the shapes vocabulary ...
-    assert not pipe.san_relates(request, "a big white circle")  # ... but SAN cannot read it in a photograph of a cat
+    query = pipe.encode(request, san=True)  # the SAN vector comes from the same backbone pass
+    assert query.san_vector is not None and query.concepts is not None
+    assert not pipe.san_relates(request, query, "a big white circle")  # ... but SAN cannot read it in a photograph of a cat
     hits = engine.search(image=request.image, region=request.region, text=request.text, k=3, exclude_self=True)
     assert _names(hits)[0] == "chelsea_mirrored.jpg" and "concept" in hits[0].scores and "grounding" not in hits[0].scores
 
@@ -105,7 +107,7 @@ def test_san_gate_below_every_score_keeps_the_first_wave_path(photo_engine, tmp_
     engine, corpus = photo_engine
     with Engine(engine.index_dir, config=replace(engine.config, san_gate=-1.0)) as ungated:
         request = SearchRequest(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), text="a big white circle", k=3)
-        assert ungated.pipeline.san_relates(request, "a big white circle")
+        assert ungated.pipeline.san_relates(request, ungated.pipeline.encode(request), "a big white circle")
 
 
 def test_a_synonym_finds_what_the_word_finds(photo_engine) -> None:
