@@ -24,6 +24,8 @@ __all__ = ["Engine", "SearchRequest"]
 
 log = logging.getLogger(__name__)
 
+_NOT_LOADED = object()  # a model slot not loaded yet (None is a loaded "configured off")
+
 
 class Engine:
     """A region retrieval engine over one index directory.
@@ -50,6 +52,7 @@ class Engine:
         self._pipeline: Any = None
         self._concept_evidence: Any = None
         self._concept_vocabulary: Any = None
+        self._text_projection: Any = _NOT_LOADED
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -111,6 +114,21 @@ class Engine:
 
             self._concept_vocabulary = ConceptVocabulary(encoder=MiniLMEncoder(device=resolve_device(self.config.device)))
         return self._concept_vocabulary
+
+    @property
+    def text_projection(self):  # -> engine.models.text_projection.TextProjection | None
+        """The map from English into this engine's visual key space (``config.text_projection``; ``None`` when
+        configured off), loaded once and checked to be trained for this key."""
+        if self._text_projection is _NOT_LOADED:
+            projection = None
+            if self.config.text_projection is not None:
+                from engine.device import resolve_device
+                from engine.models.registry import load_model
+
+                projection = load_model(self.config.text_projection, device=resolve_device(self.config.device), family="text-projection")
+                projection.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"text projection {str(self.config.text_projection)!r}")
+            self._text_projection = projection
+        return self._text_projection
 
     @property
     def ref_nms_model(self):  # -> engine.models.ref_nms.RefNMSModel

@@ -35,6 +35,9 @@ SAN_GATE = 0.2
 """SAN's score of the query region for its text from which a combined query whose words the first-wave
 models all know is read by them (GRN + SAN + stage 3); below it the open vocabulary reads it (fitted
 on the val splits: docs/open-vocabulary.md)."""
+PROJECTION_WEIGHT = 1.5
+"""Weight of the text projection's cosine in a text-only query through the open vocabulary (``concept +
+w · projection``; fitted on the val splits, docs/open-vocabulary.md)."""
 MAX_WEIGHT = 100.0
 """Largest stage-2 weight (``text_weight``, ``image_weight``; ``--weight-*``): the defaults are 1, 100
 already ranks by one score alone, and a huge weight would overflow the fused score."""
@@ -74,6 +77,9 @@ class EngineConfig:
     ``concept_gate``), a text-only one by ConSE over every region. ``san_gate``: a combined query whose
     content words the first-wave models all know still goes through the open vocabulary when SAN scores
     the query region under this for the text (they cannot read it in this picture).
+    ``text_projection``: the map from English into the visual key space (a shipped name or a ``.pt``
+    path; ``None``: none) with which a text-only query through the open vocabulary also searches the
+    visual FAISS file, ranking by ``concept + projection_weight · projection``.
     """
 
     device: str = "auto"
@@ -92,6 +98,8 @@ class EngineConfig:
     concept_weight: float = CONCEPT_WEIGHT
     concept_gate: tuple[float, float] = CONCEPT_GATE
     san_gate: float = SAN_GATE
+    text_projection: Path | str | None = "text-projection"
+    projection_weight: float = PROJECTION_WEIGHT
     stage3: bool = True
     stage3_weights: Stage3Weights | None = None
     ref_nms_checkpoint: Path | None = None
@@ -101,7 +109,7 @@ class EngineConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight", "projection_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")

@@ -4,7 +4,9 @@ Two uses, both over the ``concepts`` array of an index:
 
 * a text-only query whose words the first-wave text models (SAN, the GRN) do not all know scores every
   indexed region exhaustively (:func:`concept_scores`: 40 bytes read and ten multiply-adds a
-  region), and ranks them by that score;
+  region); with the text projection (``engine/models/text_projection.py``) the text's image in the
+  visual key space also searches the visual FAISS file, and the best of both are ranked by
+  ``concept + projection_weight · projection`` (:func:`text_candidates`);
 * a combined query of such a text keeps its region-only ranking (visual key + layout) and adds the
   candidates' ConSE score, weighted by how well the text fits the QUERY region itself
   (:class:`ConceptRescorer`): a text that the vocabulary cannot relate to the query region leaves
@@ -22,12 +24,12 @@ import numpy as np
 
 from engine.models.concepts import conse_scores
 from engine.models.vocab import tokenize
-from indexer.arrays import CONCEPT_ARRAY
+from indexer.arrays import CONCEPT_ARRAY, VECTOR_ARRAY
 from indexer.region_table import Regions
 from indexer.store import IndexStore
 from query.rerank import Rescorer, StageScores, visual_cosine
 
-__all__ = ["ConceptRescorer", "concept_scores", "best_first", "text_models_cover", "content_words", "concept_gate"]
+__all__ = ["ConceptRescorer", "concept_scores", "best_first", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
 
 
 def content_words(text: str) -> list[str]:
@@ -68,6 +70,23 @@ def best_first(regions: Regions, scores: np.ndarray, count: int) -> tuple[Region
     head = np.argpartition(-scores, count - 1)[:count]
     head = head[np.argsort(-scores[head], kind="stable")]
     return regions.take(head), scores[head]
+
+
+def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int) -> tuple[Regions, StageScores]:
+    """A text-only query's candidates and their scores: the ``count`` best of ``regions`` by their ConSE
+    score ``concept`` and, with a ``projected`` text (a unit vector in the visual key space), its ``count``
+    best matches in the visual FAISS file; each scored ``concept + weight · projection``, the projection
+    part being the exact cosine with the stored key. Without a projection: the ConSE ranking alone."""
+    head, head_scores = best_first(regions, concept, count)
+    if projected is None:
+        return head, StageScores(final=head_scores, concept=head_scores)
+    _, ids = store.search(np.asarray(projected, np.float32)[None], min(count, len(regions)) or 1, array=VECTOR_ARRAY)
+    chosen = np.isin(regions.ids, head.ids) | np.isin(regions.ids, ids[0][ids[0] >= 0])
+    pool = regions.take(np.nonzero(chosen)[0])
+    pool_concept = concept[chosen]
+    projection = visual_cosine(store, projected, pool.rows)
+    final = (pool_concept + np.float32(weight) * projection).astype(np.float32)
+    return pool, StageScores(final=final, concept=pool_concept, projection=projection)
 
 
 @dataclass(frozen=True)

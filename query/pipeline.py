@@ -28,11 +28,12 @@ from query.localize import GroundingModels, GroundingStage, Stage3Candidates, be
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import Candidates, SearchOptions, ranked_hits, search_regions
-from query.concept_search import ConceptRescorer, best_first, concept_gate, concept_scores, text_models_cover
+from query.concept_search import ConceptRescorer, concept_gate, concept_scores, text_candidates, text_models_cover
 from engine.models.concepts import conse_scores
 
 if TYPE_CHECKING:  # the models' classes, named for the types only
     from engine.models.concepts import ConceptVocabulary
+    from engine.models.text_projection import TextProjection
     from indexer.concept_evidence import ConceptEvidence
     from engine.models.retrieval import RegionRetrievalModel
     from indexer.region_features import RegionFeatureExtractor
@@ -65,6 +66,9 @@ class QueryModels(Protocol):
 
     @property
     def concept_vocabulary(self) -> ConceptVocabulary: ...
+
+    @property
+    def text_projection(self) -> TextProjection | None: ...  # None: the engine maps no text into the visual key space
 
 
 class PipelineSettings(Protocol):
@@ -106,6 +110,9 @@ class PipelineSettings(Protocol):
     @property
     def san_gate(self) -> float: ...
 
+    @property
+    def projection_weight(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -118,6 +125,7 @@ class PreparedQuery:
     rescore: Rescorer | None = None
     extra_ids: tuple[int, ...] = ()
     relevance: np.ndarray | None = None  # a text-only query through the open vocabulary: its class relevances
+    projected: np.ndarray | None = None  # and its text in the visual key space (the text projection), if any
 
 
 class QueryPipeline:
@@ -155,7 +163,9 @@ class QueryPipeline:
             if self.through_concepts(text, combined=False):
                 options = SearchOptions(k=request.k, shortlist=self.config.shortlist, filters=request.filters)
                 query = EncodedQuery(vector=np.zeros(0, np.float32), array=CONCEPT_ARRAY, stage1="concept")
-                return PreparedQuery(request=request, query=query, options=options, relevance=self.models.concept_vocabulary.relevance(text))
+                sentence = self.models.concept_vocabulary.text_vector(text)
+                relevance = self.models.concept_vocabulary.table.relevance(sentence)
+                return PreparedQuery(request=request, query=query, options=options, relevance=relevance, projected=self.text_key(sentence))
             query = self.encode_text(text)
             rescore: Rescorer | None = SanRescorer(store=self.store, model=self.models.san_encoder.model, text=text)
             extra: tuple[int, ...] = ()
@@ -180,7 +190,7 @@ class QueryPipeline:
         options = prepared.options if k is None else replace(prepared.options, k=k)
         query = prepared.query
         if prepared.relevance is not None:
-            return self.rank_concepts(prepared.relevance, options)
+            return self.rank_concepts(prepared.relevance, options, prepared.projected)
         return search_regions(self.store, query.vector, options, prepared.rescore, array=query.array, stage1=query.stage1, extra_ids=prepared.extra_ids)
 
     def grounds(self, prepared: PreparedQuery) -> bool:
@@ -262,16 +272,23 @@ class QueryPipeline:
         gate = concept_gate(own, floor=self.config.concept_gate[0], ceiling=self.config.concept_gate[1])
         return ConceptRescorer(store=self.store, base=self.layout_scorer(query), vector=query.vector, relevance=relevance, weight=self.config.concept_weight, gate=gate)
 
-    def rank_concepts(self, relevance: np.ndarray, options: SearchOptions) -> list[Hit]:
-        """A text-only query through the open vocabulary: every region scored by ConSE, the best first."""
+    def rank_concepts(self, relevance: np.ndarray, options: SearchOptions, projected: np.ndarray | None = None) -> list[Hit]:
+        """A text-only query through the open vocabulary: every region scored by ConSE, and with the text
+        ``projected`` into the visual key space its FAISS matches too (:func:`~query.concept_search.text_candidates`)."""
         regions, scores = concept_scores(self.store, relevance)  # every region scored once
         fetch = min(len(regions), options.shortlist)
         while True:
-            head, head_scores = best_first(regions, scores, fetch)
-            hits = ranked_hits(self.store, Candidates(head, head_scores, "concept"), StageScores(final=head_scores, concept=head_scores), options)
+            pool, parts = text_candidates(self.store, regions, scores, projected, self.config.projection_weight, fetch)
+            hits = ranked_hits(self.store, Candidates(pool, parts.concept, "concept"), replace(parts, concept=None), options)
             if len(hits) >= options.k or fetch >= len(regions):
                 return hits[: options.k]
             fetch = min(len(regions), fetch * 4)
+
+    def text_key(self, sentence: np.ndarray) -> np.ndarray | None:
+        """A text's MiniLM ``sentence`` vector mapped into the visual key space by the text projection
+        (``None`` when the engine has none or ``config.projection_weight`` is 0)."""
+        projection = self.models.text_projection if self.config.projection_weight > 0 else None
+        return None if projection is None else projection.apply(sentence)
 
     def encode_text(self, text: str) -> EncodedQuery:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""

@@ -46,11 +46,12 @@ class StageScores:
     layout: np.ndarray | None = None
     visual: np.ndarray | None = None
     concept: np.ndarray | None = None
+    projection: np.ndarray | None = None
 
     def parts(self) -> dict[str, np.ndarray]:
         """The computed parts by name (``visual`` when stage 2 recomputed it exactly, ``grn``, ``san``,
-        ``layout``, ``concept``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
-        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept))
+        ``layout``, ``concept``, ``projection``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
+        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection))
         return {name: value for name, value in named if value is not None}
 
 

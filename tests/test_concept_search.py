@@ -46,7 +46,9 @@ def test_text_only_understands_any_english(photo_engine) -> None:
     engine, _ = photo_engine
     hits = engine.search(text="a kitten", k=3)
     assert _names(hits)[0].startswith("chelsea")
-    assert set(hits[0].scores) == {"concept"}
+    assert set(hits[0].scores) == {"concept", "projection"}  # ConSE and the text projection's cosine
+    weight = engine.config.projection_weight
+    assert all(h.score == pytest.approx(h.scores["concept"] + weight * h.scores["projection"], abs=1e-5) for h in hits)
     assert _names(engine.search(text="a cup of espresso", k=1)) == ["coffee.jpg"]
     assert len(engine.search(text="grandma's old rag doll", k=3)) == 3  # no word is out of vocabulary
 
@@ -115,3 +117,58 @@ def test_a_synonym_finds_what_the_word_finds(photo_engine) -> None:
     for word, synonym in (("a cat", "a kitten"), ("a cup of coffee", "an espresso"), ("a rocket", "a spacecraft launcher")):
         first = [n.replace("_mirrored", "") for n in _names(engine.search(text=word, k=1)) + _names(engine.search(text=synonym, k=1))]
         assert first[0] == first[1], (word, synonym, first)  # the same photograph (or its mirrored copy)
+
+
+def test_projection_weight_zero_ranks_by_the_vocabulary_alone(photo_engine) -> None:
+    from dataclasses import replace
+
+    engine, _ = photo_engine
+    with Engine(engine.index_dir, config=replace(engine.config, projection_weight=0.0)) as plain:
+        hits = plain.search(text="a kitten", k=3)
+        assert set(hits[0].scores) == {"concept"} and hits[0].score == pytest.approx(hits[0].scores["concept"])
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def _projection_onto(engine: Engine, text: str, key: np.ndarray, path: Path, key_version: str | None = None) -> Path:
+    """A text projection that maps ``text`` exactly onto ``key`` (rank one: W = key sᵀ)."""
+    import torch
+
+    from engine.models.checkpoint import Manifest
+    from engine.models.text_projection import ProjectionConfig, TextProjection
+
+    sentence = engine.concept_vocabulary.text_vector(text)
+    version = key_version or f"{engine.config.backbone.name}:{engine.config.features.key_version}"
+    model = TextProjection(ProjectionConfig(key_version=version, text_encoder="all-MiniLM-L6-v2", text_dim=len(sentence), key_dim=len(key)))
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.from_numpy(np.outer(key, sentence)))
+        model.linear.bias.zero_()
+    model.save(path, Manifest(model="text-projection", version="1", config={}, command="test", data="", seed=0, metrics={}))
+    return path
+
+
+def test_text_only_search_finds_the_region_its_projection_points_at(photo_engine, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    engine, _ = photo_engine
+    store = engine.pipeline.store
+    regions = store.all_regions()
+    rocket = next(i for i, image in enumerate(regions.image_ids) if Path(store.regions([int(regions.ids[i])])[0].image_path).name == "rocket.jpg")
+    key = store.read_arrays("visual", regions.rows[rocket : rocket + 1])[0].astype(np.float32)
+    path = _projection_onto(engine, "grandma's old rag doll", key / np.linalg.norm(key), tmp_path / "tp.pt")
+    with Engine(engine.index_dir, config=replace(engine.config, text_projection=path, projection_weight=50.0)) as pointed:
+        [hit] = pointed.search(text="grandma's old rag doll", k=1)
+        assert hit.region_id == int(regions.ids[rocket]) and hit.scores["projection"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_projection_for_another_visual_key_is_a_clear_error(photo_engine, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from engine.errors import CheckpointError
+
+    engine, _ = photo_engine
+    path = _projection_onto(engine, "a cat", np.ones(engine.extractor.dim, np.float32) / np.sqrt(engine.extractor.dim), tmp_path / "other.pt", key_version="resnet50:c5:mean")
+    with Engine(engine.index_dir, config=replace(engine.config, text_projection=path)) as wrong:
+        with pytest.raises(CheckpointError, match="trained for visual key 'resnet50:c5:mean'"):
+            wrong.search(text="a cat", k=1)
+    with Engine(engine.index_dir, config=replace(engine.config, text_projection=None)) as off:
+        assert set(off.search(text="a cat", k=1)[0].scores) == {"concept"}

@@ -103,7 +103,7 @@ def test_wordless_text_is_an_error_and_unknown_words_go_through_the_open_vocabul
     with pytest.raises(InvalidInputError):
         engine320.search(text="   ")
     hits = engine320.search(text="zorblax quuxly", k=3)  # no word SAN knows: ConSE over the class evidence answers
-    assert len(hits) == 3 and set(hits[0].scores) == {"concept"}
+    assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection"}
     assert "san" in engine320.search(text="a red circle", k=1)[0].scores  # the shapes vocabulary keeps SAN
 
 

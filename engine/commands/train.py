@@ -49,7 +49,7 @@ class _TrainCommand(click.Command):
 
 @click.command("train", cls=_TrainCommand)
 @click.argument("model", type=_ModelChoice(), metavar="MODEL")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. rpn and key-whitening take it more than once to learn several worlds together.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. rpn, key-whitening and text-projection take it more than once to learn several worlds together.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
@@ -61,7 +61,8 @@ def train_command(model: str, data: tuple[Path, ...], out: Path | None, epochs: 
     MODEL is a name of the model registry (all are listed under Models
     below): `rpn`, a GRN-family method (grn, grn-fc, vl-concat, …), `saliency`,
     `san` and its ablations, `mcb`, `ref-nms-b`/`-r`, `cm-att`, `cm-att-erase`,
-    `key-whitening` (the visual key's PCA-whitening, fitted in closed form).
+    `key-whitening` (the visual key's PCA-whitening, fitted in closed form),
+    `text-projection` (English into the visual key, for text-only search).
     The best epoch by the validation split's metric is kept; the test split's
     metrics go into the manifest. --device cuda trains on the GPU (an error
     when there is none).

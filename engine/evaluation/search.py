@@ -91,6 +91,7 @@ class SearchEvalConfig:
     layout_weight: float | None = None  # None: the engine's default (EngineConfig.layout_weight)
     concept_weight: float | None = None  # None: the engine's default (EngineConfig.concept_weight)
     san_gate: float | None = None  # None: the engine's default (EngineConfig.san_gate)
+    projection_weight: float | None = None  # None: the engine's default (EngineConfig.projection_weight)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,7 +146,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, SAN_GATE
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, PROJECTION_WEIGHT, SAN_GATE
 
         c = self.config
         return {
@@ -161,6 +162,7 @@ class SearchEvalResult:
             "concept_weight": c.concept_weight if c.concept_weight is not None else CONCEPT_WEIGHT,
             "concept_gate": list(CONCEPT_GATE),
             "san_gate": c.san_gate if c.san_gate is not None else SAN_GATE,
+            "projection_weight": c.projection_weight if c.projection_weight is not None else PROJECTION_WEIGHT,
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -366,6 +368,8 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, concept_weight=config.concept_weight)
     if config.san_gate is not None:
         settings = replace(settings, san_gate=config.san_gate)
+    if config.projection_weight is not None:
+        settings = replace(settings, projection_weight=config.projection_weight)
     with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
         if summary.errors:

@@ -59,6 +59,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("ref-nms", "engine.models.ref_nms:RefNMSModel", ("ref-nms-b", "ref-nms-r"), "ref-nms-r"),
     ModelFamily("cm-att", "engine.models.cm_att:GroundingScorer", ("cm-att", "cm-att-erase", "cm-att-erase-region"), "cm-att-erase"),
     ModelFamily("key-whitening", "engine.models.key_whitening:KeyWhitening", ("key-whitening",), "key-whitening"),
+    ModelFamily("text-projection", "engine.models.text_projection:TextProjection", ("text-projection",), "text-projection"),
 )
 """Every model family, in the order ``engine train`` lists them."""
 

@@ -18,7 +18,7 @@ __all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "train_model"]
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
 
-MULTI_DATASET_FAMILIES = frozenset({"rpn", "key-whitening"})  # families whose trainer reads every --data folder
+MULTI_DATASET_FAMILIES = frozenset({"rpn", "key-whitening", "text-projection"})  # families whose trainer reads every --data folder
 
 
 def _rpn(name: str, options: TrainOptions) -> Manifest:
@@ -69,6 +69,12 @@ def _key_whitening(name: str, options: TrainOptions) -> Manifest:
     return train_key_whitening(options)
 
 
+def _text_projection(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.text_projection import train_text_projection
+
+    return train_text_projection(options)
+
+
 TRAINERS: dict[str, Trainer] = {
     "rpn": _rpn,
     "grn-family": _grn,
@@ -78,6 +84,7 @@ TRAINERS: dict[str, Trainer] = {
     "ref-nms": _ref_nms,
     "cm-att": _cm_att,
     "key-whitening": _key_whitening,
+    "text-projection": _text_projection,
 }
 """The trainer of each model family (by the family's manifest name)."""
 assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a trainer"
@@ -86,7 +93,7 @@ assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a 
 def train_model(name: str, options: TrainOptions) -> Manifest:
     """Train the model ``name`` (one of :func:`engine.models.registry.model_names`) and write its checkpoint.
 
-    Only the proposal network and the key whitening train on several datasets at once (``options.extra_data``); any other model
+    Only the proposal network, the key whitening and the text projection train on several datasets at once (``options.extra_data``); any other model
     given more than one ``--data`` is a clear error rather than a silently ignored folder."""
     family = family_of_name(name).name
     if options.extra_data and family not in MULTI_DATASET_FAMILIES:
