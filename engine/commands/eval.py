@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.commands.options import device_option
+from engine.commands.options import data_format_option, device_option
 
 __all__ = ["eval_group"]
 
@@ -39,6 +39,7 @@ def eval_group() -> None:
 
 @eval_group.command("retrieval")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@data_format_option
 @click.option("--model", "models", multiple=True, help="A GRN-family checkpoint file, an installed model name (grn, grn-fc, vl-concat, …) or 'visual'; repeatable. Default: visual plus every installed GRN-family checkpoint.")
 @click.option("--split", default="test", show_default=True, help="Which split's queries and images to use.")
 @click.option("--proposals", default="gt,rpn", show_default=True, help="Candidate boxes: gt (ground-truth regions), rpn (top-100 RPN proposals per image), or both.")
@@ -73,6 +74,7 @@ def retrieval_command(data: Path, models: tuple[str, ...], split: str, proposals
 
 @eval_group.command("rpn")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, images).")
+@data_format_option
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="RPN checkpoint (default: the shipped one).")
 @click.option("--split", default="test", show_default=True, help="train, val, test or all.")
 @click.option("--ns", default="10,50,100,300", show_default=True, help="Numbers of proposals per image, comma-separated.")
@@ -112,6 +114,7 @@ def rpn_command(data: Path, checkpoint: Path | None, split: str, ns: str, source
 
 @eval_group.command("matching")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with captions, region descriptions and saliency masks; images).")
+@data_format_option
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="A SAN checkpoint; repeatable. Default: the installed ablation rows gv+gt, sv+gt, fv+gt, fv+it and the full fv+ft (san.pt).")
 @click.option("--saliency-checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Saliency network (default: the shipped saliency.pt).")
 @click.option("--split", default="test", show_default=True, help="Which split's images, captions and regions to use.")
@@ -140,6 +143,7 @@ def matching_command(data: Path, checkpoints: tuple[Path, ...], saliency_checkpo
 
 @eval_group.command("attention")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with region descriptions / referring expressions and boxes; images).")
+@data_format_option
 @click.option("--model", "models", multiple=True, help="An MCB grounding checkpoint file or installed name (mcb, mcb-no-sparsity); repeatable. Default: every installed one.")
 @click.option("--split", default="test", show_default=True, help="Which split's phrases to ground.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"rows": [{"method", "acc@0.3", "acc@0.4", "acc@0.5", "mean_iou"}, …], "by_kind": [...]} here (percent); rows hold center-box and every model over all phrases.')
@@ -177,6 +181,7 @@ def attention_command(data: Path, models: tuple[str, ...], split: str, json_path
 
 @eval_group.command("fusion")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@data_format_option
 @click.option("--split", default="val", show_default=True, help="Which split to index and query (fit on val, report on test).")
 @click.option("--weights", default="0,0.25,0.5,1,2,4", show_default=True, help="Text weights w to measure (stage 2 ranks by grn + w * san), comma-separated.")
 @click.option("--proposals", type=click.Choice(["gt", "rpn"]), default="gt", show_default=True, help="Regions to index: ground-truth boxes or RPN proposals.")
@@ -219,6 +224,7 @@ def _numbers(text: str, hint: str, cast=float) -> tuple:  # noqa: ANN001
 
 @eval_group.command("stage3")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@data_format_option
 @click.option("--split", default="val", show_default=True, help="Which split to index and query (fit on val, report on test).")
 @click.option("--proposals", type=click.Choice(["gt", "rpn"]), default="rpn", show_default=True, help="Regions to index: RPN proposals (where localizing matters) or ground-truth boxes.")
 @click.option("--images", "images", default="0,1,3,5,10,20", show_default=True, help="Numbers M of best stage-2 images to ground, comma-separated (0 = stage 2 alone).")
@@ -276,6 +282,7 @@ def _stage3_summary(rows: list, best) -> list:  # noqa: ANN001
 
 @eval_group.command("proposals")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
+@data_format_option
 @click.option("--model", "models", multiple=True, help="A Ref-NMS checkpoint file or installed name (ref-nms-b, ref-nms-r); repeatable. Default: every installed one.")
 @click.option("--split", default="test", show_default=True, help="Which split's referring expressions to use.")
 @click.option("--ns", default="1,3,5,10,100", show_default=True, help="Numbers of proposals kept per image, comma-separated (the 'real' setting is always added).")
@@ -318,6 +325,7 @@ def proposals_command(data: Path, models: tuple[str, ...], split: str, ns: str, 
 
 @eval_group.command("grounding")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl with refs and object boxes; images).")
+@data_format_option
 @click.option("--model", "models", multiple=True, help="A CM-Att checkpoint file or installed name (cm-att, cm-att-erase); repeatable. Default: every installed one.")
 @click.option("--ref-nms", "ref_nms_model", default="ref-nms-r", show_default=True, help="Ref-NMS checkpoint file or installed name for the +ref-nms rows; 'none' to leave them out.")
 @click.option("--split", default="test", show_default=True, help="Which split's referring expressions to ground.")
@@ -376,6 +384,7 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
 
 @eval_group.command("search")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
+@data_format_option
 @click.option("--split", default="test", show_default=True, help="Which split's images to index and queries to run.")
 @click.option("--mode", type=click.Choice(["region", "region+text", "text"]), default="region", show_default=True, help="What each query gives the engine: its image and region, plus its text, or its text alone.")
 @click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), help="Build the split's index here (when missing or empty) and reuse it on later runs (when it holds exactly the split's images). Default: a temporary folder, removed afterwards.")

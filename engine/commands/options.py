@@ -1,13 +1,16 @@
 """Click options shared by several ``engine`` commands (each defined once, here)."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["DeviceType", "device_option", "index_option", "json_option"]
+from engine.datasets.formats import DATA_FORMATS  # light: no torch, no readers
+
+__all__ = ["DeviceType", "device_option", "index_option", "json_option", "format_option", "data_format_option"]
 
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 
@@ -66,3 +69,30 @@ def index_option(func: Any) -> Any:
 def json_option(func: Any) -> Any:
     """``--json``, passed as ``as_json``."""
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")(func)
+
+
+def format_option(func: Any) -> Any:
+    """``--format engine|vg|refcoco|coco|karpathy`` (default ``engine``), passed as ``data_format``."""
+    return click.option(
+        "--format",
+        "data_format",
+        type=click.Choice(DATA_FORMATS),
+        default="engine",
+        show_default=True,
+        help="Format of the --data folder: engine (annotations.jsonl), vg (Visual Genome region_descriptions.json + image_data.json), refcoco (refs(*).p + instances.json), coco (captions_*.json), karpathy (dataset_*.json); others are converted once into the data cache (engine/datasets/formats.py).",
+    )(func)
+
+
+def data_format_option(func: Any) -> Any:
+    """:func:`format_option`, with the command's ``data`` folder replaced by its engine-format conversion
+    (:func:`engine.datasets.formats.prepare_dataset`) before the command runs."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, data_format: str, **kwargs: Any) -> Any:
+        if data_format != "engine":
+            from engine.datasets.formats import prepare_dataset
+
+            kwargs["data"] = prepare_dataset(kwargs["data"], data_format)
+        return func(*args, **kwargs)
+
+    return format_option(wrapper)

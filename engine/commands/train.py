@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from engine.commands.options import device_option
+from engine.commands.options import device_option, format_option
 
 __all__ = ["train_command", "model_names"]
 
@@ -50,12 +50,13 @@ class _TrainCommand(click.Command):
 @click.command("train", cls=_TrainCommand)
 @click.argument("model", type=_ModelChoice(), metavar="MODEL")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. rpn, key-whitening and text-projection take it more than once to learn several worlds together.")
+@format_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
+def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
     """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
 
     MODEL is a name of the model registry (all are listed under Models
@@ -74,28 +75,33 @@ def train_command(model: str, data: tuple[Path, ...], out: Path | None, epochs: 
       engine train rpn --data data/synth --data data/stamps --out rpn.pt
       engine train key-whitening --data data/synth --data data/stamps
       engine train grn --data data/synth --epochs 5
+      engine train text-projection --format vg --data ~/data/visual-genome
     """
+    from engine.datasets.formats import prepare_dataset
     from engine.training.options import TrainOptions
     from engine.training.registry import train_model
 
+    folders = tuple(prepare_dataset(d, data_format) for d in data)  # other formats: converted once into the data cache
     options = TrainOptions(
-        data=data[0],
-        extra_data=tuple(data[1:]),
+        data=folders[0],
+        extra_data=tuple(folders[1:]),
         out=out if out is not None else Path(f"{model}.pt"),
         epochs=epochs,
         seed=seed,
         device=device,
         progress=not quiet,
-        command=_command_line(model, data, out, epochs, seed, device),
+        command=_command_line(model, data, out, epochs, seed, device, data_format),
     )
     started = time.perf_counter()
     manifest = train_model(model, options)
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
 
 
-def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str) -> str:
+def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, data_format: str = "engine") -> str:
     """The reproducing command line recorded in the manifest (progress flags left out)."""
     parts = ["engine", "train", model]
+    if data_format != "engine":
+        parts += ["--format", data_format]
     for folder in data:
         parts += ["--data", str(folder)]
     if out is not None:

@@ -1,0 +1,183 @@
+"""Public dataset formats for ``engine train`` and ``engine eval`` (``--format``): each is read by its reader
+and written once as an engine-format dataset (``annotations.jsonl``, ``queries.jsonl``), which every
+trainer and evaluation then reads as it reads ``engine synth``'s output.
+
+A ``--data DIR`` of each format holds (images relative to ``DIR``, as the readers resolve them):
+
+* ``engine``: ``annotations.jsonl`` (+ ``queries.jsonl``), used as it is;
+* ``vg``: Visual Genome's ``region_descriptions.json`` and ``image_data.json``; the GRN paper's
+  benchmark is built from them (:func:`engine.datasets.vg_benchmark.build_grn_benchmark`: relational
+  descriptions, area filter, de-duplication, 7/9 · 1/9 · 1/9 image splits, query sets of similar
+  descriptions in other images);
+* ``refcoco``: the refer toolkit's ``refs(<split_by>).p`` and ``instances.json`` (RefCOCO, RefCOCO+,
+  RefCOCOg); an image's split is its refs' (``testA`` / ``testB`` count as ``test``), and each
+  referring expression is also a described region (its object's box), for the models that learn
+  from region descriptions;
+* ``coco``: COCO's ``captions_*.json`` (in ``DIR`` or ``DIR/annotations``): a file named ``train``
+  gives the train split; COCO publishes no test captions, so the images of a ``val`` file go to val
+  (even image id) and test (odd);
+* ``karpathy``: one Karpathy split file ``dataset_*.json`` (COCO or Flickr30k); ``restval`` joins train.
+
+The converted dataset lives in the data cache (``$ENGINE_DATA/converted/<format>-<name>-<digest>/``,
+:func:`engine.data_fetch.data_dir`), its ``images`` a link to ``DIR``; it is rebuilt when a source
+file changes (size or modification time) and reused otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.errors import DatasetFormatError, InvalidInputError
+
+if TYPE_CHECKING:  # the readers and types import numpy: only when a dataset is converted
+    from engine.datasets.types import Dataset, ImageAnn
+
+__all__ = ["DATA_FORMATS", "prepare_dataset", "load_format"]
+
+log = logging.getLogger(__name__)
+
+DATA_FORMATS: tuple[str, ...] = ("engine", "vg", "refcoco", "coco", "karpathy")
+_STAMP = "source.json"
+_IMAGES = "images"
+
+
+def prepare_dataset(data: Path, fmt: str = "engine", *, cache: Path | None = None) -> Path:
+    """The engine-format folder of dataset ``data`` in format ``fmt``: ``data`` itself for ``engine``,
+    else its conversion in the data cache (made now, or reused when its sources are unchanged)."""
+    data = Path(data)
+    if fmt not in DATA_FORMATS:
+        raise InvalidInputError(f"--format {fmt!r} is not known; choose one of {', '.join(DATA_FORMATS)}")
+    if not data.is_dir():
+        raise InvalidInputError(f"--data {data} is not a folder; pass the folder that holds the {fmt} dataset's files")
+    if fmt == "engine":
+        return data
+    source = data.resolve()
+    files = _source_files(source, fmt)
+    stamp = {"format": fmt, "source": str(source), "files": {str(p.relative_to(source)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    root = _cache_root(cache) / f"{fmt}-{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
+    if (root / _STAMP).is_file() and json.loads((root / _STAMP).read_text()) == stamp:
+        return root
+    log.info("converting %s dataset %s into %s", fmt, source, root)
+    dataset = load_format(source, fmt)
+    _write(root, dataset, source, stamp)
+    return root
+
+
+def load_format(data: Path, fmt: str) -> Dataset:
+    """Dataset ``data`` of format ``fmt`` (not ``engine``) read by its reader, with ``train`` / ``val`` /
+    ``test`` splits as the module docstring says; image paths relative to ``data``."""
+    if fmt == "vg":
+        from engine.datasets.vg_benchmark import build_grn_benchmark
+        from engine.datasets.visual_genome import read_visual_genome
+
+        return build_grn_benchmark(read_visual_genome(data, images_root=data, name=data.name)).dataset
+    if fmt == "refcoco":
+        from engine.datasets.refcoco import read_refcoco
+
+        return _refs_as_regions(read_refcoco(data, images_root=data))
+    if fmt == "coco":
+        return _coco(data)
+    if fmt == "karpathy":
+        from engine.datasets.captions import read_karpathy
+
+        return read_karpathy(_one(data, "dataset_*.json", "a Karpathy split file"), images_root=data, merge_restval=True)
+    raise InvalidInputError(f"--format {fmt!r} is not a format to convert; choose one of {', '.join(DATA_FORMATS[1:])}")
+
+
+def _source_files(data: Path, fmt: str) -> list[Path]:
+    """The files format ``fmt`` reads in ``data`` (a clear error naming what is missing)."""
+    if fmt == "vg":
+        return [_exists(data / "region_descriptions.json", "Visual Genome"), _exists(data / "image_data.json", "Visual Genome")]
+    if fmt == "refcoco":
+        refs = sorted(data.glob("refs(*).p"))
+        if not refs:
+            raise DatasetFormatError(f"{data} holds no refs(<split_by>).p file; a RefCOCO-family folder holds refs(unc).p (or refs(umd).p, refs(google).p) and instances.json")
+        return [*refs, _exists(data / "instances.json", "RefCOCO")]
+    if fmt == "coco":
+        return _captions_files(data)
+    return [_one(data, "dataset_*.json", "a Karpathy split file")]
+
+
+def _exists(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DatasetFormatError(f"{path} does not exist; a {what} folder holds it (see engine/datasets/formats.py)")
+    return path
+
+
+def _one(data: Path, pattern: str, what: str) -> Path:
+    found = sorted(data.glob(pattern))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise DatasetFormatError(f"{data} should hold exactly one {pattern} ({what}), found {names}")
+    return found[0]
+
+
+def _captions_files(data: Path) -> list[Path]:
+    found = sorted([*data.glob("captions_*.json"), *data.glob("annotations/captions_*.json")])
+    if not found:
+        raise DatasetFormatError(f"{data} holds no captions_*.json (in it or in annotations/); a COCO folder holds captions_train2014.json and captions_val2014.json")
+    for path in found:
+        if "train" not in path.name and "val" not in path.name:
+            raise DatasetFormatError(f"{path.name}: a COCO captions file name says its split (train or val)")
+    return found
+
+
+def _coco(data: Path) -> Dataset:
+    from engine.datasets.captions import read_coco_captions
+    from engine.datasets.types import Dataset
+
+    images: list[ImageAnn] = []
+    for path in _captions_files(data):
+        part = read_coco_captions(path, images_root=data, split="train" if "train" in path.name else "val")
+        for im in part.images:
+            if im.split == "val" and (im.image_id or 0) % 2 == 1:
+                im = replace(im, split="test")  # COCO has no public test captions: half of val is held out
+            images.append(im)
+    return Dataset(root=data, images=images, name=data.name)
+
+
+def _refs_as_regions(dataset: Dataset) -> Dataset:
+    """RefCOCO's test splits as ``test``, and each expression also a described region (its object's box)."""
+    from engine.datasets.types import RegionAnn
+
+    images = []
+    for im in dataset.images:
+        boxes = {o.id: o.box for o in im.objects}
+        regions = tuple(RegionAnn(id=r.id, box=boxes[r.object], description=r.expression, objects=(r.object,)) for r in im.refs if r.object in boxes)
+        split = "test" if im.split in ("testA", "testB") else im.split
+        images.append(replace(im, regions=im.regions + regions, split=split))
+    return replace(dataset, images=images)
+
+
+def _write(root: Path, dataset: Dataset, source: Path, stamp: dict) -> None:
+    """Write the converted dataset into ``root`` through a temporary folder (a crash leaves the old one or none)."""
+    from engine.datasets.annotations import write_annotations, write_queries
+
+    if not any(im.split in ("train", "val", "test") for im in dataset.images):
+        raise DatasetFormatError(f"{source}: no image of this dataset is in a train, val or test split")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        os.symlink(source, tmp / _IMAGES, target_is_directory=True)
+        write_annotations(tmp, [replace(im, image=f"{_IMAGES}/{im.image}") for im in dataset.images])
+        write_queries(tmp, [replace(q, image=f"{_IMAGES}/{q.image}") for q in dataset.queries])
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _cache_root(cache: Path | None) -> Path:
+    from engine.data_fetch import data_dir
+
+    return (Path(cache) if cache is not None else data_dir()) / "converted"
