@@ -156,6 +156,21 @@ class Engine:
             self._san_encoder = SanRegionEncoder(backbone=backbone, saliency=saliency, model=model)
         return self._san_encoder
 
+    def vocabulary_grounder(self):  # -> query.vocabulary_grounding.VocabularyGrounder
+        """Grounds any English phrase among an image's RPN proposals by the open vocabulary (``engine ground
+        --method vocabulary``, ``--explain``), scoring them as text-only search scores regions."""
+        from indexer.proposal_sources import RpnProposals
+        from query.vocabulary_grounding import VocabularyGrounder
+
+        return VocabularyGrounder(
+            extractor=self.extractor,
+            proposals=RpnProposals.load(backbone=self.extractor.backbone),
+            evidence=self.concept_evidence,
+            vocabulary=self.concept_vocabulary,
+            projection=self.text_projection,
+            projection_weight=self.config.projection_weight,
+        )
+
     # -- indexing -----------------------------------------------------------------------------
     def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
         """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``."""

@@ -164,7 +164,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="With --batch: write one JSON line per query here ({\"id\", \"hits\"} or {\"id\", \"error\"}).")
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a self-contained gallery page (query, hits with boxes, every score) to this file.")
-@click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the attention map of the text over the hit image (MCB).")
+@click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the map of the text over the hit image (MCB attention; for a text read through the open vocabulary, its scores of the image's proposals).")
 @json_option
 def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
@@ -197,12 +197,14 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
     if explain is not None and text:
         from query.explain import AttentionGrounder, explain_hits
 
-        explain_hits(AttentionGrounder(device=device), hits, text, explain)
+        # the explanation reads the text as the search did: through the open vocabulary, or with MCB in the first-wave words
+        through_vocabulary = any("concept" in h.scores for h in hits)
+        explain_hits(engine.vocabulary_grounder() if through_vocabulary else AttentionGrounder(device=device), hits, text, explain)
     if as_json:
         click.echo(json.dumps({"hits": [h.to_dict() for h in hits]}))
         return
     _print_hits(hits)
-    for path, what in ((save_vis, "pictures written to {}/ (contact_sheet.png shows them all)"), (html_file, "gallery written to {}"), (explain, "attention pictures written to {}/ (explain_NN.png per hit)")):
+    for path, what in ((save_vis, "pictures written to {}/ (contact_sheet.png shows them all)"), (html_file, "gallery written to {}"), (explain, "explanation pictures written to {}/ (explain_NN.png per hit)")):
         if path is not None:
             click.echo(what.format(path))
 

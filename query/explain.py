@@ -2,13 +2,16 @@
 
 Used by ``engine ground IMAGE --text ... --method attention`` (one picture) and by
 ``engine query ... --explain DIR`` (one picture per hit: the hit's box beside the query text's
-attention map over the hit image).
+attention map over the hit image). A text in words the MCB model does not know is explained by the
+open vocabulary instead (:class:`query.vocabulary_grounding.VocabularyGrounder`, the same pictures
+with its map of proposal scores): any :class:`Grounder` draws them.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,19 +26,29 @@ from indexer.images import load_image
 from query.output import writing
 from query.render import HIT_COLOUR, draw_box
 
-__all__ = ["Grounding", "AttentionGrounder", "attention_picture", "explain_hits", "heat_colours"]
+__all__ = ["Grounding", "Grounder", "AttentionGrounder", "attention_picture", "explain_hits", "heat_colours"]
 
 ATTENTION_COLOUR = (40, 160, 255)
 
 
 @dataclass(frozen=True)
 class Grounding:
-    """A phrase's box (xyxy original pixels), its attention map over the image ``[h, w]`` in [0, 1] and its peak."""
+    """A phrase's box (xyxy original pixels), its map over the image ``[h, w]`` in [0, 1] and its peak;
+    ``method``: what made the map (``attention``: MCB; ``vocabulary``: proposal scores of the open vocabulary)."""
 
     text: str
     box: Box
     heat: np.ndarray
     peak: float
+    method: str = "attention"
+
+
+class Grounder(Protocol):
+    """Anything that grounds phrases in an image as :class:`Grounding` (MCB attention, the open vocabulary)."""
+
+    def check_text(self, text: str | None) -> str: ...
+
+    def ground(self, image: Image.Image, texts: Sequence[str]) -> list[Grounding]: ...
 
 
 class AttentionGrounder:
@@ -93,7 +106,7 @@ def attention_picture(image: Image.Image, grounding: Grounding, *, box: Box | No
     left = draw_box(rgb, box if box is not None else grounding.box, colour=HIT_COLOUR if box is not None else ATTENTION_COLOUR, label=box_label)
     p = grounding.heat / max(float(grounding.heat.max()), 1e-6)
     blend = np.asarray(rgb, np.float32) * (1 - alpha * p[..., None]) + heat_colours(grounding.heat).astype(np.float32) * alpha * p[..., None]
-    right = draw_box(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), grounding.box, colour=ATTENTION_COLOUR, label="attention")
+    right = draw_box(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), grounding.box, colour=ATTENTION_COLOUR, label=grounding.method)
     caption = 16
     sheet = Image.new("RGB", (2 * w + 8, h + caption), (255, 255, 255))
     sheet.paste(left, (0, caption))
@@ -102,8 +115,8 @@ def attention_picture(image: Image.Image, grounding: Grounding, *, box: Box | No
     return sheet
 
 
-def explain_hits(grounder: AttentionGrounder, hits: Sequence[Hit], text: str, out_dir: Path) -> list[Path]:
-    """Write ``explain_NN.png`` per hit into ``out_dir``: the hit box beside the attention map of ``text`` over the hit image."""
+def explain_hits(grounder: Grounder, hits: Sequence[Hit], text: str, out_dir: Path) -> list[Path]:
+    """Write ``explain_NN.png`` per hit into ``out_dir``: the hit box beside the map of ``text`` over the hit image."""
     text = grounder.check_text(text)
     out_dir = Path(out_dir)
     with writing(out_dir):

@@ -172,3 +172,19 @@ def test_a_projection_for_another_visual_key_is_a_clear_error(photo_engine, tmp_
             wrong.search(text="a cat", k=1)
     with Engine(engine.index_dir, config=replace(engine.config, text_projection=None)) as off:
         assert set(off.search(text="a cat", k=1)[0].scores) == {"concept"}
+
+
+def test_explain_reads_the_text_as_the_search_did(photo_engine, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    engine, _ = photo_engine
+    out = tmp_path / "explain"
+    result = CliRunner().invoke(main, ["query", "--index", str(engine.index_dir), "--text", "a kitten", "-k", "2", "--explain", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["explain_01.png", "explain_02.png"]
+    grounder = engine.vocabulary_grounder()  # what the CLI used: the hits came through the vocabulary
+    hit = engine.search(text="a kitten", k=1)[0]
+    [grounding] = grounder.ground(Image.open(hit.image), ["a kitten"])
+    assert grounding.method == "vocabulary" and Path(hit.image).name.startswith("chelsea")

@@ -227,4 +227,4 @@ def test_query_explain_writes_a_picture_per_hit(tiny_engine, tiny_corpus: Path, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["explain_01.png", "explain_02.png"]
-    assert "attention pictures written" in result.output
+    assert "explanation pictures written" in result.output
