@@ -95,11 +95,11 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None):
+def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None, projection_weight: float | None = None):
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight), ("concept_weight", concept_weight)) if v is not None}
+    weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight), ("concept_weight", concept_weight), ("projection_weight", projection_weight)) if v is not None}
     return Engine(index_dir, config=EngineConfig(device=device, stage3=stage3, **weights))
 
 
@@ -156,6 +156,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--weight-text", type=WeightType(), help="Combined queries: weight of SAN's text score in stage 2 (default 1, fitted on val).")
 @click.option("--weight-image", type=WeightType(), help="Combined queries: weight of the GRN image similarity in stage 2 (default 1).")
 @click.option("--weight-concept", type=WeightType(), help="Combined queries through the open vocabulary: weight of the ConSE text score in stage 2 (default 0.2, fitted on val; 0 ranks by the region alone).")
+@click.option("--weight-projection", type=WeightType(), help="Text-only queries through the open vocabulary: weight of the text projection's cosine beside ConSE (default 1.5, fitted on val; 0 ranks by ConSE alone).")
 @click.option("--ground/--no-ground", default=True, show_default=True, help="Stage 3 of a combined query (image + text): ground the text in the best images with Ref-NMS and CM-Att; their hits are the grounded regions, scored stage2 + w_r*relatedness + w_g*grounding (--json shows each part).")
 @click.option("--path-glob", help="Keep only hits whose image path matches this glob (fnmatch on the absolute path; * matches / too), e.g. '*/beach/*'.")
 @click.option("--min-score", type=float, help="Keep only hits with at least this score.")
@@ -166,7 +167,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a self-contained gallery page (query, hits with boxes, every score) to this file.")
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the map of the text over the hit image (MCB attention; for a text read through the open vocabulary, its scores of the image's proposals).")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -178,8 +179,8 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
     """
     from query.filters import HitFilter
 
-    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept)
-    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept)
+    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection)
+    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection)
     filters = HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image)
     if batch_file is not None:
         _run_batch(engine, batch_file, out_file, k=k, exclude_self=exclude_self, filters=filters)
@@ -209,7 +210,7 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
             click.echo(what.format(path))
 
 
-def _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept=None) -> None:  # noqa: ANN001
+def _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept=None, weight_projection=None) -> None:  # noqa: ANN001
     """Usage errors of option combinations, before any model loads."""
     if batch_file is not None:
         if out_file is None:
@@ -227,6 +228,8 @@ def _check_query_options(image, region, region_id, text, weight_text, weight_ima
         raise click.UsageError("--weight-text / --weight-image balance a combined query: give --text and --image (or --region-id)")
     if weight_concept is not None and not (text and (image is not None or region_id is not None)):
         raise click.UsageError("--weight-concept weighs the text of a combined query: give --text and --image (or --region-id)")
+    if weight_projection is not None and (not text or image is not None or region_id is not None):
+        raise click.UsageError("--weight-projection weighs the text projection in a text-only query: give --text alone")
 
 
 def _run_batch(engine, batch_file: Path, out_file: Path, *, k: int, exclude_self: bool, filters) -> None:  # noqa: ANN001

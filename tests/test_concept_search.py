@@ -188,3 +188,23 @@ def test_explain_reads_the_text_as_the_search_did(photo_engine, tmp_path: Path) 
     hit = engine.search(text="a kitten", k=1)[0]
     [grounding] = grounder.ground(Image.open(hit.image), ["a kitten"])
     assert grounding.method == "vocabulary" and Path(hit.image).name.startswith("chelsea")
+
+
+def test_query_cli_weights_of_the_open_vocabulary(photo_engine) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    engine, corpus = photo_engine
+    index = ["query", "--index", str(engine.index_dir), "--json"]
+    plain = CliRunner().invoke(main, [*index, "--text", "a kitten", "-k", "2", "--weight-projection", "0"])
+    assert plain.exit_code == 0, plain.output
+    assert all(set(h["scores"]) == {"concept"} for h in json.loads(plain.output)["hits"])
+    region = ["--image", str(corpus / "chelsea.jpg"), "--region", "60,30,280,260", "--exclude-self", "-k", "1"]
+    unweighted = CliRunner().invoke(main, [*index, *region, "--text", "a cat", "--weight-concept", "0"])
+    alone = engine.search(image=corpus / "chelsea.jpg", region=(60, 30, 280, 260), k=1, exclude_self=True)
+    assert json.loads(unweighted.output)["hits"][0]["score"] == pytest.approx(alone[0].score, abs=1e-5)  # the text weighs nothing
+    misplaced = CliRunner().invoke(main, [*index, *region, "--text", "a cat", "--weight-projection", "1"])
+    assert misplaced.exit_code != 0 and "--weight-projection weighs the text projection in a text-only query" in misplaced.output
