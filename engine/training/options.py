@@ -42,6 +42,14 @@ class TrainOptions:
         if len(set(names)) != len(names):
             raise InvalidInputError(f"--data folders need distinct names (got {', '.join(names)}): each names its dataset in the manifest")
 
+    def recorded_command(self, model: str) -> str:
+        """The command line a manifest records: ``command`` when given, else the ``engine train`` call these options make."""
+        return self.command or " ".join([f"engine train {model}", *(f"--data {d}" for d in self.datasets), f"--seed {self.seed}"])
+
+    def recorded_data(self) -> str:
+        """The dataset folders a manifest records (absolute, comma-separated)."""
+        return ", ".join(str(Path(d).resolve()) for d in self.datasets)
+
     @property
     def datasets(self) -> tuple[Path, ...]:
         """Every dataset folder: ``data`` first, then ``extra_data``."""
