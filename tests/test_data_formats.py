@@ -154,3 +154,37 @@ def test_engine_train_and_eval_read_a_public_format(grn_corpus: Path, tmp_path: 
     assert "10" in result.output
     bad = runner.invoke(main, ["eval", "rpn", "--format", "vg", "--data", str(refcoco)])
     assert bad.exit_code != 0 and "region_descriptions.json" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_union_of_datasets_keeps_every_image_region_and_query_apart(grn_corpus: Path, tmp_path: Path, cache: Path) -> None:
+    from engine.datasets.formats import union_datasets
+
+    twin = tmp_path / "twin"
+    shutil.copytree(grn_corpus, twin, ignore=shutil.ignore_patterns(".engine-cache"))
+    union = union_datasets([grn_corpus, twin])
+    assert union.is_relative_to(cache / "converted") and union_datasets([grn_corpus, twin]) == union
+    joined, one = read_dataset(union), read_dataset(grn_corpus)
+    assert len(joined.images) == 2 * len(one.images) and len(joined.queries) == 2 * len(one.queries)
+    assert all((union / im.image).is_file() for im in joined.images)
+    ids = [r.id for im in joined.images for r in im.regions]
+    assert len(ids) == len(set(ids))  # the twin's regions moved past the first dataset's
+    where = {r.id: im.image for im in joined.images for r in im.regions}
+    for q in joined.queries:  # each query still points at its own world's regions
+        world = q.image.split("/")[0]
+        assert {where[p].split("/")[0] for p in (q.region_id, *q.positives)} == {world}
+    assert {im.split for im in joined.images} == {im.split for im in one.images}
+    with pytest.raises(InvalidInputError, match="distinct names"):
+        union_datasets([grn_corpus, grn_corpus])
+
+
+def test_a_one_dataset_trainer_learns_several_worlds_from_their_union(grn_corpus: Path, tmp_path: Path, cache: Path) -> None:
+    from engine.cli import main
+
+    twin = tmp_path / "twin"
+    shutil.copytree(grn_corpus, twin, ignore=shutil.ignore_patterns(".engine-cache"))
+    out = tmp_path / "grn-fc.pt"
+    result = CliRunner().invoke(main, ["train", "grn-fc", "--data", str(grn_corpus), "--data", str(twin), "--out", str(out), "--epochs", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["command"].startswith(f"engine train grn-fc --data {grn_corpus} --data {twin}")
+    assert "union-" in manifest["data"]

@@ -118,9 +118,9 @@ def test_train_rpn_on_two_datasets_reports_each(split_corpus: Path, tmp_path: Pa
         assert 0 <= metrics[f"{name}/test_objects@100"] <= 1
 
 
-def test_only_rpn_trains_on_several_datasets(split_corpus: Path, tmp_path: Path) -> None:
+def test_several_datasets_need_each_to_be_a_dataset(split_corpus: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     result = CliRunner().invoke(main, ["train", "grn", "--data", str(split_corpus), "--data", str(other), "--epochs", "1", "--quiet"])
     assert result.exit_code != 0
-    assert "grn trains on one dataset: give --data once" in result.output and "Traceback" not in result.output
+    assert "annotations.jsonl does not exist" in result.output and "Traceback" not in result.output

@@ -49,7 +49,7 @@ class _TrainCommand(click.Command):
 
 @click.command("train", cls=_TrainCommand)
 @click.argument("model", type=_ModelChoice(), metavar="MODEL")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. rpn, key-whitening and text-projection take it more than once to learn several worlds together.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. Give it more than once to learn several worlds together: rpn, key-whitening and text-projection read each folder; any other model trains on their union (made once in the data cache).")
 @format_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
@@ -79,9 +79,13 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
     """
     from engine.datasets.formats import prepare_dataset
     from engine.training.options import TrainOptions
-    from engine.training.registry import train_model
+    from engine.training.registry import train_model, trains_on_several
 
     folders = tuple(prepare_dataset(d, data_format) for d in data)  # other formats: converted once into the data cache
+    if len(folders) > 1 and not trains_on_several(model):
+        from engine.datasets.formats import union_datasets
+
+        folders = (union_datasets(folders),)  # a one-dataset trainer learns every world from their union
     options = TrainOptions(
         data=folders[0],
         extra_data=tuple(folders[1:]),

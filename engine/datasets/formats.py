@@ -18,6 +18,11 @@ A ``--data DIR`` of each format holds (images relative to ``DIR``, as the reader
   (even image id) and test (odd);
 * ``karpathy``: one Karpathy split file ``dataset_*.json`` (COCO or Flickr30k); ``restval`` joins train.
 
+:func:`union_datasets` joins several engine-format datasets into one (``engine train MODEL --data A --data
+B`` for a model whose trainer reads one dataset): each folder is a link inside the union, its image
+paths prefixed by the folder's name, and its image, object and region ids moved past the previous
+folders' (regions, refs and queries follow), so that no two share an id.
+
 The converted dataset lives in the data cache (``$ENGINE_DATA/converted/<format>-<name>-<digest>/``,
 :func:`engine.data_fetch.data_dir`), its ``images`` a link to ``DIR``; it is rebuilt when a source
 file changes (size or modification time) and reused otherwise.
@@ -30,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +45,7 @@ from engine.errors import DatasetFormatError, InvalidInputError
 if TYPE_CHECKING:  # the readers and types import numpy: only when a dataset is converted
     from engine.datasets.types import Dataset, ImageAnn
 
-__all__ = ["DATA_FORMATS", "prepare_dataset", "load_format"]
+__all__ = ["DATA_FORMATS", "prepare_dataset", "load_format", "union_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,62 @@ def load_format(data: Path, fmt: str) -> Dataset:
 
         return read_karpathy(_one(data, "dataset_*.json", "a Karpathy split file"), images_root=data, merge_restval=True)
     raise InvalidInputError(f"--format {fmt!r} is not a format to convert; choose one of {', '.join(DATA_FORMATS[1:])}")
+
+
+def union_datasets(folders: Sequence[Path], *, cache: Path | None = None) -> Path:
+    """One engine-format dataset holding every dataset of ``folders`` (module docstring), made in the data
+    cache or reused while their ``annotations.jsonl`` / ``queries.jsonl`` are unchanged."""
+    from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE
+
+    sources = [Path(f).resolve() for f in folders]
+    names = [s.name for s in sources]
+    if len(sources) < 2:
+        raise InvalidInputError("a union needs at least two dataset folders")
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"the dataset folders need distinct names to be joined (got {', '.join(names)})")
+    files = [p for s in sources for p in (_exists(s / ANNOTATIONS_FILE, "engine-format dataset"), s / QUERIES_FILE) if p.is_file()]
+    stamp = {"format": "union", "source": [str(s) for s in sources], "files": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    digest = hashlib.sha256("\n".join(str(s) for s in sources).encode()).hexdigest()[:12]
+    root = _cache_root(cache) / f"union-{'+'.join(names)}-{digest}"
+    if (root / _STAMP).is_file() and json.loads((root / _STAMP).read_text()) == stamp:
+        return root
+    log.info("joining datasets %s into %s", ", ".join(map(str, sources)), root)
+    _write_union(root, sources, stamp)
+    return root
+
+
+def _write_union(root: Path, sources: Sequence[Path], stamp: dict) -> None:
+    from engine.datasets.annotations import read_dataset, write_annotations, write_queries
+
+    images, queries = [], []
+    image_offset = region_offset = object_offset = 0
+    for source in sources:
+        dataset = read_dataset(source)
+        for im in dataset.images:
+            objects = tuple(replace(o, id=o.id + object_offset) for o in im.objects)
+            regions = tuple(replace(r, id=r.id + region_offset, objects=tuple(o + object_offset for o in r.objects)) for r in im.regions)
+            refs = tuple(replace(f, object=f.object + object_offset, context_objects=tuple(o + object_offset for o in f.context_objects)) for f in im.refs)
+            image_id = None if im.image_id is None else im.image_id + image_offset
+            images.append(replace(im, image=f"{source.name}/{im.image}", objects=objects, regions=regions, refs=refs, image_id=image_id))
+        for q in dataset.queries:
+            queries.append(replace(q, image=f"{source.name}/{q.image}", region_id=q.region_id + region_offset, positives=tuple(p + region_offset for p in q.positives)))
+        image_offset = 1 + max([image_offset - 1, *(im.image_id for im in images if im.image_id is not None)])
+        region_offset = 1 + max([region_offset - 1, *(r.id for im in images for r in im.regions)])
+        object_offset = 1 + max([object_offset - 1, *(o.id for im in images for o in im.objects)])
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for source in sources:
+            os.symlink(source, tmp / source.name, target_is_directory=True)
+        write_annotations(tmp, images)
+        write_queries(tmp, queries)
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _source_files(data: Path, fmt: str) -> list[Path]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engine.models.checkpoint import Manifest
     from engine.training.options import TrainOptions
 
-__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "train_model"]
+__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "train_model", "trains_on_several"]
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
 
@@ -88,6 +88,11 @@ TRAINERS: dict[str, Trainer] = {
 }
 """The trainer of each model family (by the family's manifest name)."""
 assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a trainer"
+
+
+def trains_on_several(name: str) -> bool:
+    """Whether model ``name``'s trainer reads several dataset folders itself (else it trains on their union)."""
+    return family_of_name(name).name in MULTI_DATASET_FAMILIES
 
 
 def train_model(name: str, options: TrainOptions) -> Manifest:
