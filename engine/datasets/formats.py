@@ -120,7 +120,7 @@ def union_datasets(folders: Sequence[Path], *, cache: Path | None = None) -> Pat
 
 
 def _write_union(root: Path, sources: Sequence[Path], stamp: dict) -> None:
-    from engine.datasets.annotations import read_dataset, write_annotations, write_queries
+    from engine.datasets.annotations import read_dataset
 
     images, queries = [], []
     image_offset = region_offset = object_offset = 0
@@ -137,20 +137,7 @@ def _write_union(root: Path, sources: Sequence[Path], stamp: dict) -> None:
         image_offset = 1 + max([image_offset - 1, *(im.image_id for im in images if im.image_id is not None)])
         region_offset = 1 + max([region_offset - 1, *(r.id for im in images for r in im.regions)])
         object_offset = 1 + max([object_offset - 1, *(o.id for im in images for o in im.objects)])
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        for source in sources:
-            os.symlink(source, tmp / source.name, target_is_directory=True)
-        write_annotations(tmp, images)
-        write_queries(tmp, queries)
-        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    _publish(root, {source.name: source for source in sources}, images, queries, stamp)
 
 
 def _source_files(data: Path, fmt: str) -> list[Path]:
@@ -219,17 +206,25 @@ def _refs_as_regions(dataset: Dataset) -> Dataset:
 
 
 def _write(root: Path, dataset: Dataset, source: Path, stamp: dict) -> None:
-    """Write the converted dataset into ``root`` through a temporary folder (a crash leaves the old one or none)."""
-    from engine.datasets.annotations import write_annotations, write_queries
-
+    """Write the converted dataset into ``root`` (:func:`_publish`)."""
     if not any(im.split in ("train", "val", "test") for im in dataset.images):
         raise DatasetFormatError(f"{source}: no image of this dataset is in a train, val or test split")
+    images = [replace(im, image=f"{_IMAGES}/{im.image}") for im in dataset.images]
+    _publish(root, {_IMAGES: source}, images, [replace(q, image=f"{_IMAGES}/{q.image}") for q in dataset.queries], stamp)
+
+
+def _publish(root: Path, links: dict[str, Path], images: list, queries: list, stamp: dict) -> None:
+    """Write ``root`` (its folder ``links``, annotations, queries and source stamp) through a temporary
+    folder renamed into place: a crash leaves the old conversion or none, never half of one."""
+    from engine.datasets.annotations import write_annotations, write_queries
+
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        os.symlink(source, tmp / _IMAGES, target_is_directory=True)
-        write_annotations(tmp, [replace(im, image=f"{_IMAGES}/{im.image}") for im in dataset.images])
-        write_queries(tmp, [replace(q, image=f"{_IMAGES}/{q.image}") for q in dataset.queries])
+        for name, target in links.items():
+            os.symlink(target, tmp / name, target_is_directory=True)
+        write_annotations(tmp, images)
+        write_queries(tmp, queries)
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
         if root.exists():
             shutil.rmtree(root)
