@@ -120,7 +120,8 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     ("args", "message"),
     [
         (["--split", "val"], "no query"),  # the tiny corpus has val images but no val queries
-        (["--split", "nope"], "no images"),
+        (["--split", "nope"], "name train, val or test"),
+        (["--split", "val+val"], "several joined by +"),
         (["--mode", "image"], "'image' is not one of"),
     ],
 )
@@ -158,3 +159,15 @@ def test_a_refused_query_counts_as_a_miss() -> None:
     assert outcome.rank == float("inf")
     answered = _measure(lambda q: ([("b.jpg", (0, 0, 10, 10))], [("b.jpg", (0, 0, 10, 10))], 0.01), query, [Target("b.jpg", (0, 0, 10, 10))], 10)
     assert not answered.refused and answered.box_at_1 and answered.rank == 1.0
+
+
+def test_several_splits_are_evaluated_together(grn_corpus: Path) -> None:
+    from engine.datasets.annotations import read_dataset
+    from engine.evaluation.search import SearchEvalConfig, split_queries
+
+    whole = read_dataset(grn_corpus)
+    dataset, chosen, _ = split_queries(SearchEvalConfig(data=grn_corpus, split="val+test"))
+    assert len(dataset.images) == len(whole.split("val").images) + len(whole.split("test").images)
+    assert {q.split for q, _ in chosen} <= {"val", "test"}
+    alone = [split_queries(SearchEvalConfig(data=grn_corpus, split=s))[1] for s in ("val", "test")]
+    assert len(chosen) >= sum(len(a) for a in alone)  # each query is answered from both splits' images

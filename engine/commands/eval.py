@@ -385,7 +385,7 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
 @eval_group.command("search")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset folder (annotations.jsonl, queries.jsonl, images).")
 @data_format_option
-@click.option("--split", default="test", show_default=True, help="Which split's images to index and queries to run.")
+@click.option("--split", default="test", show_default=True, help="Which split's images to index and queries to run; several joined by + (val+test) are indexed together, for a held-out corpus none of whose splits anything was fitted on.")
 @click.option("--mode", type=click.Choice(["region", "region+text", "text"]), default="region", show_default=True, help="What each query gives the engine: its image and region, plus its text, or its text alone.")
 @click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), help="Build the split's index here (when missing or empty) and reuse it on later runs (when it holds exactly the split's images). Default: a temporary folder, removed afterwards.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help='Write {"metrics": {"box@1": {"value", "low", "high", "n"}, …}, "mode", "split", "queries", "index", "command", …} here (fractions in [0, 1]; rank; milliseconds).')

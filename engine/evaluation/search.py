@@ -262,12 +262,23 @@ def evaluate_search(config: SearchEvalConfig) -> SearchEvalResult:
     )
 
 
+def _splits(dataset: Dataset, split: str) -> Dataset:
+    """The images and queries of ``split``: one split name, or several joined by ``+`` (``val+test``: both
+    indexed together, each query answered from both; for a corpus none of whose splits was fitted on)."""
+    names = split.split("+")
+    unknown = [n for n in names if n not in ("train", "val", "test")]
+    if unknown or len(set(names)) != len(names):
+        raise InvalidInputError(f"--split {split!r}: name train, val or test, or several joined by + (e.g. val+test)")
+    parts = [dataset.split(n) for n in names]
+    return Dataset(root=dataset.root, images=[im for p in parts for im in p.images], queries=[q for p in parts for q in p.queries], name=f"{dataset.name}:{split}")
+
+
 def split_queries(config: SearchEvalConfig) -> tuple[Dataset, list[tuple[RetrievalQuery, list[Target]]], int]:
     """The split, its answerable queries with their targets (first ``limit``), and how many were left out."""
     data = Path(config.data)
     if not (data / QUERIES_FILE).is_file():
         raise InvalidInputError(f"{data / QUERIES_FILE} does not exist; engine eval search needs a corpus with queries (e.g. from `engine synth DIR`)")
-    dataset = read_dataset(data).split(config.split)  # AnnotationError when annotations.jsonl is missing or bad
+    dataset = _splits(read_dataset(data), config.split)  # AnnotationError when annotations.jsonl is missing or bad
     if not dataset.images:
         raise InvalidInputError(f"split {config.split!r} of {data} has no images in {ANNOTATIONS_FILE}; choose train, val or test")
     regions = {r.id: (im.image, r.box) for im in dataset.images for r in im.regions}
