@@ -36,7 +36,7 @@ def objects(data: Path, split: str) -> list[tuple[str, tuple[float, ...], str, s
 
 def features(data: Path, items: list, extractor, evidence) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """Keys ``[n, D]`` and class evidence ``[n, 2, T]`` of ``items``' boxes from the feature cache."""
-    from indexer.feature_cache import FeatureCache
+    from indexer.feature_cache import FeatureCache, cached_keys
 
     cache = FeatureCache(data, extractor, levels=("c3", "c4", "c5"))
     by_image: dict[str, list[int]] = {}
@@ -47,10 +47,10 @@ def features(data: Path, items: list, extractor, evidence) -> tuple[np.ndarray, 
     with torch.no_grad():
         for image, idx in by_image.items():
             cached = cache.get(image)
-            maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in ("c4", "c5")}
-            boxes = [np.asarray([items[i][1] for i in idx], np.float64)]
-            keys[idx] = extractor.key(maps, [cached.size], boxes)
-            ev[idx] = evidence.evidence(maps, [cached.size], boxes)[0]
+            boxes = np.asarray([items[i][1] for i in idx], np.float64)
+            keys[idx] = cached_keys(extractor, cached, boxes)
+            maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in ("c5",)}
+            ev[idx] = evidence.evidence(maps, [cached.size], [boxes])[0]
     return keys, ev
 
 

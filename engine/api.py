@@ -53,6 +53,7 @@ class Engine:
         self._concept_evidence: Any = None
         self._concept_vocabulary: Any = None
         self._text_projection: Any = _NOT_LOADED
+        self._vocabulary_grounder: Any = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -158,18 +159,20 @@ class Engine:
 
     def vocabulary_grounder(self):  # -> query.vocabulary_grounding.VocabularyGrounder
         """Grounds any English phrase among an image's RPN proposals by the open vocabulary (``engine ground
-        --method vocabulary``, ``--explain``), scoring them as text-only search scores regions."""
-        from indexer.proposal_sources import RpnProposals
-        from query.vocabulary_grounding import VocabularyGrounder
+        --method vocabulary``, ``--explain``), scoring them as text-only search scores regions; made once."""
+        if self._vocabulary_grounder is None:
+            from indexer.proposal_sources import RpnProposals
+            from query.vocabulary_grounding import VocabularyGrounder
 
-        return VocabularyGrounder(
-            extractor=self.extractor,
-            proposals=RpnProposals.load(backbone=self.extractor.backbone),
-            evidence=self.concept_evidence,
-            vocabulary=self.concept_vocabulary,
-            projection=self.text_projection,
-            projection_weight=self.config.projection_weight,
-        )
+            self._vocabulary_grounder = VocabularyGrounder(
+                extractor=self.extractor,
+                proposals=RpnProposals.load(backbone=self.extractor.backbone),
+                evidence=self.concept_evidence,
+                vocabulary=self.concept_vocabulary,
+                projection=self.text_projection,
+                projection_weight=self.config.projection_weight,
+            )
+        return self._vocabulary_grounder
 
     # -- indexing -----------------------------------------------------------------------------
     def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
@@ -260,7 +263,7 @@ class Engine:
         (its stored features: "more like this hit"). Any English ``text`` goes through the open visual
         vocabulary (``query/concept_search.py``, docs/open-vocabulary.md): with a region, the region-only
         ranking plus ``config.concept_weight · gate · ConSE``, the gate being how well the text fits the
-        query region; alone, ConSE over every region. A text whose content words the first-wave models
+        query region; alone, ConSE over every region and the text projection's FAISS matches (``config.projection_weight``). A text whose content words the first-wave models
         all know, and that SAN relates to the query region (``config.san_gate``), is read by them
         instead, as follows. With such a ``text``, stage 1 shortlists
         ``config.shortlist`` candidates by visual similarity, joined by the text's top

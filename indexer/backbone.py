@@ -19,6 +19,7 @@ Every backbone takes RGB input scaled to ``[-1, 1]`` (``(pixel - 127.5) / 127.5`
 from __future__ import annotations
 
 import importlib.util
+from abc import ABCMeta, abstractmethod
 import logging
 import math
 import warnings
@@ -62,7 +63,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=ABCMeta):
     """A frozen feature extractor: ``[B, 3, H, W]`` in ``[-1, 1]`` to named feature maps.
 
     Attributes:
@@ -115,6 +116,7 @@ class Backbone(nn.Module):
             return p.device
         return torch.device("cpu")
 
+    @abstractmethod
     def forward(self, x: Tensor, *, levels: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Feature maps ``{level: Tensor[B, channels[level], H / stride, W / stride]}``.
 
@@ -122,19 +124,23 @@ class Backbone(nn.Module):
         :data:`SIZE_DIVISOR`. ``levels`` limits the output (and the computation) to those levels;
         ``None`` returns all.
         """
-        raise NotImplementedError
 
     def classify(self, x: Tensor) -> Tensor:
         """ImageNet logits ``Tensor[B, 1000]`` for ``x: Tensor[B, 3, H, W]`` in ``[-1, 1]`` (224 x 224 is the trained size)."""
-        raise NotImplementedError
+        raise self._no_classifier()
 
     def head_map(self, c5: Tensor) -> Tensor:
         """The classifier's spatial features ``[B, D, h, w]`` from the ``c5`` map (before its global average pool)."""
-        raise NotImplementedError
+        raise self._no_classifier()
 
     def head_logits(self, pooled: Tensor) -> Tensor:
         """ImageNet logits ``[N, 1000]`` of :meth:`head_map` features averaged over a region ``[N, D]``."""
-        raise NotImplementedError
+        raise self._no_classifier()
+
+    def _no_classifier(self) -> InvalidInputError:
+        """The error of a backbone without an ImageNet classifier head (a feature-only backbone): the open
+        vocabulary's class evidence needs one."""
+        return InvalidInputError(f"backbone {self.name} has no ImageNet classifier; the open vocabulary needs one (or index without it: EngineConfig(concepts=False))")
 
     def _check_input(self, x: Tensor) -> Tensor:
         """Validate ``x`` and return it in channels-last memory layout (the layout of the weights)."""

@@ -26,7 +26,7 @@ from indexer.backbone import preprocess
 from indexer.images import load_image
 from indexer.region_features import RegionFeatureExtractor
 
-__all__ = ["CachedImage", "FeatureCache", "ImageMaps", "compute_maps", "pool_region_maps"]
+__all__ = ["CachedImage", "FeatureCache", "ImageMaps", "compute_maps", "pool_region_maps", "cached_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,13 @@ def compute_maps(extractor: RegionFeatureExtractor, pil: Image.Image, image: str
     out = backbone(batch.to(backbone.device), levels=list(levels))
     maps = {lvl: out[lvl][0].float().cpu().numpy().astype(np.float16) for lvl in levels}
     return CachedImage(image=image, size=pil.size, maps=maps)
+
+
+def cached_keys(extractor: RegionFeatureExtractor, cached: CachedImage, boxes: np.ndarray) -> np.ndarray:
+    """The visual keys float32 ``[n, dim]`` of ``boxes`` (xyxy original pixels) from ``cached``'s maps: the same
+    key (levels, pooling, whitening) as indexing stores for them."""
+    maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in extractor.config.key_levels}
+    return extractor.key(maps, [cached.size], [np.asarray(boxes, np.float64).reshape(-1, 4)])
 
 
 def pool_region_maps(extractor: RegionFeatureExtractor, cached: CachedImage, boxes: np.ndarray) -> np.ndarray:

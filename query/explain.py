@@ -57,14 +57,29 @@ class AttentionGrounder:
     def __init__(self, checkpoint: Path | str | None = None, *, device: str = "cpu") -> None:
         from engine.device import resolve_device
         from engine.models.registry import load_model
-        from indexer.backbone import BackboneConfig, create_backbone
 
         target = resolve_device(device)
         self.model = load_model(checkpoint, device=target, family="mcb-attention")
-        self.backbone = create_backbone(BackboneConfig(max_size=self.model.config.max_size), device=target)
-        if self.model.config.backbone and self.model.config.backbone != self.backbone.version:
-            raise InvalidInputError(f"the grounding model was trained on backbone {self.model.config.backbone}, this engine runs {self.backbone.version}; retrain it with `engine train mcb`")
         self.device = target
+        self._backbone = None  # built on the first grounding: routing a text by the model's words needs none
+
+    @property
+    def backbone(self):  # -> indexer.backbone.Backbone
+        """The frozen backbone the model was trained on, built once (a clear error for another one)."""
+        if self._backbone is None:
+            from indexer.backbone import BackboneConfig, create_backbone
+
+            backbone = create_backbone(BackboneConfig(max_size=self.model.config.max_size), device=self.device)
+            if self.model.config.backbone and self.model.config.backbone != backbone.version:
+                raise InvalidInputError(f"the grounding model was trained on backbone {self.model.config.backbone}, this engine runs {backbone.version}; retrain it with `engine train mcb`")
+            self._backbone = backbone
+        return self._backbone
+
+    def knows(self, text: str) -> bool:
+        """Whether the model was trained on every content word of ``text`` (else the open vocabulary reads it)."""
+        from query.concept_search import text_models_cover
+
+        return text_models_cover(text, self.model.vocab)
 
     def check_text(self, text: str | None) -> str:
         """``text`` if it holds a word, else :class:`InvalidInputError`."""

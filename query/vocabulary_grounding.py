@@ -74,7 +74,9 @@ class VocabularyGrounder:
 
     @torch.no_grad()
     def score(self, image: Image.Image, texts: Sequence[str]) -> list[ScoredProposals]:
-        """Every proposal of ``image`` scored for each text (one backbone pass for all)."""
+        """Every proposal of ``image`` scored for each text (one backbone pass for all; a wordless text is a
+        one-line error before it)."""
+        sentences = [self.vocabulary.text_vector(str(text)) for text in texts]
         maps, [(boxes, objectness)] = self.proposals.propose_batch([image])
         boxes = np.asarray(boxes, np.float64)
         key_maps = {lvl: maps[lvl] for lvl in self.extractor.config.key_levels}
@@ -82,8 +84,7 @@ class VocabularyGrounder:
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         evidence = self.evidence.evidence(maps, [image.size], [boxes])[0]
         out = []
-        for text in texts:
-            sentence = self.vocabulary.text_vector(text)
+        for sentence in sentences:
             concept = conse_scores(evidence, self.vocabulary.table.relevance(sentence))
             projection = None if self.projection is None or self.projection_weight == 0 else (keys @ self.projection.apply(sentence)).astype(np.float32)
             scores = concept if projection is None else (concept + np.float32(self.projection_weight) * projection).astype(np.float32)
@@ -92,7 +93,6 @@ class VocabularyGrounder:
 
     def ground(self, image: Image.Image, texts: Sequence[str]) -> list[Grounding]:
         """Each text's best proposal in ``image``, with the map of proposal scores."""
-        texts = [self.check_text(t) for t in texts]
         result = []
         for text, scored in zip(texts, self.score(image, texts)):
             best = int(np.argmax(scored.scores))

@@ -318,3 +318,18 @@ def test_version_and_dim_follow_the_key() -> None:
         RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_pooling="max"))
     with pytest.raises(InvalidInputError, match="key_levels must name"):
         RegionFeatureExtractor(backbone=backbone, config=RegionFeatureConfig(key_whitening=None, key_levels=()))
+
+
+def test_a_feature_only_backbone_says_it_has_no_classifier() -> None:
+    from engine.errors import InvalidInputError
+
+    backbone = _GridBackbone(max_size=128, offset=8.0)
+    for call in (lambda: backbone.head_map(torch.zeros(1, 3, 2, 2)), lambda: backbone.head_logits(torch.zeros(1, 3)), lambda: backbone.classify(torch.zeros(1, 3, 32, 32))):
+        with pytest.raises(InvalidInputError, match="grid has no ImageNet classifier"):
+            call()
+
+    class _NoForward(Backbone):
+        pass
+
+    with pytest.raises(TypeError, match="forward"):
+        _NoForward(name="x", version="x", channels={}, strides={}, offsets={}, max_size=32)

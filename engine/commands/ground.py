@@ -32,7 +32,6 @@ def ground_command(image: Path, text: str, method: str, checkpoint: str | None, 
     """
     from engine.errors import InvalidInputError
     from indexer.images import load_image
-    from query.concept_search import text_models_cover
     from query.explain import AttentionGrounder, attention_picture
 
     if out is not None and out.suffix.lower() != ".png":
@@ -44,8 +43,8 @@ def ground_command(image: Path, text: str, method: str, checkpoint: str | None, 
     if method == "vocabulary" and checkpoint is not None:
         raise InvalidInputError("--model names an MCB or CM-Att checkpoint; --method vocabulary uses the engine's text projection and concept table")
     grounder = AttentionGrounder(checkpoint, device=device) if method in ("auto", "attention") else None
-    if grounder is None or (method == "auto" and not text_models_cover(grounder.check_text(text), grounder.model.vocab)):
-        grounder = _vocabulary_grounder(device)
+    if grounder is None or (method == "auto" and not grounder.knows(grounder.check_text(text))):
+        grounder = _vocabulary_grounder(device)  # the MCB grounder built no backbone: nothing was loaded twice
     grounding = grounder.ground(pil, [grounder.check_text(text)])[0]
     method = grounding.method
     if out is not None:

@@ -65,15 +65,7 @@ def prepare_dataset(data: Path, fmt: str = "engine", *, cache: Path | None = Non
     if fmt == "engine":
         return data
     source = data.resolve()
-    files = _source_files(source, fmt)
-    stamp = {"format": fmt, "source": str(source), "files": {str(p.relative_to(source)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
-    root = _cache_root(cache) / f"{fmt}-{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
-    if (root / _STAMP).is_file() and json.loads((root / _STAMP).read_text()) == stamp:
-        return root
-    log.info("converting %s dataset %s into %s", fmt, source, root)
-    dataset = load_format(source, fmt)
-    _write(root, dataset, source, stamp)
-    return root
+    return _made_once(fmt, [source], _source_files(source, fmt), cache, lambda root, stamp: _write(root, load_format(source, fmt), source, stamp))
 
 
 def load_format(data: Path, fmt: str) -> Dataset:
@@ -109,13 +101,19 @@ def union_datasets(folders: Sequence[Path], *, cache: Path | None = None) -> Pat
     if len(set(names)) != len(names):
         raise InvalidInputError(f"the dataset folders need distinct names to be joined (got {', '.join(names)})")
     files = [p for s in sources for p in (_exists(s / ANNOTATIONS_FILE, "engine-format dataset"), s / QUERIES_FILE) if p.is_file()]
-    stamp = {"format": "union", "source": [str(s) for s in sources], "files": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    return _made_once("union", sources, files, cache, lambda root, stamp: _write_union(root, sources, stamp))
+
+
+def _made_once(kind: str, sources: Sequence[Path], files: Sequence[Path], cache: Path | None, make) -> Path:  # noqa: ANN001
+    """The cache folder of ``kind`` made from ``sources``: reused when its stamp (each source file's size and
+    modification time) still matches, else made by ``make(root, stamp)``."""
+    stamp = {"format": kind, "source": [str(s) for s in sources], "files": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
     digest = hashlib.sha256("\n".join(str(s) for s in sources).encode()).hexdigest()[:12]
-    root = _cache_root(cache) / f"union-{'+'.join(names)}-{digest}"
+    root = _cache_root(cache) / f"{kind}-{'+'.join(s.name for s in sources)}-{digest}"
     if (root / _STAMP).is_file() and json.loads((root / _STAMP).read_text()) == stamp:
         return root
-    log.info("joining datasets %s into %s", ", ".join(map(str, sources)), root)
-    _write_union(root, sources, stamp)
+    log.info("making the %s dataset of %s in %s", kind, ", ".join(map(str, sources)), root)
+    make(root, stamp)
     return root
 
 

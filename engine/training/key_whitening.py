@@ -23,7 +23,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from engine.boxes import box_iou
@@ -35,7 +34,7 @@ from engine.models.key_whitening import MODEL_NAME, MODEL_VERSION, CovarianceAcc
 from engine.training.options import TrainOptions, read_splits
 from indexer.backbone import BackboneConfig, create_backbone
 from indexer.component_configs import RegionFeatureConfig
-from indexer.feature_cache import CachedImage, FeatureCache
+from indexer.feature_cache import FeatureCache, cached_keys
 from indexer.region_features import RegionFeatureExtractor
 
 __all__ = ["WhiteningTrainConfig", "BOX_SOURCES", "train_key_whitening", "query_recall"]
@@ -171,11 +170,6 @@ def _annotated(ann: ImageAnn) -> np.ndarray:
     return np.unique(arr[(arr[:, 2] > arr[:, 0]) & (arr[:, 3] > arr[:, 1])], axis=0)
 
 
-def _keys(extractor: RegionFeatureExtractor, cached: CachedImage, boxes: np.ndarray) -> np.ndarray:
-    maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in extractor.config.key_levels}
-    return extractor.key(maps, [cached.size], [boxes])
-
-
 def _train_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, images: Sequence[ImageAnn], rpn: Any, config: WhiteningTrainConfig, *, progress: bool) -> Iterator[np.ndarray]:
     """The un-whitened keys of each train image's boxes (annotated, and the RPN's proposals when given);
     each image's maps are read from the cache once, for both."""
@@ -192,7 +186,7 @@ def _train_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, images: 
                 if props is not None and len(props[0]):
                     boxes = np.concatenate([boxes, np.asarray(props[0], np.float64)])
                 if len(boxes):
-                    yield _keys(extractor, loaded[ann.image], boxes)
+                    yield cached_keys(extractor, loaded[ann.image], boxes)
                 bar.update(1)
 
 
@@ -211,7 +205,7 @@ def _split_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, split: D
         if not len(annotated) and not wanted:
             continue
         both = np.concatenate([annotated, np.asarray([box for box, _ in wanted], np.float64).reshape(-1, 4)])
-        found = _keys(extractor, cache.get(ann.image), both)
+        found = cached_keys(extractor, cache.get(ann.image), both)
         keys.append(found[: len(annotated)])
         images.extend([ann.image] * len(annotated))
         boxes.append(annotated)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from engine.models.text_projection import MODEL_NAME, MODEL_VERSION, ProjectionC
 from engine.training.options import TrainOptions, read_splits
 from indexer.backbone import BackboneConfig, create_backbone
 from indexer.component_configs import RegionFeatureConfig
-from indexer.feature_cache import FeatureCache
+from indexer.feature_cache import FeatureCache, cached_keys
 from indexer.region_features import RegionFeatureExtractor
 
 __all__ = ["ProjectionTrainConfig", "DescribedBoxes", "train_text_projection", "described_boxes", "text_recall"]
@@ -168,7 +169,7 @@ def described_boxes(extractor: RegionFeatureExtractor, cache: FeatureCache, spli
         for start in range(0, len(split.images), chunk):
             part = split.images[start : start + chunk]
             loaded = {ann.image: cache.get(ann.image) for ann in part}
-            proposed = propose_images(rpn, _Loaded(loaded), part, max_proposals=proposals) if rpn is not None and proposals > 0 else [None] * len(part)
+            proposed = propose_images(rpn, SimpleNamespace(get=loaded.__getitem__), part, max_proposals=proposals) if rpn is not None and proposals > 0 else [None] * len(part)
             for ann, props in zip(part, proposed):
                 bar.update(1)
                 regions = [r for r in ann.regions if r.description.strip() and r.box[2] > r.box[0] and r.box[3] > r.box[1]]
@@ -182,27 +183,12 @@ def described_boxes(extractor: RegionFeatureExtractor, cache: FeatureCache, spli
                     free = np.zeros((0, 4), np.float64)
                 if not len(boxes) and not len(free):
                     continue
-                found = _unit(_keys(extractor, loaded[ann.image], np.concatenate([boxes, free])))
+                found = _unit(cached_keys(extractor, loaded[ann.image], np.concatenate([boxes, free])))
                 keys.append(found[: len(boxes)])
                 background.append(found[len(boxes) :])
                 texts.extend(r.description for r in regions)
     empty = np.zeros((0, extractor.dim), np.float32)
     return DescribedBoxes(texts=texts, keys=np.concatenate(keys) if keys else empty, background=np.concatenate(background) if background else empty)
-
-
-class _Loaded:
-    """The cached maps of a few images, as the ``get(image)`` source :func:`propose_images` reads."""
-
-    def __init__(self, loaded: dict) -> None:
-        self._loaded = loaded
-
-    def get(self, image: str):  # -> CachedImage
-        return self._loaded[image]
-
-
-def _keys(extractor: RegionFeatureExtractor, cached: Any, boxes: np.ndarray) -> np.ndarray:
-    maps = {lvl: torch.from_numpy(cached.maps[lvl].astype(np.float32))[None] for lvl in extractor.config.key_levels}
-    return extractor.key(maps, [cached.size], [boxes])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
