@@ -54,9 +54,10 @@ class _TrainCommand(click.Command):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
+@click.option("--text-encoder", type=click.Choice(["minilm", "vocab"]), default="minilm", show_default=True, help="Where a text model's word features come from: the frozen English encoder all-MiniLM-L6-v2 (every English word), or `vocab`, the words of the training text (the first wave's, an ablation). Models without text ignore it.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, device: str, quiet: bool) -> None:
+def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, text_encoder: str, device: str, quiet: bool) -> None:
     """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
 
     MODEL is a name of the model registry (all are listed under Models
@@ -94,14 +95,15 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
         seed=seed,
         device=device,
         progress=not quiet,
-        command=_command_line(model, data, out, epochs, seed, device, data_format),
+        command=_command_line(model, data, out, epochs, seed, device, data_format, text_encoder),
+        text_encoder=text_encoder,
     )
     started = time.perf_counter()
     manifest = train_model(model, options)
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
 
 
-def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, data_format: str = "engine") -> str:
+def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, data_format: str = "engine", text_encoder: str = "minilm") -> str:
     """The reproducing command line recorded in the manifest (progress flags left out)."""
     parts = ["engine", "train", model]
     if data_format != "engine":
@@ -113,6 +115,8 @@ def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: 
     if epochs is not None:
         parts += ["--epochs", str(epochs)]
     parts += ["--seed", str(seed)]
+    if text_encoder != "minilm":
+        parts += ["--text-encoder", text_encoder]
     if device != "auto":
         parts += ["--device", device]
     return shlex.join(parts)

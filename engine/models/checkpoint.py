@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint_path",
     "load_text_model",
     "text_model_payload",
+    "with_word_features",
 ]
 
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -146,29 +147,42 @@ def checkpoint_path(spec: Path | str | None, *, default: str) -> Path:
     return resolve_checkpoint(spec, default=default)
 
 
-def load_text_model(spec: Path | str | None, *, default: str, expected_model: str, config_cls: Any, net_cls: Any, retrain: str) -> tuple[Manifest, Any, Any, Path]:
-    """Load a model saved by :func:`text_model_payload`: ``(manifest, vocabulary, network, path)``.
+def load_text_model(spec: Path | str | None, *, default: str, expected_model: str, config_cls: Any, net_cls: Any, retrain: str, device: Any = "cpu") -> tuple[Manifest, Any, Any, Path]:
+    """Load a model saved by :func:`text_model_payload`: ``(manifest, words, network, path)``.
 
-    ``config_cls(**payload["config"])`` and ``net_cls(config, vocab_size=...)`` rebuild the network; a
-    payload that does not fit them is a :class:`CheckpointError` naming the retraining command ``retrain``.
+    ``words`` is the model's text encoding (:mod:`engine.models.word_features`: a vocabulary, or MiniLM run
+    on ``device``). ``config_cls(**payload["config"])`` and ``net_cls(config, vocab_size=...)`` rebuild the
+    network; a checkpoint written before MiniLM (no ``word_features`` in its config) reads its vocabulary.
+    A payload that does not fit is a :class:`CheckpointError` naming the retraining command ``retrain``.
     """
     from engine.errors import InvalidInputError
-    from engine.models.vocab import Vocabulary
+    from engine.models.word_features import words_from_payload
 
     path = checkpoint_path(spec, default=default)
     manifest, payload = load_checkpoint(path, expected_model=expected_model)
     try:
-        vocab = Vocabulary(payload["vocab"])
-        net = net_cls(config_cls(**payload["config"]), vocab_size=len(vocab))
+        words = words_from_payload(payload["vocab"], device=device)
+        net = net_cls(config_cls(**with_word_features(config_cls, payload["config"])), vocab_size=len(words))
         net.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this engine's {expected_model} ({type(exc).__name__}: {exc}); retrain it with `{retrain}`") from None
-    return manifest, vocab, net, path
+    return manifest, words, net, path
 
 
-def text_model_payload(config: Any, vocab: Any, net: "torch.nn.Module") -> dict[str, Any]:
-    """What :func:`load_text_model` reads: the config (``to_dict()``), the vocabulary's words and the weights."""
-    return {"config": config.to_dict(), "vocab": vocab.itos[2:], "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+def with_word_features(config_cls: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with ``word_features="vocab"`` filled in when it predates MiniLM (and the class has the field)."""
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    if "word_features" in fields and "word_features" not in config:
+        return {**config, "word_features": "vocab"}
+    return dict(config)
+
+
+def text_model_payload(config: Any, words: Any, net: "torch.nn.Module") -> dict[str, Any]:
+    """What :func:`load_text_model` reads: the config (``to_dict()``), the text encoding (a vocabulary's words, or
+    MiniLM's name) and the weights."""
+    from engine.models.word_features import words_payload
+
+    return {"config": config.to_dict(), "vocab": words_payload(words), "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
 def _manifest_path(path: Path) -> Path:

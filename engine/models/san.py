@@ -8,7 +8,8 @@ saliency network's ``S1`` logits pooled over the same box, §3.2.2):
 * ``a_v = L1norm(σ(S2))``, ``v_s = P_s · Σ_i a_v,i v_i`` (Eq. 7), the SVA vector (SV);
 * ``v = (v_g + v_s) / 2``, the fused visual feature (FV).
 
-Text side, words ``w_j`` → embeddings ``e_j`` → a bidirectional GRU, ``t_j = (h_j^f + h_j^b) / 2``
+Text side, words ``w_j`` → embeddings ``e_j`` (the frozen MiniLM's word-piece features through a learned
+linear layer, or with ``word_features="vocab"`` a learned word table: :mod:`engine.models.word_features`) → a bidirectional GRU, ``t_j = (h_j^f + h_j^b) / 2``
 (Eq. 2), ``t_g = mean_j t_j`` (Eq. 3, GT). STA (Eq. 8–9): ``m_f = σ(U_v v + U_t t_g)`` (gated
 fusion); ``h_j = tanh(W0 m_f) ⊙ tanh(W1 t_j)``, ``a_t = softmax_j(W2 h_j)``, ``t_s = Σ_j a_t,j t_j``;
 the fused text ``t = (t_g + t_s) / 2`` (FT(G-S)). The ablation IT uses the same attention with the
@@ -37,7 +38,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.text_encoders import padding_mask
-from engine.models.vocab import tokenize
+from engine.models.vocab import Vocabulary, tokenize
+from engine.models.word_features import check_kind, word_embedding
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "METHODS", "SANConfig", "SANet", "SANModel", "method_config", "triplet_loss"]
 
@@ -56,7 +58,7 @@ class SANConfig:
     ``visual_dim``: channels of the region maps; ``word_dim``: word embedding size; ``embed_dim``: the
     BiGRU's hidden size, which is the joint space ``k``; ``attn_dim``: size of ``W0``/``W1``'s output;
     ``margin``: γ of Eq. 10; ``global_weight``: weight of the ``(v, t_g)`` triplet term that trains the
-    text-only search path (0 turns it off).
+    text-only search path (0 turns it off); ``word_features``: ``minilm`` or ``vocab`` (the ablation).
     """
 
     method: str = "fv+ft"
@@ -68,8 +70,10 @@ class SANConfig:
     attn_dim: int = 64
     margin: float = 0.2
     global_weight: float = 0.5
+    word_features: str = "minilm"
 
     def __post_init__(self) -> None:
+        check_kind(self.word_features)
         if self.visual not in ("gv", "sv", "fv"):
             raise InvalidInputError(f"SANConfig.visual={self.visual!r} is not allowed; choose gv, sv or fv")
         if self.text not in ("gt", "it", "ft"):
@@ -85,11 +89,14 @@ class SANConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SANConfig":
+        """A stored config; one written before MiniLM (no ``word_features``) reads its vocabulary."""
+        from engine.models.checkpoint import with_word_features
+
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"the SAN checkpoint's config has unknown keys {unknown}; it was written by a newer engine — retrain with `engine train san`")
-        return cls(**dict(data))
+        return cls(**with_word_features(cls, dict(data)))
 
 
 METHODS: dict[str, SANConfig] = {
@@ -113,7 +120,7 @@ def _normalize(v: Tensor) -> Tensor:
 
 
 class SANet(nn.Module):
-    """The SAN network (see the module doc). ``vocab_size`` counts ``<pad>`` = 0 and ``<unk>``."""
+    """The SAN network (see the module doc). ``vocab_size`` counts ``<pad>`` = 0 and ``<unk>`` (unused with MiniLM)."""
 
     def __init__(self, config: SANConfig, *, vocab_size: int) -> None:
         super().__init__()
@@ -122,7 +129,7 @@ class SANet(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         self.p_global = nn.Linear(c, k)  # P^(g), Eq. 1
         self.p_salient = nn.Linear(c, k)  # P^(s), Eq. 7
-        self.embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)  # W_e
+        self.embedding = word_embedding(config.word_features, vocab_size=vocab_size, dim=config.word_dim)  # W_e
         self.gru = nn.GRU(config.word_dim, k, batch_first=True, bidirectional=True)  # Eq. 2
         self.u_v = nn.Linear(k, k)  # U_v, Eq. 8
         self.u_t = nn.Linear(k, k)  # U_t, Eq. 8
@@ -150,7 +157,9 @@ class SANet(nn.Module):
     # ------------------------------------------------------------------ text side
 
     def words(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(t_j [B, L, k], mask [B, L], t_g [B, k])``: BiGRU word features (Eq. 2) and their mean (Eq. 3)."""
+        """``(t_j [B, L, k], mask [B, L], t_g [B, k])``: BiGRU word features (Eq. 2) and their mean (Eq. 3).
+
+        ``ids``: word ids long ``[B, L]``, or with MiniLM its word features float ``[B, L, 384]``."""
         emb = self.embedding(ids)
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
@@ -257,7 +266,7 @@ class SANModel:
         """Load a SAN checkpoint (``None``: the shipped ``san.pt``); :class:`CheckpointError` when it is
         missing, corrupt or not a SAN model."""
         from engine.models.checkpoint import checkpoint_path, load_checkpoint
-        from engine.models.vocab import Vocabulary
+        from engine.models.word_features import words_from_payload
 
         path = checkpoint_path(path, default="san")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
@@ -265,7 +274,7 @@ class SANModel:
             raise CheckpointError(f"checkpoint {path} is SAN version {manifest.version!r}, this engine reads {MODEL_VERSION!r}; retrain it with `engine train san`")
         try:
             config = SANConfig.from_dict(payload["config"])
-            vocab = Vocabulary.from_dict(payload["vocab"])
+            vocab = words_from_payload(payload["vocab"], device=device)
             net = SANet(config, vocab_size=len(vocab))
             net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
@@ -305,7 +314,7 @@ class SANModel:
         if text is None or not str(text).strip():
             raise InvalidInputError("--text is empty; describe the region in words, e.g. --text \"a red circle left of a blue square\"")
         ids, lengths = self.vocab.encode_batch([text])
-        if all(w not in self.vocab for w in tokenize(text)):
+        if isinstance(self.vocab, Vocabulary) and all(w not in self.vocab for w in tokenize(text)):
             raise InvalidInputError(f"none of the words of {text!r:.60} is known to the SAN model; describe the region with words like 'red circle left of a blue square'")
         return ids.to(self.device), lengths.to(self.device)
 

@@ -18,6 +18,8 @@ class TrainOptions:
     """Where the data is, where the checkpoint goes, and how long and how reproducibly to train.
 
     ``epochs=None`` means the model's own default. ``command`` is the command line recorded in the manifest.
+    ``text_encoder``: where a text model's word features come from (:mod:`engine.models.word_features`):
+    ``minilm`` (the frozen English encoder, the default) or ``vocab`` (words of the training text, the ablation).
     ``extra_data`` are more dataset folders trained on together with ``data`` (``engine train rpn --data A
     --data B``: the proposal network learns both worlds); the other trainers read ``data`` only and refuse them.
     """
@@ -31,8 +33,12 @@ class TrainOptions:
     command: str = ""
     cache_dir: Path | None = None
     extra_data: tuple[Path, ...] = ()
+    text_encoder: str = "minilm"
 
     def __post_init__(self) -> None:
+        from engine.models.word_features import check_kind
+
+        check_kind(self.text_encoder)
         if self.epochs is not None and self.epochs <= 0:
             raise InvalidInputError(f"--epochs must be a positive integer, got {self.epochs}")
         for folder in self.datasets:

@@ -34,7 +34,7 @@ from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.san import METHODS, MODEL_NAME, MODEL_VERSION, SANet, method_config, triplet_loss
 from engine.models.registry import family, load_model
-from engine.models.vocab import Vocabulary
+from engine.models.word_features import TextWords, build_words
 from engine.protocols.matching import MatchingItems, build_matching_items, evaluate_items
 from engine.training.loop import fit
 from engine.training.options import TrainOptions, read_splits
@@ -88,7 +88,7 @@ def _batches(items: MatchingItems, cfg: SANTrainConfig, rng: np.random.Generator
 
 
 class _Batcher:
-    def __init__(self, items: MatchingItems, vocab: Vocabulary, cfg: SANTrainConfig) -> None:
+    def __init__(self, items: MatchingItems, vocab: TextWords, cfg: SANTrainConfig) -> None:
         self.items = items
         self.vocab = vocab
         self.cfg = cfg
@@ -136,7 +136,7 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     started = time.perf_counter()
     cfg = train_config or SANTrainConfig()
     epochs = options.epochs if options.epochs is not None else cfg.epochs
-    config = method_config(method, **(model_overrides or {}))
+    config = method_config(method, **{"word_features": options.text_encoder, **(model_overrides or {})})
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
     data = Path(options.data)
@@ -150,7 +150,7 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     pooler = SaliencyPooler(backbone=backbone, network=saliency)
     items = {s: build_matching_items(ims, cache, pooler, progress=options.progress) for s, ims in splits.items() if ims}
     train = items["train"]
-    vocab = Vocabulary.build([t for ts in train.texts for t in ts], min_count=cfg.min_word_count)
+    vocab = build_words(config.word_features, [t for ts in train.texts for t in ts], min_count=cfg.min_word_count, device=device)
     net = SANet(config, vocab_size=len(vocab))
     with torch.no_grad():
         sample = train.maps[:: max(1, len(train.maps) // 2000)].float()
@@ -187,7 +187,7 @@ def train_san(name: str, options: TrainOptions, *, train_config: SANTrainConfig 
     manifest = Manifest(
         model=MODEL_NAME,
         version=MODEL_VERSION,
-        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs}, "vocab_size": len(vocab), "saliency": saliency.version},
+        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs}, "vocab_size": len(vocab), "text": repr(vocab), "saliency": saliency.version},
         command=options.command or f"engine train {name} --data {data} --seed {options.seed}",
         data=f"{data} ({dataset.name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images; {len(train.kind)} training items)",
         seed=options.seed,
