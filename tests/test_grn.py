@@ -1,4 +1,7 @@
-"""GRN (paper §3.2–3.4) and its baselines: layer maths against literal references, training, checkpoints."""
+"""GRN (paper §3.2–3.4) and its baselines: layer maths against literal references, training, checkpoints.
+
+Nets fed word ids are built with ``word_features="vocab"``; training uses the default text encoder (MiniLM).
+The vocabulary ablation's training and the shipped checkpoints are in ``test_word_features_mcb_grn.py``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.grn import (
     METHODS,
+    GRNConfig,
     GatedResidualNetwork,
     LanguageGating,
     conv_mean,
@@ -19,7 +23,7 @@ from engine.models.grn import (
     method_config,
 )
 from engine.models.retrieval import RegionRetrievalModel
-from engine.models.vocab import Vocabulary
+from engine.models.word_features import MINILM_DIM, MiniLMWords
 from engine.training.grn import GRN_METHODS, GRNTrainConfig, build_training_pairs, train_grn
 from engine.training.options import TrainOptions
 
@@ -137,7 +141,7 @@ def test_an_extra_negative_adds_one_term_to_the_denominator() -> None:
 @pytest.mark.parametrize("method", [m for m in GRN_METHODS])
 def test_every_method_embeds_normalised_vectors(method: str) -> None:
     torch.manual_seed(0)
-    config = method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=10)
+    config = method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=10, word_features="vocab")
     net = create_retrieval_net(config, vocab_size=9)
     ids, lengths = torch.tensor([[2, 3, 4], [5, 6, 0]]), torch.tensor([3, 2])
     text = net.text_features(ids, lengths)
@@ -146,12 +150,42 @@ def test_every_method_embeds_normalised_vectors(method: str) -> None:
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
 
 
+@pytest.mark.parametrize("method", [m for m in GRN_METHODS])
+def test_every_method_embeds_minilm_features_and_padding_changes_nothing(method: str) -> None:
+    torch.manual_seed(0)
+    net = create_retrieval_net(method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=10), vocab_size=1).eval()
+    assert net.config.word_features == "minilm"
+    gen = torch.Generator().manual_seed(2)
+    feats, lengths = torch.randn(2, 5, MINILM_DIM, generator=gen), torch.tensor([5, 3])
+    feats[1, 3:] = 0.0  # the second text is 3 words long, zero-padded
+    with torch.no_grad():
+        text = net.text_features(feats, lengths)
+        emb = net.embed(_maps(4), text, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]))
+        alone = net.embed(_maps(4), net.text_features(feats[1:, :3], lengths[1:]))  # the second text unpadded
+        noisy = feats.clone()
+        noisy[1, 3:] = 7.0  # garbage where the lengths say padding
+        again = net.embed(_maps(4), net.text_features(noisy, lengths), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]))
+    assert emb.shape == (4, net.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(emb[2:], alone[2:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again, emb, atol=1e-5, rtol=1e-4)
+
+
+def test_grn_config_word_features() -> None:
+    assert METHODS["grn"].word_features == "minilm" and METHODS["grn"].text_encoder == "attention"
+    stored = {k: v for k, v in method_config("grn-lstm").to_dict().items() if k != "word_features"}
+    assert GRNConfig.from_dict(stored).word_features == "vocab"  # written before MiniLM: its vocabulary
+    assert GRNConfig.from_dict(method_config("grn-lstm").to_dict()) == method_config("grn-lstm")
+    with pytest.raises(InvalidInputError, match="minilm, vocab"):
+        method_config("grn", word_features="glove")
+
+
 @pytest.mark.parametrize("method", ["grn", "grn-fc", "vl-concat", "vl-lstm"])
 def test_loss_decreases_on_a_tiny_separable_problem(method: str) -> None:
     """Two kinds of region (signal in different channels), each with its text: the loss must fall."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    net = create_retrieval_net(method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=8, temperature=0.2), vocab_size=6)
+    net = create_retrieval_net(method_config(method, visual_dim=C, text_dim=D, hidden=H, embed_dim=8, temperature=0.2, word_features="vocab"), vocab_size=6)
     kinds = torch.tensor([0, 1] * 8)
     maps = torch.randn(16, C, 7, 7, generator=gen) * 0.5
     maps[kinds == 0, :3] += 2.0
@@ -279,13 +313,14 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(trained: Path, tmp_path: Pat
         RegionRetrievalModel.from_checkpoint(tmp_path / "missing.pt")
 
 
-def test_vocabulary_is_stored_with_the_checkpoint(trained: Path, grn_corpus: Path) -> None:
-    from engine.datasets.annotations import read_dataset
+def test_text_encoding_is_stored_with_the_checkpoint(trained: Path) -> None:
+    from engine.models.checkpoint import load_checkpoint
 
     model = RegionRetrievalModel.from_checkpoint(trained)
-    train = read_dataset(grn_corpus).split("train")
-    expected = Vocabulary.build([r.description for im in train.images for r in im.regions] + [q.text for q in train.queries])
-    assert model.vocab == expected
+    assert isinstance(model.vocab, MiniLMWords) and model.net.config.word_features == "minilm"
+    _, payload = load_checkpoint(trained)
+    assert payload["vocab"]["kind"] == "minilm" and payload["config"]["word_features"] == "minilm"
+    assert model.manifest.config["text"].startswith("MiniLMWords(")
 
 
 class _StubRPN(torch.nn.Module):

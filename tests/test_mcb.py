@@ -1,5 +1,8 @@
 """MCB weakly supervised attention: count sketch / compact bilinear pooling, the map → box rule,
-training from image-level labels, checkpoints, ``engine eval attention``, ``engine ground`` and ``--explain``."""
+training from image-level labels, checkpoints, ``engine eval attention``, ``engine ground`` and ``--explain``.
+
+Nets fed word ids are built with ``word_features="vocab"``; training uses the default text encoder (MiniLM).
+The vocabulary ablation's training and the shipped checkpoints are in ``test_word_features_mcb_grn.py``."""
 from __future__ import annotations
 
 import json
@@ -9,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 from PIL import Image
 
 from engine.cli import main
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, InvalidInputError
 from engine.models.mcb import CountSketch, GroundingModel, MCBConfig, MCBGrounder, attention_to_image, compact_bilinear, map_to_box
 from engine.training.mcb import MCBTrainConfig, mcb_loss, train_mcb
+from engine.models.word_features import MINILM_DIM, MiniLMWords
 from engine.training.options import TrainOptions
 
 # --------------------------------------------------------------------------- count sketch and MCB
@@ -46,13 +51,42 @@ def test_compact_bilinear_preserves_inner_products_of_outer_products_on_average(
 
 
 def test_grounder_shapes_and_valid_mask() -> None:
-    net = MCBGrounder(MCBConfig(vocab_size=10, visual_channels=8, visual_dim=8, text_dim=8, mcb_dim=32, hidden=4))
+    net = MCBGrounder(MCBConfig(vocab_size=10, visual_channels=8, visual_dim=8, text_dim=8, mcb_dim=32, hidden=4, word_features="vocab"))
     valid = torch.zeros(2, 5, 6, dtype=torch.bool)
     valid[:, :4, :3] = True
     with torch.no_grad():
         r, z, logit = net(torch.randn(2, 8, 5, 6), torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1]), valid)
     assert r.shape == (2, 5, 6) and z.shape == (2, 32) and logit.shape == (2,)
     assert float(r[~valid].abs().max()) == 0.0 and float(r[valid].min()) > 0.0
+
+
+def test_grounder_reads_minilm_features_and_padding_changes_nothing() -> None:
+    torch.manual_seed(0)
+    net = MCBGrounder(MCBConfig(vocab_size=1, visual_channels=8, visual_dim=8, text_dim=8, mcb_dim=32, hidden=4)).eval()
+    nn.init.normal_(net.att2.weight)  # a non-uniform map, so that the phrase moves it
+    assert net.config.word_features == "minilm"
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.randn(2, 8, 5, 6, generator=gen)
+    feats, lengths = torch.randn(2, 4, MINILM_DIM, generator=gen), torch.tensor([4, 2])
+    feats[1, 2:] = 0.0
+    with torch.no_grad():
+        r, z, logit = net(maps, feats, lengths)
+        r1, z1, logit1 = net(maps[1:], feats[1:, :2], lengths[1:])  # the second phrase unpadded
+    assert r.shape == (2, 5, 6) and z.shape == (2, 32) and logit.shape == (2,)
+    torch.testing.assert_close(r[1:], r1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logit[1:], logit1, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(r[0], net(maps[:1], feats[1:], lengths[1:])[0][0])  # another phrase, another map
+    with pytest.raises(InvalidInputError, match="word ids"):
+        net(maps, torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1]))
+
+
+def test_mcb_config_word_features() -> None:
+    config = MCBConfig(vocab_size=1, visual_channels=8)
+    assert config.word_features == "minilm" and MCBConfig.from_dict(config.to_dict()) == config
+    stored = {k: v for k, v in config.to_dict().items() if k != "word_features"}
+    assert MCBConfig.from_dict(stored).word_features == "vocab"  # written before MiniLM: its vocabulary
+    with pytest.raises(InvalidInputError, match="minilm, vocab"):
+        MCBConfig(vocab_size=1, word_features="glove")
 
 
 # --------------------------------------------------------------------------- map → box
@@ -121,7 +155,7 @@ def test_training_steps_reduce_the_loss(mcb_corpus: Path) -> None:
     images = read_dataset(mcb_corpus).split("train").images
     cache = FeatureCache(mcb_corpus, RegionFeatureExtractor(backbone=create_backbone(BackboneConfig(), device="cpu")), levels=("c3", "c4"))
     vocab = Vocabulary.build([p.text for im in images for p in image_phrases(im)], min_count=1)
-    config = MCBConfig(vocab_size=len(vocab), mcb_dim=64, hidden=8, visual_dim=16, text_dim=16)
+    config = MCBConfig(vocab_size=len(vocab), mcb_dim=64, hidden=8, visual_dim=16, text_dim=16, word_features="vocab")
     data = build_phrase_data(list(images), cache.get, config)
     cfg = MCBTrainConfig(images_per_batch=8)
     batch = next(_batches(data, cfg, np.random.default_rng(0)))
@@ -145,7 +179,8 @@ def test_training_writes_a_loadable_checkpoint_with_manifest(trained: Path) -> N
     assert len(metrics["history"]) == 2 and metrics["best_epoch"] in (1, 2)
     assert metrics["test_localization"]["n"] > 0 and metrics["train_seconds"] > 0
     assert model.manifest.seed == 1 and model.manifest.command.startswith("train_mcb(")
-    assert model.config.mcb_dim == 64 and len(model.vocab) > 2
+    assert model.config.mcb_dim == 64 and model.config.word_features == "minilm" and isinstance(model.vocab, MiniLMWords)
+    assert model.manifest.config["text"].startswith("MiniLMWords(")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(trained: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "left", "of", "big"]
 
 def _net(method: str = "fv+ft") -> SANet:
     torch.manual_seed(0)
-    return SANet(method_config(method, visual_dim=6, word_dim=8, embed_dim=10, attn_dim=5), vocab_size=len(VOCAB)).eval()
+    return SANet(method_config(method, visual_dim=6, word_dim=8, embed_dim=10, attn_dim=5, word_features="vocab"), vocab_size=len(VOCAB)).eval()
 
 
 def _visual(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,3 +154,53 @@ def test_eval_matching_writes_the_rows_json(trained, tiny_corpus: Path, tmp_path
     assert "| fv+ft | image->text |" in md.read_text()
     bad = CliRunner().invoke(main, ["eval", "matching", "--data", str(tiny_corpus), "--checkpoint", str(tmp_path / "no.pt")])
     assert bad.exit_code == 1 and bad.output.startswith("Error:") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_minilm_word_features_ignore_padding_and_read_any_word() -> None:
+    from engine.models.word_features import MiniLMWords
+
+    torch.manual_seed(0)
+    net = SANet(method_config("fv+ft", visual_dim=6, word_dim=8, embed_dim=10, attn_dim=5), vocab_size=1).eval()
+    assert net.config.word_features == "minilm"
+    words = MiniLMWords()
+    feats, lengths = words.encode_batch(["a capybara", "grandma's old rag doll next to a tiger"])
+    alone, alone_len = words.encode_batch(["a capybara"])
+    with torch.no_grad():
+        t_g = net.global_text(feats, lengths)
+        t_alone = net.global_text(alone, alone_len)
+    torch.testing.assert_close(t_g[:1], t_alone)  # padding never changes a sentence's vector
+    with pytest.raises(Exception, match="word ids"):
+        net.global_text(torch.ones(1, 3, dtype=torch.long), torch.tensor([3]))
+
+
+def test_trained_minilm_san_reads_words_it_never_saw(trained) -> None:
+    from engine.models.word_features import MiniLMWords
+
+    out, manifest = trained
+    assert manifest.config["word_features"] == "minilm" and "MiniLM" in manifest.config["text"]
+    model = SANModel.from_checkpoint(out)
+    assert isinstance(model.vocab, MiniLMWords)
+    v = model.visual(*_visual_c(2))
+    for text in ("a capybara wearing a propeller hat", "grandma's old rag doll", "zèbre"):
+        assert model.score(text, v).shape == (2,)
+        assert model.text_vector(text).shape == (32,)
+
+
+def test_vocabulary_ablation_and_the_checkpoints_written_before_minilm(tiny_corpus: Path, tmp_path: Path) -> None:
+    from engine.errors import InvalidInputError
+    from engine.training.options import TrainOptions
+    from engine.training.san import SANTrainConfig, train_san
+
+    options = TrainOptions(data=tiny_corpus, out=tmp_path / "v.pt", epochs=1, progress=False, cache_dir=tmp_path / "cache", text_encoder="vocab")
+    manifest = train_san("san-gv+gt", options, train_config=SANTrainConfig(batch_size=16, warmup_epochs=0), model_overrides={"embed_dim": 16, "word_dim": 16, "attn_dim": 8})
+    assert manifest.config["word_features"] == "vocab"
+    model = SANModel.from_checkpoint(tmp_path / "v.pt")
+    assert isinstance(model.vocab, Vocabulary) and "red" in model.vocab
+    with pytest.raises(InvalidInputError, match="none of the words"):
+        model.text_vector("capybara zeppelin")  # the ablation reads only its training words
+    from engine.models.checkpoint import load_checkpoint
+
+    _, payload = load_checkpoint(PACKAGE_CHECKPOINTS / "san.pt")
+    if "word_features" not in payload["config"]:  # the shipped SAN predates MiniLM: it reads its vocabulary
+        shipped = SANModel.from_checkpoint()
+        assert shipped.net.config.word_features == "vocab" and isinstance(shipped.vocab, Vocabulary)

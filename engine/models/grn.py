@@ -15,7 +15,9 @@ ablations; :data:`METHODS` names each configuration and :func:`create_retrieval_
 =======================  ==========================================================================
 
 Every method maps region maps ``X`` float ``[N, C, 7, 7]`` (the indexed RoIAlign maps) and the
-query's text to L2-normalised embeddings; the similarity is their cosine (§3.3). The query text
+query's text (its words: the frozen MiniLM's per-token features ``[B, T, 384]``, or with
+``word_features="vocab"`` word ids ``[B, T]`` of a learned vocabulary, :mod:`engine.models.word_features`)
+to L2-normalised embeddings; the similarity is their cosine (§3.3). The query text
 gates the query region and every candidate alike (§3.4), so candidate embeddings depend on the query.
 
 The GRN embedding is the spatial mean of ``Y = w_g Y_g + w_r Y_r`` (Eq. 5), L2-normalised.
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.errors import CheckpointError, InvalidInputError
-from engine.models.text_encoders import LSTMEncoder, create_text_encoder
+from engine.models.text_encoders import LSTMEncoder, create_text_encoder, padding_mask, word_count
+from engine.models.word_features import check_kind
 
 __all__ = [
     "METHODS",
@@ -69,6 +72,8 @@ class GRNConfig:
         hidden: channels after ``W_g1`` / ``W_r1``.
         embed_dim: output size of the ``concat`` and ``lstm`` fusions (GRN keeps ``C``).
         temperature: τ of the loss, ``softmax(cos / τ)`` (Eq. 6).
+        word_features: where the words' features come from (not ``text_encoder``, the sentence encoder):
+            ``minilm`` (the frozen English encoder) or ``vocab`` (a vocabulary of the training text, the ablation).
     """
 
     method: str = "grn"
@@ -81,8 +86,10 @@ class GRNConfig:
     hidden: int = 64
     embed_dim: int = 128
     temperature: float = 0.1
+    word_features: str = "minilm"
 
     def __post_init__(self) -> None:
+        check_kind(self.word_features)
         allowed = {"fusion": ("visual", "grn", "concat", "lstm"), "text_encoder": ("attention", "lstm"), "residual": ("compose", "visual", "none"), "variant": ("conv", "fc")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -102,11 +109,14 @@ class GRNConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GRNConfig":
+        """A stored config; one written before MiniLM (no ``word_features``) reads its vocabulary."""
+        from engine.models.checkpoint import with_word_features
+
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"the checkpoint's GRN config has unknown keys {unknown}; it was written by a newer engine — upgrade or retrain")
-        return cls(**dict(data))
+        return cls(**with_word_features(cls, dict(data)))
 
 
 METHODS: dict[str, GRNConfig] = {
@@ -306,14 +316,15 @@ class VisualLanguageLSTM(nn.Module):
     """Visual-Language LSTM Feature (GRN §4.2 (b)): an LSTM reads the region's visual vector (projected to
     the word size) at the first step, then the words; its final hidden state is the representation."""
 
-    def __init__(self, *, vocab_size: int, visual_dim: int, word_dim: int, embed_dim: int) -> None:
+    def __init__(self, *, vocab_size: int, visual_dim: int, word_dim: int, embed_dim: int, word_features: str = "minilm") -> None:
         super().__init__()
         self.visual = nn.Linear(visual_dim, word_dim)
-        self.lstm = LSTMEncoder(vocab_size=vocab_size, word_dim=word_dim, dim=embed_dim)
+        self.lstm = LSTMEncoder(vocab_size=vocab_size, word_dim=word_dim, dim=embed_dim, word_features=word_features)
 
     def forward(self, v: Tensor, ids: Tensor) -> Tensor:
-        lengths = (ids != 0).sum(1)
-        return self.lstm(ids, lengths, prefix=self.visual(v))
+        """``[N, embed_dim]`` of pooled regions ``v`` ``[N, C]`` and their texts' zero-padded words ``ids``
+        (``[N, T]``, or MiniLM features ``[N, T, 384]``); the zero padding tells the lengths."""
+        return self.lstm(ids, word_count(ids), prefix=self.visual(v))
 
 
 # --------------------------------------------------------------------------- the family
@@ -324,9 +335,9 @@ class RetrievalNet(nn.Module):
 
     Use :func:`create_retrieval_net`. Two steps:
 
-    * :meth:`text_features` ``(ids [B, T], lengths [B])`` → the text's representation: sentence
-      vectors ``[B, D]``; for ``vl-lstm`` the word indices ``[B, T]`` themselves (0-padded), since its
-      LSTM reads the region first; for ``visual`` an empty ``[B, 0]``.
+    * :meth:`text_features` ``(ids [B, T], lengths [B])`` (or MiniLM features ``[B, T, 384]`` for ``ids``)
+      → the text's representation: sentence vectors ``[B, D]``; for ``vl-lstm`` the words ``[B, T]`` /
+      ``[B, T, 384]`` themselves (0-padded), since its LSTM reads the region first; for ``visual`` an empty ``[B, 0]``.
     * :meth:`embed` ``(maps [M, C, h, w], text [Q, …], map_index [P], text_index [P])`` → L2-normalised
       embeddings ``[P, E]`` of the pairs (default: aligned rows, or every map with a single text).
     """
@@ -340,13 +351,13 @@ class RetrievalNet(nn.Module):
         self.text_encoder: nn.Module | None = None
         self.fusion: nn.Module | None = None
         if c.fusion in ("grn", "concat"):
-            self.text_encoder = create_text_encoder(c.text_encoder, vocab_size=vocab_size, dim=c.text_dim)
+            self.text_encoder = create_text_encoder(c.text_encoder, vocab_size=vocab_size, dim=c.text_dim, word_features=c.word_features)
         if c.fusion == "grn":
             self.fusion = GatedResidualNetwork(visual_dim=c.visual_dim, text_dim=c.text_dim, hidden=c.hidden, residual=c.residual, spatial=c.variant == "conv")
         elif c.fusion == "concat":
             self.fusion = ConcatFusion(visual_dim=c.visual_dim, text_dim=c.text_dim, embed_dim=c.embed_dim)
         elif c.fusion == "lstm":
-            self.fusion = VisualLanguageLSTM(vocab_size=vocab_size, visual_dim=c.visual_dim, word_dim=c.text_dim, embed_dim=c.embed_dim)
+            self.fusion = VisualLanguageLSTM(vocab_size=vocab_size, visual_dim=c.visual_dim, word_dim=c.text_dim, embed_dim=c.embed_dim, word_features=c.word_features)
 
     @property
     def embed_dim(self) -> int:
@@ -357,8 +368,8 @@ class RetrievalNet(nn.Module):
         if self.config.fusion == "visual":
             return torch.zeros(ids.shape[0], 0, device=ids.device)
         if self.config.fusion == "lstm":
-            mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths.to(ids.device)[:, None]
-            return ids.masked_fill(~mask, 0)
+            mask = padding_mask(ids, lengths)
+            return ids.masked_fill(~mask.view(*mask.shape, *([1] * (ids.ndim - 2))), 0)
         assert self.text_encoder is not None
         return self.text_encoder(ids, lengths)
 
@@ -407,8 +418,9 @@ class RetrievalNet(nn.Module):
 
 
 def create_retrieval_net(config: GRNConfig, *, vocab_size: int) -> RetrievalNet:
-    """Build the :class:`RetrievalNet` that ``config`` describes (weights freshly initialised)."""
-    if config.uses_text and vocab_size < 3:
+    """Build the :class:`RetrievalNet` that ``config`` describes (weights freshly initialised); ``vocab_size``
+    counts a vocabulary's words with ``<pad>`` and ``<unk>`` (unused with MiniLM)."""
+    if config.uses_text and config.word_features == "vocab" and vocab_size < 3:
         raise InvalidInputError(f"the vocabulary has {vocab_size} entries; a text-aware model needs words beyond <pad> and <unk>")
     return RetrievalNet(config=config, vocab_size=vocab_size)
 

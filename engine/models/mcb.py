@@ -5,8 +5,9 @@ weakly-supervised-attention-phrase-grounding.txt``), on the engine's frozen back
 
 * visual map ``f``: the cached ``c4`` map with the ``c3`` map average-pooled to the same grid
   (``[C, H, W]``, stride 16), a learned 1x1 projection, L2-normalised per cell (§2.1);
-* phrase vector ``t``: the GRN self-attention sentence encoder (:mod:`engine.models.text_encoders`),
-  expanded (tiled) over the map (§2.2);
+* phrase vector ``t``: the GRN self-attention sentence encoder (:mod:`engine.models.text_encoders`) over
+  the phrase's word features (the frozen MiniLM's, or with ``word_features="vocab"`` a learned word
+  table: :mod:`engine.models.word_features`), expanded (tiled) over the map (§2.2);
 * MCB (§2.2): ``f' = Ψ(f) * Ψ(t) = FFT⁻¹(FFT(Ψ(f)) ⊙ FFT(Ψ(t)))`` per cell, ``Ψ`` a count sketch
   (Charikar et al.): ``Ψ(x)[k] = Σ_{i: h(i)=k} s(i)·x_i`` with fixed random ``h``, ``s ∈ {±1}``;
 * two 1x1 convolutions to a one-channel attentive map ``r = σ(conv(relu(conv(f'))))`` (§3);
@@ -30,8 +31,8 @@ from torch import Tensor, nn
 
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.checkpoint import Manifest, checkpoint_path, load_checkpoint
-from engine.models.text_encoders import SelfAttentionEncoder
-from engine.models.vocab import Vocabulary
+from engine.models.text_encoders import SelfAttentionEncoder, require_words
+from engine.models.word_features import TextWords, check_kind, words_from_payload
 
 __all__ = [
     "MODEL_NAME",
@@ -56,7 +57,9 @@ class MCBConfig:
 
     ``levels``: backbone levels concatenated on the grid of the last one (finer ones average-pooled);
     ``stride`` / ``offset``: input pixels per grid cell and the centre of cell 0 (of the last level);
-    ``threshold``: fraction of the map's maximum kept by :func:`map_to_box`.
+    ``threshold``: fraction of the map's maximum kept by :func:`map_to_box`; ``word_features``: where the
+    phrase's word features come from, ``minilm`` or ``vocab`` (the ablation; ``vocab_size`` counts its
+    words with ``<pad>`` and ``<unk>``, unused with MiniLM).
     """
 
     vocab_size: int
@@ -72,6 +75,10 @@ class MCBConfig:
     max_size: int = 640
     backbone: str = ""
     threshold: float = 0.5
+    word_features: str = "minilm"
+
+    def __post_init__(self) -> None:
+        check_kind(self.word_features)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,7 +87,10 @@ class MCBConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MCBConfig":
-        data = dict(data)
+        """A stored config; one written before MiniLM (no ``word_features``) reads its vocabulary."""
+        from engine.models.checkpoint import with_word_features
+
+        data = with_word_features(cls, dict(data))
         data["levels"] = tuple(data.get("levels", ("c3", "c4")))
         return cls(**data)
 
@@ -127,7 +137,7 @@ class MCBGrounder(nn.Module):
         self.config = config
         self.register_buffer("input_scale", torch.ones(()))
         self.visual = nn.Conv2d(config.visual_channels, config.visual_dim, 1)
-        self.text = SelfAttentionEncoder(vocab_size=config.vocab_size, dim=config.text_dim)
+        self.text = SelfAttentionEncoder(vocab_size=config.vocab_size, dim=config.text_dim, word_features=config.word_features)
         self.sketch_v = CountSketch(config.visual_dim, config.mcb_dim, seed=config.sketch_seed)
         self.sketch_t = CountSketch(config.text_dim, config.mcb_dim, seed=config.sketch_seed + 1)
         self.att1 = nn.Linear(config.mcb_dim, config.hidden)  # 1x1 convolutions on the [.., H, W, D] map
@@ -140,7 +150,8 @@ class MCBGrounder(nn.Module):
 
     def fused(self, maps: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
         """``f'``: MCB of every cell's visual vector with the tiled phrase vector, float ``[B, H, W, D]``
-        (scaled to about unit RMS)."""
+        (scaled to about unit RMS). ``maps`` ``[B, C, H, W]``; ``ids``: the phrases' word ids long ``[B, L]``,
+        or with MiniLM their word features float ``[B, L, 384]``; ``lengths`` ``[B]``."""
         v = F.normalize(self.visual(maps.float() * self.input_scale), dim=1).permute(0, 2, 3, 1)  # [B, H, W, dv]
         t = F.normalize(self.text(ids, lengths), dim=-1)  # [B, dt]
         d = self.config.mcb_dim
@@ -234,9 +245,10 @@ def map_to_box(heat: np.ndarray, *, threshold: float = 0.5) -> tuple[float, floa
 
 
 class GroundingModel:
-    """A trained :class:`MCBGrounder` with its vocabulary: phrase → attention map → box on cached or fresh maps."""
+    """A trained :class:`MCBGrounder` with its text encoding (``vocab``: MiniLM, or the vocabulary it was trained
+    with): phrase → attention map → box on cached or fresh maps."""
 
-    def __init__(self, net: MCBGrounder, vocab: Vocabulary, *, manifest: Manifest | None = None, name: str = "mcb") -> None:
+    def __init__(self, net: MCBGrounder, vocab: TextWords, *, manifest: Manifest | None = None, name: str = "mcb") -> None:
         self.net = net.eval()
         self.vocab = vocab
         self.manifest = manifest
@@ -250,24 +262,28 @@ class GroundingModel:
     def from_checkpoint(cls, path: Path | str | None = None, *, device: str | torch.device = "cpu") -> "GroundingModel":
         """Load a checkpoint (``None`` or ``"mcb"``/``"mcb-no-sparsity"``: the shipped one); :class:`CheckpointError`
         when it is missing, corrupt or not an MCB grounding model."""
+        from engine.device import resolve_device
+
         path = checkpoint_path(path, default="mcb")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
+        device = resolve_device(device) if isinstance(device, str) else device  # MiniLM runs there too
         if manifest.version != MODEL_VERSION:
             raise CheckpointError(f"checkpoint {path} is {MODEL_NAME} version {manifest.version!r}, this engine reads {MODEL_VERSION!r}; retrain it with `engine train mcb`")
         try:
             net = MCBGrounder(MCBConfig.from_dict(payload["config"]))
             net.load_state_dict(payload["state_dict"])
-            vocab = Vocabulary.from_dict(payload["vocab"])
+            vocab = words_from_payload(payload["vocab"], device=device)
         except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit the MCB grounding network ({type(exc).__name__}: {exc}); retrain it") from None
         return cls(net.to(device), vocab, manifest=manifest, name=str(manifest.metrics.get("method", path.stem)))
 
     @torch.no_grad()
     def attention(self, levels: dict[str, Any], size: tuple[int, int], texts: list[str]) -> np.ndarray:
-        """Attention grids float32 ``[P, H, W]`` of ``texts`` over one image's backbone maps ``levels``."""
+        """Attention grids float32 ``[P, H, W]`` of ``texts`` over one image's backbone maps ``levels``; a text
+        without a word is an :class:`InvalidInputError` (unknown words are ``<unk>`` for a vocabulary)."""
         fmap = visual_map(levels, self.config.levels)
         valid = valid_cells(size, tuple(fmap.shape[-2:]), stride=self.config.stride, max_size=self.config.max_size)
-        ids, lengths = self.vocab.encode_batch(texts)
+        ids, lengths = self.vocab.encode_batch([require_words(t) for t in texts])
         device = self.net.input_scale.device
         p = len(texts)
         r, _, _ = self.net(fmap[None].expand(p, -1, -1, -1).to(device), ids.to(device), lengths.to(device), valid[None].expand(p, -1, -1).to(device))

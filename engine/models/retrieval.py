@@ -1,7 +1,8 @@
 """The loadable inference face of the GRN family: text in, query-gated region embeddings and scores out.
 
 :class:`RegionRetrievalModel` wraps a trained :class:`~engine.models.grn.RetrievalNet` with its
-vocabulary and manifest. Query stage 2 and ``engine eval retrieval`` use it::
+text encoding (MiniLM's word features, or the vocabulary it was trained with:
+:mod:`engine.models.word_features`) and manifest. Query stage 2 and ``engine eval retrieval`` use it::
 
     model = RegionRetrievalModel.from_checkpoint()            # the shipped engine/checkpoints/grn.pt
     scores = model.score(query_map, "a red circle left of a blue square", candidate_maps)   # [N] cosine
@@ -25,7 +26,8 @@ from engine.device import resolve_device
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.checkpoint import Manifest, checkpoint_path, load_checkpoint
 from engine.models.grn import GRNConfig, RetrievalNet, create_retrieval_net, method_config
-from engine.models.vocab import Vocabulary
+from engine.models.text_encoders import require_words
+from engine.models.word_features import TextWords, words_from_payload
 
 __all__ = ["MODEL_NAME", "FORMAT_VERSION", "RegionRetrievalModel"]
 
@@ -43,15 +45,16 @@ class RegionRetrievalModel:
 
     Args:
         net: the network (its weights are used as they are; it is put in eval mode).
-        vocab: the vocabulary it was trained with (``None`` only for the text-blind ``visual`` method).
+        vocab: its text encoding: MiniLM, or the vocabulary it was trained with (``None`` only for the
+            text-blind ``visual`` method).
         manifest: the checkpoint's manifest (``None``: an in-memory model, e.g. during training).
         device: where to run (a ``--device`` string or a :class:`torch.device`).
         batch_size: candidates scored per step (7×7 maps; 49 times as many pooled ``[N, C, 1, 1]`` inputs).
     """
 
-    def __init__(self, *, net: RetrievalNet, vocab: Vocabulary | None, manifest: Manifest | None = None, device: str | torch.device = "cpu", batch_size: int = 512) -> None:
+    def __init__(self, *, net: RetrievalNet, vocab: TextWords | None, manifest: Manifest | None = None, device: str | torch.device = "cpu", batch_size: int = 512) -> None:
         if net.config.uses_text and vocab is None:
-            raise InvalidInputError(f"method {net.config.method!r} reads text and needs its vocabulary")
+            raise InvalidInputError(f"method {net.config.method!r} reads text and needs its text encoding (MiniLM or its vocabulary)")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -68,11 +71,12 @@ class RegionRetrievalModel:
         is missing, corrupt or not a GRN-family model."""
         path = checkpoint_path(path, default="grn")
         manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
+        device = resolve_device(device) if isinstance(device, str) else device  # MiniLM runs there too
         if manifest.version != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint {path} has GRN-family format version {manifest.version!r}, this engine reads {FORMAT_VERSION!r}; retrain it")
         try:
             config = GRNConfig.from_dict(payload["config"])
-            vocab = Vocabulary.from_dict(payload["vocab"]) if payload.get("vocab") is not None else None
+            vocab = words_from_payload(payload["vocab"], device=device) if payload.get("vocab") is not None else None
             net = create_retrieval_net(config, vocab_size=len(vocab) if vocab is not None else 3)
             net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
@@ -121,16 +125,18 @@ class RegionRetrievalModel:
 
     @torch.no_grad()
     def encode_text(self, text: str | None) -> Tensor:
-        """The query text's representation: ``[D]`` (``vl-lstm``: its word indices ``[T]``; ``visual``: ``[0]``).
+        """The query text's representation: ``[D]`` (``vl-lstm``: its word indices ``[T]``, or with MiniLM its
+        word features ``[T, 384]``; ``visual``: ``[0]``).
 
-        Unknown words become ``<unk>``; a text without any word raises :class:`InvalidInputError`.
+        A vocabulary reads unknown words as ``<unk>``, MiniLM reads every word; a text without any word
+        raises :class:`InvalidInputError` either way.
         """
         if not self.uses_text:
             return torch.zeros(0, device=self.device)
         assert self.vocab is not None
         if text is None:
             raise InvalidInputError(f"method {self.method!r} scores a region together with its description; give the query text")
-        ids, lengths = self.vocab.encode_batch([text])
+        ids, lengths = self.vocab.encode_batch([require_words(text)])
         unknown = self.vocab.unknown_words(text)
         if unknown:
             log.debug("words unknown to %s, read as <unk>: %s", self.method, unknown)

@@ -48,6 +48,7 @@ class Vocabulary:
         self.itos: list[str] = [PAD, UNK, *words]
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
 
+    kind = "vocab"  # a model's word encoding (engine.models.word_features: "minilm" or "vocab")
     pad_index = 0
     unk_index = 1
 

@@ -81,6 +81,9 @@ class MiniLMWords:
 
     def features(self, texts: Sequence[str]) -> list[Tensor]:
         """Each text's word-piece features float32 ``[L, 384]`` (L >= 1, on the CPU); cached per text."""
+        for text in texts:
+            if not any(ch.isalnum() for ch in text):  # punctuation alone would still give word pieces
+                raise InvalidInputError(f"text {text!r:.60} holds no words; describe the region in English words, e.g. 'a brown horse'")
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         for start in range(0, len(missing), self.encoder.batch_size):
             batch = missing[start : start + self.encoder.batch_size]

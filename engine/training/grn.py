@@ -1,6 +1,7 @@
 """Training of the GRN family (GRN paper §3.3–3.4, §4.2) on a dataset's train split.
 
-``train_grn(method, options)`` learns the vocabulary from the training text, builds the method's
+``train_grn(method, options)`` reads the texts' word features (``options.text_encoder``: the frozen
+MiniLM's, or a vocabulary learned from the training text), builds the method's
 :class:`~engine.models.grn.RetrievalNet`, trains it with Eq. 6 on (query region, text, positive
 region) pairs with in-batch and hard negatives, keeps the epoch with the best validation R@10
 (ground-truth boxes), measures the test split, and writes ``<method>.pt`` + its manifest.
@@ -43,7 +44,8 @@ from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.grn import METHODS, GRNConfig, RetrievalNet, create_retrieval_net, grn_loss, method_config
 from engine.models.registry import family, load_model
 from engine.models.retrieval import FORMAT_VERSION, MODEL_NAME, RegionRetrievalModel
-from engine.models.vocab import Vocabulary
+from engine.models.text_encoders import pad_words, word_tensors
+from engine.models.word_features import TextWords, build_words, words_payload
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
 
@@ -315,17 +317,18 @@ def _wrong_texts(pairs: TrainingPairs, idx: np.ndarray, anchors: np.ndarray, pos
 
 
 class _Batcher:
-    """Turns a sampled batch into the loss of Eq. 6 (tokenised texts and region maps are held here)."""
+    """Turns a sampled batch into the loss of Eq. 6 (the texts' words, ids ``[L]`` or MiniLM features ``[L, 384]``,
+    and region maps are held here)."""
 
-    def __init__(self, pairs: TrainingPairs, maps: torch.Tensor, vocab: Vocabulary, cfg: GRNTrainConfig, config: GRNConfig, pool: ProposalPool | None = None) -> None:
+    def __init__(self, pairs: TrainingPairs, maps: torch.Tensor, vocab: TextWords, cfg: GRNTrainConfig, config: GRNConfig, pool: ProposalPool | None = None) -> None:
         self.pairs = pairs
         self.pool = pool
         self.maps = maps if pool is None else torch.cat([maps, pool.maps])
         self.cfg = cfg
         self.temperature = config.temperature
         self.uses_text = config.uses_text
-        ids = [vocab.encode(t) if self.uses_text else [vocab.unk_index] for t in pairs.texts]
-        self.text_ids = ids
+        # a text-blind method reads no words: one placeholder id each (its text features are empty)
+        self.text_ids = word_tensors(vocab, pairs.texts) if self.uses_text else [torch.ones(1, dtype=torch.long)] * len(pairs.texts)
 
     def loss(self, net: RetrievalNet, batch: dict[str, np.ndarray]) -> torch.Tensor:
         idx, anchor, pos, hard = batch["pairs"], batch["anchor"], batch["positive"], batch["hard"]
@@ -353,11 +356,7 @@ class _Batcher:
         use = valid.copy()
         cols_arr[~use] = 0
         device = net.input_scale.device
-        texts = [self.text_ids[a] for a in idx]
-        lengths = torch.tensor([len(t) for t in texts])
-        ids = torch.zeros(b, int(lengths.max()), dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids[i, : len(t)] = torch.tensor(t)
+        ids, lengths = pad_words([self.text_ids[a] for a in idx])
         text = net.text_features(ids.to(device), lengths.to(device))
         prepared = net.prepare(self.maps[torch.as_tensor(uniq)].to(device))
         # only the valid (query, candidate) pairs are embedded; the query text gates both sides (§3.4)
@@ -393,6 +392,7 @@ def train_grn(
     and says so in the log and the manifest. ``visual`` has nothing to learn: it is evaluated and written as is. The manifest's metrics hold the
     best epoch's validation R@K and the test split's R@1/10/50/100 and median rank with ground-truth
     boxes (percent), and the training time. Reproducible: the same options give the same weights.
+    The texts' word features are ``options.text_encoder``'s (``model_overrides["word_features"]`` wins).
     """
     if method not in GRN_METHODS:
         raise InvalidInputError(f"method {method!r} is not known; choose one of {', '.join(GRN_METHODS)}")
@@ -404,9 +404,8 @@ def train_grn(
     started = time.perf_counter()
     cfg = train_config or GRNTrainConfig()
     epochs = options.epochs if options.epochs is not None else DEFAULT_EPOCHS.get(method, cfg.epochs)
-    config = method_config(method, **(model_overrides or {}))
+    config = method_config(method, **{"word_features": options.text_encoder, **(model_overrides or {})})
     torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
 
     device = resolve_device(options.device)
     data = Path(options.data)
@@ -416,14 +415,15 @@ def train_grn(
     cache.build(dataset.images, progress=options.progress)
 
     pairs = build_training_pairs(train, queries_path=data / QUERIES_FILE)
-    vocab = Vocabulary.build([r.description for im in train.images for r in im.regions] + [q.text for q in train.queries], min_count=cfg.min_word_count)
+    texts = [r.description for im in train.images for r in im.regions] + [q.text for q in train.queries]
+    vocab = build_words(config.word_features, texts, min_count=cfg.min_word_count, device=device)
     net = create_retrieval_net(config, vocab_size=len(vocab))
     maps = _region_maps(cache, pairs.images, pairs.boxes, progress=options.progress)
     with torch.no_grad():
         rms = maps[:: max(1, len(maps) // 2000)].float().pow(2).mean().sqrt().item()
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
     net.to(device)
-    log.info("%s: %d training queries from %s, %d regions, vocabulary of %d, device %s", method, len(pairs), pairs.source, len(maps), len(vocab), device)
+    log.info("%s: %d training queries from %s, %d regions, text %r, device %s", method, len(pairs), pairs.source, len(maps), vocab, device)
 
     benches = {}
     for name, part in (("val", val), ("test", test)):
@@ -478,12 +478,12 @@ def train_grn(
     seconds = time.perf_counter() - started
     log.info("%s: val %s, test %s, %.0f s", method, val_metrics, test_metrics, seconds)
 
-    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict() if config.uses_text else None, "config": config.to_dict()}
+    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": words_payload(vocab) if config.uses_text else None, "config": config.to_dict()}
     out = Path(options.out) if options.out is not None else Path(f"{method}.pt")
     manifest = Manifest(
         model=MODEL_NAME,
         version=FORMAT_VERSION,
-        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs, "rpn": rpn_version}, "vocab_size": len(vocab)},
+        config={**config.to_dict(), "train": {**cfg.__dict__, "epochs": epochs, "rpn": rpn_version}, "vocab_size": len(vocab), "text": repr(vocab) if config.uses_text else None},
         command=options.command or f"train_grn({method!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}))",
         data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(pairs)} training queries from {pairs.source})",
         seed=options.seed,

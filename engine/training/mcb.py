@@ -39,7 +39,9 @@ from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.mcb import MODEL_NAME, MODEL_VERSION, GroundingModel, MCBConfig, MCBGrounder, valid_cells, visual_map
 from engine.models.registry import family
-from engine.models.vocab import Vocabulary, tokenize
+from engine.models.text_encoders import pad_words, word_tensors
+from engine.models.vocab import tokenize
+from engine.models.word_features import TextWords, build_words, words_payload
 from engine.protocols.attention import ground_split, image_phrases, localization_row
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
@@ -184,18 +186,15 @@ def mcb_loss(r: torch.Tensor, z: torch.Tensor, logit: torch.Tensor, label: torch
 
 
 class _Batcher:
-    def __init__(self, data: PhraseData, vocab: Vocabulary, cfg: MCBTrainConfig) -> None:
+    def __init__(self, data: PhraseData, vocab: TextWords, cfg: MCBTrainConfig) -> None:
         self.data = data
         self.cfg = cfg
-        self.ids = [vocab.encode(t) for t in data.texts]
+        self.ids = word_tensors(vocab, data.texts)  # each phrase's ids [L] or MiniLM features [L, 384], read once
 
     def tensors(self, batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The batch's image maps, valid cells, phrase word ids and lengths, on ``device``."""
-        phrases = batch["phrase"]
-        lengths = torch.tensor([len(self.ids[k]) for k in phrases])
-        ids = torch.zeros(len(phrases), int(lengths.max()), dtype=torch.long)
-        for i, k in enumerate(phrases):
-            ids[i, : len(self.ids[k])] = torch.tensor(self.ids[k])
+        """The batch's image maps, valid cells, phrase words (ids ``[P, L]`` or MiniLM features ``[P, L, 384]``)
+        and lengths, on ``device``."""
+        ids, lengths = pad_words([self.ids[k] for k in batch["phrase"]])
         rows = torch.as_tensor(batch["image"])
         return self.data.maps[rows].to(device), self.data.valid[rows].to(device), ids.to(device), lengths.to(device)
 
@@ -225,7 +224,8 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
 
     The manifest's metrics hold the best epoch, each epoch's loss and validation classification
     accuracy, localization (acc@0.3/0.4/0.5, mean IoU; percent) on the validation and test splits,
-    and the training time. Reproducible: the same options give the same weights.
+    and the training time. Reproducible: the same options give the same weights. The phrases' word
+    features are ``options.text_encoder``'s (MiniLM, or a vocabulary of the training phrases).
     """
     if name not in MCB_NAMES:
         raise InvalidInputError(f"{name!r} is not an MCB model name; choose one of {', '.join(MCB_NAMES)}")
@@ -252,7 +252,8 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     if cfg.max_images is not None and len(train_images) > cfg.max_images:
         train_images = [train_images[i] for i in sorted(rng.choice(len(train_images), size=cfg.max_images, replace=False))]
 
-    vocab = Vocabulary.build([p.text for im in train_images for p in image_phrases(im)], min_count=cfg.min_word_count)
+    overrides = {"word_features": options.text_encoder, **(model_overrides or {})}
+    vocab = build_words(overrides["word_features"], [p.text for im in train_images for p in image_phrases(im)], min_count=cfg.min_word_count, device=device)
     channels = sum(backbone.channels[lvl] for lvl in level_names)
     config = MCBConfig(
         vocab_size=len(vocab),
@@ -263,7 +264,7 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
         max_size=backbone.max_size,
         backbone=backbone.version,
         sketch_seed=options.seed,
-        **(model_overrides or {}),
+        **overrides,
     )
     train_data = build_phrase_data(train_images, cache.get, config)
     net = MCBGrounder(config)
@@ -273,7 +274,7 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
     net.to(device)
     batcher = _Batcher(train_data, vocab, cfg)
-    log.info("%s: %d training images, %d phrases, vocabulary of %d, device %s", name, len(train_data), len(train_data.texts), len(vocab), device)
+    log.info("%s: %d training images, %d phrases, text %r, device %s", name, len(train_data), len(train_data.texts), vocab, device)
 
     val_batches: list[dict[str, np.ndarray]] = []
     val_batcher = None
@@ -312,12 +313,12 @@ def train_mcb(name: str, options: TrainOptions, *, train_config: MCBTrainConfig 
                 localization[split_name] = localization_row(name, pred, gt).to_dict()
     log.info("%s: localization %s, %.0f s", name, localization, train_seconds)
 
-    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": vocab.to_dict(), "config": config.to_dict()}
+    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "vocab": words_payload(vocab), "config": config.to_dict()}
     out = Path(options.out) if options.out is not None else Path(f"{name}.pt")
     manifest = Manifest(
         model=MODEL_NAME,
         version=MODEL_VERSION,
-        config={**config.to_dict(), "train": {**asdict(cfg), "epochs": epochs}},
+        config={**config.to_dict(), "train": {**asdict(cfg), "epochs": epochs}, "text": repr(vocab)},
         command=options.command or f"train_mcb({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}))",
         data=f"{data} ({dataset.name}: {len(train_data)} of {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(train_data.texts)} training phrases, image-level labels only)",
         seed=options.seed,
