@@ -1,7 +1,9 @@
-"""CM-Att / CM-Att-Erase (paper Eq. 1-11): modules, erasing, training and the grounding eval on tiny data."""
+"""CM-Att / CM-Att-Erase (paper Eq. 1-11): modules, erasing, training and the grounding eval on tiny data; MiniLM
+word features (the default) and the vocabulary (the ablation, and the checkpoints written before MiniLM)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,12 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from engine.errors import CheckpointError, InvalidInputError
+from engine.models.checkpoint import PACKAGE_CHECKPOINTS, load_checkpoint
 from engine.models.cm_att import CMAttConfig, CMAttNet, GroundingScorer, build_candidates, context_features, erase_context, erase_query, erase_subject
 from engine.training.cm_att import CMAttTrainConfig, train_cm_att
 from engine.training.options import TrainOptions
 
-CFG = CMAttConfig(visual_dim=12, word_dim=8, hidden=8, dim=8, contexts=2)
+CFG = CMAttConfig(visual_dim=12, word_dim=8, hidden=8, dim=8, contexts=2, word_features="vocab")
 
 
 def _image(n: int = 4, seed: int = 0):
@@ -52,6 +55,52 @@ def test_scores_module_weights_and_attentions() -> None:
     assert att["words"][0, 3] == 0  # padding
     torch.testing.assert_close(att["subj"].sum(1), torch.ones(4))
     assert att["subj"].shape == (4, 49) and att["loc"].shape == (4, 3) and att["rel"].shape == (4, 2)
+
+
+def test_minilm_word_features_score_like_ids_and_ignore_padding() -> None:
+    from engine.models.word_features import MiniLMWords
+
+    torch.manual_seed(0)
+    assert CMAttConfig().word_features == "minilm"
+    net = CMAttNet(replace(CFG, word_features="minilm"), vocab_size=1).eval()
+    maps, boxes = _image()
+    cand = build_candidates(maps, boxes, (100, 100), k=2)
+    feats, lengths = MiniLMWords().encode_batch(["a capybara", "the zorblax left of grandma's rag doll"])
+    assert feats.dtype == torch.float32 and feats.shape[2] == 384 and lengths[0] < feats.shape[1]
+    image = torch.randn(2, 12)
+    with torch.no_grad():
+        s, att = net(cand, torch.tensor([0, 0, 1, 1]), feats, lengths, image)
+        alone, _ = net(cand.select(torch.tensor([0, 1])), torch.tensor([0, 0]), feats[:1, : lengths[0]], lengths[:1], image[:1])
+        noisy = feats.clone()
+        noisy[0, lengths[0] :] = 5.0  # whatever lies past a text's length is never read
+        s_noisy, _ = net(cand, torch.tensor([0, 0, 1, 1]), noisy, lengths, image)
+    assert s.shape == (4,) and (s.abs() <= 1 + 1e-5).all()
+    torch.testing.assert_close(att["words"].sum(1), torch.ones(2))
+    assert (att["words"][0, lengths[0] :] == 0).all()  # padding
+    torch.testing.assert_close(alone, s[:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s_noisy, s)
+    with pytest.raises(InvalidInputError, match="word ids"):
+        net(cand, torch.tensor([0, 0, 1, 1]), torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 3]), image)
+    with pytest.raises(InvalidInputError, match="text encoder"):
+        CMAttConfig(word_features="glove")
+
+
+def test_query_erasing_zeroes_one_real_word_piece_of_minilm_features() -> None:
+    feats = torch.rand(2, 4, 384) + 0.1
+    feats[0, 3] = 0.0  # padding
+    lengths = torch.tensor([3, 4])
+    before = feats.clone()
+    weights = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    out = erase_query(feats, lengths, weights, unk=1, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == feats.dtype and out.shape == feats.shape
+    assert (out[0, 1] == 0).all() and torch.equal(out[0, [0, 2, 3]], feats[0, [0, 2, 3]])  # the only attended piece is gone
+    erased = (out[1] == 0).all(1)
+    assert erased.sum() == 1 and torch.equal(out[1, ~erased], feats[1, ~erased])  # one piece, the others unchanged
+    assert torch.equal(feats, before)  # inputs untouched
+    for seed in range(20):  # padding is never drawn, whatever its weight
+        g = torch.Generator().manual_seed(seed)
+        out = erase_query(feats, lengths, torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.25] * 4]), unk=1, generator=g)
+        assert (out[0, :3] == 0).all(1).sum() == 1
 
 
 def test_query_erasing_replaces_one_real_word_by_unk() -> None:
@@ -109,6 +158,69 @@ def test_training_writes_a_loadable_checkpoint(trained: Path) -> None:
     bad.with_suffix(".json").write_text(trained.with_suffix(".json").read_text())
     with pytest.raises(CheckpointError, match="corrupt"):
         GroundingScorer.from_checkpoint(bad)
+
+
+def test_trained_checkpoint_reads_minilm_word_features_by_default(trained: Path) -> None:
+    from engine.models.word_features import MiniLMAdapter, MiniLMWords
+
+    _, payload = load_checkpoint(trained)
+    assert payload["config"]["word_features"] == "minilm" and payload["vocab"]["kind"] == "minilm"
+    scorer = GroundingScorer.from_checkpoint(trained)
+    assert scorer.net.config.word_features == "minilm" and isinstance(scorer.vocab, MiniLMWords) and isinstance(scorer.net.embed, MiniLMAdapter)
+    assert "MiniLM" in scorer.manifest.config["text"]
+    _, boxes = _image(seed=2)
+    maps = np.random.default_rng(0).standard_normal((4, 112, 7, 7)).astype(np.float32)
+    seen = scorer.score(maps, boxes, (160, 160), np.zeros(112, np.float32), "the red circle left of the blue square")
+    unseen = scorer.score(maps, boxes, (160, 160), np.zeros(112, np.float32), "a capybara beside grandma's rag doll")  # no word of it was trained on
+    assert unseen.shape == (4,) and np.isfinite(unseen).all() and not np.allclose(seen, unseen)
+
+
+def test_vocabulary_ablation_trains_through_the_cli(ground_corpus: Path, tmp_path: Path) -> None:
+    from engine.models.vocab import Vocabulary
+
+    out = tmp_path / "cm-att-erase.pt"
+    result = CliRunner().invoke(main, ["train", "cm-att-erase", "--data", str(ground_corpus), "--out", str(out), "--epochs", "1", "--seed", "1", "--text-encoder", "vocab", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest, payload = load_checkpoint(out)
+    assert "--text-encoder vocab" in manifest.command and manifest.config["word_features"] == "vocab" and manifest.config["text"].startswith("Vocabulary(")
+    assert manifest.config["train"]["erasing"] is True and len(manifest.metrics["history"]) == 2  # the erasing stage ran on word ids
+    assert payload["config"]["word_features"] == "vocab" and isinstance(payload["vocab"], list) and "circle" in payload["vocab"]
+    scorer = GroundingScorer.from_checkpoint(out)
+    assert isinstance(scorer.vocab, Vocabulary) and isinstance(scorer.net.embed, torch.nn.Embedding) and scorer.net.embed.num_embeddings == len(scorer.vocab)
+    _, boxes = _image(seed=2)
+    maps = np.random.default_rng(0).standard_normal((4, 112, 7, 7)).astype(np.float32)
+    assert scorer.score(maps, boxes, (160, 160), np.zeros(112, np.float32), "a capybara").shape == (4,)  # <unk>
+
+
+SHIPPED_SCORES = {
+    # cm-att-erase.pt (sha256 83dec263cb32…) on _shipped_inputs(), computed before MiniLM (commit 4578a59)
+    "83dec263cb32b15e92b119430307cfae50dc331859924bc69c5a440057c71763": [-0.3047205, -0.0929085, -0.1921979, -0.2104921, -0.0399695],
+}
+
+
+def _shipped_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    maps = rng.standard_normal((5, 112, 7, 7)).astype(np.float32)
+    xy = rng.uniform(0, 100, (5, 2))
+    return maps, np.concatenate([xy, xy + 40], axis=1), rng.standard_normal(112).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["cm-att-erase", "cm-att", "cm-att-erase-region"])
+def test_shipped_checkpoints_written_before_minilm_read_their_vocabulary(name: str) -> None:
+    from engine.models.vocab import Vocabulary
+
+    manifest, payload = load_checkpoint(PACKAGE_CHECKPOINTS / f"{name}.pt")
+    if "word_features" in payload["config"]:
+        pytest.skip(f"the shipped {name} was retrained with word_features={payload['config']['word_features']!r}")
+    scorer = GroundingScorer.from_checkpoint(name)
+    assert scorer.net.config.word_features == "vocab" and isinstance(scorer.vocab, Vocabulary) and isinstance(scorer.net.embed, torch.nn.Embedding)
+    assert scorer.vocab.itos[2:] == payload["vocab"]
+    state = scorer.net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in payload["state_dict"].items())
+    maps, boxes, vector = _shipped_inputs()
+    s = scorer.score(maps, boxes, (160, 160), vector, "the red circle left of the blue square")
+    if manifest.sha256 in SHIPPED_SCORES:  # the same scores as before MiniLM
+        np.testing.assert_allclose(s, SHIPPED_SCORES[manifest.sha256], rtol=1e-4, atol=1e-6)
 
 
 def test_eval_grounding_writes_table2_rows(trained: Path, ground_corpus: Path, tmp_path: Path) -> None:

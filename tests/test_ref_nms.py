@@ -1,4 +1,5 @@
-"""Ref-NMS (paper Eq. 1-4): relatedness module, fused NMS against a brute-force reference, training, Table 1 eval."""
+"""Ref-NMS (paper Eq. 1-4): relatedness module, fused NMS against a brute-force reference, training, Table 1 eval;
+MiniLM word features (the default) and the vocabulary (the ablation, and the checkpoints written before MiniLM)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 
 from engine.boxes import box_iou
 from engine.cli import main
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, InvalidInputError
+from engine.models.checkpoint import PACKAGE_CHECKPOINTS, load_checkpoint
 from engine.models.ref_nms import RefNMSConfig, RefNMSModel, RelatednessModule, fused_nms
 from engine.training.options import TrainOptions
 from engine.training.ref_nms import RefNMSTrainConfig, rank_pairs, train_ref_nms
@@ -44,7 +46,7 @@ def test_fused_nms_equals_greedy_nms_over_r_times_c(seed: int) -> None:
 
 def test_relatedness_module_attends_over_the_words_of_each_box_text() -> None:
     torch.manual_seed(0)
-    net = RelatednessModule(RefNMSConfig(visual_dim=12, dim=16, word_dim=8), vocab_size=20).eval()
+    net = RelatednessModule(RefNMSConfig(visual_dim=12, dim=16, word_dim=8, word_features="vocab"), vocab_size=20).eval()
     maps = torch.randn(5, 12, 7, 7)
     ids = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]])
     lengths = torch.tensor([3, 4])
@@ -56,6 +58,32 @@ def test_relatedness_module_attends_over_the_words_of_each_box_text() -> None:
     # a box's score depends on its own text only
     alone, _ = net(maps[:2], torch.tensor([0, 0]), ids[:1, :3], lengths[:1])
     torch.testing.assert_close(alone, logits[:2], atol=1e-5, rtol=1e-4)
+
+
+def test_relatedness_module_reads_minilm_word_features_and_ignores_padding() -> None:
+    from engine.models.word_features import MiniLMWords
+
+    torch.manual_seed(0)
+    config = RefNMSConfig(visual_dim=12, dim=16, word_dim=8)
+    assert config.word_features == "minilm"
+    net = RelatednessModule(config, vocab_size=1).eval()
+    maps = torch.randn(5, 12, 7, 7)
+    feats, lengths = MiniLMWords().encode_batch(["a capybara", "the zorblax left of grandma's rag doll"])
+    assert feats.dtype == torch.float32 and feats.shape[2] == 384 and lengths[0] < feats.shape[1]
+    text_index = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        logits, alpha = net(maps, text_index, feats, lengths)
+        alone, _ = net(maps[:2], torch.tensor([0, 0]), feats[:1, : lengths[0]], lengths[:1])
+        noisy = feats.clone()
+        noisy[0, lengths[0] :] = 5.0  # whatever lies past a text's length is never read
+        logits_noisy, _ = net(maps, text_index, noisy, lengths)
+    assert logits.shape == (5,) and alpha.shape == (5, feats.shape[1]) and (alpha[:2, lengths[0] :] == 0).all()
+    torch.testing.assert_close(alone, logits[:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits_noisy, logits)
+    with pytest.raises(InvalidInputError, match="word ids"):
+        net(maps, text_index, torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 3]))
+    with pytest.raises(InvalidInputError, match="text encoder"):
+        RefNMSConfig(word_features="glove")
 
 
 def test_rank_pairs_split_by_q_value_and_take_the_hardest_negatives() -> None:
@@ -102,6 +130,62 @@ def test_trained_checkpoint_loads_and_suppresses_with_the_text(trained: Path) ->
     assert len(keep) and (c[keep] >= model.config.delta).all() and np.all(np.diff(scores) <= 1e-6)
     r = model.relatedness(maps, "a zorblax")  # unknown words never crash
     assert r.shape == (30,) and ((r > 0) & (r < 1)).all()
+
+
+def test_trained_checkpoint_reads_minilm_word_features_by_default(trained: Path) -> None:
+    from engine.models.word_features import MiniLMAdapter, MiniLMWords
+
+    _, payload = load_checkpoint(trained)
+    assert payload["config"]["word_features"] == "minilm" and payload["vocab"]["kind"] == "minilm"
+    model = RefNMSModel.from_checkpoint(trained)
+    assert model.config.word_features == "minilm" and isinstance(model.vocab, MiniLMWords) and isinstance(model.net.embed, MiniLMAdapter)
+    assert "MiniLM" in model.manifest.config["text"]
+    maps = np.random.default_rng(1).standard_normal((6, model.config.visual_dim, 7, 7)).astype(np.float32)
+    seen = model.relatedness(maps, "the red circle left of the blue square")
+    unseen = model.relatedness(maps, "a capybara beside grandma's rag doll")  # no word of it is in the synthetic corpus
+    assert unseen.shape == (6,) and ((unseen > 0) & (unseen < 1)).all() and not np.allclose(seen, unseen)
+
+
+def test_vocabulary_ablation_trains_through_the_cli(ref_corpus: Path, tmp_path: Path) -> None:
+    from engine.models.vocab import Vocabulary
+
+    out = tmp_path / "ref-nms-b.pt"
+    result = CliRunner().invoke(main, ["train", "ref-nms-b", "--data", str(ref_corpus), "--out", str(out), "--epochs", "1", "--seed", "1", "--text-encoder", "vocab", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest, payload = load_checkpoint(out)
+    assert "--text-encoder vocab" in manifest.command and manifest.config["word_features"] == "vocab" and manifest.config["text"].startswith("Vocabulary(")
+    assert payload["config"]["word_features"] == "vocab" and isinstance(payload["vocab"], list) and "circle" in payload["vocab"]
+    model = RefNMSModel.from_checkpoint(out)
+    assert isinstance(model.vocab, Vocabulary) and isinstance(model.net.embed, torch.nn.Embedding) and model.net.embed.num_embeddings == len(model.vocab)
+    maps = np.random.default_rng(1).standard_normal((4, model.config.visual_dim, 7, 7)).astype(np.float32)
+    assert model.relatedness(maps, "a capybara").shape == (4,)  # words outside the vocabulary read as <unk>
+
+
+SHIPPED_RELATEDNESS = {
+    # ref-nms-r.pt (sha256 82f27a00f84e…) on _shipped_inputs(), computed before MiniLM (commit 4578a59)
+    "82f27a00f84e478e471f2492ca10d56729746dd66e1c3263ef3e8621b5a4a86c": [0.1317564, 0.1324985, 0.1289026, 0.1328176, 0.130238],
+}
+
+
+def _shipped_inputs() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((5, 112, 7, 7)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["ref-nms-r", "ref-nms-b"])
+def test_shipped_checkpoints_written_before_minilm_read_their_vocabulary(name: str) -> None:
+    from engine.models.vocab import Vocabulary
+
+    manifest, payload = load_checkpoint(PACKAGE_CHECKPOINTS / f"{name}.pt")
+    if "word_features" in payload["config"]:
+        pytest.skip(f"the shipped {name} was retrained with word_features={payload['config']['word_features']!r}")
+    model = RefNMSModel.from_checkpoint(name)
+    assert model.config.word_features == "vocab" and isinstance(model.vocab, Vocabulary) and isinstance(model.net.embed, torch.nn.Embedding)
+    assert model.vocab.itos[2:] == payload["vocab"]
+    state = model.net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in payload["state_dict"].items())
+    r = model.relatedness(_shipped_inputs(), "the red circle left of the blue square")
+    if manifest.sha256 in SHIPPED_RELATEDNESS:  # the same scores as before MiniLM
+        np.testing.assert_allclose(r, SHIPPED_RELATEDNESS[manifest.sha256], rtol=1e-4, atol=1e-6)
 
 
 def test_a_damaged_checkpoint_is_a_clear_error(trained: Path, tmp_path: Path) -> None:

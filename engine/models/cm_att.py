@@ -3,7 +3,8 @@
 A MAttNet-style backbone scores each candidate box of an image against an expression:
 
 * image-aware language attention (Eq. 4–7): an LSTM reads the image vector ``e_0`` and the word
-  embeddings; module weights ``w_m`` and word attention ``α^m_t`` per module m ∈ {subj, loc, rel}
+  embeddings ``e_t`` (the frozen MiniLM's word-piece features through a learned linear layer, or with
+  ``word_features="vocab"``, the ablation, a learned word table: :mod:`engine.models.word_features`); module weights ``w_m`` and word attention ``α^m_t`` per module m ∈ {subj, loc, rel}
   give the module queries ``q_m = Σ_t α^m_t e_t``;
 * subject module (Eq. 8–9): sentence-aware spatial attention over the candidate's 7×7 RoI map;
 * location and relationship modules (Eq. 10–11): sentence-aware attention over up to five context
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.models.checkpoint import Manifest, load_text_model, text_model_payload
-from engine.models.vocab import Vocabulary
+from engine.models.word_features import TextWords, check_kind, erase_words, word_embedding
 
 __all__ = [
     "MODEL_NAME",
@@ -56,7 +57,8 @@ LOC_DIM = 5
 @dataclass(frozen=True)
 class CMAttConfig:
     """Sizes. ``contexts``: context objects per candidate (the paper's five); ``erase_k``: the k×k
-    window of subject region erasing (k = 3)."""
+    window of subject region erasing (k = 3); ``word_features``: ``minilm`` or ``vocab`` (the ablation; a
+    stored config without it predates MiniLM and reads its vocabulary)."""
 
     visual_dim: int = 112
     word_dim: int = 128
@@ -64,6 +66,10 @@ class CMAttConfig:
     dim: int = 128
     contexts: int = 5
     erase_k: int = 3
+    word_features: str = "minilm"
+
+    def __post_init__(self) -> None:
+        check_kind(self.word_features)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,12 +160,14 @@ class _Attend(nn.Module):
 
 
 class CMAttNet(nn.Module):
-    """The CM-Att backbone: language attention, subject / location / relationship modules, fused score."""
+    """The CM-Att backbone: language attention, subject / location / relationship modules, fused score.
+
+    ``vocab_size`` counts ``<pad>`` = 0 and ``<unk>`` (unused with MiniLM word features)."""
 
     def __init__(self, config: CMAttConfig, *, vocab_size: int) -> None:
         super().__init__()
         c = self.config = config
-        self.embed = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
+        self.embed = word_embedding(c.word_features, vocab_size=vocab_size, dim=c.word_dim)
         self.image_proj = nn.Linear(c.visual_dim, c.word_dim)
         self.lstm = nn.LSTM(c.word_dim, c.hidden // 2, batch_first=True, bidirectional=True)
         self.f = nn.Linear(c.hidden, len(MODULES))  # Eq. 5: f_m
@@ -175,7 +183,9 @@ class CMAttNet(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
 
     def language(self, ids: Tensor, lengths: Tensor, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Eq. 4–6: module weights ``w [B, 3]``, word attention ``α [B, 3, T]``, module queries ``q [B, 3, E]``."""
+        """Eq. 4–6: module weights ``w [B, 3]``, word attention ``α [B, 3, T]``, module queries ``q [B, 3, E]``.
+
+        ``ids``: word ids long ``[B, T]``, or with MiniLM word features float ``[B, T, 384]``; ``image`` ``[B, C]``."""
         e = self.embed(ids)
         e0 = self.image_proj(image.float() * self.input_scale)[:, None]
         seq = torch.cat([e0, e], dim=1)  # e_0 = CNN(I_0) first, then the words
@@ -210,7 +220,8 @@ class CMAttNet(nn.Module):
         return s, {"subj": a_subj, "loc": a_loc, "rel": a_rel}
 
     def forward(self, cand: Candidates, text: Tensor, ids: Tensor, lengths: Tensor, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Scores ``[N]`` of candidates against their expressions ``text[i]``, and the attentions used for erasing."""
+        """Scores ``[N]`` of candidates against their expressions ``text[i]``, and the attentions used for erasing
+        (``ids``: ``[B, T]`` word ids or ``[B, T, 384]`` MiniLM features, as :meth:`language`)."""
         w, alpha, q = self.language(ids, lengths, image)
         s, att = self.module_scores(cand, q[text])
         att.update(w=w, words=(w[:, :, None] * alpha).sum(1))  # Eq. 7: α_t = Σ_m w_m α^m_t
@@ -218,14 +229,21 @@ class CMAttNet(nn.Module):
 
 
 def erase_query(ids: Tensor, lengths: Tensor, word_weights: Tensor, unk: int, generator: torch.Generator | None = None) -> Tensor:
-    """§3.3: replace one word per expression, drawn from ``Multinomial(α_1..α_T)``, by ``<unk>``."""
-    out = ids.clone()
+    """§3.3 (the erased query ``Q*`` of Eq. 2's second term): one word per expression, drawn from
+    ``W^s ~ Multinomial(T, [α_1..α_T])`` with the overall word attention ``α_t`` of Eq. 7 (``word_weights
+    [B, T]``; padding is never drawn), is erased; the sentence keeps its length and structure.
+
+    Word ids long ``[B, T]``: the word becomes ``unk`` (the paper's "unknown" token). MiniLM word features
+    float ``[B, T, 384]``: the word piece's features become zeros, the MiniLM analogue of ``<unk>`` (there is
+    no unknown-word feature; the adapter maps zeros to its bias, one learned "unknown" embedding). The
+    other pieces keep their contextual features, which MiniLM computed with the erased piece in view.
+    Returns a copy (:func:`~engine.models.word_features.erase_words`).
+    """
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
     p = (word_weights.detach() * mask).clamp_min(0) + 1e-12 * mask
     draw_on = generator.device if generator is not None else p.device  # a generator draws on its own device
     pick = torch.multinomial((p / p.sum(1, keepdim=True)).to(draw_on), 1, generator=generator).squeeze(1).to(ids.device)
-    out[torch.arange(len(ids)), pick] = unk
-    return out
+    return erase_words(ids, torch.arange(len(ids), device=ids.device), pick, unk)
 
 
 def erase_subject(maps: Tensor, attention: Tensor, k: int) -> Tensor:
@@ -255,9 +273,9 @@ def erase_context(mask: Tensor, attention: Tensor, *, keep_first: bool = False) 
 
 
 class GroundingScorer:
-    """A trained CM-Att(-Erase) with its vocabulary: scores an image's candidate boxes against an expression."""
+    """A trained CM-Att(-Erase) with its text encoding (MiniLM or a vocabulary): scores an image's candidate boxes against an expression."""
 
-    def __init__(self, net: CMAttNet, vocab: Vocabulary, *, manifest: Manifest | None = None, name: str = "cm-att-erase") -> None:
+    def __init__(self, net: CMAttNet, vocab: TextWords, *, manifest: Manifest | None = None, name: str = "cm-att-erase") -> None:
         self.net = net.eval()
         self.vocab = vocab
         self.manifest = manifest
@@ -267,7 +285,9 @@ class GroundingScorer:
     def from_checkpoint(cls, spec: Path | str | None = None, *, device: str | torch.device = "cpu") -> "GroundingScorer":
         """Load a checkpoint file or installed name (``None``: the shipped ``cm-att-erase``); a clear
         :class:`CheckpointError` when it is missing or does not fit."""
-        manifest, vocab, net, path = load_text_model(spec, default="cm-att-erase", expected_model=MODEL_NAME, config_cls=CMAttConfig, net_cls=CMAttNet, retrain="engine train cm-att-erase")
+        manifest, vocab, net, path = load_text_model(
+            spec, default="cm-att-erase", expected_model=MODEL_NAME, config_cls=CMAttConfig, net_cls=CMAttNet, retrain="engine train cm-att-erase", device=device
+        )
         return cls(net.to(device), vocab, manifest=manifest, name=str(manifest.metrics.get("name", path.stem)))
 
     def payload(self) -> dict[str, Any]:

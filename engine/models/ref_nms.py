@@ -6,7 +6,9 @@ its score ``r_i`` times the proposal's objectness ``c_i`` is the suppression cri
 detector"); boxes with objectness below ``δ`` are dropped before the module (the paper's filter).
 
 Inputs of the module are the RoIAlign maps ``[C, 7, 7]`` of the proposals on the frozen backbone
-(the same maps the GRN reads), so ``e_v`` is a small convolutional head on them.
+(the same maps the GRN reads), so ``e_v`` is a small convolutional head on them. The expression's words
+enter ``e_q`` as the frozen MiniLM's word-piece features through a learned linear layer, or with
+``word_features="vocab"`` (the ablation) through a learned word table (:mod:`engine.models.word_features`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torchvision.ops import nms
 
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, load_text_model, text_model_payload
-from engine.models.vocab import Vocabulary
+from engine.models.word_features import TextWords, check_kind, word_embedding
 
 __all__ = ["MODEL_NAME", "REF_NMS_NAMES", "RefNMSConfig", "RelatednessModule", "RefNMSModel", "fused_nms"]
 
@@ -38,7 +40,9 @@ class RefNMSConfig:
 
     ``visual_dim``: channels of the RoI maps; ``dim``: ``q``, the size of word and fused features
     (the BiGRU has ``dim / 2`` units per direction); ``delta``: objectness filter ``δ``;
-    ``nms_iou``: IoU threshold of the (fused) NMS; ``loss``: ``"bce"`` (Eq. 3) or ``"rank"`` (Eq. 4).
+    ``nms_iou``: IoU threshold of the (fused) NMS; ``loss``: ``"bce"`` (Eq. 3) or ``"rank"`` (Eq. 4);
+    ``word_features``: ``minilm`` or ``vocab`` (the ablation; a stored config without it predates MiniLM
+    and reads its vocabulary).
     """
 
     visual_dim: int = 112
@@ -47,8 +51,10 @@ class RefNMSConfig:
     delta: float = 0.05
     nms_iou: float = 0.5
     loss: str = "bce"
+    word_features: str = "minilm"
 
     def __post_init__(self) -> None:
+        check_kind(self.word_features)
         if self.loss not in ("bce", "rank"):
             raise InvalidInputError(f"Ref-NMS loss must be 'bce' or 'rank', got {self.loss!r}")
         if self.dim % 2:
@@ -64,7 +70,9 @@ def _mlp(inp: int, out: int) -> nn.Sequential:
 
 
 class RelatednessModule(nn.Module):
-    """Eq. 1–2: per-box soft attention over BiGRU word features, fused with the box feature, sigmoid score."""
+    """Eq. 1–2: per-box soft attention over BiGRU word features, fused with the box feature, sigmoid score.
+
+    ``vocab_size`` counts ``<pad>`` = 0 and ``<unk>`` (unused with MiniLM word features)."""
 
     def __init__(self, config: RefNMSConfig, *, vocab_size: int) -> None:
         super().__init__()
@@ -73,8 +81,8 @@ class RelatednessModule(nn.Module):
         # e_v: the convolutional head over the RoI map, then spatial mean -> v_i
         # (1x1 reduction, then a 3x3 stride-2 conv: 7x7 -> 4x4; light enough to score 100 boxes per text on a CPU)
         self.head = nn.Sequential(nn.Conv2d(c.visual_dim, c.dim, 1), nn.ReLU(inplace=True), nn.Conv2d(c.dim, c.dim, 3, stride=2, padding=1), nn.ReLU(inplace=True))
-        # e_q: word embeddings and a Bi-GRU -> w_j
-        self.embed = nn.Embedding(vocab_size, c.word_dim, padding_idx=0)
+        # e_q: word embeddings (MiniLM features through a linear layer, or a word table) and a Bi-GRU -> w_j
+        self.embed = word_embedding(c.word_features, vocab_size=vocab_size, dim=c.word_dim)
         self.gru = nn.GRU(c.word_dim, c.dim // 2, batch_first=True, bidirectional=True)
         self.mlp_a = _mlp(c.dim, c.dim)
         self.fc_s = nn.Linear(2 * c.dim, 1)
@@ -87,14 +95,16 @@ class RelatednessModule(nn.Module):
         return self.head(maps.float() * self.input_scale).mean((2, 3))
 
     def words(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        """``w_j`` ``[B, L, q]`` (zero past each text's length)."""
+        """``w_j`` ``[B, L, q]`` (zero past each text's length) of word ids long ``[B, L]``, or with MiniLM
+        of word features float ``[B, L, 384]``."""
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
         return out
 
     def forward(self, maps: Tensor, text_index: Tensor, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """Relatedness logits ``r̂`` ``[N]`` and word attention ``α`` ``[N, L]`` of boxes ``maps[i]`` with text ``text_index[i]``."""
+        """Relatedness logits ``r̂`` ``[N]`` and word attention ``α`` ``[N, L]`` of boxes ``maps[i]`` with text ``text_index[i]``
+        (``ids``: ``[B, L]`` word ids or ``[B, L, 384]`` MiniLM features, as :meth:`words`)."""
         return self.relate(self.visual(maps), text_index, ids, lengths)
 
     def relate(self, v: Tensor, text_index: Tensor, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,9 +133,9 @@ def fused_nms(boxes: np.ndarray, objectness: np.ndarray, relatedness: np.ndarray
 
 
 class RefNMSModel:
-    """A trained relatedness module with its vocabulary: scores and expression-aware NMS for one image."""
+    """A trained relatedness module with its text encoding (MiniLM or a vocabulary): scores and expression-aware NMS for one image."""
 
-    def __init__(self, net: RelatednessModule, vocab: Vocabulary, *, manifest: Manifest | None = None, name: str = "ref-nms-b") -> None:
+    def __init__(self, net: RelatednessModule, vocab: TextWords, *, manifest: Manifest | None = None, name: str = "ref-nms-b") -> None:
         self.net = net.eval()
         self.vocab = vocab
         self.manifest = manifest
@@ -139,7 +149,9 @@ class RefNMSModel:
     def from_checkpoint(cls, spec: Path | str | None = None, *, device: str | torch.device = "cpu") -> "RefNMSModel":
         """Load a checkpoint file or installed name (``None``: the shipped ``ref-nms-r``, the better of the
         two on the synthetic test split); a clear :class:`CheckpointError` when it is missing or does not fit."""
-        manifest, vocab, net, path = load_text_model(spec, default="ref-nms-r", expected_model=MODEL_NAME, config_cls=RefNMSConfig, net_cls=RelatednessModule, retrain="engine train ref-nms-r")
+        manifest, vocab, net, path = load_text_model(
+            spec, default="ref-nms-r", expected_model=MODEL_NAME, config_cls=RefNMSConfig, net_cls=RelatednessModule, retrain="engine train ref-nms-r", device=device
+        )
         return cls(net.to(device), vocab, manifest=manifest, name=str(manifest.metrics.get("name", path.stem)))
 
     def payload(self) -> dict[str, Any]:
@@ -165,7 +177,8 @@ class RefNMSModel:
         return self.net.visual(maps_t).cpu().numpy().astype(np.float32)
 
     def relatedness(self, maps: np.ndarray, text: str) -> np.ndarray:
-        """``r_i`` ``[N]`` in (0, 1) of RoI maps ``[N, C, 7, 7]`` for ``text`` (unknown words are ``<unk>``)."""
+        """``r_i`` ``[N]`` in (0, 1) of RoI maps ``[N, C, 7, 7]`` for ``text`` (MiniLM reads any word; a
+        vocabulary reads a word outside it as ``<unk>``)."""
         return self.relatedness_from_features(self.visual_features(maps), text)
 
     @torch.no_grad()

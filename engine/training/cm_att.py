@@ -8,10 +8,13 @@
   with margin ``m``.
 * ``cm-att``: ``epochs + erase_epochs`` epochs of Eq. 1. ``cm-att-erase``: the same first ``epochs``
   (stage 1, no erasing), then ``erase_epochs`` with ``L = L_erase + L_rank`` (Eq. 2–3): per
-  expression one word drawn from the overall word attention is replaced by ``<unk>`` (Q*), and one
+  expression one word drawn from the overall word attention is replaced by ``<unk>`` (Q*; with MiniLM
+  word features the drawn word piece's features are zeroed instead, :func:`erase_query`), and one
   module drawn from the module weights has its input erased (O*): subject — the 3×3 window of the RoI
   map with the most spatial attention is zeroed; location / relationship — the most attended context
   object is dropped.
+* Words: the frozen MiniLM's word-piece features (``--text-encoder minilm``, the default) or the
+  vocabulary of the training expressions (``--text-encoder vocab``, the ablation).
 * The epoch with the best validation top-1 accuracy (ground-truth boxes) is kept.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.cm_att import CM_ATT_NAMES, FORMAT_VERSION, REGION_GROUNDING_NAME, MODEL_NAME, CMAttConfig, CMAttNet, GroundingScorer, erase_context, erase_query, erase_subject
 from engine.models.vocab import Vocabulary
+from engine.models.word_features import MiniLMWords, TextWords, build_words
 from engine.protocols.grounding import GroundingData, build_grounding_data, grounding_accuracy
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
 from engine.training.options import TrainOptions, read_splits
@@ -53,8 +57,9 @@ class CMAttTrainConfig:
 class _Batcher:
     """Turns batches of expression indices into Eq. 1 (and Eq. 2) losses."""
 
-    def __init__(self, data: GroundingData, vocab: Vocabulary, cfg: CMAttTrainConfig, seed: int) -> None:
+    def __init__(self, data: GroundingData, vocab: TextWords, cfg: CMAttTrainConfig, seed: int) -> None:
         self.data, self.vocab, self.cfg = data, vocab, cfg
+        self.unk = vocab.unk_index if isinstance(vocab, Vocabulary) else 0  # MiniLM: erasing zeroes features, no id is written
         self.gen = torch.Generator().manual_seed(seed)
 
     def batches(self, rng: np.random.Generator, erase: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
@@ -99,7 +104,7 @@ class _Batcher:
         if not erase:
             return loss
         # Eq. 2: erased query Q*_i with O_i and O_j; erased visual input O*_i with Q_i and Q_j
-        q_star = erase_query(ids, lengths, att["words"], self.vocab.unk_index, self.gen)
+        q_star = erase_query(ids, lengths, att["words"], self.unk, self.gen)
         s_iq, _ = net(pos, own, q_star, lengths, image)
         s_jq, _ = net(neg, own, q_star, lengths, image)
         o_star = self._erase_visual(pos, att)
@@ -149,18 +154,21 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     backbone = create_backbone(BackboneConfig(), device=device)
     cache = FeatureCache(data, RegionFeatureExtractor(backbone=backbone), cache_dir=options.cache_dir)
     cache.build(dataset.images, progress=options.progress)
-    config = CMAttConfig()
+    config = CMAttConfig(word_features=options.text_encoder)
     train_data = build_grounding_data(train.images, cache, config, targets=targets)
     if not len(train_data.texts):
         raise InvalidInputError(f"{data} has no {'region descriptions' if targets == 'regions' else 'referring expressions (refs)'} in the train split to train {name} on")
     val_data = build_grounding_data(val.images, cache, config, targets=targets)
-    vocab = Vocabulary.build(train_data.texts, min_count=cfg.min_word_count)
+    test_data = build_grounding_data(test.images, cache, config, targets=targets)
+    vocab = build_words(config.word_features, train_data.texts, min_count=cfg.min_word_count, device=device)
+    if isinstance(vocab, MiniLMWords):  # batched MiniLM passes over every split's texts, not one pass per evaluated text
+        vocab.features([*train_data.texts, *val_data.texts, *test_data.texts])
     net = CMAttNet(config, vocab_size=len(vocab))
     rms = float(train_data.candidates.maps.float().pow(2).mean().sqrt())
     net.input_scale.fill_(1.0 / max(rms, 1e-6))
     net.to(device)
     batcher = _Batcher(train_data, vocab, cfg, options.seed)
-    log.info("%s: %d training expressions over %d objects, vocabulary of %d, device %s", name, len(train_data.texts), len(train_data.candidates.maps), len(vocab), device)
+    log.info("%s: %d training expressions over %d objects, words %r, device %s", name, len(train_data.texts), len(train_data.candidates.maps), vocab, device)
 
     def validate(model: CMAttNet) -> dict[str, float]:
         return {"acc": grounding_accuracy(GroundingScorer(model, vocab, name=name), val_data)} if len(val_data.texts) else {}
@@ -183,15 +191,14 @@ def train_cm_att(name: str, options: TrainOptions, *, train_config: CMAttTrainCo
     )
     net.eval()
     scorer = GroundingScorer(net, vocab, name=name)
-    test_data = build_grounding_data(test.images, cache, config, targets=targets)
     test_acc = grounding_accuracy(scorer, test_data) if len(test_data.texts) else None
     seconds = time.perf_counter() - started
     out = Path(options.out) if options.out is not None else Path(f"{name}.pt")
     manifest = Manifest(
         model=MODEL_NAME,
         version=f"{MODEL_NAME}:{FORMAT_VERSION}",
-        config={**config.to_dict(), "train": {**asdict(cfg), "stage1_epochs": stage1, "stage2_epochs": stage2, "erasing": erasing, "targets": targets}, "vocab_size": len(vocab)},
-        command=options.command or f"train_cm_att({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}))",
+        config={**config.to_dict(), "train": {**asdict(cfg), "stage1_epochs": stage1, "stage2_epochs": stage2, "erasing": erasing, "targets": targets}, "vocab_size": len(vocab), "text": repr(vocab)},
+        command=options.command or f"train_cm_att({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, text_encoder={options.text_encoder!r}))",
         data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(train_data.texts)} training expressions)",
         seed=options.seed,
         metrics={"name": name, "best_epoch": result.best_epoch, "val": result.best_metrics, "history": result.history, "test_gt_acc": test_acc, "train_seconds": round(seconds, 1)},

@@ -11,6 +11,8 @@
   ``q_i = ⌈max(0, ρ_i − 0.5) / 0.1⌉`` (ρ_i: the box's largest IoU with the foreground); every box
   with ρ > 0.5 is a positive; its negatives are the top-h boxes by predicted relatedness among those
   with a smaller q.
+* Words: the frozen MiniLM's word-piece features (``--text-encoder minilm``, the default) or the
+  vocabulary of the training expressions (``--text-encoder vocab``, the ablation).
 * Each step samples up to ``boxes_per_text`` of an expression's boxes (all with ρ > 0.5, the rest
   at random) to keep a CPU step short; 8 expressions per step (the paper's batch size), Adam (lr 5e-3 for the module, cosine decay);
   the epoch with the best validation referent recall in the ``real`` setting is kept.
@@ -32,7 +34,7 @@ from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest, save_checkpoint
 from engine.models.ref_nms import FORMAT_VERSION, MODEL_NAME, REF_NMS_NAMES, RefNMSConfig, RefNMSModel, RelatednessModule
-from engine.models.vocab import Vocabulary
+from engine.models.word_features import MiniLMWords, TextWords, build_words
 from engine.protocols.proposals import image_proposals
 from engine.protocols.ref_nms import RefTarget, evaluate_ref_proposals, ref_targets
 from engine.training.loop import cosine_schedule, epoch_rngs, fit
@@ -94,7 +96,7 @@ def _items(targets: list[RefTarget], proposals: dict[str, tuple[np.ndarray, np.n
 
 
 class _Batcher:
-    def __init__(self, items: list[_Item], region_maps: Any, vocab: Vocabulary, loss: str, cfg: RefNMSTrainConfig) -> None:
+    def __init__(self, items: list[_Item], region_maps: Any, vocab: TextWords, loss: str, cfg: RefNMSTrainConfig) -> None:
         self.items, self.region_maps, self.vocab, self.kind, self.cfg = items, region_maps, vocab, loss, cfg
 
     def batches(self, rng: np.random.Generator) -> Iterator[list[_Item]]:
@@ -148,7 +150,7 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
 
     started = time.perf_counter()
     cfg = train_config or RefNMSTrainConfig()
-    config = RefNMSConfig(loss="bce" if name == "ref-nms-b" else "rank")
+    config = RefNMSConfig(loss="bce" if name == "ref-nms-b" else "rank", word_features=options.text_encoder)
     epochs = options.epochs if options.epochs is not None else cfg.epochs
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
@@ -164,14 +166,16 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     targets = ref_targets(train.images)
     if not targets:
         raise InvalidInputError(f"{data} has no referring expressions (refs) in the train split to train Ref-NMS on")
-    vocab = Vocabulary.build([t.expression for t in targets], min_count=cfg.min_word_count)
+    vocab = build_words(config.word_features, [t.expression for t in targets], min_count=cfg.min_word_count, device=device)
+    if isinstance(vocab, MiniLMWords):  # batched MiniLM passes over every split's texts, not one pass per evaluated text
+        vocab.features([t.expression for t in targets + ref_targets(val.images) + ref_targets(test.images)])
     net = RelatednessModule(config, vocab_size=len(vocab))
     items = _items(targets, proposals, config.delta)
     sample = np.concatenate([cache.region_maps(it.target.image, it.boxes[:8]) for it in items[:: max(1, len(items) // 200)]])
     net.input_scale.fill_(1.0 / max(float(np.sqrt((sample.astype(np.float64) ** 2).mean())), 1e-6))
     net.to(device)
     batcher = _Batcher(items, cache.region_maps, vocab, config.loss, cfg)
-    log.info("%s: %d training expressions, %d RPN boxes, vocabulary of %d, device %s", name, len(items), sum(len(it.boxes) for it in items), len(vocab), device)
+    log.info("%s: %d training expressions, %d RPN boxes, words %r, device %s", name, len(items), sum(len(it.boxes) for it in items), vocab, device)
 
     def validate(model: RelatednessModule) -> dict[str, float]:
         rows = evaluate_ref_proposals(val.images, proposals, cache.region_maps, [RefNMSModel(model, vocab, name=name)], ns=(5,), delta=config.delta, nms_iou=config.nms_iou)
@@ -207,8 +211,8 @@ def train_ref_nms(name: str, options: TrainOptions, *, train_config: RefNMSTrain
     manifest = Manifest(
         model=MODEL_NAME,
         version=f"{MODEL_NAME}:{FORMAT_VERSION}",
-        config={**config.to_dict(), "train": {**asdict(cfg), "epochs": epochs, "rpn": network.version}, "vocab_size": len(vocab)},
-        command=options.command or f"train_ref_nms({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}))",
+        config={**config.to_dict(), "train": {**asdict(cfg), "epochs": epochs, "rpn": network.version}, "vocab_size": len(vocab), "text": repr(vocab)},
+        command=options.command or f"train_ref_nms({name!r}, TrainOptions(data={str(data)!r}, seed={options.seed}, epochs={epochs}, text_encoder={options.text_encoder!r}))",
         data=f"{data} ({dataset.name}: {len(train.images)} train / {len(val.images)} val / {len(test.images)} test images; {len(items)} training expressions)",
         seed=options.seed,
         metrics={
