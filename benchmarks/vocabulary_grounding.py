@@ -3,7 +3,7 @@ vocabulary``), measured on the stamps world: each object's own description ("a r
 among its image's RPN proposals; right when the chosen box has IoU > 0.5 with the object's box.
 
 Variants, all from one scoring pass per image: ConSE alone, the text projection alone, and the shipped
-``concept + w · projection`` for a few ``w``; ``oracle`` is the share of objects some proposal covers
+``concept + w · projection`` for a few ``w``; ``mcb attention`` is MCB's box (``--mcb`` another checkpoint); ``oracle`` is the share of objects some proposal covers
 (IoU > 0.5), the ceiling of any choice among them. ``--split val`` fits, ``--split test`` reports; 95 %
 bootstrap intervals over phrases. Writes ``benchmarks/results/vocabulary-grounding-<split>.json``.
 
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--images", type=int, default=150, help="the split's first N images")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--mcb", type=Path, help="an MCB checkpoint to compare instead of the shipped one")
     args = ap.parse_args()
     from engine.api import Engine
     from engine.boxes import box_iou
@@ -47,7 +48,7 @@ def main() -> None:
     rows: dict[str, list[bool]] = {"concept": [], "projection": [], "oracle": [], **{f"w={w}": [] for w in WEIGHTS}, **{f"+{a}*objectness": [] for a in PRIORS}, "mcb attention": []}
     from query.explain import AttentionGrounder
 
-    mcb = AttentionGrounder()
+    mcb = AttentionGrounder(args.mcb)
     for ann in images:
         objects = [r for r in ann.regions if r.description and len(r.objects) == 1]
         if not objects:
@@ -71,6 +72,7 @@ def main() -> None:
         "images": len(images),
         "accuracy": {name: bootstrap(np.asarray(v, np.float64)) for name, v in rows.items()},
         "shipped_weight": grounder.projection_weight,
+        "mcb": mcb.model.version if hasattr(mcb.model, "version") else str(args.mcb or "mcb"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     for name, r in result["accuracy"].items():

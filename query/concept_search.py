@@ -17,19 +17,19 @@ know (the shapes world's vocabulary) keep the GRN / SAN / stage-3 path they were
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.models.concepts import conse_scores
 from engine.models.vocab import tokenize
-from indexer.arrays import CONCEPT_ARRAY, VECTOR_ARRAY
+from indexer.arrays import CONCEPT_ARRAY, SAN_ARRAY, VECTOR_ARRAY
 from indexer.region_table import Regions
 from indexer.store import IndexStore
 from query.rerank import Rescorer, StageScores, visual_cosine
 
-__all__ = ["ConceptRescorer", "concept_scores", "best_first", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
+__all__ = ["ConceptRescorer", "SanPart", "concept_scores", "best_first", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
 
 
 def content_words(text: str) -> list[str]:
@@ -72,21 +72,42 @@ def best_first(regions: Regions, scores: np.ndarray, count: int) -> tuple[Region
     return regions.take(head), scores[head]
 
 
-def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int) -> tuple[Regions, StageScores]:
+@dataclass(frozen=True)
+class SanPart:
+    """SAN's part in a text-only query through the vocabulary: its text vector ``t_g`` (searched in the
+    ``san`` FAISS file for candidates), the full model's ``score`` of candidates (feature rows → cosines,
+    :class:`~query.rerank.SanRescorer`), and its ``weight`` in the sum."""
+
+    vector: np.ndarray
+    score: Callable[[np.ndarray], StageScores]
+    weight: float
+
+
+def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int, san: SanPart | None = None) -> tuple[Regions, StageScores]:
     """A text-only query's candidates and their scores: the ``count`` best of ``regions`` by their ConSE
     score ``concept`` and, with a ``projected`` text (a unit vector in the visual key space), its ``count``
-    best matches in the visual FAISS file; each scored ``concept + weight · projection``, the projection
-    part being the exact cosine with the stored key. Without a projection: the ConSE ranking alone."""
+    best matches in the visual FAISS file, and with ``san`` SAN's ``count`` best matches in its FAISS file;
+    each scored ``concept + weight · projection + san.weight · san``, the projection part being the exact
+    cosine with the stored key, SAN's the full model's score. Without either: the ConSE ranking alone."""
     head, head_scores = best_first(regions, concept, count)
-    if projected is None:
+    if projected is None and san is None:
         return head, StageScores(final=head_scores, concept=head_scores)
-    _, ids = store.search(np.asarray(projected, np.float32)[None], min(count, len(regions)) or 1, array=VECTOR_ARRAY)
-    chosen = np.isin(regions.ids, head.ids) | np.isin(regions.ids, ids[0][ids[0] >= 0])
+    chosen = np.isin(regions.ids, head.ids)
+    for vector, array in ((projected, VECTOR_ARRAY), (None if san is None else san.vector, SAN_ARRAY)):
+        if vector is not None:
+            _, ids = store.search(np.asarray(vector, np.float32)[None], min(count, len(regions)) or 1, array=array)
+            chosen |= np.isin(regions.ids, ids[0][ids[0] >= 0])
     pool = regions.take(np.nonzero(chosen)[0])
     pool_concept = concept[chosen]
-    projection = visual_cosine(store, projected, pool.rows)
-    final = (pool_concept + np.float32(weight) * projection).astype(np.float32)
-    return pool, StageScores(final=final, concept=pool_concept, projection=projection)
+    final = pool_concept.astype(np.float32)
+    projection = san_scores = None
+    if projected is not None:
+        projection = visual_cosine(store, projected, pool.rows)
+        final = final + np.float32(weight) * projection
+    if san is not None:
+        san_scores = san.score(pool.rows).final
+        final = final + np.float32(san.weight) * san_scores
+    return pool, StageScores(final=final.astype(np.float32), concept=pool_concept, projection=projection, san=san_scores)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from query.localize import GroundingModels, GroundingStage, Stage3Candidates, be
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import Candidates, SearchOptions, ranked_hits, search_regions
-from query.concept_search import ConceptRescorer, concept_gate, concept_scores, text_candidates, text_models_cover
+from query.concept_search import ConceptRescorer, SanPart, concept_gate, concept_scores, text_candidates, text_models_cover
 from engine.models.concepts import conse_scores
 
 if TYPE_CHECKING:  # the models' classes, named for the types only
@@ -113,6 +113,9 @@ class PipelineSettings(Protocol):
     @property
     def projection_weight(self) -> float: ...
 
+    @property
+    def san_weight(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -126,6 +129,12 @@ class PreparedQuery:
     extra_ids: tuple[int, ...] = ()
     relevance: np.ndarray | None = None  # a text-only query through the open vocabulary: its class relevances
     projected: np.ndarray | None = None  # and its text in the visual key space (the text projection), if any
+    san: SanPart | None = None  # and SAN's part, when SAN reads every word (MiniLM) and has a weight
+
+
+def reads_every_word(words: object) -> bool:
+    """Whether a text model's word encoding reads any English word (MiniLM word features, not a vocabulary)."""
+    return getattr(words, "kind", "vocab") == "minilm"
 
 
 class QueryPipeline:
@@ -165,7 +174,7 @@ class QueryPipeline:
                 query = EncodedQuery(vector=np.zeros(0, np.float32), array=CONCEPT_ARRAY, stage1="concept")
                 sentence = self.models.concept_vocabulary.text_vector(text)
                 relevance = self.models.concept_vocabulary.table.relevance(sentence)
-                return PreparedQuery(request=request, query=query, options=options, relevance=relevance, projected=self.text_key(sentence))
+                return PreparedQuery(request=request, query=query, options=options, relevance=relevance, projected=self.text_key(sentence), san=self.san_part(text))
             query = self.encode_text(text)
             rescore: Rescorer | None = SanRescorer(store=self.store, model=self.models.san_encoder.model, text=text)
             extra: tuple[int, ...] = ()
@@ -190,7 +199,7 @@ class QueryPipeline:
         options = prepared.options if k is None else replace(prepared.options, k=k)
         query = prepared.query
         if prepared.relevance is not None:
-            return self.rank_concepts(prepared.relevance, options, prepared.projected)
+            return self.rank_concepts(prepared.relevance, options, prepared.projected, prepared.san)
         return search_regions(self.store, query.vector, options, prepared.rescore, array=query.array, stage1=query.stage1, extra_ids=prepared.extra_ids)
 
     def grounds(self, prepared: PreparedQuery) -> bool:
@@ -238,10 +247,14 @@ class QueryPipeline:
 
     def through_concepts(self, text: str, *, combined: bool) -> bool:
         """Whether ``text`` goes through the open vocabulary: the index has it, and the first-wave text model of
-        the query kind (the GRN for a combined query, SAN for a text-only one) does not know every content word."""
+        the query kind (the GRN for a combined query, SAN for a text-only one) does not know every content word.
+        A text-only query always does when SAN reads MiniLM word features: SAN is then one of its parts
+        (:meth:`san_part`)."""
         if not self.uses_concepts():
             return False
         vocab = self.models.retrieval_model.vocab if combined else self.models.san_encoder.model.vocab
+        if not combined and reads_every_word(vocab):
+            return True
         return vocab is None or not text_models_cover(text, vocab)
 
     def gates_with_san(self) -> bool:
@@ -272,13 +285,14 @@ class QueryPipeline:
         gate = concept_gate(own, floor=self.config.concept_gate[0], ceiling=self.config.concept_gate[1])
         return ConceptRescorer(store=self.store, base=self.layout_scorer(query), vector=query.vector, relevance=relevance, weight=self.config.concept_weight, gate=gate)
 
-    def rank_concepts(self, relevance: np.ndarray, options: SearchOptions, projected: np.ndarray | None = None) -> list[Hit]:
+    def rank_concepts(self, relevance: np.ndarray, options: SearchOptions, projected: np.ndarray | None = None, san: SanPart | None = None) -> list[Hit]:
         """A text-only query through the open vocabulary: every region scored by ConSE, and with the text
-        ``projected`` into the visual key space its FAISS matches too (:func:`~query.concept_search.text_candidates`)."""
+        ``projected`` into the visual key space its FAISS matches too, and with ``san`` SAN's
+        (:func:`~query.concept_search.text_candidates`)."""
         regions, scores = concept_scores(self.store, relevance)  # every region scored once
         fetch = min(len(regions), options.shortlist)
         while True:
-            pool, parts = text_candidates(self.store, regions, scores, projected, self.config.projection_weight, fetch)
+            pool, parts = text_candidates(self.store, regions, scores, projected, self.config.projection_weight, fetch, san)
             hits = ranked_hits(self.store, Candidates(pool, parts.concept, "concept"), replace(parts, concept=None), options)
             if len(hits) >= options.k or fetch >= len(regions):
                 return hits[: options.k]
@@ -289,6 +303,17 @@ class QueryPipeline:
         (``None`` when the engine has none or ``config.projection_weight`` is 0)."""
         projection = self.models.text_projection if self.config.projection_weight > 0 else None
         return None if projection is None else projection.apply(sentence)
+
+    def san_part(self, text: str) -> SanPart | None:
+        """SAN's part in a text-only query through the open vocabulary: when SAN reads every word (MiniLM),
+        ``config.san_weight`` is positive and the index holds this SAN's vectors; else ``None``."""
+        if self.config.san_weight <= 0 or not self.config.san or not self.store.has_array(SAN_ARRAY):
+            return None
+        model = self.models.san_encoder.model
+        if not reads_every_word(model.vocab):
+            return None
+        self.check_san_index()
+        return SanPart(vector=model.text_vector(text), score=SanRescorer(store=self.store, model=model, text=text), weight=self.config.san_weight)
 
     def encode_text(self, text: str) -> EncodedQuery:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""

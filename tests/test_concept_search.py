@@ -208,3 +208,32 @@ def test_query_cli_weights_of_the_open_vocabulary(photo_engine) -> None:
     assert json.loads(unweighted.output)["hits"][0]["score"] == pytest.approx(alone[0].score, abs=1e-5)  # the text weighs nothing
     misplaced = CliRunner().invoke(main, [*index, *region, "--text", "a cat", "--weight-projection", "1"])
     assert misplaced.exit_code != 0 and "--weight-projection weighs the text projection in a text-only query" in misplaced.output
+
+
+def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp_path: Path) -> None:
+    import skimage.data
+    from dataclasses import replace
+
+    from engine.training.options import TrainOptions
+    from engine.training.san import SANTrainConfig, train_san
+
+    san = tmp_path / "san.pt"
+    options = TrainOptions(data=tiny_corpus, out=san, epochs=1, progress=False, cache_dir=tmp_path / "cache")
+    train_san("san", options, train_config=SANTrainConfig(batch_size=16, warmup_epochs=0), model_overrides={"embed_dim": 16, "word_dim": 16, "attn_dim": 8})
+    corpus = tmp_path / "photos"
+    corpus.mkdir()
+    for name in ("chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(corpus / f"{name}.jpg", quality=92)
+    config = EngineConfig(san_checkpoint=san, san_weight=2.0)
+    with Engine(tmp_path / "index", config=config) as engine:
+        engine.index(corpus)
+        for text in ("a kitten", "a red circle"):  # shapes words too: SAN reads every word, so it is one part of every text-only query
+            hits = engine.search(text=text, k=3)
+            assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san"}
+            for h in hits:
+                expected = h.scores["concept"] + config.projection_weight * h.scores["projection"] + 2.0 * h.scores["san"]
+                assert h.score == pytest.approx(expected, abs=1e-4)
+        store = engine.pipeline.store
+        assert store.read_arrays("san", store.all_regions().rows[:2]).shape == (2, 16)  # this SAN's vectors were indexed
+    with Engine(tmp_path / "index", config=replace(config, san_weight=0.0)) as plain:
+        assert set(plain.search(text="a kitten", k=1)[0].scores) == {"concept", "projection"}

@@ -92,6 +92,8 @@ class SearchEvalConfig:
     concept_weight: float | None = None  # None: the engine's default (EngineConfig.concept_weight)
     san_gate: float | None = None  # None: the engine's default (EngineConfig.san_gate)
     projection_weight: float | None = None  # None: the engine's default (EngineConfig.projection_weight)
+    san_weight: float | None = None  # None: the engine's default (EngineConfig.san_weight)
+    san_checkpoint: Path | None = None  # None: the shipped SAN (EngineConfig.san_checkpoint)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -146,7 +148,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, PROJECTION_WEIGHT, SAN_GATE
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_WEIGHT
 
         c = self.config
         return {
@@ -163,6 +165,8 @@ class SearchEvalResult:
             "concept_gate": list(CONCEPT_GATE),
             "san_gate": c.san_gate if c.san_gate is not None else SAN_GATE,
             "projection_weight": c.projection_weight if c.projection_weight is not None else PROJECTION_WEIGHT,
+            "san_weight": c.san_weight if c.san_weight is not None else SAN_WEIGHT,
+            "san_checkpoint": str(c.san_checkpoint) if c.san_checkpoint is not None else "san",
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -381,6 +385,10 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, san_gate=config.san_gate)
     if config.projection_weight is not None:
         settings = replace(settings, projection_weight=config.projection_weight)
+    if config.san_weight is not None:
+        settings = replace(settings, san_weight=config.san_weight)
+    if config.san_checkpoint is not None:
+        settings = replace(settings, san_checkpoint=Path(config.san_checkpoint))
     with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
         if summary.errors:
