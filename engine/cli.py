@@ -22,9 +22,11 @@ from engine.commands.ground import ground_command
 from engine.commands.models import models_command
 from engine.commands.options import device_option, index_option, json_option
 from engine.commands.saliency import saliency_command
+from engine.commands.serve import serve_command
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
 from engine.errors import EngineError
+from engine.results import hits_payload
 from engine.commands.remove import compact_command, remove_command
 
 __all__ = ["main"]
@@ -166,8 +168,10 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--save-vis", type=click.Path(file_okay=False, path_type=Path), help="Write query.png (the query region, or a card with the text of a text-only query), hit_NN.png and contact_sheet.png with boxes drawn into this folder.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a self-contained gallery page (query, hits with boxes, every score) to this file.")
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the map of the text over the hit image (MCB attention; for a text read through the open vocabulary, its scores of the image's proposals).")
+@click.option("--server", envvar="ENGINE_SERVER", help="Send the query to a running `engine serve` at this address (or set ENGINE_SERVER), e.g. http://127.0.0.1:8000, instead of loading the models here; same output.")
+@click.option("--token", envvar="ENGINE_TOKEN", help="With --server: the server's bearer token (or set ENGINE_TOKEN).")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -176,10 +180,19 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
       engine query --text "a red circle left of a blue square" -k 5 --html hits.html
       engine query --region-id 1234 --max-per-image 3
       engine query --batch queries.jsonl --out results.jsonl
+      engine query --server http://127.0.0.1:8000 --image q.jpg --region 40,60,200,220 --json
     """
+    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection)
+    if server:
+        from engine.server.client import RemoteQuery
+
+        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection), ground=ground, local_only=(batch_file, save_vis, html_file, explain))
+        fields = {"k": k, "exclude_self": exclude_self, "path_glob": path_glob, "min_score": min_score, "max_per_image": max_per_image}
+        remote = RemoteQuery(image=image, region=None if region is None else ",".join(repr(float(v)) for v in region), region_id=region_id, text=text, fields={n: v for n, v in fields.items() if v is not None})
+        _query_server(server, remote, token=token, as_json=as_json)
+        return
     from query.filters import HitFilter
 
-    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection)
     engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection)
     filters = HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image)
     if batch_file is not None:
@@ -202,7 +215,7 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
         through_vocabulary = any("concept" in h.scores for h in hits)
         explain_hits(engine.vocabulary_grounder() if through_vocabulary else AttentionGrounder(device=device), hits, text, explain)
     if as_json:
-        click.echo(json.dumps({"hits": [h.to_dict() for h in hits]}))
+        click.echo(json.dumps(hits_payload(hits)))
         return
     _print_hits(hits)
     for path, what in ((save_vis, "pictures written to {}/ (contact_sheet.png shows them all)"), (html_file, "gallery written to {}"), (explain, "explanation pictures written to {}/ (explain_NN.png per hit)")):
@@ -230,6 +243,29 @@ def _check_query_options(image, region, region_id, text, weight_text, weight_ima
         raise click.UsageError("--weight-concept weighs the text of a combined query: give --text and --image (or --region-id)")
     if weight_projection is not None and (not text or image is not None or region_id is not None):
         raise click.UsageError("--weight-projection weighs the text projection in a text-only query: give --text alone")
+
+
+def _check_remote_options(*, device: str, weights: tuple, ground: bool, local_only: tuple) -> None:  # noqa: ANN001
+    """Usage errors of options that only a local query has (the server's models and weights are its own)."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("index_dir") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--index goes with a local query; with --server the server's index answers (leave out one of them)")
+    if device != "auto" or any(w is not None for w in weights) or not ground:
+        raise click.UsageError("--device, --weight-* and --no-ground set up local models; with --server the server's settings answer (leave them out)")
+    if any(v is not None for v in local_only):
+        raise click.UsageError("--batch, --save-vis, --html and --explain work on a local index only; with --server use --json or the table")
+
+
+def _query_server(server: str, remote, *, token: str | None, as_json: bool) -> None:  # noqa: ANN001
+    """Print a running server's answer to ``remote`` as a local query prints its hits."""
+    from engine.results import Hit
+    from engine.server.client import search_remote
+
+    payload = search_remote(server, remote, token=token)
+    if as_json:
+        click.echo(json.dumps(payload))
+        return
+    _print_hits([Hit.from_dict(h) for h in payload["hits"]])
 
 
 def _run_batch(engine, batch_file: Path, out_file: Path, *, k: int, exclude_self: bool, filters) -> None:  # noqa: ANN001
@@ -289,5 +325,6 @@ main.add_command(compact_command)
 main.add_command(bench_command)
 main.add_command(check_command)
 main.add_command(data_group)
+main.add_command(serve_command)
 if __name__ == "__main__":
     main()

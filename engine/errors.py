@@ -9,6 +9,7 @@ __all__ = [
     "EngineError",
     "InvalidInputError",
     "InvalidBoxError",
+    "UnknownIdError",
     "ImageReadError",
     "AnnotationError",
     "DatasetFormatError",
@@ -35,6 +36,10 @@ class InvalidInputError(EngineError, ValueError):
 
 class InvalidBoxError(InvalidInputError):
     """A box is malformed, empty, or outside its image."""
+
+
+class UnknownIdError(InvalidInputError):
+    """An image or region id that the index does not hold."""
 
 
 class ImageReadError(EngineError):

@@ -1,11 +1,12 @@
 """Typed results of the public API. Their ``to_dict`` forms are the stable ``--json`` output."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.boxes import Box
 
-__all__ = ["Hit"]
+__all__ = ["Hit", "hits_payload"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,15 @@ class Hit:
         if self.scores:
             out["scores"] = {k: round(float(v), 6) for k, v in self.scores.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "Hit":
+        """The hit of a :meth:`to_dict` form (e.g. a server's answer)."""
+        box = tuple(float(v) for v in data["box"])  # type: ignore[union-attr]
+        scores = {str(k): float(v) for k, v in dict(data.get("scores") or {}).items()}  # type: ignore[call-overload]
+        return cls(image=str(data["image"]), box=box, score=float(data["score"]), region_id=int(data["region_id"]), scores=scores)  # type: ignore[arg-type]
+
+
+def hits_payload(hits: Iterable[Hit]) -> dict[str, list[dict[str, object]]]:
+    """``{"hits": [...]}``: what ``engine query --json`` prints and ``POST /api/search`` answers (one form for both)."""
+    return {"hits": [h.to_dict() for h in hits]}

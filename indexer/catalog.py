@@ -28,6 +28,7 @@ __all__ = [
     "ImageRecord",
     "RegionBatch",
     "RegionRow",
+    "ImageEntry",
     "DeletedImages",
     "RunCounts",
     "CatalogCounts",
@@ -68,6 +69,19 @@ class RegionBatch:
     objectness: np.ndarray
     source: str
     arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """An indexed image as a listing shows it: its id, absolute path and pixel size."""
+
+    id: int
+    path: str
+    width: int | None
+    height: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.id, "path": self.path, "width": self.width, "height": self.height}
 
 
 @dataclass(frozen=True)
@@ -329,6 +343,20 @@ class Catalog:
                 for path, blob in s.execute(select(Image.path, Image.vector).where(Image.path.in_(chunk), Image.vector.is_not(None))):
                     out[path] = np.frombuffer(blob, dtype=np.float16).astype(np.float32)
         return out
+
+    def indexed_image(self, image_id: int) -> ImageEntry | None:
+        """The indexed image ``image_id`` (``None`` when no indexed image has that id; error rows do not count)."""
+        with self.db.read() as s:
+            row = s.execute(select(Image.id, Image.path, Image.width, Image.height).where(Image.id == int(image_id), Image.status == "indexed")).first()
+        return None if row is None else ImageEntry(id=row.id, path=row.path, width=row.width, height=row.height)
+
+    def indexed_images(self, *, offset: int = 0, limit: int = 100) -> list[ImageEntry]:
+        """Indexed images by id, ``limit`` of them from the ``offset``-th."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(Image.id, Image.path, Image.width, Image.height).where(Image.status == "indexed").order_by(Image.id).offset(int(offset)).limit(int(limit))
+            ).all()
+        return [ImageEntry(id=r.id, path=r.path, width=r.width, height=r.height) for r in rows]
 
     def errors(self) -> list[tuple[str, str]]:
         with self.db.read() as s:

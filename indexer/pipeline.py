@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,9 +24,12 @@ from indexer.catalog import RunCounts
 from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
 from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
 
-__all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE"]
+__all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE", "ProgressCallback"]
 
 log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""``on_progress(done, total)``: images processed so far of those the run's scan planned to process."""
 
 INDEX_DISK_ADVICE = "free space and re-run `engine index`, which resumes where it stopped (everything committed so far is kept)"
 
@@ -80,19 +83,20 @@ class IndexingPipeline:
         self.ref_nms = ref_nms  # computes the stored Ref-NMS visual features (array ``refnms``)
         self.concepts = concepts  # each region's ImageNet class evidence (array ``concepts``)
 
-    def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = ()) -> IndexSummary:
+    def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = (), on_progress: ProgressCallback | None = None) -> IndexSummary:
         """Index ``corpus``; a full disk is one :class:`DiskFullError` (the cause chained), and
-        everything committed before it is kept."""
+        everything committed before it is kept. ``on_progress(done, total)`` is called once the scan
+        has planned the images to process, and after each committed batch."""
         corpus = corpus.resolve()
         try:
-            return self._run(corpus, progress=progress, skip=skip)
+            return self._run(corpus, progress=progress, skip=skip, on_progress=on_progress)
         except Exception as exc:
             full = disk_full_error(exc, doing=f"indexing {corpus} into {self.store.layout.root}", advice=INDEX_DISK_ADVICE, where=self.store.layout.root)
             if full is not None:
                 raise full from exc
             raise
 
-    def _run(self, corpus: Path, *, progress: bool, skip: tuple[Path, ...]) -> IndexSummary:
+    def _run(self, corpus: Path, *, progress: bool, skip: tuple[Path, ...], on_progress: ProgressCallback | None = None) -> IndexSummary:
         start = time.perf_counter()
         scan = scan_corpus(corpus, skip=skip)
         plan = plan_scan(scan.files, self.store.known_images(str(corpus)), scan.issues)
@@ -102,11 +106,15 @@ class IndexingPipeline:
         try:
             counts["removed"] = self.store.delete_images(plan.deleted).images if plan.deleted else 0
             self._record_issues(run_id, plan.issues, counts)
-            since_save = 0
+            since_save, seen = 0, 0
+            report = on_progress or (lambda done, total: None)
+            report(0, len(plan.todo))
             with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
                 for batch in _chunks(plan.todo, self.batch_size):
                     done = self._process_batch(run_id, batch, counts)
                     since_save += done
+                    seen += len(batch)
+                    report(seen, len(plan.todo))
                     bar.update(len(batch))
                     bar.set_postfix(regions=counts["regions_added"], errors=counts["errors"])
                     if since_save >= self.save_every:

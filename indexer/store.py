@@ -53,6 +53,7 @@ from indexer.arrays import (
 from indexer.catalog import (
     Catalog,
     DeletedImages,
+    ImageEntry,
     ImageRecord,
     RegionBatch,
     RegionRow,
@@ -87,6 +88,7 @@ __all__ = [
     "CONCEPT_ARRAY",
     "StoreConfig",
     "ImageRecord",
+    "ImageEntry",
     "RegionBatch",
     "RegionRow",
     "IndexInfo",
@@ -570,6 +572,14 @@ class IndexStore:
             dead_rows=dead_rows,
             dead_bytes=dead_rows * sum(spec.row_bytes for spec in self._specs.values()),
         )
+
+    def image(self, image_id: int) -> ImageEntry | None:
+        """The indexed image ``image_id``; ``None`` when the index holds no indexed image with that id."""
+        return self._catalog.indexed_image(image_id)
+
+    def images(self, *, offset: int = 0, limit: int = 100) -> list[ImageEntry]:
+        """Indexed images by id, ``limit`` of them from the ``offset``-th."""
+        return self._catalog.indexed_images(offset=offset, limit=limit)
 
     def errors(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of every image recorded with status 'error', by path."""

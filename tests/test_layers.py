@@ -11,7 +11,7 @@ module may import its own layer and the layers below it, bottom to top:
 3. ``engine.protocols``: each paper's targets and metrics on computed features
 4. ``query``: the query pipeline
 5. ``engine.config``, ``engine.api``: the ``Engine`` facade
-6. ``engine.training``, ``engine.evaluation``, ``engine.benchmarking``; training and evaluation do
+6. ``engine.training``, ``engine.evaluation``, ``engine.benchmarking``, ``engine.server``; training and evaluation do
    not import each other
 7. ``engine.commands``, ``engine.cli``, the ``engine`` package itself
 """
@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "engine.training": 6,
     "engine.evaluation": 6,
     "engine.benchmarking": 6,
+    "engine.server": 6,
     "engine.commands": 7,
     "engine.cli": 7,
     "engine": 7,
