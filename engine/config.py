@@ -41,6 +41,9 @@ w · projection``; fitted on the val splits, docs/open-vocabulary.md)."""
 SAN_WEIGHT = 0.0
 """Weight of SAN's text–region score in a text-only query through the open vocabulary, when SAN reads MiniLM
 word features (``concept + projection_weight · projection + w · san``)."""
+COMBINED_SAN_WEIGHT = 0.0
+"""Weight of SAN's text–region score in a combined query through the open vocabulary, when SAN reads MiniLM
+word features (``base + gate · (concept_weight · concept + w · san)``)."""
 MAX_WEIGHT = 100.0
 """Largest stage-2 weight (``text_weight``, ``image_weight``; ``--weight-*``): the defaults are 1, 100
 already ranks by one score alone, and a huge weight would overflow the fused score."""
@@ -84,7 +87,9 @@ class EngineConfig:
     path; ``None``: none) with which a text-only query through the open vocabulary also searches the
     visual FAISS file, ranking by ``concept + projection_weight · projection``. ``san_weight``: with a SAN
     that reads MiniLM word features (every word), every text-only query goes through the open vocabulary
-    and SAN is one more part: its FAISS matches join the candidates and the sum gains ``san_weight · san``.
+    and SAN is one more part: its FAISS matches join the candidates and the sum gains ``san_weight · san``;
+    ``combined_san_weight``: likewise, a combined query through the open vocabulary ranks by ``base + gate ·
+    (concept_weight · concept + combined_san_weight · san)``.
     """
 
     device: str = "auto"
@@ -106,6 +111,7 @@ class EngineConfig:
     text_projection: Path | str | None = "text-projection"
     projection_weight: float = PROJECTION_WEIGHT
     san_weight: float = SAN_WEIGHT
+    combined_san_weight: float = COMBINED_SAN_WEIGHT
     stage3: bool = True
     stage3_weights: Stage3Weights | None = None
     ref_nms_checkpoint: Path | None = None
@@ -115,7 +121,7 @@ class EngineConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight", "projection_weight", "san_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight", "projection_weight", "san_weight", "combined_san_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")

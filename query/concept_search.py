@@ -112,11 +112,12 @@ def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, pr
 
 @dataclass(frozen=True)
 class ConceptRescorer:
-    """Stage 2 of a combined query through the vocabulary: ``final = base + weight · gate · concept``.
+    """Stage 2 of a combined query through the vocabulary: ``final = base + gate · (weight · concept + san_weight · san)``.
 
     ``base`` is the region-only stage 2 (``None``: the visual key's exact cosine alone), ``concept`` each
-    candidate's ConSE score for the text, ``gate`` :func:`concept_gate` of the query region's own score.
-    ``weight`` and the gate's range are fitted on the val splits (``benchmarks/text_fit.py``).
+    candidate's ConSE score for the text, ``gate`` :func:`concept_gate` of the query region's own score;
+    ``san`` (optional) SAN's score of each candidate for the text, when SAN reads every word (MiniLM).
+    ``weight``, ``san_weight`` and the gate's range are fitted on the val splits (``benchmarks/text_fit.py``).
     """
 
     store: IndexStore
@@ -125,6 +126,8 @@ class ConceptRescorer:
     relevance: np.ndarray
     weight: float
     gate: float
+    san: Rescorer | None = None
+    san_weight: float = 0.0
 
     def __call__(self, rows: np.ndarray) -> StageScores:
         """Scores of the regions at feature rows ``rows``."""
@@ -134,5 +137,10 @@ class ConceptRescorer:
             visual = visual_cosine(self.store, self.vector, rows)
             base = StageScores(final=visual, visual=visual)
         concept = conse_scores(self.store.read_arrays(CONCEPT_ARRAY, rows), self.relevance)
-        final = (base.final + np.float32(self.weight * self.gate) * concept).astype(np.float32)
-        return StageScores(final=final, grn=base.grn, san=base.san, layout=base.layout, visual=base.visual, concept=concept)
+        text = np.float32(self.weight) * concept
+        san = None
+        if self.san is not None and self.san_weight > 0:
+            san = self.san(rows).final
+            text = text + np.float32(self.san_weight) * san
+        final = (base.final + np.float32(self.gate) * text).astype(np.float32)
+        return StageScores(final=final, grn=base.grn, san=san if san is not None else base.san, layout=base.layout, visual=base.visual, concept=concept)

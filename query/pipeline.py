@@ -116,6 +116,9 @@ class PipelineSettings(Protocol):
     @property
     def san_weight(self) -> float: ...
 
+    @property
+    def combined_san_weight(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -283,7 +286,19 @@ class QueryPipeline:
         evidence = query.concepts if query.concepts is not None else self.encode(request).concepts  # one more pass for a query encoded without it
         own = float(conse_scores(np.asarray(evidence)[None], relevance)[0])
         gate = concept_gate(own, floor=self.config.concept_gate[0], ceiling=self.config.concept_gate[1])
-        return ConceptRescorer(store=self.store, base=self.layout_scorer(query), vector=query.vector, relevance=relevance, weight=self.config.concept_weight, gate=gate)
+        san = self.combined_san(text)
+        return ConceptRescorer(store=self.store, base=self.layout_scorer(query), vector=query.vector, relevance=relevance, weight=self.config.concept_weight, gate=gate, san=san, san_weight=self.config.combined_san_weight if san is not None else 0.0)
+
+    def combined_san(self, text: str) -> SanRescorer | None:
+        """SAN's scorer of candidates for ``text`` in a combined query through the open vocabulary: when SAN
+        reads every word (MiniLM), ``config.combined_san_weight`` is positive and the index holds its vectors."""
+        if self.config.combined_san_weight <= 0 or not self.config.san or not self.store.has_array(SAN_ARRAY):
+            return None
+        model = self.models.san_encoder.model
+        if not reads_every_word(model.vocab):
+            return None
+        self.check_san_index()
+        return SanRescorer(store=self.store, model=model, text=text)
 
     def rank_concepts(self, relevance: np.ndarray, options: SearchOptions, projected: np.ndarray | None = None, san: SanPart | None = None) -> list[Hit]:
         """A text-only query through the open vocabulary: every region scored by ConSE, and with the text

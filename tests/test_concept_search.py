@@ -10,7 +10,9 @@ from PIL import Image, ImageOps
 
 from engine.api import Engine
 from engine.config import EngineConfig
+from query.concept_search import ConceptRescorer
 from query.request import SearchRequest
+from query.rerank import StageScores
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +239,14 @@ def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp
         assert store.read_arrays("san", store.all_regions().rows[:2]).shape == (2, 16)  # this SAN's vectors were indexed
     with Engine(tmp_path / "index", config=replace(config, san_weight=0.0)) as plain:
         assert set(plain.search(text="a kitten", k=1)[0].scores) == {"concept", "projection"}
+    with Engine(tmp_path / "index", config=replace(config, combined_san_weight=1.0)) as combined:
+        hits = combined.search(image=corpus / "chelsea.jpg", text="a kitten", k=3)
+        assert all("san" in h.scores and "concept" in h.scores for h in hits)
+        store = combined.pipeline.store
+        rows = store.all_regions().rows[:4]
+        relevance = combined.pipeline.models.concept_vocabulary.relevance("a kitten")
+        base = lambda r: StageScores(final=np.full(len(r), 0.25, np.float32))  # noqa: E731
+        san = lambda r: StageScores(final=np.full(len(r), 0.5, np.float32))  # noqa: E731
+        scored = ConceptRescorer(store=store, base=base, vector=np.zeros(1, np.float32), relevance=relevance, weight=0.2, gate=0.5, san=san, san_weight=2.0)(rows)
+        np.testing.assert_allclose(scored.final, 0.25 + 0.5 * (0.2 * scored.concept + 2.0 * 0.5), atol=1e-6)  # base + gate · (w · concept + w_s · san)
+        assert np.all(scored.san == 0.5)
