@@ -97,11 +97,11 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None, projection_weight: float | None = None):
+def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None, projection_weight: float | None = None, san_weight: float | None = None):
     from engine.api import Engine
     from engine.config import EngineConfig
 
-    weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight), ("concept_weight", concept_weight), ("projection_weight", projection_weight)) if v is not None}
+    weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight), ("concept_weight", concept_weight), ("projection_weight", projection_weight), ("san_weight", san_weight)) if v is not None}
     return Engine(index_dir, config=EngineConfig(device=device, stage3=stage3, **weights))
 
 
@@ -159,6 +159,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--weight-image", type=WeightType(), help="Combined queries: weight of the GRN image similarity in stage 2 (default 1).")
 @click.option("--weight-concept", type=WeightType(), help="Combined queries through the open vocabulary: weight of the ConSE text score in stage 2 (default 0.2, fitted on val; 0 ranks by the region alone).")
 @click.option("--weight-projection", type=WeightType(), help="Text-only queries through the open vocabulary: weight of the text projection's cosine beside ConSE (default 1.5, fitted on val; 0 ranks by ConSE alone).")
+@click.option("--weight-san", type=WeightType(), help="Text-only queries: weight of SAN's text-region score beside ConSE and the projection, as far as SAN is confident (default 2, fitted on val; 0 leaves SAN out).")
 @click.option("--ground/--no-ground", default=True, show_default=True, help="Stage 3 of a combined query (image + text): ground the text in the best images with Ref-NMS and CM-Att; their hits are the grounded regions, scored stage2 + w_r*relatedness + w_g*grounding (--json shows each part).")
 @click.option("--path-glob", help="Keep only hits whose image path matches this glob (fnmatch on the absolute path; * matches / too), e.g. '*/beach/*'.")
 @click.option("--min-score", type=float, help="Keep only hits with at least this score.")
@@ -171,7 +172,7 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--server", envvar="ENGINE_SERVER", help="Send the query to a running `engine serve` at this address (or set ENGINE_SERVER), e.g. http://127.0.0.1:8000, instead of loading the models here; same output.")
 @click.option("--token", envvar="ENGINE_TOKEN", help="With --server: the server's bearer token (or set ENGINE_TOKEN).")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, weight_san: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -182,18 +183,18 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
       engine query --batch queries.jsonl --out results.jsonl
       engine query --server http://127.0.0.1:8000 --image q.jpg --region 40,60,200,220 --json
     """
-    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection)
+    _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection, weight_san)
     if server:
         from engine.server.client import RemoteQuery
 
-        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection), ground=ground, local_only=(batch_file, save_vis, html_file, explain))
+        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection, weight_san), ground=ground, local_only=(batch_file, save_vis, html_file, explain))
         fields = {"k": k, "exclude_self": exclude_self, "path_glob": path_glob, "min_score": min_score, "max_per_image": max_per_image}
         remote = RemoteQuery(image=image, region=None if region is None else ",".join(repr(float(v)) for v in region), region_id=region_id, text=text, fields={n: v for n, v in fields.items() if v is not None})
         _query_server(server, remote, token=token, as_json=as_json)
         return
     from query.filters import HitFilter
 
-    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection)
+    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection, san_weight=weight_san)
     filters = HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image)
     if batch_file is not None:
         _run_batch(engine, batch_file, out_file, k=k, exclude_self=exclude_self, filters=filters)
@@ -223,7 +224,7 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
             click.echo(what.format(path))
 
 
-def _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept=None, weight_projection=None) -> None:  # noqa: ANN001
+def _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept=None, weight_projection=None, weight_san=None) -> None:  # noqa: ANN001
     """Usage errors of option combinations, before any model loads."""
     if batch_file is not None:
         if out_file is None:
@@ -243,6 +244,8 @@ def _check_query_options(image, region, region_id, text, weight_text, weight_ima
         raise click.UsageError("--weight-concept weighs the text of a combined query: give --text and --image (or --region-id)")
     if weight_projection is not None and (not text or image is not None or region_id is not None):
         raise click.UsageError("--weight-projection weighs the text projection in a text-only query: give --text alone")
+    if weight_san is not None and (not text or image is not None or region_id is not None):
+        raise click.UsageError("--weight-san weighs SAN in a text-only query: give --text alone")
 
 
 def _check_remote_options(*, device: str, weights: tuple, ground: bool, local_only: tuple) -> None:  # noqa: ANN001

@@ -76,27 +76,35 @@ def best_first(regions: Regions, scores: np.ndarray, count: int) -> tuple[Region
 class SanPart:
     """SAN's part in a text-only query through the vocabulary: its text vector ``t_g`` (searched in the
     ``san`` FAISS file for candidates), the full model's ``score`` of candidates (feature rows → cosines,
-    :class:`~query.rerank.SanRescorer`), and its ``weight`` in the sum."""
+    :class:`~query.rerank.SanRescorer`), its ``weight`` in the sum, and the ``gate`` range (floor,
+    ceiling) over which SAN's confidence — the cosine of its best FAISS match — takes the weight from
+    0 to full (:func:`concept_gate`): SAN reads the shapes world's texts with confidence, real
+    photographs' objects it never saw much less."""
 
     vector: np.ndarray
     score: Callable[[np.ndarray], StageScores]
     weight: float
+    gate: tuple[float, float] = (-1.0, -1.0)
 
 
 def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int, san: SanPart | None = None) -> tuple[Regions, StageScores]:
     """A text-only query's candidates and their scores: the ``count`` best of ``regions`` by their ConSE
     score ``concept`` and, with a ``projected`` text (a unit vector in the visual key space), its ``count``
     best matches in the visual FAISS file, and with ``san`` SAN's ``count`` best matches in its FAISS file;
-    each scored ``concept + weight · projection + san.weight · san``, the projection part being the exact
+    each scored ``concept + weight · projection + san.weight · gate · san`` (``gate``: see :class:`SanPart`), the projection part being the exact
     cosine with the stored key, SAN's the full model's score. Without either: the ConSE ranking alone."""
     head, head_scores = best_first(regions, concept, count)
     if projected is None and san is None:
         return head, StageScores(final=head_scores, concept=head_scores)
     chosen = np.isin(regions.ids, head.ids)
+    san_weight = 0.0
     for vector, array in ((projected, VECTOR_ARRAY), (None if san is None else san.vector, SAN_ARRAY)):
         if vector is not None:
-            _, ids = store.search(np.asarray(vector, np.float32)[None], min(count, len(regions)) or 1, array=array)
+            found, ids = store.search(np.asarray(vector, np.float32)[None], min(count, len(regions)) or 1, array=array)
             chosen |= np.isin(regions.ids, ids[0][ids[0] >= 0])
+            if san is not None and array == SAN_ARRAY:
+                confidence = float(found[0][0]) if ids[0][0] >= 0 else -1.0
+                san_weight = san.weight * concept_gate(confidence, floor=san.gate[0], ceiling=san.gate[1])
     pool = regions.take(np.nonzero(chosen)[0])
     pool_concept = concept[chosen]
     final = pool_concept.astype(np.float32)
@@ -106,7 +114,7 @@ def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, pr
         final = final + np.float32(weight) * projection
     if san is not None:
         san_scores = san.score(pool.rows).final
-        final = final + np.float32(san.weight) * san_scores
+        final = final + np.float32(san_weight) * san_scores
     return pool, StageScores(final=final.astype(np.float32), concept=pool_concept, projection=projection, san=san_scores)
 
 

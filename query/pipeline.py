@@ -119,6 +119,9 @@ class PipelineSettings(Protocol):
     @property
     def combined_san_weight(self) -> float: ...
 
+    @property
+    def san_text_gate(self) -> tuple[float, float]: ...
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -328,7 +331,7 @@ class QueryPipeline:
         if not reads_every_word(model.vocab):
             return None
         self.check_san_index()
-        return SanPart(vector=model.text_vector(text), score=SanRescorer(store=self.store, model=model, text=text), weight=self.config.san_weight)
+        return SanPart(vector=model.text_vector(text), score=SanRescorer(store=self.store, model=model, text=text), weight=self.config.san_weight, gate=self.config.san_text_gate)
 
     def encode_text(self, text: str) -> EncodedQuery:
         """A text-only query: SAN's text vector ``t_g``, searched in the ``san`` FAISS file."""

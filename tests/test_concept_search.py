@@ -48,9 +48,10 @@ def test_text_only_understands_any_english(photo_engine) -> None:
     engine, _ = photo_engine
     hits = engine.search(text="a kitten", k=3)
     assert _names(hits)[0].startswith("chelsea")
-    assert set(hits[0].scores) == {"concept", "projection"}  # ConSE and the text projection's cosine
+    assert set(hits[0].scores) == {"concept", "projection", "san"}  # ConSE, the text projection's cosine, the shipped SAN (MiniLM)
     weight = engine.config.projection_weight
-    assert all(h.score == pytest.approx(h.scores["concept"] + weight * h.scores["projection"], abs=1e-5) for h in hits)
+    rest = [(h.score - h.scores["concept"] - weight * h.scores["projection"]) / (engine.config.san_weight * h.scores["san"]) for h in hits if abs(h.scores["san"]) > 1e-3]
+    assert rest and all(0 - 1e-4 <= g <= 1 + 1e-4 and g == pytest.approx(rest[0], abs=1e-3) for g in rest)  # one confidence gate per query
     assert _names(engine.search(text="a cup of espresso", k=1)) == ["coffee.jpg"]
     assert len(engine.search(text="grandma's old rag doll", k=3)) == 3  # no word is out of vocabulary
 
@@ -125,7 +126,7 @@ def test_projection_weight_zero_ranks_by_the_vocabulary_alone(photo_engine) -> N
     from dataclasses import replace
 
     engine, _ = photo_engine
-    with Engine(engine.index_dir, config=replace(engine.config, projection_weight=0.0)) as plain:
+    with Engine(engine.index_dir, config=replace(engine.config, projection_weight=0.0, san_weight=0.0)) as plain:
         hits = plain.search(text="a kitten", k=3)
         assert set(hits[0].scores) == {"concept"} and hits[0].score == pytest.approx(hits[0].scores["concept"])
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -172,7 +173,7 @@ def test_a_projection_for_another_visual_key_is_a_clear_error(photo_engine, tmp_
     with Engine(engine.index_dir, config=replace(engine.config, text_projection=path)) as wrong:
         with pytest.raises(CheckpointError, match="trained for visual key 'resnet50:c5:mean'"):
             wrong.search(text="a cat", k=1)
-    with Engine(engine.index_dir, config=replace(engine.config, text_projection=None)) as off:
+    with Engine(engine.index_dir, config=replace(engine.config, text_projection=None, san_weight=0.0)) as off:
         assert set(off.search(text="a cat", k=1)[0].scores) == {"concept"}
 
 
@@ -201,7 +202,7 @@ def test_query_cli_weights_of_the_open_vocabulary(photo_engine) -> None:
 
     engine, corpus = photo_engine
     index = ["query", "--index", str(engine.index_dir), "--json"]
-    plain = CliRunner().invoke(main, [*index, "--text", "a kitten", "-k", "2", "--weight-projection", "0"])
+    plain = CliRunner().invoke(main, [*index, "--text", "a kitten", "-k", "2", "--weight-projection", "0", "--weight-san", "0"])
     assert plain.exit_code == 0, plain.output
     assert all(set(h["scores"]) == {"concept"} for h in json.loads(plain.output)["hits"])
     region = ["--image", str(corpus / "chelsea.jpg"), "--region", "60,30,280,260", "--exclude-self", "-k", "1"]
@@ -210,6 +211,8 @@ def test_query_cli_weights_of_the_open_vocabulary(photo_engine) -> None:
     assert json.loads(unweighted.output)["hits"][0]["score"] == pytest.approx(alone[0].score, abs=1e-5)  # the text weighs nothing
     misplaced = CliRunner().invoke(main, [*index, *region, "--text", "a cat", "--weight-projection", "1"])
     assert misplaced.exit_code != 0 and "--weight-projection weighs the text projection in a text-only query" in misplaced.output
+    misplaced = CliRunner().invoke(main, [*index, *region, "--text", "a cat", "--weight-san", "1"])
+    assert misplaced.exit_code != 0 and "--weight-san weighs SAN in a text-only query" in misplaced.output
 
 
 def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp_path: Path) -> None:
@@ -237,6 +240,11 @@ def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp
                 assert h.score == pytest.approx(expected, abs=1e-4)
         store = engine.pipeline.store
         assert store.read_arrays("san", store.all_regions().rows[:2]).shape == (2, 16)  # this SAN's vectors were indexed
+    with Engine(tmp_path / "index", config=replace(config, san_text_gate=(1.5, 2.0))) as doubtful:  # SAN's best match is never that confident
+        for h in doubtful.search(text="a kitten", k=3):
+            assert "san" in h.scores and h.score == pytest.approx(h.scores["concept"] + config.projection_weight * h.scores["projection"], abs=1e-4)
+    with pytest.raises(Exception, match="san_text_gate"):
+        replace(config, san_text_gate=(0.7, 0.5))
     with Engine(tmp_path / "index", config=replace(config, san_weight=0.0)) as plain:
         assert set(plain.search(text="a kitten", k=1)[0].scores) == {"concept", "projection"}
     with Engine(tmp_path / "index", config=replace(config, combined_san_weight=1.0)) as combined:

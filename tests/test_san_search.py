@@ -1,4 +1,6 @@
-"""Text-only search with SAN: the shipped checkpoints, the ``san`` FAISS file, STA reranking, clear errors."""
+"""Text-only search with SAN: the shipped SAN (MiniLM word features) as one part of every text-only query
+through the open vocabulary, the ``san`` FAISS file, STA scores, clear errors; the first-wave path (a SAN
+reading its vocabulary: ``san_text`` stage 1, STA reranking) with a vocabulary SAN."""
 from __future__ import annotations
 
 import json
@@ -52,24 +54,43 @@ def test_a_described_region_is_found_by_its_description_alone(engine320: Engine,
         region = ann.regions[0]
         hits = engine320.search(text=region.description, k=10)
         assert len(hits) == 10
-        assert all(set(h.scores) == {"san_text", "san"} and h.score == h.scores["san"] for h in hits)
+        assert all(set(h.scores) == {"concept", "projection", "san"} for h in hits)  # the open vocabulary with SAN as a part
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
         found += _found(hits, ann.image, region.box) > 0
     assert total > 250
     assert found >= 0.5 * len(anns), (found, len(anns))
 
 
-def test_stage2_is_the_full_sta_score_of_each_candidate(engine320: Engine) -> None:
+def test_san_part_is_the_full_sta_score_of_each_candidate(engine320: Engine) -> None:
     store = engine320._open_reader()
     text = "a red circle left of a blue square"
     hits = engine320.search(text=text, k=5)
     rows = store.regions([h.region_id for h in hits])
     vectors = store.read_arrays("san", np.asarray([r.row for r in rows])).astype(np.float32)
     model = engine320.san_encoder.model
-    np.testing.assert_allclose([h.score for h in hits], model.score(text, vectors), atol=1e-5)
-    q = model.text_vector(text)
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    np.testing.assert_allclose([h.scores["san_text"] for h in hits], v @ q, atol=2e-3)
+    assert model.net.config.word_features == "minilm"
+    np.testing.assert_allclose([h.scores["san"] for h in hits], model.score(text, vectors), atol=1e-5)
+
+
+def test_a_vocabulary_san_keeps_the_first_wave_path(corpus320: Path, tmp_path: Path) -> None:
+    """A SAN reading its vocabulary (the ablation rows, `--text-encoder vocab`) serves texts in its words
+    alone: SAN's t_g in its FAISS file (stage 1), the full STA score (stage 2)."""
+    from engine.models.checkpoint import PACKAGE_CHECKPOINTS
+
+    config = EngineConfig(device="cpu", san_checkpoint=PACKAGE_CHECKPOINTS / "san-fv+it.pt")
+    with Engine(tmp_path / "idx", config=config) as engine:
+        engine.index(corpus320, config=IndexConfig(proposals="gt"))
+        text = "a red circle left of a blue square"
+        hits = engine.search(text=text, k=5)
+        assert all(set(h.scores) == {"san_text", "san"} and h.score == h.scores["san"] for h in hits)
+        store = engine._open_reader()
+        rows = store.regions([h.region_id for h in hits])
+        vectors = store.read_arrays("san", np.asarray([r.row for r in rows])).astype(np.float32)
+        model = engine.san_encoder.model
+        np.testing.assert_allclose([h.score for h in hits], model.score(text, vectors), atol=1e-5)
+        v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.testing.assert_allclose([h.scores["san_text"] for h in hits], v @ model.text_vector(text), atol=2e-3)
+        assert set(engine.search(text="zorblax quuxly", k=1)[0].scores) == {"concept", "projection"}  # no word it knows: the open vocabulary
 
 
 def test_cli_text_only_query(engine320: Engine) -> None:
@@ -102,25 +123,36 @@ def test_cli_text_only_query_draws_its_pictures(engine320: Engine, tmp_path: Pat
 def test_wordless_text_is_an_error_and_unknown_words_go_through_the_open_vocabulary(engine320: Engine) -> None:
     with pytest.raises(InvalidInputError):
         engine320.search(text="   ")
-    hits = engine320.search(text="zorblax quuxly", k=3)  # no word SAN knows: ConSE over the class evidence answers
-    assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection"}
-    assert "san" in engine320.search(text="a red circle", k=1)[0].scores  # the shapes vocabulary keeps SAN
+    hits = engine320.search(text="zorblax quuxly", k=3)  # no word is unknown: ConSE, the projection and SAN (MiniLM word pieces) answer
+    assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san"}
+    assert "san" in engine320.search(text="a red circle", k=1)[0].scores
 
 
-def test_an_index_without_san_says_to_reindex(tiny_corpus: Path, tmp_path: Path) -> None:
+def test_an_index_without_san_answers_text_through_the_open_vocabulary_alone(tiny_corpus: Path, tmp_path: Path) -> None:
     index = tmp_path / "idx"
     engine = Engine(index, config=EngineConfig(device="cpu", san=False))
     engine.index(tiny_corpus, config=IndexConfig(proposals="gt"))
     assert not (index / "vectors-san.faiss").exists()
-    with pytest.raises(IndexVersionError, match="re-index"):
-        engine.search(text="a red circle")
+    assert set(engine.search(text="a red circle", k=1)[0].scores) == {"concept", "projection"}
     engine.close()
-    # the default engine (SAN on) still updates that index, without SAN
+    # the default engine (SAN on) still updates that index, without SAN, and answers without SAN's part
     with Engine(index, config=EngineConfig(device="cpu")) as again:
         summary = again.index(tiny_corpus, config=IndexConfig(proposals="gt"))
         assert summary.unchanged == 16 and summary.errors == 0
         q = read_annotations(tiny_corpus)[0]
         assert again.search(image=tiny_corpus / q.image, region=q.regions[0].box, text=q.regions[0].description, k=3)
+        assert set(again.search(text="a red circle", k=1)[0].scores) == {"concept", "projection"}
+    result = CliRunner().invoke(main, ["query", "--index", str(index), "--text", "a red circle", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["hits"]
+
+
+def test_an_index_without_san_or_the_vocabulary_says_to_reindex(tiny_corpus: Path, tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    with Engine(index, config=EngineConfig(device="cpu", san=False, concepts=False)) as engine:
+        engine.index(tiny_corpus, config=IndexConfig(proposals="gt"))
+    with Engine(index, config=EngineConfig(device="cpu")) as again:
+        with pytest.raises(IndexVersionError, match="re-index"):
+            again.search(text="a red circle")
     result = CliRunner().invoke(main, ["query", "--index", str(index), "--text", "a red circle"])
     assert result.exit_code == 1 and "re-index" in result.output and len(result.output.strip().splitlines()) == 1
 

@@ -87,3 +87,12 @@ def test_train_options_and_cli_name_the_text_encoder(tmp_path) -> None:
         TrainOptions(data=tmp_path, text_encoder="glove")
     result = CliRunner().invoke(main, ["train", "san", "--data", str(tmp_path), "--text-encoder", "glove"])
     assert result.exit_code == 2 and "glove" in result.output
+
+
+def test_text_encoder_is_refused_for_models_without_words(tmp_path) -> None:
+    from engine.training.options import TrainOptions
+    from engine.training.registry import train_model
+
+    for name in ("rpn", "saliency", "key-whitening", "text-projection", "visual"):
+        with pytest.raises(InvalidInputError, match="reads no words"):
+            train_model(name, TrainOptions(data=tmp_path, text_encoder="vocab"))

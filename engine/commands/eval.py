@@ -397,11 +397,12 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
 @click.option("--projection-weight", "projection_weight", type=click.FloatRange(min=0, max=100), help="Weight of the text projection's cosine in text-only queries through the open vocabulary (default: the engine's; 0 ranks them by ConSE alone, an ablation).")
 @click.option("--san-weight", "san_weight", type=click.FloatRange(min=0, max=100), help="Weight of SAN's score in text-only queries through the open vocabulary when SAN reads MiniLM word features (default: the engine's; 0 leaves SAN out).")
 @click.option("--combined-san-weight", "combined_san_weight", type=click.FloatRange(min=0, max=100), help="Weight of SAN's score in combined queries through the open vocabulary when SAN reads MiniLM word features (default: the engine's; 0 leaves SAN out).")
+@click.option("--san-text-gate", "san_text_gate", type=(float, float), help="FLOOR CEILING: the range of SAN's confidence (its best FAISS match's cosine) over which its weight in a text-only query goes from 0 to --san-weight (default: the engine's).")
 @click.option("--san", "san_checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A SAN checkpoint (.pt of `engine train san`) to index and query with instead of the shipped one.")
 @device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_dir: Path | None, json_path: Path | None, limit: int | None, key_whitening: str, layout_weight: float | None, san_gate: float | None, concept_weight: float | None, projection_weight: float | None, san_weight: float | None, combined_san_weight: float | None, san_checkpoint: Path | None, device: str, quiet: bool) -> None:
+def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_dir: Path | None, json_path: Path | None, limit: int | None, key_whitening: str, layout_weight: float | None, san_gate: float | None, concept_weight: float | None, projection_weight: float | None, san_weight: float | None, combined_san_weight: float | None, san_text_gate: tuple[float, float] | None, san_checkpoint: Path | None, device: str, quiet: bool) -> None:
     """What a user sees: box@1/10, img@1/10, median rank and latency of Engine.search with the default index.
 
     Indexes the split's images as `engine index` would (RPN proposals, the shipped models), runs each
@@ -417,7 +418,7 @@ def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_
     from indexer.component_configs import RegionFeatureConfig
 
     features = RegionFeatureConfig(key_whitening=None if key_whitening.lower() == "none" else key_whitening)
-    config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet, features=features, layout_weight=layout_weight, concept_weight=concept_weight, san_gate=san_gate, projection_weight=projection_weight, san_weight=san_weight, combined_san_weight=combined_san_weight, san_checkpoint=san_checkpoint)
+    config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet, features=features, layout_weight=layout_weight, concept_weight=concept_weight, san_gate=san_gate, projection_weight=projection_weight, san_weight=san_weight, combined_san_weight=combined_san_weight, san_text_gate=san_text_gate, san_checkpoint=san_checkpoint)
     result = evaluate_search(config)
     indexed = f"index of {result.images} images reused (checked in {result.index_seconds:.1f} s)" if result.index_reused else f"{result.images} images indexed in {result.index_seconds:.1f} s"
     click.echo(f"engine eval search: {mode} queries, {split} split of {data}: {result.queries} queries ({result.skipped} without a positive in another image left out; {result.refused} refused by the engine, counted as misses), {indexed}, queries {result.query_seconds:.1f} s")

@@ -54,7 +54,7 @@ class _TrainCommand(click.Command):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
-@click.option("--text-encoder", type=click.Choice(["minilm", "vocab"]), default="minilm", show_default=True, help="Where a text model's word features come from: the frozen English encoder all-MiniLM-L6-v2 (every English word), or `vocab`, the words of the training text (the first wave's, an ablation). Models without text ignore it.")
+@click.option("--text-encoder", type=click.Choice(["minilm", "vocab"]), default="minilm", show_default=True, help="Where a text model's word features come from: the frozen English encoder all-MiniLM-L6-v2 (every English word), or `vocab`, the words of the training text (the first wave's, an ablation). Only for models that read words (the GRN family, SAN, MCB, Ref-NMS, CM-Att); for any other it is an error.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, text_encoder: str, device: str, quiet: bool) -> None:

@@ -94,6 +94,7 @@ class SearchEvalConfig:
     projection_weight: float | None = None  # None: the engine's default (EngineConfig.projection_weight)
     san_weight: float | None = None  # None: the engine's default (EngineConfig.san_weight)
     combined_san_weight: float | None = None  # None: the engine's default (EngineConfig.combined_san_weight)
+    san_text_gate: tuple[float, float] | None = None  # None: the engine's default (EngineConfig.san_text_gate)
     san_checkpoint: Path | None = None  # None: the shipped SAN (EngineConfig.san_checkpoint)
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_WEIGHT
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_TEXT_GATE, SAN_WEIGHT
 
         c = self.config
         return {
@@ -168,6 +169,7 @@ class SearchEvalResult:
             "projection_weight": c.projection_weight if c.projection_weight is not None else PROJECTION_WEIGHT,
             "san_weight": c.san_weight if c.san_weight is not None else SAN_WEIGHT,
             "combined_san_weight": c.combined_san_weight if c.combined_san_weight is not None else COMBINED_SAN_WEIGHT,
+            "san_text_gate": list(c.san_text_gate if c.san_text_gate is not None else SAN_TEXT_GATE),
             "san_checkpoint": str(c.san_checkpoint) if c.san_checkpoint is not None else "san",
             "queries": self.queries,
             "skipped_queries": self.skipped,
@@ -391,6 +393,8 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, san_weight=config.san_weight)
     if config.combined_san_weight is not None:
         settings = replace(settings, combined_san_weight=config.combined_san_weight)
+    if config.san_text_gate is not None:
+        settings = replace(settings, san_text_gate=tuple(config.san_text_gate))
     if config.san_checkpoint is not None:
         settings = replace(settings, san_checkpoint=Path(config.san_checkpoint))
     with Engine(index_dir, config=settings) as engine:

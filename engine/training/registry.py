@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engine.models.checkpoint import Manifest
     from engine.training.options import TrainOptions
 
-__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "train_model", "trains_on_several"]
+__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "WORD_FAMILIES", "train_model", "trains_on_several"]
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
 
@@ -90,6 +90,10 @@ TRAINERS: dict[str, Trainer] = {
 assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a trainer"
 
 
+WORD_FAMILIES = frozenset({"grn-family", "san", "mcb-attention", "ref-nms", "cm-att"})
+"""Families whose models read a text word by word: the ones ``--text-encoder`` (MiniLM or a vocabulary) applies to."""
+
+
 def trains_on_several(name: str) -> bool:
     """Whether model ``name``'s trainer reads several dataset folders itself (else it trains on their union)."""
     return family_of_name(name).name in MULTI_DATASET_FAMILIES
@@ -100,9 +104,11 @@ def train_model(name: str, options: TrainOptions) -> Manifest:
 
     Only the proposal network, the key whitening and the text projection train on several datasets at once (``options.extra_data``); any other model
     given more than one ``--data`` is a clear error rather than a silently ignored folder."""
-    family = family_of_name(name).name
-    if options.extra_data and family not in MULTI_DATASET_FAMILIES:
-        from engine.errors import InvalidInputError
+    from engine.errors import InvalidInputError
 
+    family = family_of_name(name).name
+    if options.text_encoder != "minilm" and (family not in WORD_FAMILIES or name == "visual"):
+        raise InvalidInputError(f"{name} reads no words, so --text-encoder {options.text_encoder} does not apply; leave it out (it applies to: {', '.join(sorted(WORD_FAMILIES))})")
+    if options.extra_data and family not in MULTI_DATASET_FAMILIES:
         raise InvalidInputError(f"{name} trains on one dataset: give --data once (several --data folders work for: {', '.join(sorted(MULTI_DATASET_FAMILIES))})")
     return TRAINERS[family](name, options)
