@@ -64,3 +64,14 @@ def corpus_copy(tiny_corpus: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny tensors, where extra threads only spin (CI cores are shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from engine.datasets.annotations import read_dataset
@@ -18,12 +17,7 @@ from engine.protocols.retrieval import Candidates, build_benchmark, gt_candidate
 KEYS = {"method", "proposals", "R@1", "R@10", "R@50", "R@100", "med_r"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

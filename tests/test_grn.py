@@ -30,13 +30,7 @@ from engine.training.options import TrainOptions
 C, D, H = 12, 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tests run tiny tensors, where extra threads only spin (and CI cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _maps(n: int, seed: int = 0) -> torch.Tensor:

@@ -20,13 +20,7 @@ from engine.models.vocab import Vocabulary, tokenize
 from engine.models.word_features import MiniLMAdapter, MiniLMWords
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny tensors, shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(model: str, data: Path, out: Path, *extra: str) -> Path:
