@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ class ImageMaps:
         return pool_region_maps(self.extractor, self.get(image), boxes)
 
 
+def _entry_name(image: str) -> str:
+    """The cache file name of an image path relative to its dataset root."""
+    return hashlib.sha1(image.encode()).hexdigest()[:20] + ".npz"
+
+
 class FeatureCache:
     """Backbone maps of the images under ``root``, cached on disk.
 
@@ -113,12 +119,13 @@ class FeatureCache:
         self.extractor = extractor
         self.levels = tuple(levels)
         backbone = extractor.backbone
-        tag = f"{backbone.version}-max{backbone.max_size}".replace("/", "_").replace("@", "_")
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".engine-cache" / tag
+        self.tag = f"{backbone.version}-max{backbone.max_size}".replace("/", "_").replace("@", "_")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".engine-cache" / self.tag
 
     def build(self, images: Sequence[ImageAnn], *, progress: bool = True) -> None:
-        """Compute and store the maps of every image not cached yet (progress bar with counts and rate)."""
-        missing = [im for im in images if not self._path(im.image).is_file()]
+        """Compute and store the maps of every image not cached yet (progress bar with counts and rate);
+        entries that a linked dataset folder's own cache holds are linked, not computed (:meth:`_borrow`)."""
+        missing = [im for im in images if not self._path(im.image).is_file() and not self._borrow(im.image)]
         if not missing:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,7 @@ class FeatureCache:
         """
         path = self._path(image)
         stored: tuple[str, ...] = ()
-        if path.is_file():
+        if path.is_file() or self._borrow(image):
             with np.load(path) as data:
                 stored = tuple(k for k in data.files if k != "size")
                 if all(lvl in stored for lvl in self.levels):
@@ -158,7 +165,30 @@ class FeatureCache:
         return cached
 
     def _path(self, image: str) -> Path:
-        return self.cache_dir / (hashlib.sha1(image.encode()).hexdigest()[:20] + ".npz")
+        return self.cache_dir / _entry_name(image)
+
+    def _borrow(self, image: str) -> bool:
+        """Link ``image``'s entry from the cache of the dataset folder its first path part names, when that
+        cache holds it (same backbone): a union of datasets (``engine train --data A --data B``) names A's
+        ``images/1.jpg`` ``A/images/1.jpg`` under a link to A, whose own cache was built before."""
+        head, sep, rest = image.partition("/")
+        if not sep or not rest:
+            return False
+        source = self.root / head / ".engine-cache" / self.tag / _entry_name(rest)
+        if not source.is_file():
+            return False
+        target = self._path(image)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            pass
+        except OSError:  # another file system: a copy, written whole before it is named
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npz.tmp")
+            os.close(fd)
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        return True
 
     @staticmethod
     def _write(path: Path, cached: CachedImage) -> None:

@@ -67,3 +67,26 @@ def test_an_entry_written_for_other_levels_is_completed_not_a_key_error(tiny_cor
         assert {"c3", "c4", "c5"} <= set(data.files)  # rewritten with the union: neither head recomputes it again
     again = FeatureCache(tiny_corpus, extractor, levels=("c3", "c4"), cache_dir=tmp_path / "c").get(ann.image)
     np.testing.assert_array_equal(again.maps["c4"], full.maps["c4"])
+
+
+def test_a_union_borrows_the_entries_of_its_linked_folders(tiny_corpus: Path, tmp_path: Path, extractor: RegionFeatureExtractor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A union dataset names a folder's image ``world/images/x.jpg`` under a link ``world`` to it: the
+    folder's own cache entries are linked, never computed again."""
+    import shutil
+    from dataclasses import replace
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_corpus, world)
+    anns = read_annotations(world)[:2]
+    own = FeatureCache(world, extractor)  # the folder's default cache, as `engine train --data world` builds it
+    own.build(anns, progress=False)
+    union = tmp_path / "union"
+    union.mkdir()
+    (union / "world").symlink_to(world)
+    cache = FeatureCache(union, extractor)
+    monkeypatch.setattr(FeatureCache, "_compute", lambda *a, **k: pytest.fail("a borrowed entry was computed"))
+    cache.build([replace(a, image=f"world/{a.image}") for a in anns], progress=False)
+    got = cache.get(f"world/{anns[0].image}")
+    np.testing.assert_array_equal(got.maps["c4"], own.get(anns[0].image).maps["c4"])
+    assert len(list(cache.cache_dir.glob("*.npz"))) == 2
+    assert not cache._borrow("world/images/none.jpg") and not cache._borrow("top-level.jpg")
