@@ -52,6 +52,7 @@ class Engine:
         self._pipeline: Any = None
         self._concept_evidence: Any = None
         self._concept_vocabulary: Any = None
+        self._minilm_words: Any = None
         self._text_projection: Any = _NOT_LOADED
         self._vocabulary_grounder: Any = None
 
@@ -109,12 +110,21 @@ class Engine:
     def concept_vocabulary(self):  # -> engine.models.concepts.ConceptVocabulary
         """The open vocabulary: all-MiniLM-L6-v2 and the shipped concept table, loaded once."""
         if self._concept_vocabulary is None:
-            from engine.device import resolve_device
             from engine.models.concepts import ConceptVocabulary
-            from engine.models.minilm import MiniLMEncoder
 
-            self._concept_vocabulary = ConceptVocabulary(encoder=MiniLMEncoder(device=resolve_device(self.config.device)))
+            self._concept_vocabulary = ConceptVocabulary(encoder=self.minilm_words)
         return self._concept_vocabulary
+
+    @property
+    def minilm_words(self):  # -> engine.models.word_features.MiniLMWords
+        """all-MiniLM-L6-v2, loaded once and shared: the open vocabulary's sentence vectors and the MiniLM SAN's
+        word features come from one cached pass over each text."""
+        if self._minilm_words is None:
+            from engine.device import resolve_device
+            from engine.models.word_features import MiniLMWords
+
+            self._minilm_words = MiniLMWords(device=resolve_device(self.config.device))
+        return self._minilm_words
 
     @property
     def text_projection(self):  # -> engine.models.text_projection.TextProjection | None
@@ -154,6 +164,7 @@ class Engine:
             saliency.check_backbone(backbone.version, backbone.max_size)
             model = load_model(self.config.san_checkpoint, device=backbone.device, family="san")
             model.check_saliency(saliency)
+            model.share_words(self.minilm_words)
             self._san_encoder = SanRegionEncoder(backbone=backbone, saliency=saliency, model=model)
         return self._san_encoder
 

@@ -200,7 +200,9 @@ def test_vocabulary_ablation_and_the_checkpoints_written_before_minilm(tiny_corp
         model.text_vector("capybara zeppelin")  # the ablation reads only its training words
     from engine.models.checkpoint import load_checkpoint
 
-    _, payload = load_checkpoint(PACKAGE_CHECKPOINTS / "san.pt")
-    if "word_features" not in payload["config"]:  # the shipped SAN predates MiniLM: it reads its vocabulary
-        shipped = SANModel.from_checkpoint()
-        assert shipped.net.config.word_features == "vocab" and isinstance(shipped.vocab, Vocabulary)
+    old = PACKAGE_CHECKPOINTS / "san-fv+it.pt"  # an ablation row, written before MiniLM: its config has no word_features
+    _, payload = load_checkpoint(old)
+    assert "word_features" not in payload["config"]
+    shipped = SANModel.from_checkpoint(old)
+    assert shipped.net.config.word_features == "vocab" and isinstance(shipped.vocab, Vocabulary) and "circle" in shipped.vocab
+    assert SANModel.from_checkpoint().net.config.word_features == "minilm"  # the shipped SAN reads MiniLM

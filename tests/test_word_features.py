@@ -1,6 +1,7 @@
 """engine.models.word_features: MiniLM word-piece features or a vocabulary as a text model's input."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,7 +27,8 @@ def test_minilm_words_are_word_pieces_without_cls_and_sep(words: MiniLMWords) ->
 
 def test_minilm_features_are_cached_and_bounded(words: MiniLMWords) -> None:
     a = words.features(["a red ball"])[0]
-    assert words.features(["a red ball"])[0] is a  # cached: computed once
+    entry = words._cache["a red ball"]
+    assert torch.equal(words.features(["a red ball"])[0], a) and words._cache["a red ball"] is entry  # cached: computed once
     words.features([f"text {i}" for i in range(10)])
     assert len(words._cache) <= 10
 
@@ -96,3 +98,21 @@ def test_text_encoder_is_refused_for_models_without_words(tmp_path) -> None:
     for name in ("rpn", "saliency", "key-whitening", "text-projection", "visual"):
         with pytest.raises(InvalidInputError, match="reads no words"):
             train_model(name, TrainOptions(data=tmp_path, text_encoder="vocab"))
+
+
+def test_sentence_vectors_come_from_the_same_cached_pass(words: MiniLMWords) -> None:
+    from engine.models.minilm import MiniLMEncoder
+
+    texts = ["a kitten on a sofa", "grandma's old rag doll"]
+    reference = MiniLMEncoder().encode(texts)  # sentence-transformers' head, batched
+    np.testing.assert_allclose(words.encode(texts), reference, atol=1e-5)
+    cached = words._cache[texts[0]]
+    assert words.features([texts[0]])[0].shape[0] == cached.shape[0] - 2  # the word features are its inner tokens
+
+
+def test_an_engine_loads_minilm_once_for_the_vocabulary_and_san(tmp_path) -> None:
+    from engine.api import Engine
+
+    with Engine(tmp_path / "idx") as engine:
+        assert engine.concept_vocabulary.encoder is engine.minilm_words
+        assert engine.san_encoder.model.vocab is engine.minilm_words

@@ -281,6 +281,13 @@ class SANModel:
             raise CheckpointError(f"checkpoint {path} does not fit SAN ({type(exc).__name__}: {exc}); retrain it") from None
         return cls(net=net, vocab=vocab, manifest=manifest, device=device)
 
+    def share_words(self, words: Any) -> None:
+        """Read texts through ``words`` (an engine's one :class:`~engine.models.word_features.MiniLMWords`, whose
+        cache the open vocabulary shares) when this SAN reads MiniLM features too; a vocabulary SAN keeps its own."""
+        if getattr(self.vocab, "kind", "vocab") == "minilm" and getattr(words, "kind", None) == "minilm":
+            self.vocab = words
+            self._recent.clear()
+
     @property
     def method(self) -> str:
         return self.net.config.method

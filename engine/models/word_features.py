@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +48,7 @@ class MiniLMWords:
     """
 
     kind = "minilm"
+    dim = MINILM_DIM
     pad_index = 0  # ``erase_words`` zeroes an erased token's features (there is no <unk> feature)
 
     def __init__(self, encoder: "MiniLMEncoder | None" = None, *, cache_size: int | None = 64, device: torch.device | str = "cpu") -> None:
@@ -81,6 +83,19 @@ class MiniLMWords:
 
     def features(self, texts: Sequence[str]) -> list[Tensor]:
         """Each text's word-piece features float32 ``[L, 384]`` (L >= 1, on the CPU); cached per text."""
+        return [tokens[1:-1] for tokens in self._tokens(texts)]  # [CLS] and [SEP] left out
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Sentence vectors float32 ``[len(texts), 384]``, L2-normalised: sentence-transformers' head (the mean
+        of every token, [CLS] and [SEP] included) over the same cached pass as :meth:`features`, so a query's
+        text runs MiniLM once for its word features and its sentence vector alike."""
+        if len(texts) == 0:
+            return np.zeros((0, MINILM_DIM), np.float32)
+        means = torch.stack([tokens.mean(0) for tokens in self._tokens([str(t) for t in texts])])
+        return nn.functional.normalize(means, dim=-1).numpy().astype(np.float32)
+
+    def _tokens(self, texts: Sequence[str]) -> list[Tensor]:
+        """Each text's MiniLM token features float32 ``[n, 384]`` ([CLS] and [SEP] included, n >= 3), cached."""
         for text in texts:
             if not any(ch.isalnum() for ch in text):  # punctuation alone would still give word pieces
                 raise InvalidInputError(f"text {text!r:.60} holds no words; describe the region in English words, e.g. 'a brown horse'")
@@ -92,7 +107,7 @@ class MiniLMWords:
                 n = int(out.mask[i].sum())
                 if n <= 2:
                     raise InvalidInputError(f"text {text!r:.60} holds no words; describe the region in English words, e.g. 'a brown horse'")
-                self._cache[text] = out.tokens[i, 1 : n - 1].float().cpu()  # [CLS] and [SEP] left out
+                self._cache[text] = out.tokens[i, :n].float().cpu()
         found = []
         for text in texts:
             found.append(self._cache[text])
