@@ -33,6 +33,6 @@ setup(
         "uvicorn",
         "python-multipart",
     ],
-    extras_require={"test": ["pytest>=8", "httpx", "playwright"]},  # httpx: FastAPI's TestClient; playwright drives Debian's chromium (its own browser download is never used)
+    extras_require={"test": ["pytest>=8", "httpx", "playwright", "ray>=2.9"], "distributed": ["ray>=2.9"]},  # httpx: FastAPI's TestClient; playwright drives Debian's chromium (its own browser download is never used)
     entry_points={"console_scripts": ["engine=engine.cli:main"]},
 )

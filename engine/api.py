@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,8 @@ from query.request import SearchRequest
 
 if TYPE_CHECKING:  # named for the types only (these modules import torch, faiss or the models)
     from indexer.integrity import ReindexJob
-    from indexer.pipeline import IndexingPipeline, ProgressCallback
+    from engine.sharded_index import ShardedIndex
+    from indexer.pipeline import BatchExecutor, ImageSelector, IndexingPipeline, ProgressCallback
     from indexer.proposal_sources import ProposalProvider
     from indexer.store import IndexStore
     from query.encode import EncodedQuery
@@ -55,6 +56,7 @@ class Engine:
         self._minilm_words: Any = None
         self._text_projection: Any = _NOT_LOADED
         self._vocabulary_grounder: Any = None
+        self._sharded: ShardedIndex | None = None
 
     # -- models -------------------------------------------------------------------------------
     @property
@@ -189,34 +191,87 @@ class Engine:
     def index(self, corpus: Path | str, *, config: IndexConfig | None = None, progress: bool = False, on_progress: ProgressCallback | None = None):
         """Index (or update the index of) every image under ``corpus``; returns an ``IndexSummary``.
 
-        ``on_progress(done, total)`` hears how many of the images to process are done (after each commit)."""
-        from indexer.proposal_sources import create_proposal_provider
-        from indexer.store import IndexStore
+        ``on_progress(done, total)`` hears how many of the images to process are done (after each commit).
+        ``config.shards`` makes a new sharded index (``indexer/shards.py``); an existing sharded index is
+        indexed shard by shard, each image into the shard it hashes to. ``config.ray`` spreads the backbone
+        and embedding work over Ray workers (``engine/distributed/ray_indexing.py``)."""
+        from indexer.index_dir import IndexLayout
+        from indexer.shards import ShardLayout
 
         config = config or IndexConfig()
         corpus = Path(corpus)
         if not corpus.is_dir():
             raise InvalidInputError(f"corpus folder {corpus} does not exist or is not a folder; pass a folder of images")
+        sharded = self.sharded
+        if sharded is None and config.shards is not None:
+            if IndexLayout(self.index_dir.expanduser().resolve()).exists():
+                raise InvalidInputError(f"index {self.index_dir} is not sharded; --shards creates a new sharded index: give a new --index directory")
+            ShardLayout.create(self.index_dir, config.shards)
+            sharded = self.sharded
+        if sharded is not None:
+            return sharded.index(corpus, config, progress=progress, on_progress=on_progress)
+        return self.index_into(self.index_dir, corpus, config, progress=progress, on_progress=on_progress)
+
+    def index_into(self, index_dir: Path, corpus: Path, config: IndexConfig, *, progress: bool = False, on_progress: ProgressCallback | None = None, select: ImageSelector | None = None, label: str = "indexing"):
+        """Index the images of ``corpus`` (those ``select`` accepts) into the ordinary index at ``index_dir``
+        (this engine's, or one shard of it); returns the run's ``IndexSummary``."""
+        from indexer.proposal_sources import create_proposal_provider
+        from indexer.store import IndexStore
+
         proposals = create_proposal_provider(config.proposals, corpus.resolve(), backbone=self.extractor.backbone)
         self._close_reader()
-        with IndexStore.open(self.index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(maps=config.maps), visual_key=self.visual_key) as store:
-            pipeline = self._indexing_pipeline(store, proposals, config)
-            return pipeline.run(corpus, progress=progress, skip=(self.index_dir,), on_progress=on_progress)
+        with IndexStore.open(index_dir, create=True, writable=True, config=self.config.store, array_shapes=self._index_shapes(index_dir, maps=config.maps), visual_key=self.visual_key) as store:
+            executor = None
+            if config.ray:
+                from engine.distributed.ray_indexing import RayExecutor
 
-    def _indexing_pipeline(self, store: IndexStore, proposals: ProposalProvider, config: IndexConfig) -> IndexingPipeline:
+                executor = RayExecutor.start(config.ray, engine_config=self.config, proposals=config.proposals, corpus=corpus.resolve(), arrays=tuple(store.array_specs), workers=config.ray_workers)
+            try:
+                pipeline = self._indexing_pipeline(store, proposals, config, executor)
+                return pipeline.run(corpus, progress=progress, skip=(self.index_dir.expanduser().resolve(), Path(index_dir).expanduser().resolve()), on_progress=on_progress, select=select, label=label)
+            finally:
+                if executor is not None:
+                    executor.close()
+
+    @property
+    def sharded(self) -> ShardedIndex | None:
+        """The sharded index at :attr:`index_dir` (``None``: an ordinary one, or none yet)."""
+        if self._sharded is None:
+            from engine.sharded_index import ShardedIndex
+            from indexer.shards import ShardLayout
+
+            layout = ShardLayout.read(self.index_dir)
+            if layout is None:
+                return None
+            self._sharded = ShardedIndex(layout, self)
+        return self._sharded
+
+    def _indexing_pipeline(self, store: IndexStore, proposals: ProposalProvider, config: IndexConfig, executor: BatchExecutor | None = None) -> IndexingPipeline:
         """The indexing pipeline of this engine's models into the open, writable ``store``: SAN and the
-        Ref-NMS features when the index has those arrays; ``models`` records every version."""
-        from indexer.pipeline import IndexingPipeline
+        Ref-NMS features when the index has those arrays; ``models`` records every version. ``executor``
+        runs the extraction elsewhere (Ray workers); by default here."""
+        from indexer.pipeline import IndexingPipeline, run_here
 
-        from indexer.store import CONCEPT_ARRAY
-
-        san = self.san_encoder if store.has_array("san") else None
-        ref_nms = self._indexing_ref_nms(store)
-        concepts = self.concept_evidence if store.has_array(CONCEPT_ARRAY) else None
+        extraction = self.batch_extraction(store.array_specs, proposals, ref_nms=self._indexing_ref_nms(store))
         models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-        models.update({k: m.version for k, m in (("san", san), ("ref_nms", ref_nms), ("concepts", concepts)) if m is not None})
-        return IndexingPipeline(
-            store=store, extractor=self.extractor, proposals=proposals, batch_size=config.batch_size, save_every=config.save_every, models=models, san=san, ref_nms=ref_nms, concepts=concepts
+        models.update({k: m.version for k, m in (("san", extraction.san), ("ref_nms", extraction.ref_nms), ("concepts", extraction.concepts)) if m is not None})
+        return IndexingPipeline(store=store, extraction=extraction, batch_size=config.batch_size, save_every=config.save_every, models=models, executor=executor or run_here)
+
+    def batch_extraction(self, arrays: Collection[str], proposals: ProposalProvider, *, ref_nms=None):  # noqa: ANN001
+        """The compute half of indexing (:class:`indexer.extraction.BatchExtraction`) for an index holding the
+        arrays named ``arrays``, with this engine's models (a Ray worker builds its own this way).
+        ``ref_nms``: the model whose features the ``refnms`` array stores (default this engine's)."""
+        from indexer.extraction import BatchExtraction
+        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY
+
+        return BatchExtraction(
+            extractor=self.extractor,
+            proposals=proposals,
+            maps=MAPS_ARRAY in arrays,
+            pooled=POOLED_ARRAY in arrays,
+            san=self.san_encoder if SAN_ARRAY in arrays else None,
+            ref_nms=(ref_nms or self.ref_nms_model) if REFNMS_ARRAY in arrays else None,
+            concepts=self.concept_evidence if CONCEPT_ARRAY in arrays else None,
         )
 
     def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
@@ -230,32 +285,32 @@ class Engine:
         indexed = store.models().get("ref_nms")
         if indexed and indexed != model.version:
             raise IndexVersionError(
-                f"index {self.index_dir} holds Ref-NMS features of {indexed}, but this engine loads {model.version}; "
+                f"index {store.path} holds Ref-NMS features of {indexed}, but this engine loads {model.version}; "
                 "configure the Ref-NMS checkpoint it was built with, or index into a new directory"
             )
         return model
 
-    def _index_shapes(self, *, maps: bool = True) -> dict[str, tuple[int, ...]]:
+    def _index_shapes(self, index_dir: Path, *, maps: bool = True) -> dict[str, tuple[int, ...]]:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
         ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
         with a warning: text-only search then needs a re-index into a new directory)."""
         from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
         try:
-            with IndexStore.open(self.index_dir, config=self.config.store, visual_key=self.visual_key) as existing:
+            with IndexStore.open(index_dir, config=self.config.store, visual_key=self.visual_key) as existing:
                 stored = {name: spec.shape for name, spec in existing.array_specs.items()}
         except IndexNotFoundError:  # none yet, or a creation a killed run left unfinished: a new index
             return self._array_shapes(maps=maps)
         pooled = POOLED_ARRAY in stored  # an index from before the pooled array keeps reading maps in stage 2
         has_maps = MAPS_ARRAY in stored
         if has_maps != maps:
-            log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", self.index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
+            log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
         refnms = REFNMS_ARRAY in stored  # an index from before it computes Ref-NMS's visual half at query time
         concepts = CONCEPT_ARRAY in stored  # an index from before the open vocabulary keeps the first-wave text path
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
             return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
         if self.config.san:
-            log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", self.index_dir)
+            log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", index_dir)
         return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
 
     # -- searching ----------------------------------------------------------------------------
@@ -305,7 +360,8 @@ class Engine:
         """
         from query.batch import encode_requests
 
-        encoded = encode_requests(self.pipeline.query_encoder(), requests, batch_size=batch_size)
+        pipeline = self.sharded.first_pipeline() if self.sharded is not None else self.pipeline
+        encoded = encode_requests(pipeline.query_encoder(), requests, batch_size=batch_size)
         out: list[list[Hit] | EngineError] = []
         for i, request in enumerate(requests):
             try:
@@ -321,6 +377,8 @@ class Engine:
         """The indexed region ``region_id`` (image path, box, …); :class:`UnknownIdError` when it is not in the index.
 
         Reads the index only (no model loads)."""
+        if self.sharded is not None:
+            return self.sharded.region(region_id)
         rows = self._open_reader().regions([region_id])
         if not rows:
             raise UnknownIdError(f"region {region_id} is not in index {self.index_dir}; region ids come from earlier hits (engine query --json)")
@@ -328,6 +386,8 @@ class Engine:
 
     def image(self, image_id: int):  # -> indexer.store.ImageEntry
         """The indexed image ``image_id`` (id, path, size); :class:`UnknownIdError` when the index holds none with that id."""
+        if self.sharded is not None:
+            return self.sharded.image(image_id)
         entry = self._open_reader().image(image_id)
         if entry is None:
             raise UnknownIdError(f"image {image_id} is not in index {self.index_dir}; image ids come from the image listing (GET /api/images)")
@@ -335,6 +395,8 @@ class Engine:
 
     def images(self, *, offset: int = 0, limit: int = 100):  # -> list[indexer.store.ImageEntry]
         """Indexed images by id, ``limit`` of them from the ``offset``-th."""
+        if self.sharded is not None:
+            return self.sharded.images(offset=offset, limit=limit)
         return self._open_reader().images(offset=offset, limit=limit)
 
     @property
@@ -343,11 +405,15 @@ class Engine:
         if self._pipeline is None:
             from query.pipeline import QueryPipeline
 
+            if self.sharded is not None:
+                raise InvalidInputError(f"index {self.index_dir} is sharded: search it with Engine.search / engine query (one shard's pipeline covers only its images)")
             self._pipeline = QueryPipeline(store=self._open_reader(), models=self, config=self.config)
         return self._pipeline
 
     def _run(self, request: SearchRequest, encoded: EncodedQuery | None) -> list[Hit]:
         request.validate()
+        if self.sharded is not None:
+            return self.sharded.search().run(request, encoded)
         return self.pipeline.run(request, encoded)
 
     @property
@@ -384,6 +450,8 @@ class Engine:
 
         if self.config.grn_checkpoint is not None:
             return self.config.grn_checkpoint
+        if self.sharded is not None:  # chosen as for one index of all the shards' regions
+            return default_grn_checkpoint(self.sharded.readers()[0], on_gpu=device.type == "cuda", fc_from_regions=self.config.fc_from_regions, regions=self.sharded.regions())
         store = self._open_reader() if IndexLayout(self.index_dir.expanduser().resolve()).exists() else None
         return default_grn_checkpoint(store, on_gpu=device.type == "cuda", fc_from_regions=self.config.fc_from_regions)
 
@@ -414,11 +482,15 @@ class Engine:
 
     # -- inspection ---------------------------------------------------------------------------
     def info(self):
-        """Counts, index type, device and models of the index (an ``IndexInfo``)."""
+        """Counts, index type, device and models of the index (an ``IndexInfo``; a sharded index's summed)."""
+        if self.sharded is not None:
+            return self.sharded.info()
         return self._open_reader().info()
 
     def errors(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of every image that could not be indexed."""
+        if self.sharded is not None:
+            return self.sharded.errors()
         return self._open_reader().errors()
 
     # -- maintenance --------------------------------------------------------------------------
@@ -432,6 +504,8 @@ class Engine:
         from indexer.removal import remove_paths
         from indexer.store import IndexStore
 
+        if self.sharded is not None:
+            return self.sharded.remove(list(paths))
         self._close_reader()
         with IndexStore.open(self.index_dir, writable=True, config=self.config.store) as store:
             return remove_paths(store, list(paths))
@@ -441,6 +515,8 @@ class Engine:
         under the writer lock); returns the bytes before and after (``docs/index-layout.md``)."""
         from indexer.store import IndexStore
 
+        if self.sharded is not None:
+            return self.sharded.compact()
         self._close_reader()
         with IndexStore.open(self.index_dir, writable=True, config=self.config.store) as store:
             return store.compact()
@@ -451,6 +527,9 @@ class Engine:
         (under the writer lock). See ``docs/index-layout.md``, "Checksums and `engine check`"."""
         from indexer.integrity import check_index, repair_index
 
+        if self.sharded is not None:
+            each = "; ".join(f"engine check --index {p}" for p in self.sharded.layout.paths)
+            raise InvalidInputError(f"index {self.index_dir} is sharded; check each shard, an ordinary index, on its own: {each}")
         self._close_reader()
         if not repair:
             return check_index(self.index_dir, config=self.config.store)
@@ -502,6 +581,8 @@ class Engine:
 
     def _close_reader(self) -> None:
         self._pipeline = None
+        if self._sharded is not None:
+            self._sharded.close()
         if self._reader is not None:
             self._reader.close()
             self._reader = None

@@ -23,6 +23,7 @@ from engine.commands.models import models_command
 from engine.commands.options import device_option, index_option, json_option
 from engine.commands.saliency import saliency_command
 from engine.commands.serve import serve_command
+from engine.commands.shards import shards_group
 from engine.commands.synth import synth_command
 from engine.commands.train import train_command
 from engine.errors import EngineError
@@ -97,12 +98,12 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None, projection_weight: float | None = None, san_weight: float | None = None):
+def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_weight: float | None = None, image_weight: float | None = None, concept_weight: float | None = None, projection_weight: float | None = None, san_weight: float | None = None, ray: str | None = None):
     from engine.api import Engine
     from engine.config import EngineConfig
 
     weights = {k: v for k, v in (("text_weight", text_weight), ("image_weight", image_weight), ("concept_weight", concept_weight), ("projection_weight", projection_weight), ("san_weight", san_weight)) if v is not None}
-    return Engine(index_dir, config=EngineConfig(device=device, stage3=stage3, **weights))
+    return Engine(index_dir, config=EngineConfig(device=device, stage3=stage3, ray=ray, **weights))
 
 
 @main.command("index")
@@ -113,21 +114,28 @@ def _engine(index_dir: Path, device: str = "auto", *, stage3: bool = True, text_
 @click.option("--proposals", type=click.Choice(["auto", "rpn", "gt", "selective-search"]), default="auto", show_default=True, help="Region source: rpn (= auto) the shipped region proposal network, top 100 per image; gt the boxes of CORPUS/annotations.jsonl; selective-search (slow, no model).")
 @json_option
 @click.option("--maps/--no-maps", default=True, show_default=True, help="A new index keeps each region's 7x7 feature map (11 KB a region: the conv GRN and stage-3 grounding read them). --no-maps: ~1.1 KB a region; stage 2 uses grn-fc, stage 3 recomputes the maps of the images it grounds from their files.")
+@click.option("--shards", type=click.IntRange(min=1, max=8192), help="Create a sharded index of N shards in a new --index folder (each image goes to the shard its path hashes to; queries fan out to every shard and merge). An existing sharded index keeps its shards.")
+@click.option("--ray", "ray", metavar="CLUSTER", help="Extract the regions on Ray workers: local (this machine's CPUs), local:N (N CPUs) or a running cluster's address; this process commits. Needs the `ray` package.")
+@click.option("--ray-workers", type=click.IntRange(min=1), help="With --ray: how many workers (default one per CPU of the cluster).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, proposals: str, maps: bool, as_json: bool, quiet: bool) -> None:
+def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, proposals: str, maps: bool, shards: int | None, ray: str | None, ray_workers: int | None, as_json: bool, quiet: bool) -> None:
     """Index every image under CORPUS (recursive); re-runs process only new or changed images.
 
     \b
     Example:
       engine index ./corpus --index my-index --batch-size 16
+      engine index ./corpus --index big-index --shards 4 --ray local:4
     """
     from engine.config import IndexConfig
 
     from engine.diskspace import disk_full_error
     from indexer.pipeline import INDEX_DISK_ADVICE
 
+    if ray_workers is not None and not ray:
+        raise click.UsageError("--ray-workers goes with --ray (the workers of a Ray cluster)")
     try:
-        summary = _engine(index_dir, device).index(corpus, config=IndexConfig(proposals=proposals, batch_size=batch_size, maps=maps), progress=not (quiet or as_json))
+        config = IndexConfig(proposals=proposals, batch_size=batch_size, maps=maps, shards=shards, ray=ray, ray_workers=ray_workers)
+        summary = _engine(index_dir, device).index(corpus, config=config, progress=not (quiet or as_json))
     except Exception as exc:  # a full disk while creating or opening the index: one line, the cause chained
         full = disk_full_error(exc, doing=f"indexing {corpus} into {index_dir}", advice=INDEX_DISK_ADVICE, where=index_dir)
         if full is not None:
@@ -171,8 +179,9 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the map of the text over the hit image (MCB attention; for a text read through the open vocabulary, its scores of the image's proposals).")
 @click.option("--server", envvar="ENGINE_SERVER", help="Send the query to a running `engine serve` at this address (or set ENGINE_SERVER), e.g. http://127.0.0.1:8000, instead of loading the models here; same output.")
 @click.option("--token", envvar="ENGINE_TOKEN", help="With --server: the server's bearer token (or set ENGINE_TOKEN).")
+@click.option("--ray", "ray", metavar="CLUSTER", help="A sharded index: fan the query out to Ray actors, one per shard (local, local:N or a cluster address) instead of searching the shards in this process.")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, weight_san: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, weight_san: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, ray: str | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -187,14 +196,16 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
     if server:
         from engine.server.client import RemoteQuery
 
-        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection, weight_san), ground=ground, local_only=(batch_file, save_vis, html_file, explain))
+        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection, weight_san), ground=ground, local_only=(batch_file, save_vis, html_file, explain, ray))
         fields = {"k": k, "exclude_self": exclude_self, "path_glob": path_glob, "min_score": min_score, "max_per_image": max_per_image}
         remote = RemoteQuery(image=image, region=None if region is None else ",".join(repr(float(v)) for v in region), region_id=region_id, text=text, fields={n: v for n, v in fields.items() if v is not None})
         _query_server(server, remote, token=token, as_json=as_json)
         return
     from query.filters import HitFilter
 
-    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection, san_weight=weight_san)
+    engine = _engine(index_dir, device, stage3=ground, text_weight=weight_text, image_weight=weight_image, concept_weight=weight_concept, projection_weight=weight_projection, san_weight=weight_san, ray=ray)
+    if ray and engine.sharded is None:
+        raise click.UsageError(f"--ray fans a query out to the shards of a sharded index; {index_dir} is not sharded (engine index CORPUS --index NEW --shards N makes one)")
     filters = HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image)
     if batch_file is not None:
         _run_batch(engine, batch_file, out_file, k=k, exclude_self=exclude_self, filters=filters)
@@ -256,7 +267,7 @@ def _check_remote_options(*, device: str, weights: tuple, ground: bool, local_on
     if device != "auto" or any(w is not None for w in weights) or not ground:
         raise click.UsageError("--device, --weight-* and --no-ground set up local models; with --server the server's settings answer (leave them out)")
     if any(v is not None for v in local_only):
-        raise click.UsageError("--batch, --save-vis, --html and --explain work on a local index only; with --server use --json or the table")
+        raise click.UsageError("--batch, --save-vis, --html, --explain and --ray work on a local index only; with --server use --json or the table")
 
 
 def _query_server(server: str, remote, *, token: str | None, as_json: bool) -> None:  # noqa: ANN001
@@ -329,5 +340,6 @@ main.add_command(bench_command)
 main.add_command(check_command)
 main.add_command(data_group)
 main.add_command(serve_command)
+main.add_command(shards_group)
 if __name__ == "__main__":
     main()

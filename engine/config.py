@@ -97,7 +97,9 @@ class EngineConfig:
     that reads MiniLM word features (every word), every text-only query goes through the open vocabulary
     and SAN is one more part: its FAISS matches join the candidates and the sum gains ``san_weight · san``;
     ``combined_san_weight``: likewise, a combined query through the open vocabulary ranks by ``base + gate ·
-    (concept_weight · concept + combined_san_weight · san)``.
+    (concept_weight · concept + combined_san_weight · san)``. ``ray``: a sharded index's queries fan out
+    to Ray actors, one per shard, on that cluster (``local``, ``local:N`` or an address); ``None``: to
+    the shards in this process (``query/sharded_search.py``).
     """
 
     device: str = "auto"
@@ -128,6 +130,7 @@ class EngineConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("text_weight", "image_weight", "layout_weight", "concept_weight", "projection_weight", "san_weight", "combined_san_weight"):
@@ -155,9 +158,17 @@ class IndexConfig:
     takes ~1.1 KB a region (1.1 GB at a million regions): stage 2 uses ``grn-fc`` on the stored
     pooled means, and stage 3 computes the maps of the few images it grounds again from their files.
     An existing index keeps the arrays it was created with.
+
+    ``shards``: create a sharded index of that many shards (``indexer/shards.py``; an existing sharded
+    index keeps its own). ``ray``: extract the images' regions on Ray workers (``local`` or ``local:N``
+    for a local cluster of N CPUs, else a cluster address) while this process commits them;
+    ``ray_workers``: how many (default: one per CPU of the cluster). See ``engine/distributed/``.
     """
 
     proposals: str = "auto"
     batch_size: int = 8
     save_every: int = 2000
     maps: bool = True
+    shards: int | None = None
+    ray: str | None = None
+    ray_workers: int | None = None

@@ -3,33 +3,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from engine.diskspace import disk_full_error
-from engine.errors import ImageReadError, InvalidInputError
-from indexer.images import load_image
-from indexer.proposal_sources import ProposalProvider
-from indexer.region_features import RegionFeatureExtractor, image_vectors, mean_maps
-from engine.models.ref_nms import RefNMSModel
-from indexer.san_features import SanRegionEncoder
-from indexer.concept_evidence import CONCEPT_LEVEL, ConceptEvidence
+from engine.errors import InvalidInputError
 from indexer.catalog import RunCounts
-from indexer.scan import FileEntry, ScanIssue, content_hash, plan_scan, scan_corpus
-from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, IndexStore, RegionBatch
+from indexer.extraction import BatchExtraction, ExtractedBatch
+from indexer.scan import FileEntry, ScanIssue, plan_scan, scan_corpus
+from indexer.store import IndexStore
 
-__all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE", "ProgressCallback"]
+__all__ = ["IndexSummary", "IndexingPipeline", "INDEX_DISK_ADVICE", "ProgressCallback", "BatchExecutor", "ImageSelector"]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 """``on_progress(done, total)``: images processed so far of those the run's scan planned to process."""
+
+BatchExecutor = Callable[[BatchExtraction, Iterable[list[FileEntry]]], Iterator[ExtractedBatch]]
+"""Runs the extraction over the batches and yields their results IN ORDER (in this process by default;
+``engine/distributed/ray_indexing.py`` spreads them over Ray workers)."""
+
+ImageSelector = Callable[[Path], bool]
+"""Which image files of the corpus this run indexes (a sharded index: those hashed to one shard)."""
+
+
+def run_here(extraction: BatchExtraction, batches: Iterable[list[FileEntry]]) -> Iterator[ExtractedBatch]:
+    """The default executor: each batch extracted in this process, one after the other."""
+    return map(extraction, batches)
 
 INDEX_DISK_ADVICE = "free space and re-run `engine index`, which resumes where it stopped (everything committed so far is kept)"
 
@@ -40,15 +44,6 @@ class IndexSummary(RunCounts):
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-@dataclass
-class _Loaded:
-    entry: FileEntry
-    record: ImageRecord
-    image: Image.Image
-    boxes: np.ndarray
-    objectness: np.ndarray
 
 
 class IndexingPipeline:
@@ -62,44 +57,42 @@ class IndexingPipeline:
         self,
         *,
         store: IndexStore,
-        extractor: RegionFeatureExtractor,
-        proposals: ProposalProvider,
+        extraction: BatchExtraction,
         batch_size: int = 8,
         save_every: int = 2000,
         models: dict[str, str] | None = None,
-        san: SanRegionEncoder | None = None,
-        ref_nms: RefNMSModel | None = None,
-        concepts: ConceptEvidence | None = None,
+        executor: BatchExecutor = run_here,
     ) -> None:
         if batch_size <= 0:
             raise InvalidInputError(f"--batch-size must be a positive integer, got {batch_size}")
         self.store = store
-        self.extractor = extractor
-        self.proposals = proposals
+        self.extraction = extraction
         self.batch_size = batch_size
         self.save_every = save_every
         self.models = models or {}
-        self.san = san
-        self.ref_nms = ref_nms  # computes the stored Ref-NMS visual features (array ``refnms``)
-        self.concepts = concepts  # each region's ImageNet class evidence (array ``concepts``)
+        self.executor = executor
 
-    def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = (), on_progress: ProgressCallback | None = None) -> IndexSummary:
-        """Index ``corpus``; a full disk is one :class:`DiskFullError` (the cause chained), and
-        everything committed before it is kept. ``on_progress(done, total)`` is called once the scan
-        has planned the images to process, and after each committed batch."""
+    def run(self, corpus: Path, *, progress: bool = True, skip: tuple[Path, ...] = (), on_progress: ProgressCallback | None = None, select: ImageSelector | None = None, label: str = "indexing") -> IndexSummary:
+        """Index ``corpus`` (only the image files ``select`` accepts, when given); a full disk is one
+        :class:`DiskFullError` (the cause chained), and everything committed before it is kept.
+        ``on_progress(done, total)`` is called once the scan has planned the images to process, and after
+        each committed batch; ``label`` names the progress bar."""
         corpus = corpus.resolve()
         try:
-            return self._run(corpus, progress=progress, skip=skip, on_progress=on_progress)
+            return self._run(corpus, progress=progress, skip=skip, on_progress=on_progress, select=select, label=label)
         except Exception as exc:
             full = disk_full_error(exc, doing=f"indexing {corpus} into {self.store.layout.root}", advice=INDEX_DISK_ADVICE, where=self.store.layout.root)
             if full is not None:
                 raise full from exc
             raise
 
-    def _run(self, corpus: Path, *, progress: bool, skip: tuple[Path, ...], on_progress: ProgressCallback | None = None) -> IndexSummary:
+    def _run(self, corpus: Path, *, progress: bool, skip: tuple[Path, ...], on_progress: ProgressCallback | None, select: ImageSelector | None, label: str) -> IndexSummary:
         start = time.perf_counter()
         scan = scan_corpus(corpus, skip=skip)
-        plan = plan_scan(scan.files, self.store.known_images(str(corpus)), scan.issues)
+        files = scan.files if select is None else [f for f in scan.files if select(f.path)]
+        plan = plan_scan(files, self.store.known_images(str(corpus)), scan.issues)
+        if select is not None:  # folder issues protect every shard's images from deletion; each is recorded once
+            plan.issues = [issue for issue in plan.issues if select(Path(issue.path))]
         log.info("scan of %s: %d new, %d changed, %d unchanged, %d deleted", corpus, plan.new, plan.changed, plan.unchanged, len(plan.deleted))
         run_id = self.store.begin_run(str(corpus), self.models)
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
@@ -109,9 +102,10 @@ class IndexingPipeline:
             since_save, seen = 0, 0
             report = on_progress or (lambda done, total: None)
             report(0, len(plan.todo))
-            with tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
-                for batch in _chunks(plan.todo, self.batch_size):
-                    done = self._process_batch(run_id, batch, counts)
+            batches = list(_chunks(plan.todo, self.batch_size))
+            with tqdm(total=len(plan.todo), unit="img", desc=label, disable=not progress, dynamic_ncols=True) as bar:
+                for batch, extracted in zip(batches, self.executor(self.extraction, batches)):
+                    done = self._commit(run_id, extracted, counts)
                     since_save += done
                     seen += len(batch)
                     report(seen, len(plan.todo))
@@ -139,8 +133,9 @@ class IndexingPipeline:
         run_id = self.store.begin_run(str(Path(corpus).resolve()), self.models)
         counts = {"processed": 0, "regions_added": 0, "errors": 0, "removed": 0}
         try:
-            for batch in _chunks(entries, self.batch_size):
-                self._process_batch(run_id, batch, counts)
+            batches = list(_chunks(entries, self.batch_size))
+            for extracted in self.executor(self.extraction, batches):
+                self._commit(run_id, extracted, counts)
         except BaseException:
             self._end_run(run_id, "failed", 0, start, counts, after_error=True)
             raise
@@ -168,111 +163,17 @@ class IndexingPipeline:
             self.store.record_error(run_id, None, issue.path, issue.reason)
             counts["errors"] += 1
 
-    def _process_batch(self, run_id: int, batch: list[FileEntry], counts: dict[str, int]) -> int:
-        loaded: list[_Loaded] = []
-        for entry in batch:
-            try:
-                loaded.append(self._load(entry))
-            except ImageReadError as exc:
-                log.warning("skipping %s", exc)
-                self.store.record_error(run_id, _record_or_none(entry), str(entry.path), str(exc))
-                counts["errors"] += 1
-        if not loaded:
+    def _commit(self, run_id: int, extracted: ExtractedBatch, counts: dict[str, int]) -> int:
+        """Record one extracted batch's failures and commit its images (one transaction); returns how many."""
+        for failure in extracted.failures:
+            self.store.record_error(run_id, failure.record, failure.path, failure.reason)
+            counts["errors"] += 1
+        if not extracted.items:
             return 0
-        items: list[tuple[ImageRecord, RegionBatch]] = []
-        for group in _same_size_groups(loaded):
-            features = self._features(group)
-            for it, (maps, vectors, san, image_vector, concepts) in zip(group, features):
-                arrays = {"visual": vectors}
-                if concepts is not None:
-                    arrays[CONCEPT_ARRAY] = concepts
-                if self.store.has_array(MAPS_ARRAY):
-                    arrays[MAPS_ARRAY] = maps
-                if self.store.has_array(POOLED_ARRAY):
-                    arrays[POOLED_ARRAY] = mean_maps(maps)
-                if self.ref_nms is not None:
-                    arrays[REFNMS_ARRAY] = self.ref_nms.visual_features(maps)
-                if san is not None:
-                    arrays[SAN_ARRAY] = san
-                items.append((replace(it.record, vector=image_vector), RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
-        items.sort(key=lambda pair: pair[0].path)
-        self.store.commit_images(run_id, items)
-        counts["processed"] += len(items)
-        counts["regions_added"] += sum(len(b.boxes) for _, b in items)
-        return len(items)
-
-    def _features(self, group: list[_Loaded]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]]:
-        """Region maps, vectors (the visual key), SAN vectors (``None`` without SAN), the image vector
-        (mean backbone feature of the maps' level ``c4``, CM-Att's ``e_0``) and the class evidence (``None``
-        without the ``concepts`` array) of one same-size group. A batch
-        proposal network (the RPN) runs the backbone once (``c3``..``c5``) and proposes from its maps;
-        everything else, the key's levels included, is pooled from the same maps."""
-        images = [it.image for it in group]
-        propose_batch = getattr(self.proposals, "propose_batch", None)
-        if propose_batch is not None:
-            maps, proposals = propose_batch(images)
-            for it, (boxes, objectness) in zip(group, proposals):
-                it.boxes, it.objectness = np.asarray(boxes, np.float32), np.asarray(objectness, np.float32)
-            missing = {*self.extractor.levels, *((CONCEPT_LEVEL,) if self.concepts is not None else ())} - set(maps)
-            if missing:  # a proposal network on fewer levels than the key reads (not the shipped RPN)
-                maps = {**maps, **self._backbone_maps(images, levels=missing)}
-        else:
-            maps = self._backbone_maps(images)
-        sizes = [im.size for im in images]
-        boxes = [it.boxes for it in group]
-        level = self.extractor.config.level
-        vectors = image_vectors(maps[level])
-        features = self.extractor.from_feature_map(maps, sizes, boxes)
-        san = self.san.encode(maps, sizes, boxes, [m for m, _ in features]) if self.san is not None else [None] * len(features)
-        concepts = self.concepts.evidence(maps, sizes, boxes) if self.concepts is not None else [None] * len(features)
-        return [(m, v, s, e, c) for (m, v), s, e, c in zip(features, san, vectors, concepts)]
-
-    def _backbone_maps(self, images: list[Image.Image], levels: set[str] | None = None) -> dict:
-        """The backbone levels the region features and key (and SAN's saliency network, when indexing SAN)
-        need, in one pass (``levels``: only those)."""
-        import torch
-
-        from indexer.backbone import preprocess
-        from indexer.san_features import SALIENCY_LEVELS
-
-        backbone = self.extractor.backbone
-        batch, _ = preprocess(images, max_size=backbone.max_size)
-        if levels is None:
-            levels = {*self.extractor.levels, *(SALIENCY_LEVELS if self.san is not None else ()), *((CONCEPT_LEVEL,) if self.concepts is not None else ())}
-        with torch.no_grad():
-            return backbone(batch.to(backbone.device), levels=sorted(levels))
-
-    def _load(self, entry: FileEntry) -> _Loaded:
-        try:
-            digest = content_hash(entry.path)
-        except OSError as exc:
-            raise ImageReadError(f"cannot read image {entry.path}: {exc.strerror or exc}") from None
-        image = load_image(entry.path)
-        w, h = image.size
-        record = ImageRecord(path=str(entry.path), content_hash=digest, size_bytes=entry.size_bytes, mtime_ns=entry.mtime_ns, width=w, height=h)
-        if hasattr(self.proposals, "propose_batch"):  # proposed per batch, from the backbone's maps
-            boxes, objectness = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-        else:
-            boxes, objectness = self.proposals(entry.path, image)
-        return _Loaded(entry=entry, record=record, image=image, boxes=np.asarray(boxes, np.float32), objectness=np.asarray(objectness, np.float32))
-
-
-def _record_or_none(entry: FileEntry) -> ImageRecord | None:
-    """A record for an unreadable file, so that an unchanged broken file is not retried on every run."""
-    try:
-        digest = content_hash(entry.path)
-    except OSError:
-        return None
-    return ImageRecord(path=str(entry.path), content_hash=digest, size_bytes=entry.size_bytes, mtime_ns=entry.mtime_ns, width=0, height=0)
-
-
-def _same_size_groups(items: list[_Loaded]) -> Iterator[list[_Loaded]]:
-    """Batch only images of the same size: padding to a common size would change features near the borders,
-    and a query image (processed alone) must get the same features as at index time."""
-    groups: dict[tuple[int, int], list[_Loaded]] = defaultdict(list)
-    for it in items:
-        groups[it.image.size].append(it)
-    yield from groups.values()
+        self.store.commit_images(run_id, extracted.items)
+        counts["processed"] += len(extracted.items)
+        counts["regions_added"] += extracted.regions
+        return len(extracted.items)
 
 
 def _chunks(items: list[FileEntry], size: int) -> Iterator[list[FileEntry]]:

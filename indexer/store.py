@@ -142,6 +142,7 @@ class IndexInfo:
     nprobe_at: dict[int, int] = field(default_factory=dict)
     dead_rows: int = 0
     dead_bytes: int = 0
+    shards: list[str] = field(default_factory=list)  # a sharded index: its shards' directories (counts summed over them)
 
     def to_dict(self) -> dict[str, Any]:
         """The stable ``engine info --json`` form (keys are only ever added)."""
@@ -160,6 +161,7 @@ class IndexInfo:
             "path": str(self.path),
             "dead_rows": self.dead_rows,
             "dead_bytes": self.dead_bytes,
+            **({"shards": list(self.shards)} if self.shards else {}),
         }
 
 

@@ -85,6 +85,7 @@ class SanPart:
     score: Callable[[np.ndarray], StageScores]
     weight: float
     gate: tuple[float, float] = (-1.0, -1.0)
+    confidence: float | None = None  # SAN's best cosine over a whole sharded index (None: this index's own best match)
 
 
 def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int, san: SanPart | None = None) -> tuple[Regions, StageScores]:
@@ -103,7 +104,7 @@ def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, pr
             found, ids = store.search(np.asarray(vector, np.float32)[None], min(count, len(regions)) or 1, array=array)
             chosen |= np.isin(regions.ids, ids[0][ids[0] >= 0])
             if san is not None and array == SAN_ARRAY:
-                confidence = float(found[0][0]) if ids[0][0] >= 0 else -1.0
+                confidence = san.confidence if san.confidence is not None else float(found[0][0]) if ids[0][0] >= 0 else -1.0
                 san_weight = san.weight * concept_gate(confidence, floor=san.gate[0], ceiling=san.gate[1])
     pool = regions.take(np.nonzero(chosen)[0])
     pool_concept = concept[chosen]

@@ -227,9 +227,12 @@ class QueryPipeline:
 
     # -- the steps ----------------------------------------------------------------------------
     def encode(self, request: SearchRequest, encoded: EncodedQuery | None = None, *, san: bool = False) -> EncodedQuery:
-        """A visual query's region: an indexed region's stored features (``region_id``), or the region of
-        the query image passed through the backbone (or ``encoded`` already); with its class evidence
+        """A visual query's region: ``encoded`` when already encoded (a batch, or a sharded index's query encoded
+        once by the shard that holds it), an indexed region's stored features (``region_id``), or the region of
+        the query image passed through the backbone; with its class evidence
         when the index stores it, and (``san``) its SAN vector from the same pass."""
+        if encoded is not None:
+            return encoded
         if request.region_id is not None:
             row = self.region(request.region_id)
             rows = np.asarray([row.row], np.int64)
@@ -237,8 +240,6 @@ class QueryPipeline:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             concepts = self.store.read_arrays(CONCEPT_ARRAY, rows)[0] if self.store.has_array(CONCEPT_ARRAY) else None
             return EncodedQuery(vector=vector, query_map=read_region_maps(self.store, rows)[0], content_hash=row.content_hash, concepts=concepts)
-        if encoded is not None:
-            return encoded
         return self.query_encoder(san=san).encode(load_query_region(request.image, request.region))
 
     def query_encoder(self, *, san: bool = False) -> VisualQueryEncoder:

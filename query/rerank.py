@@ -223,21 +223,21 @@ def default_grn_name(regions: int, *, has_maps: bool, on_gpu: bool, fc_from_regi
     return "grn" if on_gpu or regions < fc_from_regions else "grn-fc"
 
 
-def default_grn_checkpoint(store: IndexStore | None, *, on_gpu: bool, fc_from_regions: int) -> Path | None:
+def default_grn_checkpoint(store: IndexStore | None, *, on_gpu: bool, fc_from_regions: int, regions: int | None = None) -> Path | None:
     """The stage-2 GRN for an index when none is configured (``None``: the shipped conv ``grn``).
 
     The conv ``grn`` (the paper's model; best R@10/R@100) on a GPU and for indexes under
     ``fc_from_regions`` regions; ``grn-fc`` on the CPU from there on, where the conv GRN's ~0.25 s per
     1,000 candidates cannot meet a 100 ms query (docs/benchmarks.md); ``grn-fc`` always on an index
     built without the 7×7 maps (``engine index --no-maps``). ``store``: the open index, ``None`` when
-    there is none yet.
+    there is none yet; ``regions``: the regions searched when not ``store``'s (a sharded index: all shards').
     """
     from engine.models.checkpoint import default_checkpoint
 
     if store is None:
         return None
     has_maps = store.has_array(MAPS_ARRAY)
-    regions = store.vector_count() if has_maps and not on_gpu else 0
+    regions = (store.vector_count() if regions is None else regions) if has_maps and not on_gpu else 0
     if default_grn_name(regions, has_maps=has_maps, on_gpu=on_gpu, fc_from_regions=fc_from_regions) == "grn":
         return None
     if not has_maps:

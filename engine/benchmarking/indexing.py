@@ -113,10 +113,11 @@ def measure_indexing(config: IndexingBenchConfig, work_dir: Path, *, progress: b
 def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: IndexingBenchConfig, times: StageTimes) -> tuple[Any, Any]:
     """The pipeline as :meth:`Engine.index` builds it, with every component in a timing proxy."""
     from engine.config import IndexConfig
+    from indexer.extraction import BatchExtraction
     from indexer.pipeline import IndexingPipeline
     from indexer.proposal_sources import RpnProposals, create_proposal_provider
     from indexer.region_features import RegionFeatureExtractor
-    from indexer.store import IndexStore
+    from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
     backbone = TimedProxy(engine.extractor.backbone, times, "backbone", ["__call__"])
     extractor = TimedProxy(RegionFeatureExtractor(backbone=backbone, config=engine.extractor.config), times, "embedding", ["from_feature_map", "__call__"])
@@ -134,16 +135,21 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version, "ref_nms": engine.ref_nms_model.version}
     if concepts is not None:
         models["concepts"] = engine.concept_evidence.version
-    pipeline = IndexingPipeline(
-        store=TimedProxy(store, times, "writes", ["commit_images", "save_vectors"]),
+    extraction = BatchExtraction(
         extractor=extractor,
         proposals=proposals,
-        batch_size=config.batch_size,
-        save_every=IndexConfig().save_every,
-        models=models,
+        maps=MAPS_ARRAY in shapes,
+        pooled=POOLED_ARRAY in shapes,
         san=san,
         ref_nms=ref_nms,
         concepts=concepts,
+    )
+    pipeline = IndexingPipeline(
+        store=TimedProxy(store, times, "writes", ["commit_images", "save_vectors"]),
+        extraction=extraction,
+        batch_size=config.batch_size,
+        save_every=IndexConfig().save_every,
+        models=models,
     )
     return pipeline, store
 
