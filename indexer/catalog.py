@@ -402,6 +402,17 @@ class Catalog:
             rows = s.execute(_region_select().where(Image.path == str(path)).order_by(Region.id))
             return state, [_region_row(row) for row in rows]
 
+    def regions_of_images(self, paths: Sequence[str]) -> tuple[DbState, dict[str, list[RegionRow]]]:
+        """The regions of each image at ``paths`` (by region id; an unknown path is absent), read in one snapshot."""
+        wanted = [str(p) for p in paths]
+        out: dict[str, list[RegionRow]] = {}
+        with self.db.read() as s:
+            state = snapshot_state(s)
+            for row in s.execute(_region_select().where(Image.path.in_(wanted)).order_by(Region.id)):
+                region = _region_row(row)
+                out.setdefault(region.image_path, []).append(region)
+        return state, out
+
     def region_ids(self) -> np.ndarray:
         """Every committed region id, ascending, int64."""
         with self.db.read() as s:

@@ -531,6 +531,12 @@ class IndexStore:
         state, found = self._catalog.regions_of_image(path)
         return self._features.numbered(state, found)
 
+    def regions_of_images(self, paths: Sequence[str]) -> dict[str, list[RegionRow]]:
+        """:meth:`regions_of_image` of several images in one database read (paths with no region are absent)."""
+        state, found = self._catalog.regions_of_images(paths)
+        numbered = {r.id: r for r in self._features.numbered(state, [r for rows in found.values() for r in rows])}
+        return {path: [numbered[r.id] for r in rows if r.id in numbered] for path, rows in found.items()}
+
     def image_vectors(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored mean backbone feature (float32 ``[C]``) of each indexed image in ``paths`` that has
         one (images indexed before schema revision 0003 have none)."""

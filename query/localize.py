@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.boxes import box_iou
 from engine.errors import CheckpointError, EngineError, InvalidInputError
+from engine.models.cm_att import GroundingImage
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
 from indexer.store import MAPS_ARRAY, REFNMS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
@@ -129,34 +130,64 @@ class GroundingStage:
     def candidates(self, path: str, text: str, stage2: Rescorer, query_vector: np.ndarray) -> Stage3Candidates | None:
         """The candidates of the image at ``path``; ``None`` when it cannot be grounded (no regions,
         or no image vector: an old index whose image file is gone)."""
-        rows = self.store.regions_of_image(path)
-        if not rows:
-            return None
-        e0 = self._e0(path)
-        if e0 is None:
-            return None
-        boxes = np.asarray([r.box for r in rows], np.float32)
-        objectness = np.asarray([r.objectness for r in rows], np.float32)
-        idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
-        if len(idx) == 0:
-            return None
-        maps = None
-        if self.stored_relatedness_features:  # Ref-NMS's visual half was stored at index time
-            r = self.ref_nms.relatedness_from_features(self.store.read_arrays(REFNMS_ARRAY, _feature_rows([rows[i] for i in idx])), text)
+        return self.candidates_many([path], text, stage2, query_vector).get(path)
+
+    def candidates_many(self, paths: Sequence[str], text: str, stage2: Rescorer, query_vector: np.ndarray) -> dict[str, Stage3Candidates]:
+        """:meth:`candidates` of the images at ``paths`` (those that can be grounded, in ``paths`` order), computed
+        together: one database read, the text encoded once, Ref-NMS over every image's stored features in
+        one pass, CM-Att over every image's survivors in one batch, stage 2 over them all at once. Each
+        region's scores are the ones the image alone gets (every part scores a region on its own)."""
+        found = self.store.regions_of_images(paths)
+        vectors = self.store.image_vectors([p for p in paths if p in found])
+        images: list[_Image] = []
+        for path in paths:
+            rows = found.get(path)
+            if not rows:
+                continue
+            e0 = vectors.get(path)
+            if e0 is None:
+                e0 = self._e0(path)
+            if e0 is None:
+                continue
+            objectness = np.asarray([r.objectness for r in rows], np.float32)
+            idx = np.flatnonzero(objectness >= self.ref_nms.config.delta)
+            if len(idx):
+                images.append(_Image(path=path, rows=rows, boxes=np.asarray([r.box for r in rows], np.float32), objectness=objectness, idx=idx, e0=np.asarray(e0, np.float32)))
+        if self.stored_relatedness_features:  # Ref-NMS's visual half was stored at index time: one pass over every image
+            features = self.store.read_arrays(REFNMS_ARRAY, _feature_rows([im.rows[i] for im in images for i in im.idx]))
+            r_all = self.ref_nms.relatedness_from_features(features, text) if len(features) else np.zeros(0, np.float32)
+            for im, r in zip(images, np.split(r_all, np.cumsum([len(im.idx) for im in images])[:-1]) if images else []):
+                im.relatedness = r
         else:
-            maps = self._maps(path, [rows[i] for i in idx])
-            if maps is None:
-                return None
-            r = self.ref_nms.relatedness(maps, text)
-        order = fused_nms(boxes[idx], objectness[idx], r, iou=self.ref_nms.config.nms_iou)  # NMS over s_i = r_i × c_i
-        keep, relatedness = idx[order], r[order]
-        kept = [rows[i] for i in keep]
-        kept_maps = maps[order] if maps is not None else self._maps(path, kept)  # CM-Att reads the survivors' maps only
-        if kept_maps is None:
-            return None
-        size = (int(rows[0].width or 0), int(rows[0].height or 0))
-        grounding = self.scorer.score(kept_maps, boxes[keep], size, e0, text)
-        return Stage3Candidates(rows=kept, visual=self._visual(kept, query_vector), stage2=stage2(_feature_rows(kept)), relatedness=np.asarray(relatedness), grounding=np.asarray(grounding))
+            for im in images:
+                im.maps = self._maps(im.path, [im.rows[i] for i in im.idx])
+                im.relatedness = self.ref_nms.relatedness(im.maps, text) if im.maps is not None else None
+        images = [im for im in images if im.relatedness is not None]
+        for im in images:
+            order = fused_nms(im.boxes[im.idx], im.objectness[im.idx], im.relatedness, iou=self.ref_nms.config.nms_iou)  # NMS over s_i = r_i × c_i
+            im.keep, im.relatedness = im.idx[order], im.relatedness[order]
+            im.maps = im.maps[order] if im.maps is not None else None
+        if self.store.has_array(MAPS_ARRAY):  # CM-Att reads the survivors' maps only: one read for every image
+            kept_maps = self.store.read_arrays(MAPS_ARRAY, _feature_rows([im.rows[i] for im in images for i in im.keep])).astype(np.float32)
+            for im, maps in zip(images, np.split(kept_maps, np.cumsum([len(im.keep) for im in images])[:-1]) if images else []):
+                im.maps = maps
+        else:
+            for im in images:
+                im.maps = im.maps if im.maps is not None else self._maps(im.path, [im.rows[i] for i in im.keep])
+        images = [im for im in images if im.maps is not None]
+        grounding = self.scorer.score_images([GroundingImage(maps=im.maps, boxes=im.boxes[im.keep], size=(int(im.rows[0].width or 0), int(im.rows[0].height or 0)), image_vector=im.e0) for im in images], text)
+        kept = [[im.rows[i] for i in im.keep] for im in images]
+        rows = _feature_rows([r for group in kept for r in group])
+        if not len(rows):
+            return {}
+        scores, visual = stage2(rows), self._visual([r for group in kept for r in group], query_vector)
+        out: dict[str, Stage3Candidates] = {}
+        start = 0
+        for im, group, g in zip(images, kept, grounding):
+            part = slice(start, start + len(group))
+            start += len(group)
+            out[im.path] = Stage3Candidates(rows=group, visual=visual[part], stage2=scores.take(part), relatedness=np.asarray(im.relatedness), grounding=np.asarray(g))
+        return out
 
     def _maps(self, path: str, rows: list[RegionRow]) -> np.ndarray | None:
         """The regions' 7×7 maps (float32): stored, or computed again from the image file when the index
@@ -184,6 +215,22 @@ class GroundingStage:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         q = np.asarray(query_vector, np.float32).reshape(-1)
         return (vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))).astype(np.float32)
+
+
+@dataclass
+class _Image:
+    """One image on its way through :meth:`GroundingStage.candidates_many`: its regions, those Ref-NMS may
+    keep (``idx``: objectness ≥ δ), their relatedness, the survivors of its NMS (``keep``) and their maps."""
+
+    path: str
+    rows: list[RegionRow]
+    boxes: np.ndarray
+    objectness: np.ndarray
+    idx: np.ndarray
+    e0: np.ndarray
+    relatedness: np.ndarray | None = None
+    keep: np.ndarray | None = None
+    maps: np.ndarray | None = None
 
 
 def _feature_rows(rows: Sequence[RegionRow]) -> np.ndarray:

@@ -217,13 +217,7 @@ class QueryPipeline:
         (those that can be grounded), in that order."""
         if prepared.rescore is None or prepared.request.text is None:
             raise InvalidInputError("stage 3 grounds the text of a combined query; give the query a text")
-        stage = self.grounding_stage()
-        grounded = {}
-        for path in best_images(ranked, images):
-            candidates = stage.candidates(path, prepared.request.text, prepared.rescore, prepared.query.vector)
-            if candidates is not None:
-                grounded[path] = candidates
-        return grounded
+        return self.grounding_stage().candidates_many(best_images(ranked, images), prepared.request.text, prepared.rescore, prepared.query.vector)
 
     # -- the steps ----------------------------------------------------------------------------
     def encode(self, request: SearchRequest, encoded: EncodedQuery | None = None, *, san: bool = False) -> EncodedQuery:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,10 @@ class StageScores:
         ``layout``, ``concept``, ``projection``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
         named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection))
         return {name: value for name, value in named if value is not None}
+
+    def take(self, part: slice) -> "StageScores":
+        """The scores of the candidates at ``part``."""
+        return StageScores(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[part] for f in fields(self)})
 
 
 Rescorer = Callable[[np.ndarray], StageScores]

@@ -92,13 +92,8 @@ class ShardSearcher:
         prepared = self.pipeline.prepare(request, encoded)
         if prepared.rescore is None or request.text is None:
             raise InvalidInputError("stage 3 grounds the text of a combined query; give the query a text")
-        stage = self.pipeline.grounding_stage()
-        out = {}
-        for path in paths:
-            candidates = stage.candidates(path, request.text, prepared.rescore, prepared.query.vector)
-            if candidates is not None:
-                out[path] = replace(candidates, rows=[replace(r, id=global_id(self.position, r.id), image_id=global_id(self.position, r.image_id)) for r in candidates.rows])
-        return out
+        found = self.pipeline.grounding_stage().candidates_many(list(paths), request.text, prepared.rescore, prepared.query.vector)
+        return {path: replace(c, rows=[replace(r, id=global_id(self.position, r.id), image_id=global_id(self.position, r.image_id)) for r in c.rows]) for path, c in found.items()}
 
     def _local(self, region_id: int) -> int:
         shard, local = split_id(region_id)

@@ -325,3 +325,25 @@ def test_grounding_one_image_needs_no_temporary_feature_cache(ground_corpus: Pat
     g = ReferringGrounder(device="cpu").ground(ground_corpus / ann.image, ann.refs[0].expression)
     assert len(g.box) == 4 and len(g.candidates) >= 1
     assert sorted(ground_corpus.rglob("*")) == before
+
+
+def test_scoring_several_images_at_once_equals_one_by_one() -> None:
+    from engine.models.cm_att import GroundingImage
+    from engine.models.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["the red circle left of the blue square"], min_count=1)
+    net = CMAttNet(replace(CFG, visual_dim=8), vocab_size=len(vocab))
+    scorer = GroundingScorer(net, vocab)
+    rng = np.random.default_rng(0)
+    images = []
+    for n in (5, 0, 3, 7):
+        corner = rng.uniform(0, 100, size=(n, 2)).astype(np.float32)
+        boxes = np.concatenate([corner, corner + rng.uniform(5, 50, size=(n, 2)).astype(np.float32)], axis=1)
+        images.append(GroundingImage(maps=rng.standard_normal((n, 8, 7, 7)).astype(np.float32), boxes=boxes, size=(160, 160), image_vector=rng.standard_normal(8).astype(np.float32)))
+    text = "the red circle left of the blue square"
+    together = scorer.score_images(images, text)
+    for im, scores in zip(images, together):
+        assert scores.shape == (len(im.maps),)
+        np.testing.assert_allclose(scores, scorer.score(im.maps, im.boxes, im.size, im.image_vector, text), rtol=1e-5, atol=1e-6)
+    assert scorer.score_images([], text) == []

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.commands.options import DeviceType
 
-NO_MODEL = {"info", "models", "remove", "compact", "synth", "data fetch"}
+NO_MODEL = {"info", "models", "remove", "compact", "synth", "data fetch", "shards list", "shards add"}
 """Commands that load no model (and so take no --device)."""
 
 @pytest.fixture

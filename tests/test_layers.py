@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "query": 4,
     "engine.config": 5,
     "engine.api": 5,
+    "engine.sharded_index": 5,
+    "engine.distributed": 5,  # the engine run on Ray: workers and shard actors hold Engines
     "engine.training": 6,
     "engine.evaluation": 6,
     "engine.benchmarking": 6,

@@ -249,3 +249,28 @@ def test_an_index_without_ref_nms_features_still_grounds(tiny_corpus: Path, tmp_
     with _engine(tmp_path / "idx") as engine:
         hits = engine.search(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5)
         assert any("relatedness" in h.scores for h in hits)
+
+
+def test_grounding_images_together_scores_each_as_alone(rpn_index: Path, tiny_corpus: Path) -> None:
+    """candidates_many (one database read, one Ref-NMS pass, one CM-Att batch, one stage-2 call) gives each
+    image the candidates and scores it gets alone, with stored features and without."""
+    from query.localize import GroundingStage
+
+    q = _query(tiny_corpus)
+    with _engine(rpn_index) as engine:
+        query = engine.pipeline.prepare(SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=5, exclude_self=True))
+        paths = best_images(engine.pipeline.rank(query, k=200), 6)
+        assert len(paths) >= 4
+        fast = engine.pipeline.grounding_stage()
+        slow = GroundingStage(store=fast.store, ref_nms=fast.ref_nms, scorer=fast.scorer, image_vector=fast.image_vector, region_maps=fast.region_maps)
+        for stage in (fast, slow):
+            together = stage.candidates_many([*paths, "/no/such/image.jpg"], q["text"], query.rescore, query.query.vector)
+            assert list(together) == paths  # in the order asked, unknown paths left out
+            for path in paths:
+                alone = stage.candidates(path, q["text"], query.rescore, query.query.vector)
+                both = together[path]
+                assert [r.id for r in both.rows] == [r.id for r in alone.rows]
+                for name in ("visual", "relatedness", "grounding"):
+                    np.testing.assert_allclose(getattr(both, name), getattr(alone, name), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(both.stage2.final, alone.stage2.final, rtol=1e-4, atol=1e-5)
+        assert fast.candidates_many([], q["text"], query.rescore, query.query.vector) == {}

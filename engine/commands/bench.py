@@ -25,6 +25,7 @@ __all__ = ["bench_command"]
 @click.option("--single-thread", is_flag=True, help="Also time the searches on one thread.")
 @click.option("--exhaustive-threads", type=int, default=None, help="torch threads of the exhaustive scoring. Default: as --threads.")
 @click.option("--breakdown", type=int, default=20, show_default=True, help="Queries timed stage by stage (0: none).")
+@click.option("--stage3-queries", type=click.IntRange(min=0), default=0, show_default=True, help="Also time this many of the queries with stage 3 (grounding) on: the full default combined query (0: none).")
 @click.option("--maps/--no-maps", default=True, show_default=True, help="--no-maps: an index built as `engine index --no-maps` builds it (no 7x7 maps; stage 2 grn-fc).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Measure the resident memory of a fresh reader process (loads the models once more).")
 @click.option("--seed-images", type=int, default=100, show_default=True, help="Images of the generated seed corpus (100 RPN regions each).")
@@ -47,6 +48,7 @@ def bench_command(
     single_thread: bool,
     exhaustive_threads: int | None,
     breakdown: int,
+    stage3_queries: int,
     maps: bool,
     memory: bool,
     seed_images: int,
@@ -81,6 +83,7 @@ def bench_command(
         single_thread=single_thread,
         exhaustive_threads=exhaustive_threads,
         breakdown=breakdown,
+        stage3_queries=stage3_queries,
         maps=maps,
         memory=memory,
         seed=SeedConfig(images=seed_images, corpus=seed_corpus, index=seed_index),

@@ -13,7 +13,13 @@ __all__ = ["shards_group"]
 
 @click.group("shards")
 def shards_group() -> None:
-    """The shards of a sharded index (made by `engine index CORPUS --index DIR --shards N`)."""
+    """The shards of a sharded index (made by `engine index CORPUS --index DIR --shards N`).
+
+    \b
+    Example:
+      engine shards list --index big-index
+      engine shards add --index big-index /mnt/node2/index
+    """
 
 
 @shards_group.command("list")

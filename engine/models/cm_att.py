@@ -17,7 +17,8 @@ Attention-guided erasing (§3.3–3.5) is in :func:`erase_query`, :func:`erase_s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,17 @@ def erase_context(mask: Tensor, attention: Tensor, *, keep_first: bool = False) 
     return out
 
 
+@dataclass(frozen=True)
+class GroundingImage:
+    """One image's candidates for :meth:`GroundingScorer.score_images`: RoI ``maps [N, C, 7, 7]``, ``boxes``
+    ``[N, 4]``, the image ``size`` (w, h) and its vector ``e_0``."""
+
+    maps: np.ndarray
+    boxes: np.ndarray
+    size: tuple[int, int]
+    image_vector: np.ndarray
+
+
 class GroundingScorer:
     """A trained CM-Att(-Erase) with its text encoding (MiniLM or a vocabulary): scores an image's candidate boxes against an expression."""
 
@@ -293,18 +305,32 @@ class GroundingScorer:
     def payload(self) -> dict[str, Any]:
         return text_model_payload(self.net.config, self.vocab, self.net)
 
-    @torch.no_grad()
     def score(self, maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int], image_vector: np.ndarray, text: str) -> np.ndarray:
         """Grounding scores ``[N]`` of an image's candidate ``boxes`` (RoI ``maps [N, C, 7, 7]``) for ``text``."""
-        maps = np.asarray(maps, np.float32)
-        if len(maps) == 0:
-            return np.zeros(0, np.float32)
+        return self.score_images([GroundingImage(maps=maps, boxes=boxes, size=size, image_vector=image_vector)], text)[0]
+
+    @torch.no_grad()
+    def score_images(self, images: Sequence[GroundingImage], text: str) -> list[np.ndarray]:
+        """:meth:`score` of several images' candidates for one ``text`` in one pass: the text is encoded once,
+        the language module (which reads each image's ``e_0``) runs as one batch of the images, and the
+        modules score every candidate together (each against its own image's queries)."""
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(images)
+        live = [i for i, im in enumerate(images) if len(im.maps)]
+        if not live:
+            return out
         device = next(self.net.parameters()).device
-        cand = build_candidates(maps, boxes, size, k=self.net.config.contexts).to(device)
+        k = self.net.config.contexts
+        parts = [build_candidates(np.asarray(images[i].maps, np.float32), images[i].boxes, images[i].size, k=k) for i in live]
+        cand = Candidates(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Candidates))).to(device)
+        counts = [len(images[i].maps) for i in live]
+        owner = torch.repeat_interleave(torch.arange(len(live)), torch.as_tensor(counts)).to(device)
         ids, lengths = self.vocab.encode_batch([text])
-        image = torch.as_tensor(np.asarray(image_vector, np.float32), device=device)[None]
-        s, _ = self.net(cand, torch.zeros(len(maps), dtype=torch.long, device=device), ids.to(device), lengths.to(device), image)
-        return s.cpu().numpy().astype(np.float32)
+        ids, lengths = ids.expand(len(live), *ids.shape[1:]).contiguous().to(device), lengths.expand(len(live)).contiguous().to(device)
+        image = torch.as_tensor(np.stack([np.asarray(images[i].image_vector, np.float32) for i in live]), device=device)
+        s, _ = self.net(cand, owner, ids, lengths, image)
+        for i, scores in zip(live, torch.split(s, counts)):
+            out[i] = scores.cpu().numpy().astype(np.float32)
+        return out
 
 
 def build_candidates(maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int], *, k: int) -> Candidates:
