@@ -216,3 +216,25 @@ def test_cli_builds_lists_attaches_and_queries_a_sharded_index(tiny_corpus: Path
     assert not_sharded.exit_code != 0 and "not a sharded index" in not_sharded.output
     ray_on_plain = runner.invoke(main, ["query", "--index", str(elsewhere), "--device", "cpu", "--text", "a dog", "--ray", "local"])
     assert ray_on_plain.exit_code != 0 and "not sharded" in ray_on_plain.output
+
+
+def test_engine_serve_answers_over_a_sharded_index(sharded: Engine, tiny_engine: Engine) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from engine.server.app import create_app
+    from engine.server.settings import ServerSettings
+
+    with TestClient(create_app(sharded, ServerSettings())) as client:
+        info = client.get("/api/info").json()
+        assert info["images"] == 16 and len(info["shards"]) == 3
+        images = client.get("/api/images", params={"limit": 100}).json()
+        listed = images["images"] if isinstance(images, dict) else images
+        assert len(listed) == 16
+        far = max(listed, key=lambda e: e["id"])
+        assert split_id(far["id"])[0] > 0 and client.get(f"/api/images/{far['id']}").status_code == 200
+        hits = client.post("/api/search", json={"image": far["id"], "text": "a red circle", "k": 5}).json()["hits"]
+        assert hits == [h.to_dict() for h in sharded.search(image=far["path"], text="a red circle", k=5)]
+        crop = client.get(f"/api/regions/{hits[-1]['region_id']}/crop")
+        assert crop.status_code == 200 and crop.headers["content-type"] == "image/jpeg"
+        assert client.get(f"/api/regions/{global_id(5, 1)}").status_code == 404
