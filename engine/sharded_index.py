@@ -134,12 +134,24 @@ class ShardedIndex:
     # -- writing ------------------------------------------------------------------------------
     def index(self, corpus: Path, config: IndexConfig, *, progress: bool, on_progress: ProgressCallback | None) -> IndexSummary:
         """Index ``corpus`` into the hashed shards, each image into the shard it hashes to; the run summaries summed."""
-        from indexer.pipeline import IndexSummary
-
         if config.shards is not None and config.shards != len(self.layout.hashed):
             raise InvalidInputError(f"index {self.layout.root} has {len(self.layout.hashed)} hashed shards, not {config.shards}; leave out --shards to index into it, or index into a new directory")
         self.close()
         start = time.perf_counter()
+        cluster = None
+        if config.ray:  # one cluster for every shard's workers (each shard's run joins it)
+            from engine.distributed.ray_cluster import RayCluster
+
+            cluster = RayCluster.connect(config.ray)
+        try:
+            return self._index_shards(corpus, config, start, progress=progress, on_progress=on_progress)
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+    def _index_shards(self, corpus: Path, config: IndexConfig, start: float, *, progress: bool, on_progress: ProgressCallback | None) -> IndexSummary:
+        from indexer.pipeline import IndexSummary
+
         hashed = self.layout.hashed
         summaries = []
         done_before = 0
