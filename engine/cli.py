@@ -294,10 +294,11 @@ def _print_hits(hits: list) -> None:
     if not hits:
         click.echo("no hits")
         return
-    click.echo(f"{'rank':>4}  {'score':>7}  {'region':>8}  {'box':<24}  image")
+    width = max(8, *(len(str(hit.region_id)) for hit in hits))  # a sharded index's ids have 13+ digits
+    click.echo(f"{'rank':>4}  {'score':>7}  {'region':>{width}}  {'box':<24}  image")
     for rank, hit in enumerate(hits, start=1):
         box = ",".join(f"{v:.0f}" for v in hit.box)
-        click.echo(f"{rank:>4}  {hit.score:7.4f}  {hit.region_id:>8}  {box:<24}  {hit.image}")
+        click.echo(f"{rank:>4}  {hit.score:7.4f}  {hit.region_id:>{width}}  {box:<24}  {hit.image}")
 
 
 @main.command("info")

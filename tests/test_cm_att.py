@@ -347,3 +347,41 @@ def test_scoring_several_images_at_once_equals_one_by_one() -> None:
         assert scores.shape == (len(im.maps),)
         np.testing.assert_allclose(scores, scorer.score(im.maps, im.boxes, im.size, im.image_vector, text), rtol=1e-5, atol=1e-6)
     assert scorer.score_images([], text) == []
+
+
+def _context_reference(boxes: np.ndarray, vectors: np.ndarray, size: tuple[int, int], k: int) -> tuple[np.ndarray, ...]:
+    """The box-by-box definition of the context (MAttNet): the k nearest other boxes by centre distance, ties in box order."""
+    from engine.models.cm_att import LOC_DIM, location_features
+
+    b = np.asarray(boxes, np.float64)
+    n, c = len(b), vectors.shape[1]
+    loc, rel = np.zeros((n, k + 1, LOC_DIM + 1), np.float32), np.zeros((n, k, c + LOC_DIM), np.float32)
+    loc_mask, rel_mask = np.zeros((n, k + 1), bool), np.zeros((n, k), bool)
+    own = location_features(b, size)
+    centres = (b[:, :2] + b[:, 2:]) / 2
+    for i in range(n):
+        loc[i, 0, :LOC_DIM], loc[i, 0, LOC_DIM], loc_mask[i, 0] = own[i], 1.0, True
+        dist = np.linalg.norm(centres - centres[i], axis=1)
+        dist[i] = np.inf
+        near = [j for j in np.argsort(dist, kind="stable")[:k] if np.isfinite(dist[j])]
+        for slot, j in enumerate(near):
+            w, h = max(b[i, 2] - b[i, 0], 1.0), max(b[i, 3] - b[i, 1], 1.0)
+            cx, cy = (b[i, 0] + b[i, 2]) / 2, (b[i, 1] + b[i, 3]) / 2
+            o = b[j]
+            off = np.clip([(o[0] - cx) / w, (o[1] - cy) / h, (o[2] - cx) / w, (o[3] - cy) / h, (o[2] - o[0]) * (o[3] - o[1]) / (w * h)], -4, 4).astype(np.float32)
+            loc[i, 1 + slot, :LOC_DIM], loc_mask[i, 1 + slot] = off, True
+            rel[i, slot, :c], rel[i, slot, c:], rel_mask[i, slot] = vectors[j], off, True
+    return loc, loc_mask, rel, rel_mask
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4, 9])
+def test_context_features_equal_the_box_by_box_definition(n: int) -> None:
+    rng = np.random.default_rng(n)
+    corner = rng.integers(0, 80, size=(n, 2)).astype(np.float32)
+    boxes = np.concatenate([corner, corner + rng.integers(1, 40, size=(n, 2))], axis=1).astype(np.float32)
+    if n >= 4:
+        boxes[3] = boxes[1]  # a tie: equal centres keep box order
+    vectors = rng.standard_normal((n, 6)).astype(np.float32)
+    for got, want in zip(context_features(boxes, vectors, (120, 90), k=3), _context_reference(boxes, vectors, (120, 90), k=3)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

@@ -108,17 +108,18 @@ def location_features(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _offsets(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """MAttNet's relative offsets of ``others`` to ``box``: ``[(x1-cx)/w, (y1-cy)/h, (x2-cx)/w, (y2-cy)/h, area ratio]``."""
-    w, h = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    area = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return np.stack([(others[:, 0] - cx) / w, (others[:, 1] - cy) / h, (others[:, 2] - cx) / w, (others[:, 3] - cy) / h, area / (w * h)], axis=1)
+    """MAttNet's relative offsets of ``others`` ``[..., 4]`` to ``box`` ``[..., 4]`` (broadcast): ``[(x1-cx)/w,
+    (y1-cy)/h, (x2-cx)/w, (y2-cy)/h, area ratio]``."""
+    w, h = np.maximum(box[..., 2] - box[..., 0], 1.0), np.maximum(box[..., 3] - box[..., 1], 1.0)
+    cx, cy = (box[..., 0] + box[..., 2]) / 2, (box[..., 1] + box[..., 3]) / 2
+    area = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
+    return np.stack([(others[..., 0] - cx) / w, (others[..., 1] - cy) / h, (others[..., 2] - cx) / w, (others[..., 3] - cy) / h, area / (w * h)], axis=-1)
 
 
 def context_features(boxes: np.ndarray, vectors: np.ndarray, size: tuple[int, int], *, k: int) -> tuple[np.ndarray, ...]:
     """Location and relationship context of each of an image's candidate ``boxes`` [N, 4] (visual ``vectors`` [N, C]).
 
-    The context objects of a box are the ``k`` other boxes nearest to it (centre distance).
+    The context objects of a box are the ``k`` other boxes nearest to it (centre distance; ties in box order).
     Returns ``loc_ctx [N, k+1, 6]``, ``loc_mask [N, k+1]``, ``rel_ctx [N, k, C+5]``, ``rel_mask [N, k]``.
     """
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -127,20 +128,20 @@ def context_features(boxes: np.ndarray, vectors: np.ndarray, size: tuple[int, in
     rel = np.zeros((n, k, c + LOC_DIM), np.float32)
     loc_mask = np.zeros((n, k + 1), bool)
     rel_mask = np.zeros((n, k), bool)
-    own = location_features(b, size)
+    loc[:, 0, :LOC_DIM], loc[:, 0, LOC_DIM], loc_mask[:, 0] = location_features(b, size), 1.0, True
+    m = min(k, n - 1)  # every other box is a context object when there are at most k of them
+    if m <= 0:
+        return loc, loc_mask, rel, rel_mask
     centres = (b[:, :2] + b[:, 2:]) / 2
-    for i in range(n):
-        loc[i, 0, :LOC_DIM], loc[i, 0, LOC_DIM], loc_mask[i, 0] = own[i], 1.0, True
-        dist = np.linalg.norm(centres - centres[i], axis=1)
-        dist[i] = np.inf
-        near = [j for j in np.argsort(dist, kind="stable")[:k] if np.isfinite(dist[j])]
-        if near:
-            off = np.clip(_offsets(b[i], b[near]), -4, 4).astype(np.float32)
-            loc[i, 1 : 1 + len(near), :LOC_DIM] = off
-            loc_mask[i, 1 : 1 + len(near)] = True
-            rel[i, : len(near), :c] = vectors[near]
-            rel[i, : len(near), c:] = off
-            rel_mask[i, : len(near)] = True
+    dist = np.linalg.norm(centres[None, :, :] - centres[:, None, :], axis=2)
+    np.fill_diagonal(dist, np.inf)
+    near = np.argsort(dist, axis=1, kind="stable")[:, :m]  # [N, m]
+    off = np.clip(_offsets(b[:, None, :], b[near]), -4, 4).astype(np.float32)
+    loc[:, 1 : 1 + m, :LOC_DIM] = off
+    loc_mask[:, 1 : 1 + m] = True
+    rel[:, :m, :c] = np.asarray(vectors)[near]
+    rel[:, :m, c:] = off
+    rel_mask[:, :m] = True
     return loc, loc_mask, rel, rel_mask
 
 
