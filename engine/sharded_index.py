@@ -122,8 +122,14 @@ class ShardedIndex:
                 from query.pipeline import QueryPipeline
 
                 fanout = LocalShards([ShardSearcher(QueryPipeline(store=r, models=self.engine, config=self.engine.config), i) for i, r in enumerate(self.readers())])
-            self._search = ShardedSearch(fanout, shortlist=self.engine.config.shortlist, stage3_weights=lambda: self.engine.grounding_models.weights)
+            self._search = ShardedSearch(fanout, shortlist=self.engine.config.shortlist, stage3_weights=self._stage3_weights)
         return self._search
+
+    def _stage3_weights(self):  # -> query.localize.Stage3Weights | None
+        """Stage 3's fitted weights (read without loading its models), ``None`` when stage 3 is off."""
+        from query.localize import load_stage3_weights
+
+        return (self.engine.config.stage3_weights or load_stage3_weights()) if self.engine.config.stage3 else None
 
     def first_pipeline(self):  # -> query.pipeline.QueryPipeline
         """A pipeline over the first shard: what encodes query regions (the same models for every shard)."""

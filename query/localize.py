@@ -35,7 +35,7 @@ from engine.results import Hit
 from indexer.store import MAPS_ARRAY, REFNMS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.rerank import Rescorer, StageScores
 
-__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingModels", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images"]
+__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingModels", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images", "stage2_depth"]
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,20 @@ def rank_stage3(stage2_hits: Sequence[Hit], grounded: dict[str, Stage3Candidates
     boxes = {h.image: h.box for h in hits}
     rest = [h for h in stage2_hits if h.image not in boxes or box_iou([h.box], [boxes[h.image]])[0, 0] <= iou]
     return (hits + rest)[:k]
+
+
+def stage2_depth(k: int, images: int, max_per_image: int | None, shortlist: int) -> int:
+    """How many stage-2 hits stage 3 needs so that its top ``k`` equal those over the whole shortlist.
+
+    The stage-2 ranking holds at most ``max_per_image`` (m) hits of an image, so its first ``images · m``
+    hits name the ``images`` images to ground, and merging the grounded hits drops at most ``m`` stage-2
+    hits per grounded image (overlap or the per-image cap): ``k + images · m`` hits leave ``k``. The
+    filters keep a prefix of their input's answer, so the caller only has to rank the whole shortlist
+    again when fewer than ``k`` hits survive (copies of a picture removed as duplicates). Without a
+    per-image cap (0 or ``None``) the images to ground may lie anywhere: the whole shortlist."""
+    if not max_per_image:
+        return shortlist
+    return min(shortlist, k + images * max_per_image)
 
 
 def best_images(hits: Sequence[Hit], n: int) -> list[str]:

@@ -24,7 +24,7 @@ from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
 from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.encode import EncodedQuery, VisualQueryEncoder, load_query_region
-from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3
+from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3, stage2_depth
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import Candidates, SearchOptions, ranked_hits, search_regions
@@ -163,11 +163,16 @@ class QueryPipeline:
         prepared = self.prepare(request, encoded)
         if not self.grounds(prepared):
             return self.rank(prepared)
-        ranked = self.rank(prepared, k=self.config.shortlist)
         weights = self.models.grounding_models.weights
+        depth = stage2_depth(request.k, weights.images, prepared.options.filters.max_per_image, self.config.shortlist)
+        ranked = self.rank(prepared, k=depth)
         grounded = self.ground(prepared, ranked, weights.images)
-        hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
-        return prepared.options.filters.apply(hits)[: request.k]
+        hits = prepared.options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        if len(hits) < request.k and len(ranked) == depth < self.config.shortlist:
+            # copies of a picture removed as duplicates: the rest of the shortlist (the grounded images stay the first ones)
+            ranked = self.rank(prepared, k=self.config.shortlist)
+            hits = prepared.options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        return hits[: request.k]
 
     def prepare(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> PreparedQuery:
         """The request validated and encoded, with its stage-2 scorer."""

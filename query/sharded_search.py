@@ -27,7 +27,7 @@ from engine.results import Hit
 from indexer.shards import global_id, split_id
 from indexer.store import SAN_ARRAY
 from query.encode import EncodedQuery
-from query.localize import Stage3Candidates, Stage3Weights, best_images, rank_stage3
+from query.localize import Stage3Candidates, Stage3Weights, best_images, rank_stage3, stage2_depth
 from query.pipeline import QueryPipeline
 from query.request import SearchRequest
 from query.search import SearchOptions
@@ -78,13 +78,15 @@ class ShardSearcher:
         found, ids = self.pipeline.store.search(np.asarray(part.vector, np.float32)[None], 1, array=SAN_ARRAY)
         return float(found[0][0]) if ids[0][0] >= 0 else None
 
-    def rank(self, request: SearchRequest, encoded: EncodedQuery | None, san_confidence: float | None = None) -> ShardRanking:
-        """Stages 1–2 in this shard: the request's ``k`` best hits, or the shortlist when stage 3 follows."""
+    def rank(self, request: SearchRequest, encoded: EncodedQuery | None, san_confidence: float | None = None, depth: int | None = None) -> ShardRanking:
+        """Stages 1–2 in this shard: the request's ``k`` best hits, or, when stage 3 follows, the first
+        ``depth`` (default: the shortlist)."""
         prepared = self.pipeline.prepare(request, encoded)
         if prepared.san is not None and san_confidence is not None:
             prepared = replace(prepared, san=replace(prepared.san, confidence=san_confidence))
         grounds = self.pipeline.grounds(prepared)
-        hits = self.pipeline.rank(prepared, k=self.pipeline.config.shortlist if grounds else None)
+        shortlist = self.pipeline.config.shortlist
+        hits = self.pipeline.rank(prepared, k=min(shortlist, depth or shortlist) if grounds else None)
         return ShardRanking(hits=[self._global(h) for h in hits], grounds=grounds)
 
     def ground(self, request: SearchRequest, encoded: EncodedQuery | None, paths: Sequence[str]) -> dict[str, Stage3Candidates]:
@@ -145,10 +147,10 @@ class ShardedSearch:
     Args:
         shards: the fan-out to the shards.
         shortlist: the stage-2 shortlist (``EngineConfig.shortlist``) ranked before stage 3.
-        stage3_weights: stage 3's fitted weights, read when a query grounds (loads the grounding models).
+        stage3_weights: stage 3's fitted weights (``None``: stage 3 is off), read for combined queries.
     """
 
-    def __init__(self, shards: ShardFanout, *, shortlist: int, stage3_weights: Callable[[], Stage3Weights]) -> None:
+    def __init__(self, shards: ShardFanout, *, shortlist: int, stage3_weights: Callable[[], Stage3Weights | None]) -> None:
         self.shards = shards
         self.shortlist = shortlist
         self.stage3_weights = stage3_weights
@@ -162,16 +164,24 @@ class ShardedSearch:
         if encoded is None:  # text only: SAN's gate reads its best match over every shard
             values = [c for c in self.shards.call_many([(i, "san_confidence", (request.text,)) for i in range(len(self.shards))]) if c is not None]
             confidence = max(values) if values else None
-        rankings = self.shards.call_many([(i, "rank", (request, encoded, confidence)) for i in range(len(self.shards))])
+        weights = self.stage3_weights() if request.text is not None and encoded is not None else None
+        depth = self.shortlist if weights is None else stage2_depth(request.k, weights.images, options.filters.max_per_image, self.shortlist)
+        rankings = self.shards.call_many([(i, "rank", (request, encoded, confidence, depth)) for i in range(len(self.shards))])
         merged = merge_hits([r.hits for r in rankings])
         if not any(r.grounds for r in rankings):
             return merged[: request.k]
-        ranked = merged[: self.shortlist]
-        weights = self.stage3_weights()
+        if weights is None:
+            raise InvalidInputError("the shards ground this query but stage 3 is off in this engine's configuration")
+        ranked = merged[:depth]
         paths = best_images(ranked, weights.images)
         grounded = self._ground(request, encoded, paths, ranked)
-        hits = rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values()))
-        return options.filters.apply(hits)[: request.k]
+        hits = options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        if len(hits) < request.k and len(ranked) == depth < self.shortlist:
+            # copies of a picture removed as duplicates: the rest of the shortlist (the grounded images stay the first ones)
+            rankings = self.shards.call_many([(i, "rank", (request, encoded, confidence)) for i in range(len(self.shards))])
+            ranked = merge_hits([r.hits for r in rankings])[: self.shortlist]
+            hits = options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        return hits[: request.k]
 
     def owner(self, request: SearchRequest) -> int:
         """The shard that encodes a visual query: the one holding its region id, else the first."""

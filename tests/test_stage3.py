@@ -274,3 +274,46 @@ def test_grounding_images_together_scores_each_as_alone(rpn_index: Path, tiny_co
                     np.testing.assert_allclose(getattr(both, name), getattr(alone, name), rtol=1e-4, atol=1e-5)
                 np.testing.assert_allclose(both.stage2.final, alone.stage2.final, rtol=1e-4, atol=1e-5)
         assert fast.candidates_many([], q["text"], query.rescore, query.query.vector) == {}
+
+
+def test_stage2_depth_covers_k_and_the_grounded_images() -> None:
+    from query.localize import stage2_depth
+
+    assert stage2_depth(10, 5, 1, 1000) == 15
+    assert stage2_depth(10, 5, 3, 1000) == 25
+    assert stage2_depth(10, 5, 0, 1000) == 1000 and stage2_depth(10, 5, None, 1000) == 1000  # no per-image cap
+    assert stage2_depth(900, 50, 4, 1000) == 1000  # never past the shortlist
+
+
+def _over_the_shortlist(engine, request: SearchRequest) -> list[Hit]:  # noqa: ANN001
+    """Stage 3 as it was before the depth: the whole shortlist ranked, grounded and merged."""
+    pipeline = engine.pipeline
+    prepared = pipeline.prepare(request)
+    weights = pipeline.models.grounding_models.weights
+    ranked = pipeline.rank(prepared, k=pipeline.config.shortlist)
+    grounded = pipeline.ground(prepared, ranked, weights.images)
+    return prepared.options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))[: request.k]
+
+
+@pytest.mark.parametrize("k,max_per_image", [(1, 1), (3, 1), (5, 2), (8, 0), (4, 3)])
+def test_stage3_over_the_needed_depth_equals_the_whole_shortlist(rpn_index: Path, tiny_corpus: Path, k: int, max_per_image: int) -> None:
+    from query.filters import HitFilter
+
+    q = _query(tiny_corpus)
+    request = SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=k, exclude_self=True, filters=HitFilter(max_per_image=max_per_image))
+    with _engine(rpn_index, stage3_weights=Stage3Weights(images=2, relatedness=0.5, grounding=1.0)) as engine:
+        hits = engine.pipeline.run(request)
+        assert any("grounding" in h.scores for h in hits)
+        assert [(h.region_id, h.score) for h in hits] == [(h.region_id, h.score) for h in _over_the_shortlist(engine, request)]
+
+
+def test_stage3_ranks_the_whole_shortlist_when_the_depth_leaves_fewer_than_k(rpn_index: Path, tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import query.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "stage2_depth", lambda k, images, m, shortlist: 2)  # as if duplicates had emptied the depth
+    q = _query(tiny_corpus)
+    request = SearchRequest(image=tiny_corpus / q["image"], region=q["region"], text=q["text"], k=6, exclude_self=True)
+    with _engine(rpn_index, stage3_weights=Stage3Weights(images=2, relatedness=0.5, grounding=1.0)) as engine:
+        hits = engine.pipeline.run(request)
+        assert len(hits) == 6
+        assert [h.region_id for h in hits] == [h.region_id for h in _over_the_shortlist(engine, request)]

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from engine.benchmarking.seed import BenchQuery, Seed, SeedConfig, load_queries, load_seed_data, prepare_seed
 from engine.benchmarking.synthetic import BuiltIndex, SyntheticConfig, cached_index, find_index, real_images
