@@ -179,9 +179,10 @@ def index_command(corpus: Path, index_dir: Path, device: str, batch_size: int, p
 @click.option("--explain", type=click.Path(file_okay=False, path_type=Path), help="Needs --text. Write explain_NN.png per hit into this folder: the hit box beside the map of the text over the hit image (MCB attention; for a text read through the open vocabulary, its scores of the image's proposals).")
 @click.option("--server", envvar="ENGINE_SERVER", help="Send the query to a running `engine serve` at this address (or set ENGINE_SERVER), e.g. http://127.0.0.1:8000, instead of loading the models here; same output.")
 @click.option("--token", envvar="ENGINE_TOKEN", help="With --server: the server's bearer token (or set ENGINE_TOKEN).")
+@click.option("--shard-servers", "shard_servers", metavar="URL,URL,...", envvar="ENGINE_SHARD_SERVERS", help="Search a sharded index whose shards are served by running `engine serve --index SHARD_FOLDER` servers, shard i at the i-th address (or set ENGINE_SHARD_SERVERS): the query fans out to them and their hits are merged here; region ids are global. --token goes to every server.")
 @click.option("--ray", "ray", metavar="CLUSTER", help="A sharded index: fan the query out to Ray actors, one per shard (local, local:N or a cluster address) instead of searching the shards in this process.")
 @json_option
-def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, weight_san: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, ray: str | None, as_json: bool) -> None:
+def query_command(index_dir: Path, device: str, image: Path | None, region: Box | None, region_id: int | None, text: str | None, k: int, exclude_self: bool, weight_text: float | None, weight_image: float | None, weight_concept: float | None, weight_projection: float | None, weight_san: float | None, ground: bool, path_glob: str | None, min_score: float | None, max_per_image: int | None, batch_file: Path | None, out_file: Path | None, save_vis: Path | None, html_file: Path | None, explain: Path | None, server: str | None, token: str | None, shard_servers: str | None, ray: str | None, as_json: bool) -> None:
     """Find the indexed regions that show the same thing as REGION of IMAGE, or that TEXT describes.
 
     \b
@@ -191,8 +192,23 @@ def query_command(index_dir: Path, device: str, image: Path | None, region: Box 
       engine query --region-id 1234 --max-per-image 3
       engine query --batch queries.jsonl --out results.jsonl
       engine query --server http://127.0.0.1:8000 --image q.jpg --region 40,60,200,220 --json
+      engine query --shard-servers http://10.0.0.5:8000,http://10.0.0.6:8000 --image q.jpg --text "a dog"
     """
     _check_query_options(image, region, region_id, text, weight_text, weight_image, explain, batch_file, out_file, save_vis, html_file, weight_concept, weight_projection, weight_san)
+    if server and shard_servers:
+        raise click.UsageError("--server sends the whole query to one server, --shard-servers fans it out to one server per shard: give one of them")
+    if shard_servers:
+        from engine.server.shard_client import ShardServers
+        from query.filters import HitFilter
+
+        _check_remote_options(device=device, weights=(weight_text, weight_image, weight_concept, weight_projection, weight_san), ground=ground, local_only=(batch_file, save_vis, html_file, explain, ray), via="--shard-servers")
+        search = ShardServers([s for s in shard_servers.split(",") if s.strip()], token=token)
+        hits = search.search(image=image, region=region, text=text, k=k, exclude_self=exclude_self, region_id=region_id, filters=HitFilter(path_glob=path_glob, min_score=min_score, max_per_image=max_per_image))
+        if as_json:
+            click.echo(json.dumps(hits_payload(hits)))
+        else:
+            _print_hits(hits)
+        return
     if server:
         from engine.server.client import RemoteQuery
 
@@ -259,15 +275,15 @@ def _check_query_options(image, region, region_id, text, weight_text, weight_ima
         raise click.UsageError("--weight-san weighs SAN in a text-only query: give --text alone")
 
 
-def _check_remote_options(*, device: str, weights: tuple, ground: bool, local_only: tuple) -> None:  # noqa: ANN001
-    """Usage errors of options that only a local query has (the server's models and weights are its own)."""
+def _check_remote_options(*, device: str, weights: tuple, ground: bool, local_only: tuple, via: str = "--server") -> None:  # noqa: ANN001
+    """Usage errors of options that only a local query has (the servers' models and weights are their own)."""
     ctx = click.get_current_context()
     if ctx.get_parameter_source("index_dir") == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--index goes with a local query; with --server the server's index answers (leave out one of them)")
+        raise click.UsageError(f"--index goes with a local query; with {via} the servers' index answers (leave out one of them)")
     if device != "auto" or any(w is not None for w in weights) or not ground:
-        raise click.UsageError("--device, --weight-* and --no-ground set up local models; with --server the server's settings answer (leave them out)")
+        raise click.UsageError(f"--device, --weight-* and --no-ground set up local models; with {via} the servers' settings answer (leave them out)")
     if any(v is not None for v in local_only):
-        raise click.UsageError("--batch, --save-vis, --html, --explain and --ray work on a local index only; with --server use --json or the table")
+        raise click.UsageError(f"--batch, --save-vis, --html, --explain and --ray work on a local index only; with {via} use --json or the table")
 
 
 def _query_server(server: str, remote, *, token: str | None, as_json: bool) -> None:  # noqa: ANN001

@@ -8,6 +8,8 @@ Routes (all under ``/api`` need the bearer token when the server has one):
 - ``GET /api/images/{id}`` (an indexed image's file), ``GET /api/regions/{id}`` (its image and box),
   ``GET /api/regions/{id}/crop`` (JPEG) and ``GET /api/regions/{id}/explain?text=`` (the text's map, PNG);
 - ``POST /api/index`` (a folder under the corpus root, in the background) and ``GET /api/index/status``;
+- ``POST /api/shard/{call}``: the server as one shard of a sharded search (:mod:`engine.server.shard_service`;
+  ``engine query --shard-servers``), bodies in :mod:`engine.server.shard_wire`'s format;
 - ``/docs`` and ``/openapi.json``; the web page at ``/`` when ``static/`` ships one.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ from engine.server.jobs import IndexJobs
 from engine.server.media import crop_jpeg
 from engine.server.schemas import SEARCH_FIELDS, IndexBody, SearchBody
 from engine.server.service import SearchService
+from engine.server.shard_service import ShardService
+from engine.server import shard_wire
 from engine.server.settings import ServerSettings
 from engine.server.uploads import saved_upload
 from query.request import MAX_TEXT_CHARS
@@ -91,6 +95,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     """The API over ``engine`` (its models load on the first query and stay loaded) with ``settings``."""
     settings = settings or ServerSettings()
     service = SearchService(engine, max_k=settings.max_k)
+    shards = ShardService(engine, settings, service.lock)
     jobs = IndexJobs(index_dir=engine.index_dir, config=engine.config, corpus_root=settings.corpus_root)
     app = FastAPI(title="Region retrieval engine", version="1", description="Search an index of image regions by region, description or both (`engine serve`).")
     app.state.service, app.state.jobs, app.state.settings = service, jobs, settings
@@ -153,6 +158,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         else:
             raise InvalidInputError(f"Content-Type {kind!r} is not taken here; send application/json, or multipart/form-data with an image file")
         return JSONResponse(hits_payload(hits))
+
+    @app.post("/api/shard/{call}", summary="One step of a sharded search on this index (engine query --shard-servers)", response_class=Response)
+    async def shard_call(call: str, request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != shard_wire.CONTENT_TYPE:
+            raise InvalidInputError(f"a shard call's body is {shard_wire.CONTENT_TYPE}, not {kind or 'missing'}; it comes from engine query --shard-servers")
+        answer = await run_in_threadpool(shards.call, call, await request.body())
+        return Response(answer, media_type=shard_wire.CONTENT_TYPE)
 
     @app.post("/api/index", status_code=202, summary="Start indexing a folder under the corpus root (in the background)")
     def start_index(body: IndexBody) -> dict[str, Any]:

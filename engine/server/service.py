@@ -37,7 +37,7 @@ class SearchService:
     def __init__(self, engine: Engine, *, max_k: int) -> None:
         self.engine = engine
         self.max_k = max_k
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._attention: Any = None  # query.explain.AttentionGrounder, built on the first explanation by MCB
 
     def search(self, body: SearchBody, *, upload: Path | None = None) -> list[Hit]:
@@ -48,7 +48,7 @@ class SearchService:
             raise InvalidInputError("give the query image once: an uploaded file or an indexed image id, not both")
         region = parse_region(body.region)
         filters = HitFilter(path_glob=body.path_glob, min_score=body.min_score, max_per_image=body.max_per_image)
-        with self._lock:
+        with self.lock:
             if body.region_id is not None:
                 self.engine.region(body.region_id)  # an unknown id is a 404, not a failed search
             image: Path | str | None = upload
@@ -58,19 +58,19 @@ class SearchService:
 
     def info(self) -> dict[str, Any]:
         """What ``engine info --json`` prints."""
-        with self._lock:
+        with self.lock:
             return self.engine.info().to_dict()
 
     def image(self, image_id: int):  # -> indexer.store.ImageEntry
-        with self._lock:
+        with self.lock:
             return self.engine.image(image_id)
 
     def images(self, *, offset: int, limit: int) -> list[dict[str, object]]:
-        with self._lock:
+        with self.lock:
             return [entry.to_dict() for entry in self.engine.images(offset=offset, limit=limit)]
 
     def region(self, region_id: int):  # -> indexer.store.RegionRow
-        with self._lock:
+        with self.lock:
             return self.engine.region(region_id)
 
     def explain(self, region_id: int, text: str, *, via: str = "auto") -> bytes:
@@ -81,7 +81,7 @@ class SearchService:
         from indexer.images import load_image
         from query.explain import attention_picture
 
-        with self._lock:
+        with self.lock:
             row = self.engine.region(region_id)
             if not Path(row.image_path).is_file():
                 raise NotFoundError(f"the image file of region {row.id} is gone from the disk; re-run `engine index` on its folder")
@@ -104,5 +104,5 @@ class SearchService:
         return self.engine.vocabulary_grounder()
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             self.engine.close()
