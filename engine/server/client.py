@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.errors import EngineError, ImageReadError, InvalidInputError
 
-__all__ = ["RemoteQuery", "search_remote"]
+__all__ = ["RemoteQuery", "search_remote", "post"]
 
 DEFAULT_TIMEOUT_S = 300.0
 """How long to wait for an answer: the server's first query loads its models."""
@@ -40,24 +40,32 @@ def search_remote(server: str, query: RemoteQuery, *, token: str | None = None, 
         data, content_type = _multipart(fields, query.image)
     else:
         data, content_type = json.dumps(fields).encode(), "application/json"
-    headers = {"Content-Type": content_type, "Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.loads(response.read().decode("utf-8"))
-    except urllib.error.HTTPError as exc:
-        raise EngineError(f"server {server} answered {exc.code}: {_error_line(exc)}") from None
-    except urllib.error.URLError as exc:
-        raise EngineError(f"cannot reach server {server}: {exc.reason}; start one with `engine serve`, or check --server / ENGINE_SERVER") from None
-    except (TimeoutError, ConnectionError) as exc:
-        raise EngineError(f"server {server} did not answer: {exc}; check that it runs (`engine serve`)") from None
+        answer = json.loads(post(url, data, content_type=content_type, accept="application/json", token=token, timeout=timeout, who=f"server {server}", advice="start one with `engine serve`, or check --server / ENGINE_SERVER").decode("utf-8"))
     except ValueError:
         raise EngineError(f"server {server} did not answer JSON; is --server the address of `engine serve`?") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("hits"), list):
         raise EngineError(f"server {server} answered without a list of hits; is --server the address of `engine serve`?")
     return answer
+
+
+def post(url: str, data: bytes, *, content_type: str, accept: str, token: str | None, timeout: float, who: str, advice: str) -> bytes:
+    """POST ``data`` to ``url`` and return the answer's body; a failure is one :class:`EngineError` line
+    naming ``who`` (e.g. "server http://…"): the server's own ``error``, or why it could not be reached
+    (then ``advice``)."""
+    headers = {"Content-Type": content_type, "Accept": accept}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raise EngineError(f"{who} answered {exc.code}: {_error_line(exc)}") from None
+    except urllib.error.URLError as exc:
+        raise EngineError(f"cannot reach {who}: {exc.reason}; {advice}") from None
+    except (TimeoutError, ConnectionError) as exc:
+        raise EngineError(f"{who} did not answer: {exc}; {advice}") from None
 
 
 def _search_url(server: str) -> str:

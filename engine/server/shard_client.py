@@ -9,10 +9,7 @@ that encodes it. :class:`ShardServers` runs :class:`~query.sharded_search.Sharde
 """
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,6 +20,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineError, ImageReadError, InvalidInputError
 from engine.results import Hit
 from engine.server import shard_wire
+from engine.server.client import post
 from indexer.shards import global_id, split_id
 from query.filters import HitFilter
 from query.localize import Stage3Candidates, Stage3Weights, load_stage3_weights
@@ -98,30 +96,12 @@ class ServerShards:
 
     def _post(self, position: int, method: str, body: bytes) -> object:
         server = self.servers[position]
-        headers = {"Content-Type": shard_wire.CONTENT_TYPE, "Accept": shard_wire.CONTENT_TYPE}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.urls[position] + method, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                data = response.read()
-        except urllib.error.HTTPError as exc:
-            raise EngineError(f"shard server {server} (shard {position}) answered {exc.code}: {_error_line(exc)}") from None
-        except urllib.error.URLError as exc:
-            raise EngineError(f"cannot reach shard server {server} (shard {position}): {exc.reason}; start it with `engine serve --index SHARD_FOLDER`") from None
-        except (TimeoutError, ConnectionError) as exc:
-            raise EngineError(f"shard server {server} (shard {position}) did not answer: {exc}") from None
+        who = f"shard server {server} (shard {position})"
+        data = post(self.urls[position] + method, body, content_type=shard_wire.CONTENT_TYPE, accept=shard_wire.CONTENT_TYPE, token=self.token, timeout=self.timeout, who=who, advice="start it with `engine serve --index SHARD_FOLDER`")
         try:
             return shard_wire.loads(data)
         except InvalidInputError:
-            raise EngineError(f"shard server {server} (shard {position}) did not answer a shard call; is it `engine serve` of this version?") from None
-
-
-def _error_line(exc: urllib.error.HTTPError) -> str:
-    try:
-        return str(json.loads(exc.read().decode("utf-8"))["error"])
-    except (ValueError, KeyError, TypeError, OSError):
-        return str(exc.reason)
+            raise EngineError(f"{who} did not answer a shard call; is it `engine serve` of this version?") from None
 
 
 class ShardServers:
