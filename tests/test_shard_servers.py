@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -120,9 +121,9 @@ def test_the_wire_carries_query_values_and_refuses_anything_else() -> None:
 
     class Payload:
         def __reduce__(self):  # noqa: ANN204
-            return (print, ("ran",))
+            return (shutil.rmtree, ("/no/such/folder",))  # a global that would run: refused before it is looked up
 
-    with pytest.raises(InvalidInputError, match="may not carry builtins.print"):
+    with pytest.raises(InvalidInputError, match="may not carry shutil.rmtree"):
         shard_wire.loads(pickle.dumps(Payload()))
     with pytest.raises(InvalidInputError, match="not one this engine sends"):
         shard_wire.loads(b"\x80\x05garbage")
@@ -140,8 +141,8 @@ def test_bad_shard_calls_get_one_line_errors(servers: list[str]) -> None:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())["error"]
 
-    code, error = post("/api/shard/rank", pickle.dumps((print,)), shard_wire.CONTENT_TYPE)
-    assert code == 400 and "may not carry builtins.print" in error
+    code, error = post("/api/shard/rank", pickle.dumps((shutil.rmtree,)), shard_wire.CONTENT_TYPE)
+    assert code == 400 and "may not carry shutil.rmtree" in error
     code, error = post("/api/shard/rank", b"{}", "application/json")
     assert code == 400 and shard_wire.CONTENT_TYPE in error
     code, error = post("/api/shard/drop_tables", shard_wire.dumps(()), shard_wire.CONTENT_TYPE)
