@@ -202,3 +202,37 @@ def test_save_load_roundtrip_and_header(tmp_path: Path) -> None:
     path.write_bytes(b"junk")
     with pytest.raises(VectorFileError, match="truncated|not a vectors file"):
         VectorIndex.load(path, 16, device="cpu")
+
+
+def test_codes_too_coarse_for_the_promised_recall_give_way_to_finer_ones_over_the_same_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQ8 short of the promised recall (forced: its calibration reports 0.5) → IVF-SQfp16 over the same
+    k-means lists (trained once), searched as well as IVF-Flat; both short → IVF-Flat."""
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((40, 32))
+    db, queries = _clustered(rng, centres, 3000, noise=0.6), _clustered(rng, centres, 50, noise=0.6)
+    ids, rows = np.arange(3000, dtype=np.int64) + 5, np.arange(3000)
+    calibrate = VectorIndex._calibrate
+    nlist = ivf_nlist(3000)
+    for too_coarse, expected in (({"SQ8"}, f"IVF{nlist},SQfp16"), ({"SQ8", "SQfp16"}, f"IVF{nlist},Flat")):
+        tried: list[str] = []
+        centroids: list[np.ndarray] = []
+
+        def fake(self, index, *args, _coarse=too_coarse, _tried=tried, _centroids=centroids):  # noqa: ANN001, ANN202
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+            kind = "Flat" if isinstance(ivf, faiss.IndexIVFFlat) else ("SQfp16" if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16 else "SQ8")
+            _tried.append(kind)
+            _centroids.append(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+            out = calibrate(self, index, *args)
+            return {k: (p, 0.5) for k, (p, _) in out.items()} if kind in _coarse else out
+
+        monkeypatch.setattr(VectorIndex, "_calibrate", fake)
+        index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
+        index.rebuild(ids, rows, lambda r: db[r])
+        assert index.index_type == expected and tried == ["SQ8", "SQfp16", "Flat"][: len(tried)] and len(tried) == len(too_coarse) + 1
+        for other in centroids[1:]:
+            np.testing.assert_array_equal(other, centroids[0])  # k-means once
+        flat = VectorIndex(32, device="cpu")
+        flat.add(ids, db)
+        _, truth = flat.search(queries, 10)
+        _, found = index.search(queries, 10)
+        assert _recall_at(found, truth) >= 0.95
