@@ -24,8 +24,8 @@ type is chosen by size (:func:`choose_factory`):
   ``nprobe`` gains less than 0.0025 recall short of the target
   (8-bit quantisation, not the lists probed, limits it), the calibration keeps the smaller
   value. If SQ8 cannot reach recall@10 of 0.95 (``PROMISED_RECALL``) however many lists it probes,
-  the index tries ``"IVF{nlist},SQfp16"`` (16-bit codes: half of IVF-Flat's memory; at 10M 256-d
-  SAN vectors SQ8 reached 0.940 and IVF-Flat would need 10 GB), then ``"IVF{nlist},Flat"`` (logged),
+  the index tries ``"IVF{nlist},SQfp16"`` (16-bit codes: half of IVF-Flat's memory; at 10M regions of
+  the 432-d visual key SQ8 levels off at 0.940 and IVF-Flat needs 17 GB), then ``"IVF{nlist},Flat"`` (logged),
   over the same lists (k-means runs once). Files written before the per-k calibration carry one
   ``nprobe``; a writer calibrates them on open (:meth:`VectorIndex.calibrate`), a reader uses
   the one value for every k.
