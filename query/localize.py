@@ -33,9 +33,10 @@ from engine.models.cm_att import GroundingImage
 from engine.models.ref_nms import fused_nms
 from engine.results import Hit
 from indexer.store import MAPS_ARRAY, REFNMS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
+from query.filters import HitFilter
 from query.rerank import Rescorer, StageScores
 
-__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingModels", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images", "stage2_depth"]
+__all__ = ["STAGE3_FILE", "Stage3Weights", "Stage3Candidates", "GroundingModels", "GroundingStage", "load_stage3_weights", "rank_stage3", "best_images", "stage2_depth", "stage3_hits"]
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,11 @@ def rank_stage3(stage2_hits: Sequence[Hit], grounded: dict[str, Stage3Candidates
     boxes = {h.image: h.box for h in hits}
     rest = [h for h in stage2_hits if h.image not in boxes or box_iou([h.box], [boxes[h.image]])[0, 0] <= iou]
     return (hits + rest)[:k]
+
+
+def stage3_hits(ranked: Sequence[Hit], grounded: dict[str, Stage3Candidates], weights: Stage3Weights, filters: HitFilter) -> list[Hit]:
+    """The grounded hits merged into the stage-2 ranking ``ranked`` (:func:`rank_stage3`), then ``filters``."""
+    return filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
 
 
 def stage2_depth(k: int, images: int, max_per_image: int | None, shortlist: int) -> int:

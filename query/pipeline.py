@@ -24,7 +24,7 @@ from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
 from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.encode import EncodedQuery, VisualQueryEncoder, load_query_region
-from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, rank_stage3, stage2_depth
+from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, stage2_depth, stage3_hits
 from query.request import SearchRequest
 from query.rerank import FusedRescorer, GrnRescorer, LayoutRescorer, Rescorer, SanRescorer, StageScores, read_region_maps
 from query.search import Candidates, SearchOptions, ranked_hits, search_regions
@@ -167,11 +167,10 @@ class QueryPipeline:
         depth = stage2_depth(request.k, weights.images, prepared.options.filters.max_per_image, self.config.shortlist)
         ranked = self.rank(prepared, k=depth)
         grounded = self.ground(prepared, ranked, weights.images)
-        hits = prepared.options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        hits = stage3_hits(ranked, grounded, weights, prepared.options.filters)
         if len(hits) < request.k and len(ranked) == depth < self.config.shortlist:
             # copies of a picture removed as duplicates: the rest of the shortlist (the grounded images stay the first ones)
-            ranked = self.rank(prepared, k=self.config.shortlist)
-            hits = prepared.options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+            hits = stage3_hits(self.rank(prepared, k=self.config.shortlist), grounded, weights, prepared.options.filters)
         return hits[: request.k]
 
     def prepare(self, request: SearchRequest, encoded: EncodedQuery | None = None) -> PreparedQuery:

@@ -27,7 +27,7 @@ from engine.results import Hit
 from indexer.shards import global_id, split_id
 from indexer.store import SAN_ARRAY
 from query.encode import EncodedQuery
-from query.localize import Stage3Candidates, Stage3Weights, best_images, rank_stage3, stage2_depth
+from query.localize import Stage3Candidates, Stage3Weights, best_images, stage2_depth, stage3_hits
 from query.pipeline import QueryPipeline
 from query.request import SearchRequest
 from query.search import SearchOptions
@@ -175,12 +175,11 @@ class ShardedSearch:
         ranked = merged[:depth]
         paths = best_images(ranked, weights.images)
         grounded = self._ground(request, encoded, paths, ranked)
-        hits = options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+        hits = stage3_hits(ranked, grounded, weights, options.filters)
         if len(hits) < request.k and len(ranked) == depth < self.shortlist:
             # copies of a picture removed as duplicates: the rest of the shortlist (the grounded images stay the first ones)
             rankings = self.shards.call_many([(i, "rank", (request, encoded, confidence)) for i in range(len(self.shards))])
-            ranked = merge_hits([r.hits for r in rankings])[: self.shortlist]
-            hits = options.filters.apply(rank_stage3(ranked, grounded, weights, len(ranked) + sum(len(c.rows) for c in grounded.values())))
+            hits = stage3_hits(merge_hits([r.hits for r in rankings])[: self.shortlist], grounded, weights, options.filters)
         return hits[: request.k]
 
     def owner(self, request: SearchRequest) -> int:

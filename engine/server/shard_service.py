@@ -53,8 +53,8 @@ class ShardService:
         """Encode ``request`` with its query image's ``image`` bytes written to a private temporary file."""
         if not isinstance(request, SearchRequest):
             raise InvalidInputError("encode takes a search request")
-        if image is None:
-            return searcher.encode(replace(request, image=None) if request.region_id is not None else request)
+        if image is None:  # a region id, or a text alone
+            return searcher.encode(request)
         if not isinstance(image, bytes):
             raise InvalidInputError("encode takes the query image's bytes")
         if len(image) > self.settings.max_upload_bytes:
