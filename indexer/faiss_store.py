@@ -23,10 +23,15 @@ type is chosen by size (:func:`choose_factory`):
   against exhaustive stage-2 scoring (0.915 on 20 queries; docs/sharding.md). Where doubling
   ``nprobe`` gains less than 0.0025 recall short of the target
   (8-bit quantisation, not the lists probed, limits it), the calibration keeps the smaller
-  value. If SQ8 cannot reach recall@10 of 0.95 (``PROMISED_RECALL``) however many lists it probes,
-  the index tries ``"IVF{nlist},SQfp16"`` (16-bit codes: half of IVF-Flat's memory; at 10M regions of
-  the 432-d visual key SQ8 levels off at 0.940 and IVF-Flat needs 17 GB), then ``"IVF{nlist},Flat"`` (logged),
-  over the same lists (k-means runs once). Files written before the per-k calibration carry one
+  value. Where the codes, not the lists probed, cap a count's recall below its target, the calibration
+  tries *exact re-scoring*: a search for k fetches ``REFINE`` × k candidates from the codes and ranks
+  them by their exact cosine, read from the vectors the caller stores anyway (the feature store's
+  float16 rows: :meth:`VectorIndex.search`'s ``exact``); ``refine_at`` records the factor per
+  calibrated k. At 10M regions of the 432-d visual key SQ8 alone levels off at recall@10 0.940;
+  re-scored, the index keeps SQ8's 4.3 GB instead of SQfp16's 8.6 GB or IVF-Flat's 17 GB (both ran
+  out of memory there beside the builder). If SQ8 still cannot reach recall@10 of 0.95
+  (``PROMISED_RECALL``) however many lists it probes, the index tries ``"IVF{nlist},SQfp16"``, then
+  ``"IVF{nlist},Flat"`` (logged), over the same lists (k-means runs once). Files written before the per-k calibration carry one
   ``nprobe``; a writer calibrates them on open (:meth:`VectorIndex.calibrate`), a reader uses
   the one value for every k.
 
@@ -50,6 +55,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -60,7 +66,9 @@ from indexer.index_dir import FileDigest, atomic_write
 
 __all__ = [
     "DEFAULT_FLAT_THRESHOLD",
+    "ExactVectors",
     "GPU_MAX_K",
+    "REFINE",
     "VectorFileError",
     "VectorIndex",
     "choose_factory",
@@ -87,8 +95,22 @@ SHORTLIST_RECALL = 0.94  # the target at k = 1000, stage 2's shortlist (module d
 _PLATEAU = 0.0025  # a doubling of nprobe that gains less recall than this stops the calibration
 _ADD_CHUNK = 65_536
 
+REFINE = 4  # candidates per result re-scored exactly where the codes cap recall (module docstring)
+
 ReadVectors = Callable[[np.ndarray], np.ndarray]
 """Given feature-store rows ``[m]``, return their vectors ``[m, dim]`` (any float dtype)."""
+ExactVectors = Callable[[np.ndarray], np.ndarray]
+"""Given indexed ids ``[m]``, return their stored vectors ``[m, dim]`` (any float dtype; an all-zero row
+for an id that has gone, which is then never ranked)."""
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A calibrated search for k results: lists probed, candidates per result re-scored exactly, recall."""
+
+    nprobe: int
+    factor: int
+    recall: float
 
 
 class VectorFileError(EngineError):
@@ -186,6 +208,7 @@ class VectorIndex:
         self.factory = "Flat"
         self.nprobe: int | None = None
         self.nprobe_at: dict[int, int] = {}  # result count k -> calibrated nprobe (module docstring)
+        self.refine_at: dict[int, int] = {}  # result count k -> candidates per result re-scored exactly (absent: 1)
         self.trained_on = 0
         self.max_region_id = 0
         self.max_tombstone_seq = 0
@@ -272,6 +295,7 @@ class VectorIndex:
         sample = np.sort(rng.choice(n, size=min(n, _TRAIN_POINTS_PER_LIST * nlist), replace=False))
         train = _as_unit_float32(read_vectors(rows[sample]), self.dim, "training vectors")
         queries, query_x = self._calibration_queries(rng, rows, read_vectors)
+        exact_of = _exact_reader(ids, rows, read_vectors)
         centroids: np.ndarray | None = None
         for attempt in _attempts(factory, nlist):
             index = self._new_index(attempt)
@@ -282,20 +306,20 @@ class VectorIndex:
             exact = faiss.ResultHeap(query_x.shape[0], _exact_k(n), keep_max=True)
             self._add_chunks(index, ids, rows, read_vectors, exact=(query_x, exact))
             exact.finalize()
-            nprobe_at = self._calibrate(index, query_x, ids[queries], exact.I)
-            nprobe, recall = nprobe_at[_CALIBRATION_K]
-            if recall >= min(self.target_recall, PROMISED_RECALL) or attempt.endswith(",Flat"):
+            probes = self._calibrate(index, query_x, ids[queries], exact.I, exact_of)
+            chosen = probes[_CALIBRATION_K]
+            if chosen.recall >= min(self.target_recall, PROMISED_RECALL) or attempt.endswith(",Flat"):
                 break
             logger.warning(
                 "%s reaches recall@%d of only %.3f however many lists it probes; trying the next finer codes",
-                attempt, _CALIBRATION_K, recall,
+                attempt, _CALIBRATION_K, chosen.recall,
             )
         logger.info(
-            "built %s over %d vectors: nprobe=%d, recall@%d=%.3f vs exact on %d sample queries",
-            attempt, n, nprobe, _CALIBRATION_K, recall, query_x.shape[0],
+            "built %s over %d vectors: nprobe=%d, %dx re-scored, recall@%d=%.3f vs exact on %d sample queries",
+            attempt, n, chosen.nprobe, chosen.factor, _CALIBRATION_K, chosen.recall, query_x.shape[0],
         )
-        self._install(index, attempt, nprobe=nprobe, trained_on=n)
-        self.nprobe_at = {k: p for k, (p, _) in nprobe_at.items()}
+        self._install(index, attempt, nprobe=chosen.nprobe, trained_on=n)
+        self._set_probes(probes)
 
     def needs_calibration(self) -> bool:
         """An IVF index from a file written before the per-k calibration (one ``nprobe`` for every k)."""
@@ -317,9 +341,8 @@ class VectorIndex:
             x = _as_unit_float32(read_vectors(rows[start : start + _ADD_CHUNK]), self.dim, "vectors")
             _add_exact(exact, query_x, x, ids[start : start + _ADD_CHUNK])
         exact.finalize()
-        nprobe_at = self._calibrate(self._cpu, query_x, ids[queries], exact.I)
-        self.nprobe_at = {k: p for k, (p, _) in nprobe_at.items()}
-        logger.info("calibrated nprobe per k for %s: %s", self.factory, self.nprobe_at)
+        self._set_probes(self._calibrate(self._cpu, query_x, ids[queries], exact.I, _exact_reader(ids, rows, read_vectors)))
+        logger.info("calibrated nprobe per k for %s: %s (re-scored: %s)", self.factory, self.nprobe_at, self.refine_at)
 
     def _calibration_queries(self, rng: np.random.Generator, rows: np.ndarray, read_vectors: ReadVectors) -> tuple[np.ndarray, np.ndarray]:
         """Positions of up to ``_CALIBRATION_QUERIES`` seeded sample vectors and the vectors themselves."""
@@ -360,38 +383,72 @@ class VectorIndex:
                 _add_exact(heap, queries, x, chunk_ids)
 
     def _calibrate(
-        self, index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, exact_ids: np.ndarray
-    ) -> dict[int, tuple[int, float]]:
-        """Per result count k: the smallest power-of-two ``nprobe`` reaching ``target_recall`` at k
-        (or all lists), and its recall. Counts beyond the exact neighbours kept are skipped."""
-        ivf = faiss.extract_index_ivf(index)
-        out: dict[int, tuple[int, float]] = {}
+        self,
+        index: faiss.Index,
+        queries: np.ndarray,
+        query_ids: np.ndarray,
+        exact_ids: np.ndarray,
+        exact: ExactVectors,
+    ) -> dict[int, _Probe]:
+        """Per result count k: the smallest power-of-two ``nprobe`` reaching ``target_recall`` at k (or all
+        lists); where the codes cap recall below it, the same with ``REFINE`` × k candidates re-scored
+        exactly by ``exact`` (module docstring). Counts beyond the exact neighbours kept are skipped."""
+        out: dict[int, _Probe] = {}
         nprobe = 1
         for k in CALIBRATION_KS:
             if k > exact_ids.shape[1] - 1 and k != _CALIBRATION_K:
                 break
             truth = [_top_without(row, own, k) for row, own in zip(exact_ids, query_ids)]
-            before: tuple[int, float] | None = None
-            while True:
-                params = faiss.SearchParametersIVF(nprobe=min(nprobe, ivf.nlist))
-                _, found = index.search(queries, k + 1, params=params)
-                hits = [
-                    len(set(_top_without(row, own, k)) & set(want)) / max(len(want), 1)
-                    for row, own, want in zip(found, query_ids, truth)
-                ]
-                recall = float(np.mean(hits)) if hits else 1.0
-                target = min(self.target_recall, SHORTLIST_RECALL) if k >= SHORTLIST_K else self.target_recall
-                if before is not None and recall < target and recall - before[1] < _PLATEAU:
-                    # the quantiser, not the lists probed, limits recall: more lists only cost time
-                    logger.info("recall@%d levels off at %.3f from nprobe %d (target %.2f)", k, before[1], before[0], target)
-                    out[k] = before
-                    break
-                if recall >= target or nprobe >= ivf.nlist:
-                    out[k] = (min(nprobe, ivf.nlist), recall)
-                    break
-                before = (min(nprobe, ivf.nlist), recall)
-                nprobe *= 2
+            target = min(self.target_recall, SHORTLIST_RECALL) if k >= SHORTLIST_K else self.target_recall
+            probe = self._probe(index, queries, query_ids, truth, k, target, start=nprobe, exact=None)
+            if probe.recall < target:
+                refined = self._probe(index, queries, query_ids, truth, k, target, start=1, exact=exact)
+                logger.info("recall@%d with %dx candidates re-scored exactly: %.3f at nprobe %d", k, REFINE, refined.recall, refined.nprobe)
+                probe = refined if refined.recall > probe.recall else probe
+            out[k] = probe
+            if probe.factor == 1:
+                nprobe = probe.nprobe
         return out
+
+    def _probe(
+        self,
+        index: faiss.Index,
+        queries: np.ndarray,
+        query_ids: np.ndarray,
+        truth: list[list[int]],
+        k: int,
+        target: float,
+        *,
+        start: int,
+        exact: ExactVectors | None,
+    ) -> _Probe:
+        """Double ``nprobe`` from ``start`` until recall@k (``REFINE`` × k candidates re-scored by ``exact``
+        when given) reaches ``target``, all lists are probed, or a doubling gains less than ``_PLATEAU``
+        (then the smaller value: the codes, not the lists, limit recall)."""
+        nlist = faiss.extract_index_ivf(index).nlist
+        factor = 1 if exact is None else REFINE
+        nprobe = start
+        before: _Probe | None = None
+        while True:
+            _, found = index.search(queries, (k + 1) * factor, params=faiss.SearchParametersIVF(nprobe=min(nprobe, nlist)))
+            if exact is not None:
+                _, found = _rescored(queries, found, k + 1, exact)
+            hits = [
+                len(set(_top_without(row, own, k)) & set(want)) / max(len(want), 1)
+                for row, own, want in zip(found, query_ids, truth)
+            ]
+            probe = _Probe(min(nprobe, nlist), factor, float(np.mean(hits)) if hits else 1.0)
+            if before is not None and probe.recall < target and probe.recall - before.recall < _PLATEAU:
+                logger.info("recall@%d levels off at %.3f from nprobe %d (target %.2f, %dx re-scored)", k, before.recall, before.nprobe, target, factor)
+                return before
+            if probe.recall >= target or nprobe >= nlist:
+                return probe
+            before = probe
+            nprobe *= 2
+
+    def _set_probes(self, probes: dict[int, _Probe]) -> None:
+        self.nprobe_at = {k: p.nprobe for k, p in probes.items()}
+        self.refine_at = {k: p.factor for k, p in probes.items() if p.factor > 1}
 
     def _new_index(self, factory: str) -> faiss.Index:
         spec = "IDMap2,Flat" if factory == "Flat" else factory
@@ -412,11 +469,13 @@ class VectorIndex:
         self._gpu_index = None
 
     # -- searching -----------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, exact: ExactVectors | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` by cosine similarity: scores ``[q, k]`` float32, ids ``[q, k]`` int64.
 
         Missing results (fewer than ``k`` vectors, or IVF lists that hold too few) have id -1 and
-        score ``-inf``.
+        score ``-inf``. ``exact``: the stored vectors of indexed ids; where the calibration chose exact
+        re-scoring for ``k`` (``refine_at``), the codes' ``REFINE`` × k best are ranked by it and the
+        scores returned are exact (without it, the codes' ranking and scores).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k={k!r} is not allowed; ask for k >= 1 results")
@@ -427,15 +486,27 @@ class VectorIndex:
                 np.full((x.shape[0], k), -np.inf, dtype=np.float32),
                 np.full((x.shape[0], k), -1, dtype=np.int64),
             )
-        scores, ids = self._search(x, k)
+        factor = self.refine_for(k) if exact is not None else 1
+        scores, ids = self._search(x, k * factor, self.nprobe_for(k))
         scores = np.asarray(scores, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
+        if factor > 1:
+            scores, ids = _rescored(x, ids, k, exact)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search the CPU or GPU index, probing the lists calibrated for ``k``."""
-        nprobe = self.nprobe_for(k)
+    def refine_for(self, k: int) -> int:
+        """Candidates per result re-scored exactly in a search for ``k`` (1: none): the factor of the
+        nearest calibrated counts around ``k``, the larger where they differ."""
+        if not self.refine_at:
+            return 1
+        ks = sorted(self.nprobe_at) or [_CALIBRATION_K]
+        below = [c for c in ks if c <= k] or ks[:1]
+        above = [c for c in ks if c >= k] or ks[-1:]
+        return max(self.refine_at.get(below[-1], 1), self.refine_at.get(above[0], 1))
+
+    def _search(self, x: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Search the CPU or GPU index for ``k`` results, probing ``nprobe`` lists."""
         index = self._search_index(k, nprobe)
         if nprobe is None:
             return index.search(x, k)
@@ -483,6 +554,7 @@ class VectorIndex:
             "trained_on": int(self.trained_on),
             "nprobe": self.nprobe,
             "nprobe_at": {str(k): p for k, p in sorted(self.nprobe_at.items())},
+            "refine_at": {str(k): f for k, f in sorted(self.refine_at.items())},
         }
 
     def save(self, path: Path) -> FileDigest:
@@ -528,6 +600,7 @@ class VectorIndex:
             index, header["factory"], nprobe=header.get("nprobe"), trained_on=header["trained_on"]
         )
         vectors.nprobe_at = {int(k): int(p) for k, p in header.get("nprobe_at", {}).items()}
+        vectors.refine_at = {int(k): int(f) for k, f in header.get("refine_at", {}).items()}
         vectors.max_region_id = int(header["max_region_id"])
         vectors.max_tombstone_seq = int(header["max_tombstone_seq"])
         return vectors
@@ -588,3 +661,35 @@ def _add_exact(heap: faiss.ResultHeap, queries: np.ndarray, x: np.ndarray, chunk
         np.ascontiguousarray(np.take_along_axis(scores, top, axis=1)),
         np.ascontiguousarray(chunk_ids[top]),
     )
+
+
+def _exact_reader(ids: np.ndarray, rows: np.ndarray, read_vectors: ReadVectors) -> ExactVectors:
+    """The stored vectors of indexed ids (each one of ``ids``), given every id and its feature row."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+
+    def exact(wanted: np.ndarray) -> np.ndarray:
+        return read_vectors(rows[order[np.searchsorted(sorted_ids, wanted)]])
+
+    return exact
+
+
+def _rescored(x: np.ndarray, ids: np.ndarray, k: int, exact: ExactVectors) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's candidates ``ids`` ``[q, m]`` by exact cosine with the stored vectors
+    (ids -1 and ids whose vectors have gone are never ranked); scores ``-inf`` / ids -1 where too few."""
+    unique = np.unique(ids[ids >= 0])
+    out_scores = np.full((ids.shape[0], k), -np.inf, np.float32)
+    out_ids = np.full((ids.shape[0], k), -1, np.int64)
+    if unique.size == 0:
+        return out_scores, out_ids
+    vectors = np.asarray(exact(unique), np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    vectors = vectors / np.maximum(norms, 1e-12)[:, None]
+    for q in range(ids.shape[0]):
+        cand = ids[q][ids[q] >= 0]
+        at = np.searchsorted(unique, cand)
+        s = np.where(norms[at] > 0, vectors[at] @ x[q], -np.inf)
+        top = np.argsort(-s, kind="stable")[: min(k, int(np.isfinite(s).sum()))]
+        out_scores[q, : top.size] = s[top]
+        out_ids[q, : top.size] = cand[top]
+    return out_scores, out_ids

@@ -140,6 +140,7 @@ class IndexInfo:
     next_row: int = 0
     nprobe: int | None = None
     nprobe_at: dict[int, int] = field(default_factory=dict)
+    refine_at: dict[int, int] = field(default_factory=dict)
     dead_rows: int = 0
     dead_bytes: int = 0
     shards: list[str] = field(default_factory=list)  # a sharded index: its shards' directories (counts summed over them)
@@ -155,6 +156,7 @@ class IndexInfo:
             "vectors": self.vectors,
             "nprobe": self.nprobe,
             "nprobe_at": {str(k): v for k, v in sorted(self.nprobe_at.items())},
+            "refine_at": {str(k): v for k, v in sorted(self.refine_at.items())},
             "dims": {k: list(v) for k, v in self.dims.items()},
             "models": dict(self.models),
             "runs": self.runs,
@@ -396,11 +398,12 @@ class IndexStore:
         """Recorded image paths (indexed or error) equal to ``path`` or inside folder ``path``, sorted."""
         return self._catalog.images_under(path)
 
-    def save_vectors(self) -> None:
+    def save_vectors(self, *, release: bool = False) -> None:
         """Bring the FAISS files and the region table up to date, save them atomically, prune the
-        tombstones every file holds."""
+        tombstones every file holds. ``release``: drop each FAISS index from memory once written (a
+        builder of a large index: the next search loads the file again), so that only one is held."""
         self._db.require_writable()
-        held, files = self._vectors.save(self.vector_arrays)
+        held, files = self._vectors.save(self.vector_arrays, release=release)
         files.append(self._table.save())
         self._catalog.prune_tombstones(held, files)
 
@@ -496,9 +499,18 @@ class IndexStore:
                 f"index at {self.path} has no {array!r} vectors; re-index into a new directory with "
                 "`engine index CORPUS --index NEWDIR`"
             )
-        scores, ids = self._vectors.synced(array, allow_rebuild=False).search(vectors, k)
+        scores, ids = self._vectors.synced(array, allow_rebuild=False).search(vectors, k, exact=lambda wanted: self._stored_vectors(array, wanted))
         check_scores(scores, ids, self.path)  # NaN scores come from damaged files: never rank with them
         return scores, ids
+
+    def _stored_vectors(self, array: str, ids: np.ndarray) -> np.ndarray:
+        """The feature store's vectors ``array`` of the regions ``ids`` (sorted, unique), zeros for a region
+        deleted since the FAISS index was caught up: what exact re-scoring ranks by (:mod:`indexer.faiss_store`)."""
+        found = self._table.synced().lookup(ids)
+        out = np.zeros((len(ids), self._specs[array].shape[0]), np.float32)
+        if len(found):
+            out[np.searchsorted(ids, found.ids)] = self._features.read(array, found.rows)
+        return out
 
     def vector_count(self, array: str = VECTOR_ARRAY) -> int:
         """How many regions the FAISS file ``array`` holds once caught up with the database: the live
@@ -577,6 +589,7 @@ class IndexStore:
             next_row=counts.next_row,
             nprobe=vectors.nprobe,
             nprobe_at=dict(vectors.nprobe_at),
+            refine_at=dict(vectors.refine_at),
             dead_rows=dead_rows,
             dead_bytes=dead_rows * sum(spec.row_bytes for spec in self._specs.values()),
         )

@@ -77,9 +77,10 @@ class VectorSync:
                 vectors.calibrate(ids, feature_rows, self._reader(array))
         return self._vectors[array]
 
-    def save(self, arrays: tuple[str, ...]) -> tuple[int, list[SavedFile]]:
+    def save(self, arrays: tuple[str, ...], *, release: bool = False) -> tuple[int, list[SavedFile]]:
         """Bring every FAISS index of ``arrays`` up to date and save it atomically; return the smallest
-        tombstone seq they all hold (the tombstones up to it may be pruned) and the files written."""
+        tombstone seq they all hold (the tombstones up to it may be pruned) and the files written.
+        ``release``: forget each index once written (loaded again from its file on next use)."""
         self._db.require_writable()
         held = []
         files = []
@@ -89,6 +90,9 @@ class VectorSync:
             digest = vectors.save(path)
             files.append(SavedFile(path.name, digest, (vectors.max_region_id, vectors.max_tombstone_seq)))
             held.append(vectors.max_tombstone_seq)
+            if release:
+                del vectors
+                self._vectors.pop(name)
         return min(held), files
 
     def clear(self) -> None:

@@ -1,6 +1,7 @@
 """FAISS vector index: id mapping vs brute force, IVF recall, atomic file format."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -9,6 +10,7 @@ import pytest
 
 from engine.errors import EngineError, InvalidInputError
 from indexer.faiss_store import (
+    REFINE,
     VectorFileError,
     VectorIndex,
     choose_factory,
@@ -223,7 +225,7 @@ def test_codes_too_coarse_for_the_promised_recall_give_way_to_finer_ones_over_th
             _tried.append(kind)
             _centroids.append(ivf.quantizer.reconstruct_n(0, ivf.nlist))
             out = calibrate(self, index, *args)
-            return {k: (p, 0.5) for k, (p, _) in out.items()} if kind in _coarse else out
+            return {k: replace(p, recall=0.5) for k, p in out.items()} if kind in _coarse else out
 
         monkeypatch.setattr(VectorIndex, "_calibrate", fake)
         index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
@@ -236,3 +238,53 @@ def test_codes_too_coarse_for_the_promised_recall_give_way_to_finer_ones_over_th
         _, truth = flat.search(queries, 10)
         _, found = index.search(queries, 10)
         assert _recall_at(found, truth) >= 0.95
+
+
+def test_codes_that_cap_recall_are_rescored_exactly_from_the_stored_vectors(tmp_path: Path) -> None:
+    """Near-duplicates closer than SQ8's step: the codes alone cannot order a cluster (recall@10 levels
+    off far below 0.97), so the calibration re-scores REFINE x k candidates exactly and the index stays
+    SQ8 (no fallback to finer codes); searched with the stored vectors, the top 10 is brute force's."""
+    rng = np.random.default_rng(11)
+    centres = _unit(rng.standard_normal((100, 32)))
+    db = _unit(np.repeat(centres, 30, axis=0) + 0.002 * rng.standard_normal((3000, 32)))
+    ids, rows = np.arange(3000, dtype=np.int64) * 3 + 1, np.arange(3000)
+    index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
+    index.rebuild(ids, rows, lambda r: db[r])
+    assert index.index_type == f"IVF{ivf_nlist(3000)},SQ8" and index.refine_at.get(10) == REFINE
+    assert index.refine_for(10) == REFINE and index.refine_for(5) == REFINE
+    by_id = dict(zip(ids.tolist(), db))
+
+    def exact(wanted: np.ndarray) -> np.ndarray:
+        return np.stack([by_id[int(i)] for i in wanted])
+
+    queries = db[rng.choice(3000, 100, replace=False)] + 0.0005 * rng.standard_normal((100, 32)).astype(np.float32)
+    _, truth = _brute_force(db, ids, queries, 10)
+    scores, found = index.search(queries, 10, exact=exact)
+    _, coarse = index.search(queries, 10)  # no stored vectors: the codes' own order
+    assert _recall_at(found, truth) >= 0.95 and _recall_at(coarse, truth) < 0.6
+    filled = found >= 0  # (a probed list can hold fewer than 10)
+    exact_scores = np.einsum("nd,nd->n", exact(found[filled]), _unit(queries)[np.nonzero(filled)[0]])
+    np.testing.assert_allclose(scores[filled], exact_scores, atol=1e-6)  # the scores are the exact cosines, in order
+    assert (np.diff(scores, axis=1)[filled[:, 1:]] <= 0).all() and np.isneginf(scores[~filled]).all()
+    # a region that has gone (its stored vector reads as zeros) is never returned
+    gone = int(truth[0, 0])
+    scores, found = index.search(queries[:1], 10, exact=lambda w: np.where((w == gone)[:, None], 0.0, exact(w)))
+    assert gone not in found[0].tolist() and np.isfinite(scores).all()
+    path = tmp_path / "vectors.faiss"
+    index.save(path)
+    assert read_header(path)["refine_at"] == {str(k): f for k, f in index.refine_at.items()}
+    loaded = VectorIndex.load(path, 32, flat_threshold=500, device="cpu")
+    assert loaded.refine_at == index.refine_at
+    np.testing.assert_array_equal(loaded.search(queries, 10, exact=exact)[1], index.search(queries, 10, exact=exact)[1])
+
+
+def test_codes_fine_enough_are_not_rescored() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32))
+    db = _clustered(rng, centres, 3000, noise=0.6)
+    index = VectorIndex(32, flat_threshold=500, device="cpu", seed=0)
+    index.rebuild(np.arange(3000, dtype=np.int64), np.arange(3000), lambda r: db[r])
+    assert index.refine_at == {} and index.refine_for(10) == 1
+    calls: list[int] = []
+    index.search(db[:3], 10, exact=lambda w: calls.append(len(w)) or db[w])
+    assert calls == []  # the stored vectors are not even read

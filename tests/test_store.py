@@ -4,6 +4,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -249,6 +250,30 @@ def test_switches_to_ivf_past_the_threshold(tmp_path: Path) -> None:
     with IndexStore.open(tmp_path / "idx", writable=True) as store:  # the writer re-decides
         store.save_vectors()
         assert store.info().index_type == "Flat"
+
+
+def test_search_rescores_with_the_stored_vectors_where_calibrated_and_saving_can_release(tmp_path: Path) -> None:
+    """Where the FAISS calibration chose exact re-scoring, the store ranks FAISS's candidates by the
+    feature store's vectors (brute force's order and cosines); a builder's save can drop each index."""
+    corpus = Corpus(8)
+    config = StoreConfig(flat_threshold=100)
+    with _create(tmp_path / "idx", config=config) as store:
+        run = store.begin_run("/corpus", {})
+        store.commit_images(run, [corpus.item(f"{i}.jpg", 5) for i in range(30)])
+        store.save_vectors(release=True)
+        assert not store._vectors._vectors  # nothing held once written
+        vectors = store._vectors.synced("visual", allow_rebuild=False)  # loaded again from its file
+        assert vectors.index_type.startswith("IVF")
+        lists = faiss.extract_index_ivf(vectors._cpu).nlist
+        vectors.nprobe_at = {k: lists for k in vectors.nprobe_at}  # every list, 40x candidates: all regions,
+        vectors.refine_at = {k: 40 for k in vectors.nprobe_at}  # as if the codes capped recall
+        for seed in range(5):
+            query = np.random.default_rng(seed).standard_normal((1, DIM)).astype(np.float32)
+            scores, found = store.search(query, k=5)
+            assert _hits(store, found[0]) == corpus.brute_force(query[0], 5)
+            stored = store.read_arrays("visual", np.array([r.row for r in store.regions(found[0])])).astype(np.float32)
+            expected = stored @ query[0] / np.linalg.norm(stored, axis=1) / np.linalg.norm(query[0])
+            np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
 
 
 def test_writer_lock(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def build_index(data: SeedData, config: SyntheticConfig, index_dir: Path, *, san
             images += len(items)
             bar.update(added)
         bar.set_description("saving the FAISS files")
-        store.save_vectors()
+        store.save_vectors(release=True)  # one FAISS index in memory at a time: at 10M regions two do not fit
         seconds = time.perf_counter() - start
         store.finish_run(run_id, status="completed", processed=images, unchanged=0, removed=0, regions_added=real + synthetic, errors=0, seconds=seconds)
         index_type = store.info().index_type
