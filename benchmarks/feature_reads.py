@@ -17,7 +17,10 @@ ROWS = 2000  # about one combined query's candidates (visual shortlist + SAN's t
 
 def drop_page_cache() -> None:
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"Error: cannot drop the page cache ({exc}); run this script as root") from None
 
 
 def read_rows(path: Path, dim: int, mode: str, rows: np.ndarray) -> float:
@@ -53,4 +56,6 @@ def main(index_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "features").is_dir():
+        raise SystemExit("Error: pass one index directory (with a features/ folder): python benchmarks/feature_reads.py INDEX_DIR")
     main(Path(sys.argv[1]))

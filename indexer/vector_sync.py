@@ -90,7 +90,7 @@ class VectorSync:
             digest = vectors.save(path)
             files.append(SavedFile(path.name, digest, (vectors.max_region_id, vectors.max_tombstone_seq)))
             held.append(vectors.max_tombstone_seq)
-            if release:
+            if release:  # drop both references now: the next array's index is built before `vectors` is rebound
                 del vectors
                 self._vectors.pop(name)
         return min(held), files
