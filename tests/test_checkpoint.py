@@ -34,6 +34,25 @@ def test_round_trip(tmp_path: Path) -> None:
     assert load_checkpoint(path.with_suffix(".json"))[0].sha256 == saved.sha256  # the manifest path works too
 
 
+def test_subnormal_weights_load_as_zeros_and_the_file_is_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "rpn.pt"
+    w = torch.tensor([[1e-40, -5e-44, 0.25], [1.2e-38, -3.0, 0.0]])  # two subnormals, the smallest normal, ordinary values
+    half = torch.tensor([1e-6, 0.5], dtype=torch.float16)  # 1e-6 is subnormal in float16
+    saved = save_checkpoint(path, _manifest(), {"state_dict": {"w": w, "ids": torch.tensor([0, 1])}, "nested": [(half,)]})
+    _, payload = load_checkpoint(path, expected_model="rpn")
+    assert torch.equal(payload["state_dict"]["w"], torch.tensor([[0.0, 0.0, 0.25], [1.2e-38, -3.0, 0.0]]))
+    assert payload["nested"][0][0].tolist() == [0.0, 0.5] and torch.equal(payload["state_dict"]["ids"], torch.tensor([0, 1]))
+    assert load_checkpoint(path)[0].sha256 == saved.sha256  # the file (and the model's version) is unchanged
+
+
+def test_shipped_ref_nms_loads_without_subnormal_weights() -> None:
+    from engine.models.ref_nms import RefNMSModel
+
+    tiny = torch.finfo(torch.float32).tiny
+    net = RefNMSModel.from_checkpoint().net
+    assert all(not ((p.abs() < tiny) & (p != 0)).any() for p in net.parameters())
+
+
 def test_flipped_bytes_are_reported_as_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "rpn.pt"
     save_checkpoint(path, _manifest(), _payload())

@@ -117,7 +117,34 @@ def load_checkpoint(path: Path, *, expected_model: str | tuple[str, ...] | None 
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); retrain or restore it") from None
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT or blob.get("model") != manifest.model:
         raise CheckpointError(f"checkpoint {path} is not in this engine's format (format {_FORMAT}, model {manifest.model!r}); retrain it with `engine train`")
+    flush_subnormals(blob["payload"])
     return manifest, blob["payload"]
+
+
+def flush_subnormals(payload: Any) -> int:
+    """Set every subnormal value of the floating-point tensors in ``payload`` (nested dicts, lists and
+    tuples) to zero, in place; returns how many were set.
+
+    Weight decay leaves dead units' weights at 1e-39 … 1e-44 (the shipped Ref-NMS checkpoints: 39–47 %
+    of the 3×3 head's weights), and a CPU multiplies subnormal numbers through a slow microcode path:
+    the Ref-NMS head took 95 ms for 100 regions with them and 6 ms without, identical outputs (the
+    values are below 1.2e-38). The file and its sha256, hence the model's version, are unchanged.
+    """
+    import torch
+
+    if isinstance(payload, torch.Tensor):
+        if not payload.is_floating_point():
+            return 0
+        subnormal = (payload.abs() < torch.finfo(payload.dtype).tiny) & (payload != 0)
+        count = int(subnormal.sum())
+        if count:
+            payload.masked_fill_(subnormal, 0.0)
+        return count
+    if isinstance(payload, dict):
+        return sum(flush_subnormals(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(flush_subnormals(v) for v in payload)
+    return 0
 
 
 def installed_checkpoints(directory: Path = PACKAGE_CHECKPOINTS) -> list[tuple[Path, Manifest]]:
