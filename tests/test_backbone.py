@@ -270,3 +270,17 @@ def test_cpu_inference_runs_frozen_and_equals_the_eager_network(effnet: Backbone
     torch.testing.assert_close(only_c4["c4"], frozen["c4"])
     effnet.train(False)
     assert not effnet._frozen
+
+
+def test_cpu_inference_of_a_batch_equals_each_image_alone(effnet: Backbone) -> None:
+    """The frozen CPU path runs a batch image by image (cache-friendly at 640 px): the batch's maps are
+    each image's own maps, in order, and an empty batch gives empty maps."""
+    x = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        batch = effnet(x, levels=["c4", "c5"])
+        alone = [effnet(x[i : i + 1], levels=["c4", "c5"]) for i in range(3)]
+        empty = effnet(x[:0], levels=["c4"])
+    for level in ("c4", "c5"):
+        assert batch[level].shape[0] == 3
+        torch.testing.assert_close(batch[level], torch.cat([a[level] for a in alone]), atol=0, rtol=0)
+    assert empty["c4"].shape == (0, 112, 4, 6)
