@@ -63,7 +63,8 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
     MODEL is a name of the model registry (all are listed under Models
     below): `rpn`, a GRN-family method (grn, grn-fc, vl-concat, …), `saliency`,
     `san` and its ablations, `mcb`, `ref-nms-b`/`-r`, `cm-att`, `cm-att-erase`,
-    `key-whitening` (the visual key's PCA-whitening, fitted in closed form),
+    `key-whitening` (the visual key's learned whitening: PCA, then matching pairs;
+    closed form),
     `text-projection` (English into the visual key, for text-only search).
     The best epoch by the validation split's metric is kept; the test split's
     metrics go into the manifest. --device cuda trains on the GPU (an error

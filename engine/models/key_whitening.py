@@ -12,6 +12,17 @@ retrieval with no human annotation", TPAMI 2018, Eq. 4–5) decorrelates and res
 with ``μ``, ``Σ`` the mean and covariance of the training keys. Real cut-outs pasted on real photos,
 true boxes, val split: R@1 0.674 → 0.810 (``benchmarks/results/visual-key.json``).
 
+The supervised half of Radenović et al.'s learned whitening (Eq. 4–5: project by ``C_S^{-1/2}``, ``C_S``
+the covariance of the differences of *matching* pairs) follows when the training data say which boxes
+show the same thing (:func:`fit_matching`)::
+
+    C_S = Σ_groups Σ_i (x̂_i − x̄_g)(x̂_i − x̄_g)ᵀ / Σ_groups (n_g − 1)     (x̂: PCA-whitened keys of one group)
+    C_λ = d · C_S / tr(C_S) + λ I,   key = normalize(C_λ^{-1/2} x̂)
+
+so directions along which one object varies from photo to photo (lighting, scale, background bleeding
+into the box) weigh less than those along which objects differ. ``λ`` (``pairs_shrink``) keeps the
+projection from trusting directions the training objects never varied in; ``None``: PCA-whitening only.
+
 A :class:`KeyWhitening` belongs to one un-whitened key recipe (backbone and key levels, pooling, RoI
 size, e.g. ``efficientnet_lite0:c4+c5:mean:roi7:s2``): :meth:`KeyWhitening.check_recipe` refuses another.
 ``engine train key-whitening --data A --data B`` fits it (:mod:`engine.training.key_whitening`).
@@ -29,7 +40,7 @@ from torch import Tensor, nn
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.checkpoint import Manifest, load_checkpoint, save_checkpoint
 
-__all__ = ["MODEL_NAME", "MODEL_VERSION", "WhiteningConfig", "KeyWhitening", "CovarianceAccumulator", "fit_whitening"]
+__all__ = ["MODEL_NAME", "MODEL_VERSION", "WhiteningConfig", "KeyWhitening", "CovarianceAccumulator", "fit_whitening", "matching_scatter", "fit_matching"]
 
 MODEL_NAME = "key-whitening"
 MODEL_VERSION = "1"
@@ -39,12 +50,15 @@ _EPS = 1e-12
 @dataclass(frozen=True)
 class WhiteningConfig:
     """``recipe``: the un-whitened key it applies to (backbone name and key recipe, no input size);
-    ``in_dim`` / ``out_dim``: key length before / after; ``shrink``: the covariance shrinkage ``s``."""
+    ``in_dim`` / ``out_dim``: key length before / after; ``shrink``: the covariance shrinkage ``s``;
+    ``pairs_shrink`` / ``pairs``: the matching-pairs step's ``λ`` and its box count (module docstring)."""
 
     recipe: str
     in_dim: int
     out_dim: int
     shrink: float
+    pairs_shrink: float | None = None  # λ of the matching-pairs step (fit_matching); None: PCA-whitening only
+    pairs: int = 0  # boxes in matching groups that C_S was estimated from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,3 +161,38 @@ def fit_whitening(stats: CovarianceAccumulator, *, recipe: str, shrink: float, o
     projection = vectors[:, order] / np.sqrt(np.maximum(values[order], _EPS))
     config = WhiteningConfig(recipe=recipe, in_dim=dim, out_dim=out_dim, shrink=float(shrink))
     return KeyWhitening(config, torch.from_numpy(stats.mean()).float(), torch.from_numpy(projection).float())
+
+
+def matching_scatter(whitening: KeyWhitening, groups: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """``C_S`` (module docstring) of ``groups``: each ``[n_g, in_dim]`` un-whitened keys of boxes that show one
+    thing in different photos (groups of one box are skipped), in ``whitening``'s space; and the box count."""
+    dim = whitening.out_dim
+    scatter = np.zeros((dim, dim))
+    boxes = dof = 0
+    for keys in groups:
+        if len(keys) < 2:
+            continue
+        x = whitening.apply(keys).astype(np.float64)
+        x -= x.mean(0)
+        scatter += x.T @ x
+        boxes += len(keys)
+        dof += len(keys) - 1
+    if dof == 0:
+        raise InvalidInputError("the matching-pairs whitening needs at least one group of two or more boxes showing the same thing")
+    return scatter / dof, boxes
+
+
+def fit_matching(whitening: KeyWhitening, scatter: np.ndarray, *, pairs_shrink: float, boxes: int) -> KeyWhitening:
+    """``whitening`` followed by ``C_λ^{-1/2}`` (module docstring, Radenović et al. Eq. 4) of the matching
+    scatter ``C_S`` (:func:`matching_scatter`); one linear map, so a key costs what it cost before."""
+    if pairs_shrink <= 0:
+        raise InvalidInputError(f"pairs_shrink must be > 0, got {pairs_shrink}")
+    dim = whitening.out_dim
+    if scatter.shape != (dim, dim):
+        raise InvalidInputError(f"the matching scatter must be {dim}×{dim}, got {scatter.shape}")
+    shrunk = scatter * dim / max(np.trace(scatter), _EPS) + pairs_shrink * np.eye(dim)
+    values, vectors = np.linalg.eigh(shrunk)
+    inv_sqrt = (vectors / np.sqrt(np.maximum(values, _EPS))) @ vectors.T
+    projection = whitening.projection.double().numpy() @ inv_sqrt
+    config = WhiteningConfig(recipe=whitening.config.recipe, in_dim=whitening.config.in_dim, out_dim=dim, shrink=whitening.config.shrink, pairs_shrink=float(pairs_shrink), pairs=int(boxes))
+    return KeyWhitening(config, whitening.mean.clone(), torch.from_numpy(projection).float())

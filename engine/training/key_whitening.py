@@ -8,6 +8,12 @@ pooled. The shrinkage is chosen on the ``val`` split: each val query's box (``qu
 the annotated boxes of the other val images, R@1 (a hit lies in a positive's image with IoU > 0.5 with
 the positive's box); the test split's R@1 / R@10, un-whitened and whitened, go into the manifest.
 
+Then the supervised step (:func:`engine.models.key_whitening.fit_matching`, Radenović et al. Eq. 4): each
+train query's box and its positives in other train images show one thing; their keys' scatter around
+the group mean, in the whitened space, is ``C_S``. Each ``λ`` of ``pairs_shrinks`` gives a candidate; the
+best on val R@1 (then R@10) is kept, the PCA-whitening alone among the candidates, so that the step is
+kept only where val says it helps.
+
 Backbone maps come from each dataset's :class:`~indexer.feature_cache.FeatureCache` (built when
 missing): no backbone runs once it exists. Fitting the 3,300 train images of both worlds takes a few
 minutes on 2 CPU cores, most of it reading the cache.
@@ -30,7 +36,7 @@ from engine.datasets.types import Dataset, ImageAnn
 from engine.device import resolve_device
 from engine.errors import InvalidInputError
 from engine.models.checkpoint import Manifest
-from engine.models.key_whitening import MODEL_NAME, MODEL_VERSION, CovarianceAccumulator, KeyWhitening, fit_whitening
+from engine.models.key_whitening import MODEL_NAME, MODEL_VERSION, CovarianceAccumulator, KeyWhitening, fit_matching, fit_whitening, matching_scatter
 from engine.training.options import TrainOptions, read_splits
 from indexer.backbone import BackboneConfig, create_backbone
 from indexer.component_configs import RegionFeatureConfig
@@ -49,12 +55,14 @@ BOX_SOURCES = ("annotations", "annotations+proposals")
 class WhiteningTrainConfig:
     """``boxes``: which boxes of the train images are fitted (:data:`BOX_SOURCES`); ``proposals``: the RPN's
     top proposals per image then; ``shrinks``: the shrinkages tried, the best on val kept (the first when
-    no dataset has val queries); ``out_dim``: whitened key length (``None``: the key's own)."""
+    no dataset has val queries); ``out_dim``: whitened key length (``None``: the key's own);
+    ``pairs_shrinks``: the ``λ`` of the matching-pairs step tried (needs val queries and train queries)."""
 
     boxes: str = "annotations+proposals"
     proposals: int = 100
     shrinks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
     out_dim: int | None = None
+    pairs_shrinks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)  # λ of the matching-pairs step tried on val; () skips it
 
     def __post_init__(self) -> None:
         if self.boxes not in BOX_SOURCES:
@@ -91,6 +99,7 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
     stats = CovarianceAccumulator(extractor.dim)
     vals: list[_Split] = []
     tests: list[_Split] = []
+    groups: list[np.ndarray] = []
     fitted_boxes = 0
     for data in options.datasets:
         dataset, train, val, test = read_splits(data)
@@ -100,6 +109,8 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
         for keys in _train_keys(extractor, cache, train.images, rpn, config, progress=options.progress):
             stats.add(keys)
             fitted_boxes += len(keys)
+        if config.pairs_shrinks and train.queries:
+            groups.extend(_matching_groups(extractor, cache, train))
         if val.queries:
             vals.append(_split_keys(extractor, cache, val))
         if test.queries:
@@ -110,10 +121,23 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
     val_recall = {s: _pooled_recall(vals, w) for s, w in candidates.items()} if vals else {}
     shrink = max(config.shrinks, key=lambda s: (val_recall[s]["r1"], val_recall[s]["r10"])) if vals else config.shrinks[0]
     whitening = candidates[shrink]
+    chosen = val_recall.get(shrink)
     metrics: dict[str, Any] = {"shrink": shrink, "fitted_boxes": fitted_boxes}
+    if vals and config.pairs_shrinks and any(len(g) > 1 for g in groups):
+        scatter, boxes = matching_scatter(whitening, groups)
+        matched = {lam: fit_matching(whitening, scatter, pairs_shrink=lam, boxes=boxes) for lam in config.pairs_shrinks}
+        pair_recall = {lam: _pooled_recall(vals, w) for lam, w in matched.items()}
+        plain = val_recall[shrink]
+        best = max(config.pairs_shrinks, key=lambda lam: (pair_recall[lam]["r1"], pair_recall[lam]["r10"]))
+        metrics["pairs_boxes"] = boxes
+        metrics["val_r1_pca_only"] = plain["r1"]
+        metrics["val_r1_by_pairs_shrink"] = {str(lam): round(r["r1"], 4) for lam, r in pair_recall.items()}
+        if (pair_recall[best]["r1"], pair_recall[best]["r10"]) > (plain["r1"], plain["r10"]):
+            whitening, chosen = matched[best], pair_recall[best]
+        metrics["pairs_shrink"] = whitening.config.pairs_shrink
     if vals:
-        metrics["val_queries"] = val_recall[shrink]["queries"]
-        metrics["val_r1"] = val_recall[shrink]["r1"]
+        metrics["val_queries"] = chosen["queries"]
+        metrics["val_r1"] = chosen["r1"]
         metrics["val_r1_by_shrink"] = {str(s): round(r["r1"], 4) for s, r in val_recall.items()}
         metrics["val_r1_unwhitened"] = _pooled_recall(vals, None)["r1"]
     if tests:
@@ -128,7 +152,7 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
         data=options.recorded_data(),
         seed=options.seed,
         metrics=metrics,
-        extra={"boxes": config.boxes, "proposals": config.proposals if rpn is not None else 0, "shrinks": list(config.shrinks), "seconds": round(seconds, 1), "device": str(device)},
+        extra={"boxes": config.boxes, "proposals": config.proposals if rpn is not None else 0, "shrinks": list(config.shrinks), "pairs_shrinks": list(config.pairs_shrinks), "seconds": round(seconds, 1), "device": str(device)},
     )
     out = Path(options.out) if options.out is not None else DEFAULT_OUT
     saved = whitening.save(out, manifest)
@@ -211,3 +235,24 @@ def _split_keys(extractor: RegionFeatureExtractor, cache: FeatureCache, split: D
         boxes.append(annotated)
         queries.extend((key, ann.image, positives) for key, (_, positives) in zip(found[len(annotated) :], wanted))
     return _Split(keys=np.concatenate(keys), images=images, boxes=np.concatenate(boxes), queries=queries)
+
+
+def _matching_groups(extractor: RegionFeatureExtractor, cache: FeatureCache, split: Dataset) -> list[np.ndarray]:
+    """Per query of ``split`` with positives in other images: the un-whitened keys of its box and of those
+    positives (boxes showing one thing in different photos). Each image's maps are read once."""
+    where = {r.id: (im.image, np.asarray(r.box, np.float64)) for im in split.images for r in im.regions}
+    wanted: dict[str, list[tuple[int, np.ndarray]]] = {}
+    count = 0
+    for q in split.queries:
+        positives = [where[p] for p in q.positives if p in where and where[p][0] != q.image]
+        if not positives:
+            continue
+        for image, box in [(q.image, np.asarray(q.region, np.float64)), *positives]:
+            wanted.setdefault(image, []).append((count, box))
+        count += 1
+    members: list[list[np.ndarray]] = [[] for _ in range(count)]
+    for image, asks in wanted.items():
+        keys = cached_keys(extractor, cache.get(image), np.stack([box for _, box in asks]))
+        for (group, _), key in zip(asks, keys):
+            members[group].append(key)
+    return [np.stack(m) for m in members]
