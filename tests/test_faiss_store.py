@@ -177,7 +177,7 @@ def test_large_shortlists_probe_the_lists_calibrated_for_their_size(tmp_path: Pa
     assert loaded.nprobe_at == index.nprobe_at
 
 
-def test_save_load_roundtrip_and_header(tmp_path: Path) -> None:
+def test_save_load_roundtrip_and_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(4)
     db = _clustered(rng, rng.standard_normal((10, 16)), 800, noise=0.5)
     index = VectorIndex(16, flat_threshold=200, device="cpu")
@@ -189,14 +189,22 @@ def test_save_load_roundtrip_and_header(tmp_path: Path) -> None:
     header = read_header(path)
     assert header["factory"] == index.index_type and header["count"] == 800
     assert (header["max_region_id"], header["max_tombstone_seq"], header["dim"]) == (804, 17, 16)
-    loaded = VectorIndex.load(path, 16, flat_threshold=200, device="cpu")
+    with monkeypatch.context() as m:  # streamed: the file is never read whole into memory beside the index
+        m.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} read whole"))
+        loaded = VectorIndex.load(path, 16, flat_threshold=200, device="cpu")
+        assert read_header(path)["count"] == 800
     assert (loaded.max_region_id, loaded.max_tombstone_seq, loaded.nprobe) == (804, 17, index.nprobe)
     queries = db[:5] + 0.01
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
 
     with pytest.raises(VectorFileError, match="16-d vectors, the index 8-d"):
         VectorIndex.load(path, 8, device="cpu")
-    data = bytearray(path.read_bytes())
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-5])  # a payload cut short is caught by the size check, before faiss reads it
+    with pytest.raises(VectorFileError, match="damaged"):
+        VectorIndex.load(path, 16, device="cpu")
+    path.write_bytes(whole)
+    data = bytearray(whole)
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(VectorFileError, match="damaged"):
