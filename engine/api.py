@@ -55,6 +55,7 @@ class Engine:
         self._concept_vocabulary: Any = None
         self._minilm_words: Any = None
         self._text_projection: Any = _NOT_LOADED
+        self._instance_head: Any = _NOT_LOADED
         self._vocabulary_grounder: Any = None
         self._sharded: ShardedIndex | None = None
 
@@ -142,6 +143,21 @@ class Engine:
                 projection.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"text projection {str(self.config.text_projection)!r}")
             self._text_projection = projection
         return self._text_projection
+
+    @property
+    def instance_head(self):  # -> engine.models.instance_head.InstanceHead | None
+        """Stage 2's instance embedding of region-only queries (``config.instance_head``; ``None`` when
+        configured off), loaded once and checked to be trained for this visual key."""
+        if self._instance_head is _NOT_LOADED:
+            head = None
+            if self.config.instance_head is not None:
+                from engine.device import resolve_device
+                from engine.models.registry import load_model
+
+                head = load_model(self.config.instance_head, device=resolve_device(self.config.device), family="instance-head")
+                head.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"instance head {str(self.config.instance_head)!r}")
+            self._instance_head = head
+        return self._instance_head
 
     @property
     def ref_nms_model(self):  # -> engine.models.ref_nms.RefNMSModel

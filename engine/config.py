@@ -26,6 +26,9 @@ LAYOUT_WEIGHT = 5.0
 fitted on the stamps world's val split, docs/query-pipeline.md)."""
 LAYOUT_SHORTLIST = 300
 """Stage-1 candidates a region-only query reranks by layout (fitted with :data:`LAYOUT_WEIGHT`)."""
+INSTANCE_WEIGHT = 2.0
+"""Weight of the instance head's cosine in a region-only query's stage 2 (fitted on the val splits with
+:data:`LAYOUT_WEIGHT`, docs/query-pipeline.md)."""
 CONCEPT_WEIGHT = 0.2
 """Weight of the open vocabulary's ConSE score in a combined query's stage 2 (``base + w · gate · concept``;
 fitted on the val splits by ``benchmarks/text_fit.py``)."""
@@ -84,7 +87,9 @@ class EngineConfig:
     ``query/localize.py``. ``layout_weight``: a region-only query (no text) reranks its first
     ``layout_shortlist`` stage-1 candidates by ``visual + layout_weight · layout``, the visual key's
     cosine plus the aligned similarity of the 7×7 maps (``query.rerank.LayoutRescorer``); 0 ranks by
-    the visual key alone, as does an index built without maps. ``concepts``: index each region's
+    the visual key alone, as does an index built without maps. ``instance_head`` (a shipped name or a
+    ``.pt`` path; ``None``: none) adds ``instance_weight ·`` the cosine of its embeddings of the query's
+    and each candidate's stored map and key to that sum (``engine.models.instance_head``). ``concepts``: index each region's
     ImageNet class evidence and serve texts that the first-wave text models do not fully know through
     the open vocabulary (``query/concept_search.py``): a combined query then ranks by ``base +
     concept_weight · gate · concept`` (``gate`` from the query region's own ConSE score over the range
@@ -114,6 +119,8 @@ class EngineConfig:
     image_weight: float = 1.0
     layout_weight: float = LAYOUT_WEIGHT
     layout_shortlist: int = LAYOUT_SHORTLIST
+    instance_head: Path | str | None = "instance-head"
+    instance_weight: float = INSTANCE_WEIGHT
     concepts: bool = True
     concept_weight: float = CONCEPT_WEIGHT
     concept_gate: tuple[float, float] = CONCEPT_GATE
@@ -133,7 +140,7 @@ class EngineConfig:
     ray: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "layout_weight", "concept_weight", "projection_weight", "san_weight", "combined_san_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight", "instance_weight", "concept_weight", "projection_weight", "san_weight", "combined_san_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")

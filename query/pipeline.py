@@ -345,7 +345,8 @@ class QueryPipeline:
             return None
         if query.query_map.ndim != 3 or query.query_map.shape[1] == 1:
             return None
-        return LayoutRescorer(store=self.store, vector=query.vector, query_map=query.query_map, weight=self.config.layout_weight)
+        head = self.models.instance_head if self.config.instance_weight > 0 else None
+        return LayoutRescorer(store=self.store, vector=query.vector, query_map=query.query_map, weight=self.config.layout_weight, head=head, head_weight=self.config.instance_weight)
 
     def stage2_scorer(self, query: EncodedQuery, text: str) -> tuple[Rescorer, tuple[int, ...]]:
         """A combined query's stage-2 scorer — the GRN, fused with SAN (``image_weight · grn + text_weight ·

@@ -47,11 +47,12 @@ class StageScores:
     visual: np.ndarray | None = None
     concept: np.ndarray | None = None
     projection: np.ndarray | None = None
+    instance: np.ndarray | None = None
 
     def parts(self) -> dict[str, np.ndarray]:
         """The computed parts by name (``visual`` when stage 2 recomputed it exactly, ``grn``, ``san``,
-        ``layout``, ``concept``, ``projection``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
-        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection))
+        ``layout``, ``concept``, ``projection``, ``instance``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
+        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection), ("instance", self.instance))
         return {name: value for name, value in named if value is not None}
 
     def take(self, part: slice) -> "StageScores":
@@ -134,17 +135,29 @@ class LayoutRescorer:
         weight: the layout's weight.
     """
 
-    def __init__(self, *, store: IndexStore, vector: np.ndarray, query_map: np.ndarray, weight: float) -> None:
+    def __init__(self, *, store: IndexStore, vector: np.ndarray, query_map: np.ndarray, weight: float, head=None, head_weight: float = 0.0) -> None:  # noqa: ANN001
         self.store = store
         self.vector = np.asarray(vector, np.float32)
         self.query_map = np.asarray(query_map, np.float32)
         self.weight = np.float32(weight)
+        self.head = head if head_weight > 0 else None
+        self.head_weight = np.float32(head_weight if self.head is not None else 0.0)
+        self._query_embedding = None if self.head is None else self.head.embed(self.query_map[None], self.vector[None])[0]
 
     def __call__(self, rows: np.ndarray) -> StageScores:
-        """Scores of the regions at feature rows ``rows``."""
+        """Scores of the regions at feature rows ``rows``: with an instance head (``head``, weight ``head_weight``),
+        ``(visual + weight · layout + head_weight · instance) / (1 + weight + head_weight)``, ``instance`` the
+        cosine of the head's embeddings (:class:`engine.models.instance_head.InstanceHead`) of the query and
+        of each candidate's stored map and key."""
+        maps = self.store.read_arrays(MAPS_ARRAY, rows)
         visual = visual_cosine(self.store, self.vector, rows)
-        layout = layout_similarity(self.query_map, self.store.read_arrays(MAPS_ARRAY, rows))
-        return StageScores(final=((visual + self.weight * layout) / (1 + self.weight)).astype(np.float32), layout=layout, visual=visual)
+        layout = layout_similarity(self.query_map, maps)
+        total = visual + self.weight * layout
+        instance = None
+        if self.head is not None:
+            instance = (self.head.embed(maps, self.store.read_arrays(VECTOR_ARRAY, rows)) @ self._query_embedding).astype(np.float32)
+            total = total + self.head_weight * instance
+        return StageScores(final=(total / (1 + self.weight + self.head_weight)).astype(np.float32), layout=layout, visual=visual, instance=instance)
 
 
 class GrnRescorer:

@@ -64,6 +64,9 @@ fi
 
 # The text projection (English -> the whitened visual key; docs/open-vocabulary.md): InfoNCE on the train
 # splits' described regions, with the RPN's proposals as background, so after the RPN and the whitening.
+if need "$OUT/instance-head.pt"; then
+    step $ENGINE train instance-head --data "$DATA" --data "$STAMPS" --out "$OUT/instance-head.pt" --seed 0 --quiet
+fi
 if need "$OUT/text-projection.pt"; then
     step $ENGINE train text-projection --data "$DATA" --data "$STAMPS" --out "$OUT/text-projection.pt" --seed 0 --quiet
 fi

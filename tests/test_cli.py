@@ -42,7 +42,7 @@ def test_query_json_and_pictures(runner: CliRunner, cli_index: Path, tiny_corpus
     result = runner.invoke(main, ["query", "--index", str(cli_index), "--image", image, "--region", region, "-k", "3", "--json", "--save-vis", str(vis)])
     assert result.exit_code == 0, result.output
     hits = json.loads(result.output)["hits"]
-    assert len(hits) == 3 and set(hits[0]) == {"image", "box", "score", "region_id", "scores"} and set(hits[0]["scores"]) == {"visual", "layout"}
+    assert len(hits) == 3 and set(hits[0]) == {"image", "box", "score", "region_id", "scores"} and set(hits[0]["scores"]) == {"visual", "layout", "instance"}
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert sorted(p.name for p in vis.iterdir()) == ["contact_sheet.png", "hit_01.png", "hit_02.png", "hit_03.png", "query.png"]
 

@@ -51,7 +51,7 @@ def test_whole_image_query_and_hit_json(tiny_engine: Engine, tiny_corpus: Path) 
     hits = tiny_engine.search(image=image, k=3)
     assert len(hits) == 3
     d = hits[0].to_dict()
-    assert set(d) == {"image", "box", "score", "region_id", "scores"} and set(d["scores"]) == {"visual", "layout"}
+    assert set(d) == {"image", "box", "score", "region_id", "scores"} and set(d["scores"]) == {"visual", "layout", "instance"}
     json.dumps(d)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.api import Engine
-from engine.config import LAYOUT_WEIGHT, EngineConfig
+from engine.config import INSTANCE_WEIGHT, LAYOUT_WEIGHT, EngineConfig
 from engine.datasets.annotations import read_queries
 from engine.errors import InvalidInputError
 from indexer.store import MAPS_ARRAY, VECTOR_ARRAY, IndexStore
@@ -46,9 +46,10 @@ def test_region_only_search_reranks_by_visual_plus_weighted_layout(tiny_engine: 
     image, region = _query(tiny_corpus)
     hits = tiny_engine.search(image=image, region=region, k=8, filters=HitFilter(max_per_image=0))
     assert hits[0].score == pytest.approx(1.0, abs=1e-3)  # the query region itself (indexed): a perfect match still scores 1
-    assert hits and all(set(h.scores) == {"visual", "layout"} for h in hits)
+    assert hits and all(set(h.scores) == {"visual", "layout", "instance"} for h in hits)
     for h in hits:
-        assert h.score == pytest.approx((h.scores["visual"] + LAYOUT_WEIGHT * h.scores["layout"]) / (1 + LAYOUT_WEIGHT), abs=1e-4)
+        total = h.scores["visual"] + LAYOUT_WEIGHT * h.scores["layout"] + INSTANCE_WEIGHT * h.scores["instance"]
+        assert h.score == pytest.approx(total / (1 + LAYOUT_WEIGHT + INSTANCE_WEIGHT), abs=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     # the rescorer scores the stored rows as the hits show them
     encoded = tiny_engine.pipeline.encode(SearchRequest(image=image, region=region))

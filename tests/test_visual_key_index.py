@@ -161,7 +161,7 @@ def test_an_index_built_with_another_key_config_is_refused(small_corpus: Path, t
     shutil.copy(small_corpus / ann.image, one / ann.image)
     lines = [line for line in (small_corpus / "annotations.jsonl").read_text().splitlines() if json.loads(line).get("image") == ann.image]
     (one / "annotations.jsonl").write_text("\n".join(lines) + "\n")
-    old = EngineConfig(device="cpu", san=False, stage3=False, features=RegionFeatureConfig(key_levels=("c4",), key_whitening=None))
+    old = EngineConfig(device="cpu", san=False, stage3=False, instance_head=None, features=RegionFeatureConfig(key_levels=("c4",), key_whitening=None))
     with Engine(index_dir, config=old) as engine:
         engine.index(one, config=IndexConfig(proposals="gt"))
         assert engine.info().dims["visual"] == (112,)

@@ -65,7 +65,8 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
     `san` and its ablations, `mcb`, `ref-nms-b`/`-r`, `cm-att`, `cm-att-erase`,
     `key-whitening` (the visual key's learned whitening: PCA, then matching pairs;
     closed form),
-    `text-projection` (English into the visual key, for text-only search).
+    `text-projection` (English into the visual key, for text-only search),
+    `instance-head` (the region instance embedding of region-only queries' stage 2).
     The best epoch by the validation split's metric is kept; the test split's
     metrics go into the manifest. --device cuda trains on the GPU (an error
     when there is none).

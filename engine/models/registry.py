@@ -60,6 +60,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("cm-att", "engine.models.cm_att:GroundingScorer", ("cm-att", "cm-att-erase", "cm-att-erase-region"), "cm-att-erase"),
     ModelFamily("key-whitening", "engine.models.key_whitening:KeyWhitening", ("key-whitening",), "key-whitening"),
     ModelFamily("text-projection", "engine.models.text_projection:TextProjection", ("text-projection",), "text-projection"),
+    ModelFamily("instance-head", "engine.models.instance_head:InstanceHead", ("instance-head",), "instance-head"),
 )
 """Every model family, in the order ``engine train`` lists them."""
 

@@ -18,7 +18,7 @@ __all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "WORD_FAMILIES", "train_model",
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
 
-MULTI_DATASET_FAMILIES = frozenset({"rpn", "key-whitening", "text-projection"})  # families whose trainer reads every --data folder
+MULTI_DATASET_FAMILIES = frozenset({"rpn", "key-whitening", "text-projection", "instance-head"})  # families whose trainer reads every --data folder
 
 
 def _rpn(name: str, options: TrainOptions) -> Manifest:
@@ -75,6 +75,12 @@ def _text_projection(name: str, options: TrainOptions) -> Manifest:
     return train_text_projection(options)
 
 
+def _instance_head(name: str, options: TrainOptions) -> Manifest:
+    from engine.training.instance_head import train_instance_head
+
+    return train_instance_head(options)
+
+
 TRAINERS: dict[str, Trainer] = {
     "rpn": _rpn,
     "grn-family": _grn,
@@ -85,6 +91,7 @@ TRAINERS: dict[str, Trainer] = {
     "cm-att": _cm_att,
     "key-whitening": _key_whitening,
     "text-projection": _text_projection,
+    "instance-head": _instance_head,
 }
 """The trainer of each model family (by the family's manifest name)."""
 assert set(TRAINERS) == {f.name for f in FAMILIES}, "every model family needs a trainer"
