@@ -134,14 +134,7 @@ class Engine:
         """The map from English into this engine's visual key space (``config.text_projection``; ``None`` when
         configured off), loaded once and checked to be trained for this key."""
         if self._text_projection is _NOT_LOADED:
-            projection = None
-            if self.config.text_projection is not None:
-                from engine.device import resolve_device
-                from engine.models.registry import load_model
-
-                projection = load_model(self.config.text_projection, device=resolve_device(self.config.device), family="text-projection")
-                projection.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"text projection {str(self.config.text_projection)!r}")
-            self._text_projection = projection
+            self._text_projection = self._keyed_model(self.config.text_projection, "text-projection")
         return self._text_projection
 
     @property
@@ -149,15 +142,20 @@ class Engine:
         """Stage 2's instance embedding of region-only queries (``config.instance_head``; ``None`` when
         configured off), loaded once and checked to be trained for this visual key."""
         if self._instance_head is _NOT_LOADED:
-            head = None
-            if self.config.instance_head is not None:
-                from engine.device import resolve_device
-                from engine.models.registry import load_model
-
-                head = load_model(self.config.instance_head, device=resolve_device(self.config.device), family="instance-head")
-                head.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"instance head {str(self.config.instance_head)!r}")
-            self._instance_head = head
+            self._instance_head = self._keyed_model(self.config.instance_head, "instance-head")
         return self._instance_head
+
+    def _keyed_model(self, spec: Path | str | None, family: str):  # noqa: ANN202
+        """A model of ``family`` that reads this engine's visual key (the text projection, the instance head),
+        loaded from ``spec`` (``None``: none) and checked to be trained for this key."""
+        if spec is None:
+            return None
+        from engine.device import resolve_device
+        from engine.models.registry import load_model
+
+        model = load_model(spec, device=resolve_device(self.config.device), family=family)
+        model.check_key(f"{self.config.backbone.name}:{self.config.features.key_version}", source=f"{family.replace('-', ' ')} {str(spec)!r}")
+        return model
 
     @property
     def ref_nms_model(self):  # -> engine.models.ref_nms.RefNMSModel

@@ -339,9 +339,9 @@ class QueryPipeline:
 
     def layout_scorer(self, query: EncodedQuery) -> LayoutRescorer | None:
         """A region-only query's stage 2 (:class:`~query.rerank.LayoutRescorer`), or ``None`` (ranked by the
-        visual key alone) when ``config.layout_weight`` is 0, the index holds no 7×7 maps, or the query
+        visual key alone) when ``config.layout_weight`` and ``config.instance_weight`` are both 0, the index holds no 7×7 maps, or the query
         has no spatial map (an indexed region of such an index)."""
-        if self.config.layout_weight == 0 or not self.store.has_array(MAPS_ARRAY) or query.query_map is None:
+        if (self.config.layout_weight == 0 and self.config.instance_weight == 0) or not self.store.has_array(MAPS_ARRAY) or query.query_map is None:
             return None
         if query.query_map.ndim != 3 or query.query_map.shape[1] == 1:
             return None

@@ -114,8 +114,12 @@ def layout_similarity(query_map: np.ndarray, maps: np.ndarray) -> np.ndarray:
 def visual_cosine(store: IndexStore, vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The exact cosine float32 ``[n]`` of the query's visual key ``vector`` and the stored keys of feature rows
     ``rows`` (stage 1's FAISS score is approximate on a compressed index)."""
+    return key_cosine(vector, store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32))
+
+
+def key_cosine(vector: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The cosine float32 ``[n]`` of ``vector`` with each row of ``vectors`` ``[n, D]``."""
     q = np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12)
-    vectors = store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)
     return (vectors @ q / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)).astype(np.float32)
 
 
@@ -150,12 +154,13 @@ class LayoutRescorer:
         cosine of the head's embeddings (:class:`engine.models.instance_head.InstanceHead`) of the query and
         of each candidate's stored map and key."""
         maps = self.store.read_arrays(MAPS_ARRAY, rows)
-        visual = visual_cosine(self.store, self.vector, rows)
+        keys = self.store.read_arrays(VECTOR_ARRAY, rows).astype(np.float32)  # read once: the cosine and the head
+        visual = key_cosine(self.vector, keys)
         layout = layout_similarity(self.query_map, maps)
         total = visual + self.weight * layout
         instance = None
         if self.head is not None:
-            instance = (self.head.embed(maps, self.store.read_arrays(VECTOR_ARRAY, rows)) @ self._query_embedding).astype(np.float32)
+            instance = (self.head.embed(maps, keys) @ self._query_embedding).astype(np.float32)
             total = total + self.head_weight * instance
         return StageScores(final=(total / (1 + self.weight + self.head_weight)).astype(np.float32), layout=layout, visual=visual, instance=instance)
 

@@ -110,3 +110,10 @@ def test_engine_train_instance_head_cli(grn_corpus: Path, tmp_path: Path) -> Non
     assert max(h["val_r1"] for h in manifest["extra"]["history"]) == round(m["val_r1"], 4)  # the best val epoch is kept
     head = InstanceHead.from_checkpoint(out)
     assert head.config.map_shape == (112, 7, 7) and head.config.key_dim == 432
+
+
+def test_eval_search_refuses_an_instance_weight_with_another_key(tmp_path: Path) -> None:
+    from engine.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "search", "--data", str(tmp_path), "--key-whitening", "none", "--instance-weight", "2"])
+    assert result.exit_code == 2 and "--instance-weight needs the default visual key" in result.output and "Traceback" not in result.output

@@ -66,10 +66,20 @@ def test_region_only_search_reranks_by_visual_plus_weighted_layout(tiny_engine: 
 
 def test_layout_weight_zero_ranks_by_the_visual_key_alone(tiny_engine: Engine, tiny_corpus: Path) -> None:
     image, region = _query(tiny_corpus)
-    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu", layout_weight=0.0)) as plain:
+    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu", layout_weight=0.0, instance_weight=0.0)) as plain:
         hits = plain.search(image=image, region=region, k=5)
     assert hits and all(h.scores == {} for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_instance_head_alone_still_reranks(tiny_engine: Engine, tiny_corpus: Path) -> None:
+    """layout_weight 0 with the instance head on: the stage keeps the head's part (weight 0 for the layout)."""
+    image, region = _query(tiny_corpus)
+    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu", layout_weight=0.0)) as engine:
+        hits = engine.search(image=image, region=region, k=5)
+    assert hits and all(set(h.scores) == {"visual", "layout", "instance"} for h in hits)
+    for h in hits:
+        assert h.score == pytest.approx((h.scores["visual"] + INSTANCE_WEIGHT * h.scores["instance"]) / (1 + INSTANCE_WEIGHT), abs=1e-4)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [("layout_weight", -1.0, "--weight-layout must be a finite number"), ("layout_weight", float("nan"), "--weight-layout"), ("layout_shortlist", 0, "layout_shortlist must be a positive integer")])

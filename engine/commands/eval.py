@@ -419,6 +419,8 @@ def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_
     from indexer.component_configs import RegionFeatureConfig
 
     features = RegionFeatureConfig(key_whitening=None if key_whitening.lower() == "none" else key_whitening)
+    if instance_weight and features.key_version != RegionFeatureConfig().key_version:
+        raise click.UsageError("--instance-weight needs the default visual key: the shipped instance head reads it, so another --key-whitening leaves the head out")
     config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet, features=features, layout_weight=layout_weight, instance_weight=instance_weight, concept_weight=concept_weight, san_gate=san_gate, projection_weight=projection_weight, san_weight=san_weight, combined_san_weight=combined_san_weight, san_text_gate=san_text_gate, san_checkpoint=san_checkpoint)
     result = evaluate_search(config)
     indexed = f"index of {result.images} images reused (checked in {result.index_seconds:.1f} s)" if result.index_reused else f"{result.images} images indexed in {result.index_seconds:.1f} s"

@@ -385,8 +385,8 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
     settings = EngineConfig(device=config.device, features=config.features)
     if config.layout_weight is not None:
         settings = replace(settings, layout_weight=config.layout_weight)
-    if config.features.key_whitening != RegionFeatureConfig().key_whitening:
-        settings = replace(settings, instance_head=None)  # the head reads the default key only (an ablation of the key)
+    if config.features.key_version != RegionFeatureConfig().key_version:
+        settings = replace(settings, instance_head=None)  # the shipped head reads the default key only (an ablation of the key)
     if config.instance_weight is not None:
         settings = replace(settings, instance_weight=config.instance_weight)
     if config.concept_weight is not None:

@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,7 @@ def train_instance_head(options: TrainOptions, config: InstanceHeadTrainConfig =
         data=options.recorded_data(),
         seed=options.seed,
         metrics=metrics,
-        extra={"epochs": epochs, "steps_per_epoch": steps, "history": history, "seconds": round(seconds, 1), "device": str(device), **{k: v for k, v in vars(config).items()}},
+        extra={"epochs": epochs, "steps_per_epoch": steps, "history": history, "seconds": round(seconds, 1), "device": str(device), **asdict(config)},
     )
     out = Path(options.out) if options.out is not None else DEFAULT_OUT
     saved = head.cpu().save(out, manifest)
