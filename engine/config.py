@@ -21,12 +21,12 @@ DEFAULT_INDEX_DIR = Path(".engine")
 INDEX_ENV_VAR = "ENGINE_INDEX"
 TEXT_WEIGHT = 1.0
 """Default weight of SAN's text–region score in a combined query's stage 2 (``engine eval fusion`` fits it)."""
-LAYOUT_WEIGHT = 5.0
-"""Default weight of the 7×7 layout similarity in a region-only query's stage 2 (``visual + w · layout``;
-fitted on the stamps world's val split, docs/query-pipeline.md)."""
-LAYOUT_SHORTLIST = 300
+LAYOUT_WEIGHT = 10.0
+"""Default weight of the 7×7 layout similarity in a region-only query's stage 2 (``visual + w · layout +
+v · instance``; fitted on the val splits by ``benchmarks/layout_fit.py``, docs/query-pipeline.md)."""
+LAYOUT_SHORTLIST = 500
 """Stage-1 candidates a region-only query reranks by layout (fitted with :data:`LAYOUT_WEIGHT`)."""
-INSTANCE_WEIGHT = 2.0
+INSTANCE_WEIGHT = 5.0
 """Weight of the instance head's cosine in a region-only query's stage 2 (fitted on the val splits with
 :data:`LAYOUT_WEIGHT`, docs/query-pipeline.md)."""
 CONCEPT_WEIGHT = 0.2

@@ -129,8 +129,9 @@ class LayoutRescorer:
     with itself scores 1 as with the key alone. ``visual`` is recomputed from the stored vectors (300
     rows of 864 bytes) because stage 1's FAISS score is approximate on a compressed (IVF-PQ) index; the
     hits show this exact value as their ``visual`` part, so that the parts add up to the score.
-    On the stamps world's val split (368 queries, 300 candidates, weight 5) it moved box@1 from 0.63 to 0.89
-    (the weight and shortlist are fitted there: ``engine.config.LAYOUT_WEIGHT``, docs/query-pipeline.md).
+    On the stamps world's val split (368 queries, 300 candidates, weight 5) it moved box@1 from 0.63 to 0.89;
+    the weights and shortlist are fitted on both val splits by ``benchmarks/layout_fit.py``
+    (``engine.config.LAYOUT_SHORTLIST`` / ``LAYOUT_WEIGHT`` / ``INSTANCE_WEIGHT``, docs/query-pipeline.md).
 
     Args:
         store: the open index (feature arrays ``visual`` and ``maps``).

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
+from engine.config import LAYOUT_SHORTLIST, LAYOUT_WEIGHT
 from engine.datasets.types import Dataset, ImageAnn, ObjectAnn, RegionAnn, RetrievalQuery
 from engine.evaluation.bootstrap import bootstrap_interval
 from engine.evaluation.search import QueryOutcome, Target, first_right_rank, query_targets, score_hits, summarize
@@ -107,13 +108,19 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     assert third.exit_code == 0, third.output
     raw = _check_json(tmp_path / "raw.json", "region")
     assert raw["index_reused"] is False and raw["visual_key"] == "efficientnet_lite0/640:c4+c5:mean:roi7:s2"
-    assert region["layout_weight"] == 5.0
+    assert region["layout_weight"] == LAYOUT_WEIGHT and region["layout_shortlist"] == LAYOUT_SHORTLIST
 
     # stage 1 alone (an ablation) reuses the index: the layout is a query-time setting
     fourth = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--layout-weight", "0", "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "plain.json")])
     assert fourth.exit_code == 0, fourth.output
     plain = _check_json(tmp_path / "plain.json", "region")
     assert plain["index_reused"] is True and plain["layout_weight"] == 0.0
+
+    # a shortlist of one candidate: one hit a query, so the top 10 is the top 1
+    fifth = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--layout-shortlist", "1", "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "one.json")])
+    assert fifth.exit_code == 0, fifth.output
+    one = _check_json(tmp_path / "one.json", "region")
+    assert one["layout_shortlist"] == 1 and one["metrics"]["img@10"]["value"] == one["metrics"]["img@1"]["value"]
 
 
 @pytest.mark.parametrize(

@@ -392,6 +392,7 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
 @click.option("--limit", type=click.IntRange(min=1), help="Run only the first N queries of the split.")
 @click.option("--key-whitening", "key_whitening", default="key-whitening", show_default=True, help="The visual key's learned whitening: an installed name, a .pt file of `engine train key-whitening`, or 'none' (the un-whitened key; an ablation).")
 @click.option("--layout-weight", "layout_weight", type=click.FloatRange(min=0, max=100), help="Weight of the 7x7 layout in region-only queries' stage 2 (default: the engine's; 0 ranks by the visual key alone, an ablation).")
+@click.option("--layout-shortlist", "layout_shortlist", type=click.IntRange(min=1, max=100000), help="Stage-1 candidates that region-only and combined queries through the open vocabulary rescore in stage 2 (default: the engine's).")
 @click.option("--instance-weight", "instance_weight", type=click.FloatRange(min=0, max=100), help="Weight of the instance head's cosine in region-only queries' stage 2 (default: the engine's; 0 leaves it out, an ablation). Only with the default visual key.")
 @click.option("--san-gate", "san_gate", type=click.FloatRange(min=-1, max=1), help="SAN score of the query region for its text from which a combined query in the shapes words keeps the first-wave models (default: the engine's; -1 sends every such query to them, as before the open vocabulary).")
 @click.option("--concept-weight", "concept_weight", type=click.FloatRange(min=0, max=100), help="Weight of the open vocabulary's ConSE score in combined queries' stage 2 (default: the engine's; 0 ranks them by the region alone, an ablation).")
@@ -403,7 +404,7 @@ def _split_with_proposals(data: Path, split: str, rpn_checkpoint: Path | None, d
 @device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_dir: Path | None, json_path: Path | None, limit: int | None, key_whitening: str, layout_weight: float | None, instance_weight: float | None, san_gate: float | None, concept_weight: float | None, projection_weight: float | None, san_weight: float | None, combined_san_weight: float | None, san_text_gate: tuple[float, float] | None, san_checkpoint: Path | None, device: str, quiet: bool) -> None:
+def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_dir: Path | None, json_path: Path | None, limit: int | None, key_whitening: str, layout_weight: float | None, layout_shortlist: int | None, instance_weight: float | None, san_gate: float | None, concept_weight: float | None, projection_weight: float | None, san_weight: float | None, combined_san_weight: float | None, san_text_gate: tuple[float, float] | None, san_checkpoint: Path | None, device: str, quiet: bool) -> None:
     """What a user sees: box@1/10, img@1/10, median rank and latency of Engine.search with the default index.
 
     Indexes the split's images as `engine index` would (RPN proposals, the shipped models), runs each
@@ -421,7 +422,7 @@ def search_command(ctx: click.Context, data: Path, split: str, mode: str, index_
     features = RegionFeatureConfig(key_whitening=None if key_whitening.lower() == "none" else key_whitening)
     if instance_weight and features.key_version != RegionFeatureConfig().key_version:
         raise click.UsageError("--instance-weight needs the default visual key: the shipped instance head reads it, so another --key-whitening leaves the head out")
-    config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet, features=features, layout_weight=layout_weight, instance_weight=instance_weight, concept_weight=concept_weight, san_gate=san_gate, projection_weight=projection_weight, san_weight=san_weight, combined_san_weight=combined_san_weight, san_text_gate=san_text_gate, san_checkpoint=san_checkpoint)
+    config = SearchEvalConfig(data=data, split=split, mode=mode, index_dir=index_dir, limit=limit, device=device, progress=not quiet, features=features, layout_weight=layout_weight, layout_shortlist=layout_shortlist, instance_weight=instance_weight, concept_weight=concept_weight, san_gate=san_gate, projection_weight=projection_weight, san_weight=san_weight, combined_san_weight=combined_san_weight, san_text_gate=san_text_gate, san_checkpoint=san_checkpoint)
     result = evaluate_search(config)
     indexed = f"index of {result.images} images reused (checked in {result.index_seconds:.1f} s)" if result.index_reused else f"{result.images} images indexed in {result.index_seconds:.1f} s"
     click.echo(f"engine eval search: {mode} queries, {split} split of {data}: {result.queries} queries ({result.skipped} without a positive in another image left out; {result.refused} refused by the engine, counted as misses), {indexed}, queries {result.query_seconds:.1f} s")
