@@ -82,9 +82,9 @@ class Engine:
     def _models(self) -> dict[str, str]:
         return {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version}
 
-    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True, refnms: bool | None = None, concepts: bool | None = None) -> dict[str, tuple[int, ...]]:
+    def _array_shapes(self, *, san: bool | None = None, pooled: bool = True, maps: bool = True, refnms: bool | None = None, concepts: bool | None = None, instance: bool | None = None) -> dict[str, tuple[int, ...]]:
         from indexer.concept_evidence import CONCEPT_SHAPE
-        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
+        from indexer.store import CONCEPT_ARRAY, INSTANCE_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY
 
         c, h, w = self.extractor.map_shape
         shapes: dict[str, tuple[int, ...]] = {"visual": (self.extractor.dim,)}
@@ -98,6 +98,8 @@ class Engine:
             shapes[REFNMS_ARRAY] = (self.ref_nms_model.config.dim,)
         if self.config.concepts if concepts is None else concepts:
             shapes[CONCEPT_ARRAY] = CONCEPT_SHAPE
+        if maps and ((self.config.instance_head is not None and self.config.instance_weight > 0) if instance is None else instance):  # the head reads the stored maps
+            shapes[INSTANCE_ARRAY] = (self._required_instance_head().config.out_dim,)
         return shapes
 
     @property
@@ -266,17 +268,18 @@ class Engine:
         runs the extraction elsewhere (Ray workers); by default here."""
         from indexer.pipeline import IndexingPipeline, run_here
 
-        extraction = self.batch_extraction(store.array_specs, proposals, ref_nms=self._indexing_ref_nms(store))
+        extraction = self.batch_extraction(store.array_specs, proposals, ref_nms=self._indexing_ref_nms(store), instance=self._indexing_instance_head(store))
         models = {**self._models(), "proposals": getattr(proposals, "version", proposals.source)}
-        models.update({k: m.version for k, m in (("san", extraction.san), ("ref_nms", extraction.ref_nms), ("concepts", extraction.concepts)) if m is not None})
+        models.update({k: m.version for k, m in (("san", extraction.san), ("ref_nms", extraction.ref_nms), ("concepts", extraction.concepts), ("instance_head", extraction.instance)) if m is not None})
         return IndexingPipeline(store=store, extraction=extraction, batch_size=config.batch_size, save_every=config.save_every, models=models, executor=executor or run_here)
 
-    def batch_extraction(self, arrays: Collection[str], proposals: ProposalProvider, *, ref_nms=None):  # noqa: ANN001
+    def batch_extraction(self, arrays: Collection[str], proposals: ProposalProvider, *, ref_nms=None, instance=None):  # noqa: ANN001
         """The compute half of indexing (:class:`indexer.extraction.BatchExtraction`) for an index holding the
         arrays named ``arrays``, with this engine's models (a Ray worker builds its own this way).
-        ``ref_nms``: the model whose features the ``refnms`` array stores (default this engine's)."""
+        ``ref_nms`` / ``instance``: the models whose outputs the ``refnms`` / ``instance`` arrays store
+        (default this engine's)."""
         from indexer.extraction import BatchExtraction
-        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY
+        from indexer.store import CONCEPT_ARRAY, INSTANCE_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY
 
         return BatchExtraction(
             extractor=self.extractor,
@@ -286,7 +289,31 @@ class Engine:
             san=self.san_encoder if SAN_ARRAY in arrays else None,
             ref_nms=(ref_nms or self.ref_nms_model) if REFNMS_ARRAY in arrays else None,
             concepts=self.concept_evidence if CONCEPT_ARRAY in arrays else None,
+            instance=(instance or self._required_instance_head()) if INSTANCE_ARRAY in arrays else None,
         )
+
+    def _required_instance_head(self):  # noqa: ANN202
+        """This engine's instance head, for an index that stores its embeddings; a clear error when it has none."""
+        head = self.instance_head
+        if head is None:
+            raise IndexVersionError("this index stores instance-head embeddings (array 'instance'), but this engine has no instance head (instance_head=None); configure the head it was built with, or index into a new directory")
+        return head
+
+    def _indexing_instance_head(self, store):  # noqa: ANN001, ANN202
+        """The instance head whose embeddings an index with the ``instance`` array stores; a clear error when
+        its earlier runs stored another head's (the rows must all come from one head)."""
+        from indexer.store import INSTANCE_ARRAY
+
+        if not store.has_array(INSTANCE_ARRAY):
+            return None
+        head = self._required_instance_head()
+        indexed = store.models().get("instance_head")
+        if indexed and indexed != head.version:
+            raise IndexVersionError(
+                f"index {store.path} holds instance embeddings of {indexed}, but this engine loads {head.version}; "
+                "configure the instance head it was built with, or index into a new directory"
+            )
+        return head
 
     def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
         """The Ref-NMS model whose visual features an index with the ``refnms`` array stores; a clear error
@@ -308,7 +335,7 @@ class Engine:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
         ``maps`` is False; an existing index keeps its arrays (one built without SAN stays without it,
         with a warning: text-only search then needs a re-index into a new directory)."""
-        from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
+        from indexer.store import CONCEPT_ARRAY, INSTANCE_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, IndexStore
 
         try:
             with IndexStore.open(index_dir, config=self.config.store, visual_key=self.visual_key) as existing:
@@ -321,11 +348,12 @@ class Engine:
             log.warning("index %s was created %s the 7x7 maps and keeps it that way (a new directory can be built %s)", index_dir, "with" if has_maps else "without", "--no-maps" if has_maps else "with maps")
         refnms = REFNMS_ARRAY in stored  # an index from before it computes Ref-NMS's visual half at query time
         concepts = CONCEPT_ARRAY in stored  # an index from before the open vocabulary keeps the first-wave text path
+        instance = INSTANCE_ARRAY in stored  # an index from before it runs the instance head on the stored maps at query time
         if "san" in stored:  # its rows must be written (IndexStore.open reports any other mismatch)
-            return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
+            return self._array_shapes(san=True, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts, instance=instance)
         if self.config.san:
             log.warning("index %s was built without SAN embeddings: text-only queries need a re-index into a new directory", index_dir)
-        return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts)
+        return self._array_shapes(san=False, pooled=pooled, maps=has_maps, refnms=refnms, concepts=concepts, instance=instance)
 
     # -- searching ----------------------------------------------------------------------------
     def search(

@@ -26,6 +26,10 @@ LAYOUT_WEIGHT = 10.0
 v · instance``; fitted on the val splits by ``benchmarks/layout_fit.py``, docs/query-pipeline.md)."""
 LAYOUT_SHORTLIST = 500
 """Stage-1 candidates a region-only query reranks by layout (fitted with :data:`LAYOUT_WEIGHT`)."""
+INSTANCE_SHORTLIST = 2000
+"""Stage-1 candidates a region-only query ranks by ``visual + v · instance`` when the index stores the instance
+head's embeddings (array ``instance``), before the layout stage takes the best :data:`LAYOUT_SHORTLIST`
+of them (fitted on the val splits by ``benchmarks/layout_fit.py``, docs/query-pipeline.md)."""
 INSTANCE_WEIGHT = 5.0
 """Weight of the instance head's cosine in a region-only query's stage 2 (fitted on the val splits with
 :data:`LAYOUT_WEIGHT`, docs/query-pipeline.md)."""
@@ -89,7 +93,10 @@ class EngineConfig:
     cosine plus the aligned similarity of the 7×7 maps (``query.rerank.LayoutRescorer``); 0 ranks by
     the visual key alone, as does an index built without maps. ``instance_head`` (a shipped name or a
     ``.pt`` path; ``None``: none) adds ``instance_weight ·`` the cosine of its embeddings of the query's
-    and each candidate's stored map and key to that sum (``engine.models.instance_head``). ``concepts``: index each region's
+    and each candidate's stored map and key to that sum (``engine.models.instance_head``); an index built
+    with the head stores each region's embedding (array ``instance``), and a query then ranks its first
+    ``instance_shortlist`` stage-1 candidates by ``visual + instance_weight · instance`` and computes the
+    layout for the best ``layout_shortlist`` of them only. ``concepts``: index each region's
     ImageNet class evidence and serve texts that the first-wave text models do not fully know through
     the open vocabulary (``query/concept_search.py``): a combined query then ranks by ``base +
     concept_weight · gate · concept`` (``gate`` from the query region's own ConSE score over the range
@@ -119,6 +126,7 @@ class EngineConfig:
     image_weight: float = 1.0
     layout_weight: float = LAYOUT_WEIGHT
     layout_shortlist: int = LAYOUT_SHORTLIST
+    instance_shortlist: int = INSTANCE_SHORTLIST
     instance_head: Path | str | None = "instance-head"
     instance_weight: float = INSTANCE_WEIGHT
     concepts: bool = True
@@ -144,8 +152,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")
-        if isinstance(self.layout_shortlist, bool) or not isinstance(self.layout_shortlist, int) or self.layout_shortlist <= 0:
-            raise InvalidInputError(f"layout_shortlist must be a positive integer, got {self.layout_shortlist!r}")
+        for name in ("layout_shortlist", "instance_shortlist"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.san_gate, bool) or not isinstance(self.san_gate, (int, float)) or not math.isfinite(self.san_gate):
             raise InvalidInputError(f"san_gate must be a finite number (a cosine, -1 to 1), got {self.san_gate!r}")
         for name in ("concept_gate", "san_text_gate"):

@@ -19,6 +19,7 @@ __all__ = [
     "REFNMS_ARRAY",
     "POOLED_ARRAY",
     "CONCEPT_ARRAY",
+    "INSTANCE_ARRAY",
     "specs_from_shapes",
     "describe_specs",
     "vector_arrays",
@@ -32,6 +33,7 @@ MAPS_ARRAY = "maps"  # the 7×7 RoI maps; absent from an index built with ``engi
 REFNMS_ARRAY = "refnms"  # Ref-NMS's text-independent visual feature v_i of each region (query stage 3)
 POOLED_ARRAY = "pooled"  # the un-normalised spatial mean of each 7×7 map: all a non-spatial stage 2 (grn-fc) reads
 CONCEPT_ARRAY = "concepts"  # each region's top ImageNet classes and probabilities [2, T] (indexer/concept_evidence.py)
+INSTANCE_ARRAY = "instance"  # each region's instance-head embedding (engine/models/instance_head.py; query stage 2)
 
 
 def specs_from_shapes(array_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ArraySpec]:

@@ -2,7 +2,7 @@
 
 :class:`BatchExtraction` reads the files, proposes regions, runs the backbone once per same-size group
 and pools every array the index stores (visual key, maps, pooled means, SAN, Ref-NMS features, class
-evidence). It touches no index: :class:`indexer.pipeline.IndexingPipeline` commits what it returns, in
+evidence, instance-head embeddings). It touches no index: :class:`indexer.pipeline.IndexingPipeline` commits what it returns, in
 the process that holds the writer lock, while the extraction may run there or in Ray workers
 (``engine/distributed/ray_indexing.py``) — the same code either way, so both give the same rows.
 """
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import ImageReadError
+from engine.models.instance_head import InstanceHead
 from engine.models.ref_nms import RefNMSModel
 from indexer.concept_evidence import CONCEPT_LEVEL, ConceptEvidence
 from indexer.images import load_image
@@ -24,7 +25,7 @@ from indexer.proposal_sources import ProposalProvider
 from indexer.region_features import RegionFeatureExtractor, image_vectors, mean_maps
 from indexer.san_features import SanRegionEncoder
 from indexer.scan import FileEntry, content_hash
-from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, RegionBatch
+from indexer.store import CONCEPT_ARRAY, INSTANCE_ARRAY, MAPS_ARRAY, POOLED_ARRAY, REFNMS_ARRAY, SAN_ARRAY, ImageRecord, RegionBatch
 
 __all__ = ["BatchExtraction", "ExtractedBatch", "Failure"]
 
@@ -67,8 +68,9 @@ class _Loaded:
 class BatchExtraction:
     """Everything a batch of images needs computed before its commit.
 
-    ``maps`` / ``pooled``: whether the index stores the 7×7 maps / their means; ``san``, ``ref_nms`` and
-    ``concepts`` compute the arrays of those names when given (``None``: the index has no such array).
+    ``maps`` / ``pooled``: whether the index stores the 7×7 maps / their means; ``san``, ``ref_nms``,
+    ``concepts`` and ``instance`` compute the arrays of those names when given (``None``: the index has no
+    such array).
     """
 
     extractor: RegionFeatureExtractor
@@ -78,11 +80,12 @@ class BatchExtraction:
     san: SanRegionEncoder | None = None
     ref_nms: RefNMSModel | None = None  # computes the stored Ref-NMS visual features (array ``refnms``)
     concepts: ConceptEvidence | None = None  # each region's ImageNet class evidence (array ``concepts``)
+    instance: InstanceHead | None = None  # each region's instance embedding (array ``instance``)
 
     def versions(self) -> dict[str, str]:
         """The version of every model this extraction runs (a Ray worker's must equal the driver's)."""
         parts = {"backbone": self.extractor.backbone.version, "region_features": self.extractor.version, "proposals": getattr(self.proposals, "version", self.proposals.source)}
-        parts.update({name: m.version for name, m in (("san", self.san), ("ref_nms", self.ref_nms), ("concepts", self.concepts)) if m is not None})
+        parts.update({name: m.version for name, m in (("san", self.san), ("ref_nms", self.ref_nms), ("concepts", self.concepts), ("instance_head", self.instance)) if m is not None})
         return parts
 
     def __call__(self, batch: list[FileEntry]) -> ExtractedBatch:
@@ -107,6 +110,8 @@ class BatchExtraction:
                     arrays[REFNMS_ARRAY] = self.ref_nms.visual_features(maps)
                 if san is not None:
                     arrays[SAN_ARRAY] = san
+                if self.instance is not None:  # from the float16 values the index stores: what a query would compute
+                    arrays[INSTANCE_ARRAY] = self.instance.embed(maps.astype(np.float16), vectors.astype(np.float16))
                 out.items.append((replace(it.record, vector=image_vector), RegionBatch(boxes=it.boxes, objectness=it.objectness, source=self.proposals.source, arrays=arrays)))
         out.items.sort(key=lambda pair: pair[0].path)
         return out

@@ -42,6 +42,7 @@ import numpy as np
 from engine.errors import EngineError, IndexVersionError, InvalidInputError
 from indexer.arrays import (
     CONCEPT_ARRAY,
+    INSTANCE_ARRAY,
     MAPS_ARRAY,
     POOLED_ARRAY,
     REFNMS_ARRAY,
@@ -86,6 +87,7 @@ __all__ = [
     "REFNMS_ARRAY",
     "POOLED_ARRAY",
     "CONCEPT_ARRAY",
+    "INSTANCE_ARRAY",
     "StoreConfig",
     "ImageRecord",
     "ImageEntry",

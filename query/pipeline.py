@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.errors import IndexVersionError, InvalidInputError
 from engine.results import Hit
-from indexer.store import CONCEPT_ARRAY, MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
+from indexer.store import CONCEPT_ARRAY, INSTANCE_ARRAY, MAPS_ARRAY, VECTOR_ARRAY, IndexStore, RegionRow
 from query.encode import EncodedQuery, VisualQueryEncoder, load_query_region
 from query.localize import GroundingModels, GroundingStage, Stage3Candidates, best_images, stage2_depth, stage3_hits
 from query.request import SearchRequest
@@ -97,6 +97,9 @@ class PipelineSettings(Protocol):
 
     @property
     def layout_shortlist(self) -> int: ...
+
+    @property
+    def instance_shortlist(self) -> int: ...
 
     @property
     def concepts(self) -> bool: ...
@@ -200,8 +203,7 @@ class QueryPipeline:
             else:
                 rescore, extra = self.stage2_scorer(query, text)
         digest = query.content_hash if request.exclude_self else None
-        shortlist = self.config.layout_shortlist if isinstance(rescore, (LayoutRescorer, ConceptRescorer)) else self.config.shortlist
-        options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=shortlist, filters=request.filters)
+        options = SearchOptions(k=request.k, exclude_self_hash=digest, shortlist=self.stage2_fetch(rescore), filters=request.filters)
         return PreparedQuery(request=request, query=query, options=options, rescore=rescore, extra_ids=extra)
 
     def rank(self, prepared: PreparedQuery, k: int | None = None) -> list[Hit]:
@@ -346,7 +348,20 @@ class QueryPipeline:
         if query.query_map.ndim != 3 or query.query_map.shape[1] == 1:
             return None
         head = self.models.instance_head if self.config.instance_weight > 0 else None
-        return LayoutRescorer(store=self.store, vector=query.vector, query_map=query.query_map, weight=self.config.layout_weight, head=head, head_weight=self.config.instance_weight)
+        stored = head is not None and self.store.has_array(INSTANCE_ARRAY) and self.store.models().get("instance_head") == head.version
+        return LayoutRescorer(store=self.store, vector=query.vector, query_map=query.query_map, weight=self.config.layout_weight, head=head, head_weight=self.config.instance_weight, stored=stored, keep=self.config.layout_shortlist)
+
+    def stage2_fetch(self, rescore: Rescorer | None) -> int:
+        """How many stage-1 candidates ``rescore`` takes: a region-only stage 2 (alone or as the base of a
+        combined query through the vocabulary) ``config.layout_shortlist``, or ``config.instance_shortlist``
+        when it reads the index's stored instance embeddings (then the layout runs on the best
+        ``layout_shortlist`` of them); any other ``config.shortlist``."""
+        layout = rescore.base if isinstance(rescore, ConceptRescorer) else rescore
+        if isinstance(layout, LayoutRescorer):
+            return max(self.config.instance_shortlist, self.config.layout_shortlist) if layout.stored else self.config.layout_shortlist
+        if isinstance(rescore, ConceptRescorer):
+            return self.config.layout_shortlist
+        return self.config.shortlist
 
     def stage2_scorer(self, query: EncodedQuery, text: str) -> tuple[Rescorer, tuple[int, ...]]:
         """A combined query's stage-2 scorer — the GRN, fused with SAN (``image_weight · grn + text_weight ·

@@ -144,6 +144,7 @@ def ranked_hits(store: IndexStore, found: Candidates, scores: StageScores | None
     parts = {found.stage1_name: found.stage1, **scores.parts()} if scores is not None else {}
     regions = found.regions
     order = np.argsort(-final, kind="stable")
+    order = order[np.isfinite(final[order])]  # a stage 2 that cascades leaves the candidates it dropped at -inf
     wanted = options.k
     m = min(len(order), max(4 * wanted, 64))
     while True:

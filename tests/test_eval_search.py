@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.config import LAYOUT_SHORTLIST, LAYOUT_WEIGHT
+from engine.config import INSTANCE_SHORTLIST, LAYOUT_SHORTLIST, LAYOUT_WEIGHT
 from engine.datasets.types import Dataset, ImageAnn, ObjectAnn, RegionAnn, RetrievalQuery
 from engine.evaluation.bootstrap import bootstrap_interval
 from engine.evaluation.search import QueryOutcome, Target, first_right_rank, query_targets, score_hits, summarize
@@ -120,7 +120,7 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     fifth = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--layout-shortlist", "1", "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "one.json")])
     assert fifth.exit_code == 0, fifth.output
     one = _check_json(tmp_path / "one.json", "region")
-    assert one["layout_shortlist"] == 1 and one["metrics"]["img@10"]["value"] == one["metrics"]["img@1"]["value"]
+    assert one["instance_shortlist"] == INSTANCE_SHORTLIST and one["layout_shortlist"] == 1 and one["metrics"]["img@10"]["value"] == one["metrics"]["img@1"]["value"]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from engine.api import Engine
 from engine.config import INSTANCE_WEIGHT, LAYOUT_WEIGHT, EngineConfig
 from engine.datasets.annotations import read_queries
 from engine.errors import InvalidInputError
-from indexer.store import MAPS_ARRAY, VECTOR_ARRAY, IndexStore
+from indexer.store import INSTANCE_ARRAY, MAPS_ARRAY, VECTOR_ARRAY, IndexStore
 from query.filters import HitFilter
 from query.request import SearchRequest
 from query.rerank import LayoutRescorer, layout_similarity
@@ -82,7 +82,65 @@ def test_instance_head_alone_still_reranks(tiny_engine: Engine, tiny_corpus: Pat
         assert h.score == pytest.approx((h.scores["visual"] + INSTANCE_WEIGHT * h.scores["instance"]) / (1 + INSTANCE_WEIGHT), abs=1e-4)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [("layout_weight", -1.0, "--weight-layout must be a finite number"), ("layout_weight", float("nan"), "--weight-layout"), ("layout_shortlist", 0, "layout_shortlist must be a positive integer")])
+def test_index_stores_the_instance_heads_embeddings(tiny_engine: Engine) -> None:
+    head = tiny_engine.instance_head
+    with IndexStore.open(tiny_engine.index_dir) as store:
+        assert store.has_array(INSTANCE_ARRAY) and store.models()["instance_head"] == head.version != "instance-head:unsaved"
+        rows = store.all_regions().rows[:30]
+        stored = store.read_arrays(INSTANCE_ARRAY, rows).astype(np.float32)
+        computed = head.embed(store.read_arrays(MAPS_ARRAY, rows), store.read_arrays(VECTOR_ARRAY, rows))
+    np.testing.assert_allclose(stored, computed, atol=2e-3)  # float16 storage of unit vectors
+    with Engine(tiny_engine.index_dir.parent / "no-head", config=EngineConfig(device="cpu", instance_head=None)) as plain:
+        assert INSTANCE_ARRAY not in plain._array_shapes()
+    assert INSTANCE_ARRAY not in tiny_engine._array_shapes(maps=False)  # the head reads the maps: --no-maps leaves it out
+
+
+def test_stored_embeddings_cascade_keeps_the_best_by_key_and_instance(tiny_engine: Engine, tiny_corpus: Path) -> None:
+    image, region = _query(tiny_corpus)
+    encoded = tiny_engine.pipeline.encode(SearchRequest(image=image, region=region))
+    head = tiny_engine.instance_head
+    with IndexStore.open(tiny_engine.index_dir) as store:
+        rows = store.all_regions().rows[:40]
+        kwargs = dict(store=store, vector=encoded.vector, query_map=encoded.query_map, weight=LAYOUT_WEIGHT, head=head, head_weight=INSTANCE_WEIGHT)
+        full = LayoutRescorer(**kwargs)(rows)  # the head run on the stored maps
+        stored = LayoutRescorer(**kwargs, stored=True)(rows)
+        cascade = LayoutRescorer(**kwargs, stored=True, keep=10)(rows)
+    np.testing.assert_allclose(stored.final, full.final, atol=2e-3)
+    kept = np.isfinite(cascade.final)
+    assert kept.sum() == 10
+    pre = stored.visual + INSTANCE_WEIGHT * stored.instance
+    assert pre[kept].min() >= pre[~kept].max() - 1e-6  # the best 10 by key and instance get the layout
+    np.testing.assert_allclose(cascade.final[kept], stored.final[kept], atol=1e-6)
+
+
+def test_a_cascading_query_shows_only_scored_hits(tiny_engine: Engine, tiny_corpus: Path) -> None:
+    image, region = _query(tiny_corpus)
+    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu", layout_shortlist=3, instance_shortlist=50)) as engine:
+        prepared = engine.pipeline.prepare(SearchRequest(image=image, region=region, k=10))
+        hits = engine.search(image=image, region=region, k=10, filters=HitFilter(max_per_image=0))
+    assert prepared.options.shortlist == 50 and prepared.rescore.keep == 3
+    assert 0 < len(hits) <= 3 and all(np.isfinite(h.score) for h in hits)
+
+
+def test_another_head_ignores_the_stored_embeddings_and_cannot_add_to_them(tiny_engine: Engine, tiny_corpus: Path, tmp_path: Path) -> None:
+    from engine.errors import IndexVersionError
+    from engine.models.instance_head import InstanceHead
+
+    from engine.models.checkpoint import Manifest
+    from engine.models.instance_head import MODEL_NAME, MODEL_VERSION
+
+    other = InstanceHead(tiny_engine.instance_head.config)  # untrained: other weights
+    path = tmp_path / "other-head.pt"
+    other.save(path, Manifest(model=MODEL_NAME, version=MODEL_VERSION, config=other.config.to_dict(), command="test", data=[], seed=0, metrics={}))
+    image, region = _query(tiny_corpus)
+    with Engine(tiny_engine.index_dir, config=EngineConfig(device="cpu", instance_head=path)) as engine:
+        prepared = engine.pipeline.prepare(SearchRequest(image=image, region=region, k=5))
+        assert not prepared.rescore.stored and prepared.options.shortlist == engine.config.layout_shortlist  # computed from the maps
+        with pytest.raises(IndexVersionError, match="holds instance embeddings of instance-head:"):
+            engine._indexing_instance_head(engine.pipeline.store)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("layout_weight", -1.0, "--weight-layout must be a finite number"), ("layout_weight", float("nan"), "--weight-layout"), ("layout_shortlist", 0, "layout_shortlist must be a positive integer"), ("instance_shortlist", -3, "instance_shortlist must be a positive integer")])
 def test_layout_settings_are_checked(field: str, value: object, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         EngineConfig(**{field: value})

@@ -54,7 +54,8 @@ def test_the_steps_hand_typed_values_down(tiny_engine, tiny_corpus: Path) -> Non
         assert engine.pipeline is pipeline  # built once
         visual = pipeline.prepare(SearchRequest(image=image, region=q.region, k=5))
         assert isinstance(visual, PreparedQuery) and isinstance(visual.query, EncodedQuery)
-        assert isinstance(visual.rescore, LayoutRescorer) and visual.options.shortlist == engine.config.layout_shortlist
+        assert isinstance(visual.rescore, LayoutRescorer) and visual.rescore.stored  # the index holds this head's embeddings
+        assert visual.options.shortlist == engine.config.instance_shortlist and visual.rescore.keep == engine.config.layout_shortlist
         assert visual.query.visual and visual.query.query_map is not None and not pipeline.grounds(visual)
         combined = pipeline.prepare(SearchRequest(image=image, region=q.region, text=q.text, k=5, exclude_self=True))
         assert isinstance(combined.rescore, FusedRescorer) and combined.extra_ids and pipeline.grounds(combined)

@@ -90,6 +90,7 @@ class SearchEvalConfig:
     features: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
     layout_weight: float | None = None  # None: the engine's default (EngineConfig.layout_weight)
     layout_shortlist: int | None = None  # None: the engine's default (EngineConfig.layout_shortlist)
+    instance_shortlist: int | None = None  # None: the engine's default (EngineConfig.instance_shortlist)
     instance_weight: float | None = None  # None: the engine's default (EngineConfig.instance_weight)
     concept_weight: float | None = None  # None: the engine's default (EngineConfig.concept_weight)
     san_gate: float | None = None  # None: the engine's default (EngineConfig.san_gate)
@@ -152,7 +153,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, INSTANCE_WEIGHT, LAYOUT_SHORTLIST, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_TEXT_GATE, SAN_WEIGHT
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, INSTANCE_SHORTLIST, INSTANCE_WEIGHT, LAYOUT_SHORTLIST, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_TEXT_GATE, SAN_WEIGHT
 
         c = self.config
         return {
@@ -166,6 +167,7 @@ class SearchEvalResult:
             "visual_key": _visual_key(c.features),
             "layout_weight": c.layout_weight if c.layout_weight is not None else LAYOUT_WEIGHT,
             "layout_shortlist": c.layout_shortlist if c.layout_shortlist is not None else LAYOUT_SHORTLIST,
+            "instance_shortlist": c.instance_shortlist if c.instance_shortlist is not None else INSTANCE_SHORTLIST,
             "instance_weight": c.instance_weight if c.instance_weight is not None else INSTANCE_WEIGHT,
             "concept_weight": c.concept_weight if c.concept_weight is not None else CONCEPT_WEIGHT,
             "concept_gate": list(CONCEPT_GATE),
@@ -389,6 +391,8 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, layout_weight=config.layout_weight)
     if config.layout_shortlist is not None:
         settings = replace(settings, layout_shortlist=config.layout_shortlist)
+    if config.instance_shortlist is not None:
+        settings = replace(settings, instance_shortlist=config.instance_shortlist)
     if config.features.key_version != RegionFeatureConfig().key_version:
         settings = replace(settings, instance_head=None)  # the shipped head reads the default key only (an ablation of the key)
     if config.instance_weight is not None:

@@ -74,6 +74,7 @@ class InstanceHead(nn.Module):
     def __init__(self, config: InstanceHeadConfig) -> None:
         super().__init__()
         self.config = config
+        self.digest: str | None = None  # the checkpoint's sha256 (first 12), set when loaded from one
         self.net = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(config.hidden, config.out_dim))
 
     def forward(self, maps: Tensor, keys: Tensor) -> Tensor:
@@ -84,6 +85,12 @@ class InstanceHead(nn.Module):
         flat = maps.reshape(len(maps), -1).to(device, torch.float32)
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return nn.functional.normalize(self.net(torch.cat([flat, keys.to(device, torch.float32)], dim=1)), dim=1)
+
+    @property
+    def version(self) -> str:
+        """Names this head's weights (the checkpoint's sha256): embeddings an index stores (array
+        ``instance``) are used only with the head that computed them."""
+        return f"{MODEL_NAME}:{self.digest or 'unsaved'}"
 
     @torch.no_grad()
     def embed(self, maps: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -107,10 +114,11 @@ class InstanceHead(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: Path, *, device: str | torch.device = "cpu") -> "InstanceHead":
-        _, payload = load_checkpoint(path, expected_model=MODEL_NAME)
+        manifest, payload = load_checkpoint(path, expected_model=MODEL_NAME)
         try:
             model = cls(InstanceHeadConfig(**payload["config"]))
             model.load_state_dict(payload["state"])
+            model.digest = manifest.sha256[:12] if manifest.sha256 else None
         except (KeyError, TypeError, RuntimeError, InvalidInputError) as exc:
             raise CheckpointError(f"checkpoint {path} is not an instance head of this engine ({exc}); retrain it with `engine train instance-head`") from exc
         return model.to(device).eval()
