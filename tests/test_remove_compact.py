@@ -215,7 +215,7 @@ def test_compact_shrinks_files_and_keeps_results(index: Path, corpus: Path) -> N
         assert summary.bytes_after < summary.bytes_before
         info = engine.info()
         assert (info.dead_rows, info.dead_bytes, info.next_row) == (0, 0, info.regions)
-    assert _feature_files(index) == ["concepts.g1.f16", "maps.g1.f16", "pooled.g1.f16", "previous-rows.g1.i64", "refnms.g1.f16", "san.g1.f16", "visual.g1.f16"]
+    assert _feature_files(index) == ["concepts.g1.f16", "instance.g1.f16", "maps.g1.f16", "pooled.g1.f16", "previous-rows.g1.i64", "refnms.g1.f16", "san.g1.f16", "visual.g1.f16"]
     _assert_same(_results(index, corpus), before)
     _assert_same_features(_features_by_region(index), features)
     with _engine(index) as engine:  # nothing left to do
@@ -275,7 +275,7 @@ def test_interrupted_compaction_leaves_a_working_index(index: Path, corpus: Path
     with IndexStore.open(index, writable=True) as store:  # the next writer removes the leftovers
         assert store.features.generation == (1 if committed else 0)
         assert (store.info().dead_rows == 0) == committed
-    expected = ["concepts", "maps", "pooled", "refnms", "san", "visual"]
+    expected = ["concepts", "instance", "maps", "pooled", "refnms", "san", "visual"]
     if committed:
         expected = sorted([*(f"{n}.g1.f16" for n in expected), "previous-rows.g1.i64"])
     else:

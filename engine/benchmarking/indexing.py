@@ -117,7 +117,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
     from indexer.pipeline import IndexingPipeline
     from indexer.proposal_sources import RpnProposals, create_proposal_provider
     from indexer.region_features import RegionFeatureExtractor
-    from indexer.store import MAPS_ARRAY, POOLED_ARRAY, IndexStore
+    from indexer.store import INSTANCE_ARRAY, MAPS_ARRAY, POOLED_ARRAY, IndexStore
 
     backbone = TimedProxy(engine.extractor.backbone, times, "backbone", ["__call__"])
     extractor = TimedProxy(RegionFeatureExtractor(backbone=backbone, config=engine.extractor.config), times, "embedding", ["from_feature_map", "__call__"])
@@ -131,10 +131,13 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
     ref_nms = TimedProxy(engine.ref_nms_model, times, "embedding", ["visual_features"])
     concepts = TimedProxy(engine.concept_evidence, times, "embedding", ["evidence"]) if engine.config.concepts else None
     shapes = engine._array_shapes(san=True)  # what `engine index` creates
+    instance = TimedProxy(engine.instance_head, times, "embedding", ["embed"]) if INSTANCE_ARRAY in shapes else None
     store = IndexStore.open(index_dir, create=True, writable=True, config=engine.config.store, array_shapes=shapes, visual_key=engine.visual_key)
     models = {"backbone": engine.extractor.backbone.version, "region_features": engine.extractor.version, "proposals": getattr(provider, "version", provider.source), "san": engine.san_encoder.version, "ref_nms": engine.ref_nms_model.version}
     if concepts is not None:
         models["concepts"] = engine.concept_evidence.version
+    if instance is not None:
+        models["instance_head"] = engine.instance_head.version
     extraction = BatchExtraction(
         extractor=extractor,
         proposals=proposals,
@@ -143,6 +146,7 @@ def _timed_pipeline(engine: Any, corpus: Path, index_dir: Path, config: Indexing
         san=san,
         ref_nms=ref_nms,
         concepts=concepts,
+        instance=instance,
     )
     pipeline = IndexingPipeline(
         store=TimedProxy(store, times, "writes", ["commit_images", "save_vectors"]),
