@@ -300,36 +300,20 @@ class Engine:
         return head
 
     def _indexing_instance_head(self, store):  # noqa: ANN001, ANN202
-        """The instance head whose embeddings an index with the ``instance`` array stores; a clear error when
-        its earlier runs stored another head's (the rows must all come from one head)."""
+        """The instance head whose embeddings an index with the ``instance`` array stores (``None``: no such array)."""
         from indexer.store import INSTANCE_ARRAY
 
         if not store.has_array(INSTANCE_ARRAY):
             return None
-        head = self._required_instance_head()
-        indexed = store.models().get("instance_head")
-        if indexed and indexed != head.version:
-            raise IndexVersionError(
-                f"index {store.path} holds instance embeddings of {indexed}, but this engine loads {head.version}; "
-                "configure the instance head it was built with, or index into a new directory"
-            )
-        return head
+        return _same_model(store, "instance_head", self._required_instance_head(), "instance embeddings", "instance head")
 
     def _indexing_ref_nms(self, store):  # noqa: ANN001, ANN202
-        """The Ref-NMS model whose visual features an index with the ``refnms`` array stores; a clear error
-        when its earlier runs stored another model's (the rows must all come from one model)."""
+        """The Ref-NMS model whose visual features an index with the ``refnms`` array stores (``None``: no such array)."""
         from indexer.store import REFNMS_ARRAY
 
         if not store.has_array(REFNMS_ARRAY):
             return None
-        model = self.ref_nms_model
-        indexed = store.models().get("ref_nms")
-        if indexed and indexed != model.version:
-            raise IndexVersionError(
-                f"index {store.path} holds Ref-NMS features of {indexed}, but this engine loads {model.version}; "
-                "configure the Ref-NMS checkpoint it was built with, or index into a new directory"
-            )
-        return model
+        return _same_model(store, "ref_nms", self.ref_nms_model, "Ref-NMS features", "Ref-NMS checkpoint")
 
     def _index_shapes(self, index_dir: Path, *, maps: bool = True) -> dict[str, tuple[int, ...]]:
         """The arrays to index: with SAN for a new index (when configured) and the 7×7 maps unless
@@ -628,3 +612,15 @@ class Engine:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def _same_model(store, key: str, model, what: str, name: str):  # noqa: ANN001, ANN202
+    """``model`` when the index's earlier runs stored ``what`` of this very model (``models[key]``), or none yet;
+    else a clear error (an array's rows must all come from one model)."""
+    indexed = store.models().get(key)
+    if indexed and indexed != model.version:
+        raise IndexVersionError(
+            f"index {store.path} holds {what} of {indexed}, but this engine loads {model.version}; "
+            f"configure the {name} it was built with, or index into a new directory"
+        )
+    return model
