@@ -1,4 +1,4 @@
-"""``python -m engine.demo CORPUS``: print the query options of the corpus's first benchmark query.
+"""``python -m engine.demo CORPUS``: print the query options of the corpus's benchmark query with the most positives.
 ``python -m engine.demo --world``: print the ``engine synth`` options of the demo corpus: the stamps world
 (real objects on real photographs) when its Debian data is in the cache or can be fetched, the shapes
 world otherwise (with the reason on stderr).
@@ -15,11 +15,14 @@ from engine.errors import EngineError
 
 
 def demo_query_args(corpus: Path) -> list[str]:
-    """``["--image", PATH, "--region", "x1,y1,x2,y2"]`` for the first query of ``corpus/queries.jsonl``."""
+    """``["--image", PATH, "--region", "x1,y1,x2,y2"]`` for the query of ``corpus/queries.jsonl`` with the most
+    positives (the first of those): the thing shown in the most other images, so that the picture has
+    several right hits to show (the first query of the stamps demo corpus is a small, half-hidden bird
+    with one positive, itself partly hidden)."""
     queries = read_queries(corpus)
     if not queries:
         raise EngineError(f"{corpus / 'queries.jsonl'} holds no queries; generate the corpus with `engine synth`")
-    q = queries[0]
+    q = max(queries, key=lambda query: len(query.positives))  # max keeps the first of equals
     return ["--image", str(corpus / q.image), "--region", ",".join(f"{v:g}" for v in q.region)]
 
 

@@ -27,3 +27,11 @@ def test_demo_falls_back_to_shapes_with_the_reason(monkeypatch: pytest.MonkeyPat
 
 def test_demo_usage_error() -> None:
     assert demo.main([]) == 2
+
+
+def test_demo_query_is_the_one_with_the_most_positives(tmp_path: Path) -> None:
+    import json
+
+    lines = [{"image": f"{i}.jpg", "region": [0, 0, 5 + i, 5], "text": "x", "region_id": i, "positives": list(range(10, 10 + n))} for i, n in enumerate((1, 3, 3, 2))]
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert demo.demo_query_args(tmp_path) == ["--image", str(tmp_path / "1.jpg"), "--region", "0,0,6,5"]
