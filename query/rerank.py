@@ -136,8 +136,8 @@ def row_dot(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
 class LayoutRescorer:
     """Stage 2 of a region-only query: ``final = (visual + weight · layout) / (1 + weight)``, the visual key's
     exact cosine plus :func:`layout_similarity` of the stored 7×7 maps, scaled so that a region matched
-    with itself scores 1 as with the key alone. ``visual`` is recomputed from the stored vectors (300
-    rows of 864 bytes) because stage 1's FAISS score is approximate on a compressed (IVF-PQ) index; the
+    with itself scores 1 as with the key alone. ``visual`` is recomputed from the stored vectors (a row
+    of 864 bytes per candidate) because stage 1's FAISS score is approximate on a compressed (IVF-PQ) index; the
     hits show this exact value as their ``visual`` part, so that the parts add up to the score.
     On the stamps world's val split (368 queries, 300 candidates, weight 5) it moved box@1 from 0.63 to 0.89;
     the weights and shortlist are fitted on both val splits by ``benchmarks/layout_fit.py``
@@ -148,6 +148,12 @@ class LayoutRescorer:
         vector: the query's visual key ``[D]``.
         query_map: the query region's map ``[C, 7, 7]``.
         weight: the layout's weight.
+        head: the instance head (:class:`engine.models.instance_head.InstanceHead`) or ``None``.
+        head_weight: its cosine's weight (0: left out).
+        stored: read each candidate's embedding from the index's ``instance`` array (it holds this head's)
+            instead of running the head on its map.
+        keep: with ``stored``, compute the layout for the best ``keep`` candidates by ``visual +
+            head_weight · instance`` only (the cascade of :meth:`__call__`).
     """
 
     def __init__(self, *, store: IndexStore, vector: np.ndarray, query_map: np.ndarray, weight: float, head=None, head_weight: float = 0.0, stored: bool = False, keep: int | None = None) -> None:  # noqa: ANN001

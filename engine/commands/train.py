@@ -49,7 +49,7 @@ class _TrainCommand(click.Command):
 
 @click.command("train", cls=_TrainCommand)
 @click.argument("model", type=_ModelChoice(), metavar="MODEL")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. Give it more than once to learn several worlds together: rpn, key-whitening and text-projection read each folder; any other model trains on their union (made once in the data cache).")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. Give it more than once to learn several worlds together: rpn, key-whitening, text-projection and instance-head read each folder; any other model trains on their union (made once in the data cache).")
 @format_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")

@@ -237,13 +237,11 @@ def train_instance_head(options: TrainOptions, config: InstanceHeadTrainConfig =
         test, test_key = _pooled(tests, head), _pooled(tests, None)
         metrics.update({"test_queries": test["queries"], "test_r1": test["r1"], "test_r10": test["r10"], "test_r1_key": test_key["r1"], "test_r10_key": test_key["r10"]})
     seconds = time.perf_counter() - start
-    manifest = Manifest(
-        model=MODEL_NAME,
-        version=MODEL_VERSION,
+    manifest = options.manifest(
+        MODEL_NAME,
+        MODEL_VERSION,
+        "instance-head",
         config=head.config.to_dict(),
-        command=options.recorded_command("instance-head"),
-        data=options.recorded_data(),
-        seed=options.seed,
         metrics=metrics,
         extra={"epochs": epochs, "steps_per_epoch": steps, "history": history, "seconds": round(seconds, 1), "device": str(device), **asdict(config)},
     )

@@ -144,13 +144,11 @@ def train_key_whitening(options: TrainOptions, config: WhiteningTrainConfig = Wh
         raw, white = _pooled_recall(tests, None), _pooled_recall(tests, whitening)
         metrics.update({"test_queries": white["queries"], "test_r1": white["r1"], "test_r10": white["r10"], "test_r1_unwhitened": raw["r1"], "test_r10_unwhitened": raw["r10"]})
     seconds = time.perf_counter() - start
-    manifest = Manifest(
-        model=MODEL_NAME,
-        version=MODEL_VERSION,
+    manifest = options.manifest(
+        MODEL_NAME,
+        MODEL_VERSION,
+        "key-whitening",
         config=whitening.config.to_dict(),
-        command=options.recorded_command("key-whitening"),
-        data=options.recorded_data(),
-        seed=options.seed,
         metrics=metrics,
         extra={"boxes": config.boxes, "proposals": config.proposals if rpn is not None else 0, "shrinks": list(config.shrinks), "pairs_shrinks": list(config.pairs_shrinks), "seconds": round(seconds, 1), "device": str(device)},
     )

@@ -9,6 +9,7 @@ from engine.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from engine.datasets.types import Dataset
+    from engine.models.checkpoint import Manifest
 
 __all__ = ["TrainOptions", "read_splits"]
 
@@ -55,6 +56,13 @@ class TrainOptions:
     def recorded_data(self) -> str:
         """The dataset folders a manifest records (absolute, comma-separated)."""
         return ", ".join(str(Path(d).resolve()) for d in self.datasets)
+
+    def manifest(self, model: str, version: str, family: str, *, config: dict, metrics: dict, extra: dict) -> "Manifest":
+        """The manifest of a model trained with these options: what it is (``model``, ``version``, ``config``),
+        how it was made (the ``engine train family`` command, the data folders, the seed) and what it measured."""
+        from engine.models.checkpoint import Manifest
+
+        return Manifest(model=model, version=version, config=config, command=self.recorded_command(family), data=self.recorded_data(), seed=self.seed, metrics=metrics, extra=extra)
 
     @property
     def datasets(self) -> tuple[Path, ...]:

@@ -227,13 +227,11 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
         log.warning("%s has no 'test' images: the manifest records no test recall", data)
         metrics["test_images"] = 0
     seconds = time.perf_counter() - start
-    manifest = Manifest(
-        model=MODEL_NAME,
-        version=MODEL_VERSION,
+    manifest = options.manifest(
+        MODEL_NAME,
+        MODEL_VERSION,
+        "rpn",
         config=config.to_dict(),
-        command=options.recorded_command("rpn"),
-        data=options.recorded_data(),
-        seed=options.seed,
         metrics=metrics,
         extra={
             "epochs": epochs,

@@ -138,13 +138,11 @@ def train_text_projection(options: TrainOptions, config: ProjectionTrainConfig =
         test = _pooled_recall(splits["test"], model, sentence)
         metrics.update({"test_queries": test["queries"], "test_r1": test["r1"], "test_r10": test["r10"]})
     seconds = time.perf_counter() - start
-    manifest = Manifest(
-        model=MODEL_NAME,
-        version=MODEL_VERSION,
+    manifest = options.manifest(
+        MODEL_NAME,
+        MODEL_VERSION,
+        "text-projection",
         config=model.config.to_dict(),
-        command=options.recorded_command("text-projection"),
-        data=options.recorded_data(),
-        seed=options.seed,
         metrics=metrics,
         extra={"epochs": epochs, "batch": config.batch, "proposals": config.proposals, "negatives": config.negatives, "background_keys": {"train": len(train.background)}, "lr": config.lr, "weight_decay": config.weight_decay, "history": history, "seconds": round(seconds, 1), "device": str(device)},
     )
