@@ -200,6 +200,7 @@ class Engine:
                 vocabulary=self.concept_vocabulary,
                 projection=self.text_projection,
                 projection_weight=self.config.projection_weight,
+                proposal_weight=self.config.proposal_weight,
             )
         return self._vocabulary_grounder
 

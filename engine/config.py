@@ -45,6 +45,12 @@ on the val splits: docs/open-vocabulary.md)."""
 PROJECTION_WEIGHT = 1.5
 """Weight of the text projection's cosine in a text-only query through the open vocabulary (``concept +
 w · projection``; fitted on the val splits, docs/open-vocabulary.md)."""
+PROPOSAL_WEIGHT = 0.25
+"""Weight of each candidate's proposal prior in a text-only query through the open vocabulary (``... + w ·
+prior``, :func:`query.concept_search.proposal_prior`: the log of the region's stored proposal score — the RPN
+box head's predicted IoU and objectness — relative to the best of its image's candidates): among an image's
+boxes, the one that fits an object wins over parts of it. Fitted on the val splits (stamps 368 / shapes 93
+text-only queries; 0, 0.25, 0.5, 1.0 tried), docs/open-vocabulary.md."""
 SAN_WEIGHT = 2.0
 """Weight of SAN's text–region score in a text-only query through the open vocabulary, when SAN reads MiniLM
 word features (``concept + projection_weight · projection + w · gate · san``). Fitted on the val splits
@@ -105,7 +111,8 @@ class EngineConfig:
     the query region under this for the text (they cannot read it in this picture).
     ``text_projection``: the map from English into the visual key space (a shipped name or a ``.pt``
     path; ``None``: none) with which a text-only query through the open vocabulary also searches the
-    visual FAISS file, ranking by ``concept + projection_weight · projection``. ``san_weight``: with a SAN
+    visual FAISS file, ranking by ``concept + projection_weight · projection + proposal_weight · log(proposal
+    score)``. ``san_weight``: with a SAN
     that reads MiniLM word features (every word), every text-only query goes through the open vocabulary
     and SAN is one more part: its FAISS matches join the candidates and the sum gains ``san_weight · san``;
     ``combined_san_weight``: likewise, a combined query through the open vocabulary ranks by ``base + gate ·
@@ -135,6 +142,7 @@ class EngineConfig:
     san_gate: float = SAN_GATE
     text_projection: Path | str | None = "text-projection"
     projection_weight: float = PROJECTION_WEIGHT
+    proposal_weight: float = PROPOSAL_WEIGHT
     san_weight: float = SAN_WEIGHT
     combined_san_weight: float = COMBINED_SAN_WEIGHT
     san_text_gate: tuple[float, float] = SAN_TEXT_GATE
@@ -148,7 +156,7 @@ class EngineConfig:
     ray: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "image_weight", "layout_weight", "instance_weight", "concept_weight", "projection_weight", "san_weight", "combined_san_weight"):
+        for name in ("text_weight", "image_weight", "layout_weight", "instance_weight", "concept_weight", "projection_weight", "proposal_weight", "san_weight", "combined_san_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
                 raise InvalidInputError(f"--weight-{name.split('_')[0]} must be a finite number from 0 to {MAX_WEIGHT:g}, got {value!r}")

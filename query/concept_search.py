@@ -29,7 +29,7 @@ from indexer.region_table import Regions
 from indexer.store import IndexStore
 from query.rerank import Rescorer, StageScores, visual_cosine
 
-__all__ = ["ConceptRescorer", "SanPart", "concept_scores", "best_first", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
+__all__ = ["ConceptRescorer", "SanPart", "concept_scores", "best_first", "proposal_prior", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
 
 
 def content_words(text: str) -> list[str]:
@@ -88,12 +88,14 @@ class SanPart:
     confidence: float | None = None  # SAN's best cosine over a whole sharded index (None: this index's own best match)
 
 
-def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int, san: SanPart | None = None) -> tuple[Regions, StageScores]:
+def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, projected: np.ndarray | None, weight: float, count: int, san: SanPart | None = None, *, proposal_weight: float = 0.0) -> tuple[Regions, StageScores]:
     """A text-only query's candidates and their scores: the ``count`` best of ``regions`` by their ConSE
     score ``concept`` and, with a ``projected`` text (a unit vector in the visual key space), its ``count``
     best matches in the visual FAISS file, and with ``san`` SAN's ``count`` best matches in its FAISS file;
-    each scored ``concept + weight · projection + san.weight · gate · san`` (``gate``: see :class:`SanPart`), the projection part being the exact
-    cosine with the stored key, SAN's the full model's score. Without either: the ConSE ranking alone."""
+    each scored ``concept + weight · projection + san.weight · gate · san + proposal_weight · log(proposal score)``
+    (``gate``: see :class:`SanPart`), the projection part being the exact cosine with the stored key, SAN's the
+    full model's score, the proposal score the one stored with each region (:func:`proposal_prior`). Without
+    projection and SAN: the ConSE ranking alone."""
     head, head_scores = best_first(regions, concept, count)
     if projected is None and san is None:
         return head, StageScores(final=head_scores, concept=head_scores)
@@ -116,7 +118,24 @@ def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, pr
     if san is not None:
         san_scores = san.score(pool.rows).final
         final = final + np.float32(san_weight) * san_scores
-    return pool, StageScores(final=final.astype(np.float32), concept=pool_concept, projection=projection, san=san_scores)
+    prior = None
+    if proposal_weight > 0:
+        prior = proposal_prior(store, pool)
+        final = final + np.float32(proposal_weight) * prior
+    return pool, StageScores(final=final.astype(np.float32), concept=pool_concept, projection=projection, san=san_scores, proposal=prior)
+
+
+def proposal_prior(store: IndexStore, regions: Regions) -> np.ndarray:
+    """Float32 ``[n]``: the ``log`` of each region's stored proposal score (the RPN's predicted IoU and
+    objectness, :class:`~engine.models.rpn.RpnConfig`; 1 for annotated boxes; floored at 1e-4) minus the best
+    such log among the same image's ``regions``. Relative within an image, it picks among a photograph's boxes
+    the one that fits an object best (not a part of it) without ranking whole photographs by how familiar
+    they look to the RPN (absolute scores sank a real rocket's photograph under "a rocket")."""
+    by_id = {row.id: row.objectness for row in store.regions(regions.ids.tolist())}
+    prior = np.log(np.maximum(np.array([by_id.get(int(i), 1.0) for i in regions.ids], np.float64), 1e-4))
+    best = np.full(int(regions.image_ids.max()) + 1 if len(regions) else 0, -np.inf)
+    np.maximum.at(best, regions.image_ids, prior)
+    return (prior - best[regions.image_ids]).astype(np.float32)
 
 
 @dataclass(frozen=True)

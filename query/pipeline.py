@@ -117,6 +117,9 @@ class PipelineSettings(Protocol):
     def projection_weight(self) -> float: ...
 
     @property
+    def proposal_weight(self) -> float: ...
+
+    @property
     def san_weight(self) -> float: ...
 
     @property
@@ -311,7 +314,7 @@ class QueryPipeline:
         regions, scores = concept_scores(self.store, relevance)  # every region scored once
         fetch = min(len(regions), options.shortlist)
         while True:
-            pool, parts = text_candidates(self.store, regions, scores, projected, self.config.projection_weight, fetch, san)
+            pool, parts = text_candidates(self.store, regions, scores, projected, self.config.projection_weight, fetch, san, proposal_weight=self.config.proposal_weight)
             hits = ranked_hits(self.store, Candidates(pool, parts.concept, "concept"), replace(parts, concept=None), options)
             if len(hits) >= options.k or fetch >= len(regions):
                 return hits[: options.k]

@@ -49,11 +49,12 @@ class StageScores:
     concept: np.ndarray | None = None
     projection: np.ndarray | None = None
     instance: np.ndarray | None = None
+    proposal: np.ndarray | None = None
 
     def parts(self) -> dict[str, np.ndarray]:
         """The computed parts by name (``visual`` when stage 2 recomputed it exactly, ``grn``, ``san``,
-        ``layout``, ``concept``, ``projection``, ``instance``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
-        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection), ("instance", self.instance))
+        ``layout``, ``concept``, ``projection``, ``instance``, ``proposal``; ``final`` left out): what a hit's ``scores`` show, over stage 1's own score."""
+        named = (("visual", self.visual), ("grn", self.grn), ("san", self.san), ("layout", self.layout), ("concept", self.concept), ("projection", self.projection), ("instance", self.instance), ("proposal", self.proposal))
         return {name: value for name, value in named if value is not None}
 
     def take(self, part: slice) -> "StageScores":

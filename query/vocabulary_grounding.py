@@ -55,17 +55,20 @@ class VocabularyGrounder:
         vocabulary: MiniLM and the concept table.
         projection: the text projection (``None``: ConSE alone).
         projection_weight: ``w``; the engine's default is fitted on val (``engine.config.PROJECTION_WEIGHT``).
+        proposal_weight: weight of each proposal's log score relative to the image's best (as text-only search
+            adds it, :func:`~query.concept_search.proposal_prior`; ``engine.config.PROPOSAL_WEIGHT``).
     """
 
     method = "vocabulary"
 
-    def __init__(self, *, extractor: RegionFeatureExtractor, proposals: RpnProposals, evidence: ConceptEvidence, vocabulary: ConceptVocabulary, projection: TextProjection | None, projection_weight: float) -> None:
+    def __init__(self, *, extractor: RegionFeatureExtractor, proposals: RpnProposals, evidence: ConceptEvidence, vocabulary: ConceptVocabulary, projection: TextProjection | None, projection_weight: float, proposal_weight: float = 0.0) -> None:
         self.extractor = extractor
         self.proposals = proposals
         self.evidence = evidence
         self.vocabulary = vocabulary
         self.projection = projection
         self.projection_weight = float(projection_weight)
+        self.proposal_weight = float(proposal_weight)
 
     def check_text(self, text: str | None) -> str:
         """``text`` when it holds a word, else a one-line :class:`~engine.errors.InvalidInputError`."""
@@ -83,11 +86,15 @@ class VocabularyGrounder:
         keys = self.extractor.key(key_maps, [image.size], [boxes])
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         evidence = self.evidence.evidence(maps, [image.size], [boxes])[0]
+        logs = np.log(np.maximum(np.asarray(objectness, np.float64), 1e-4))
+        prior = (logs - logs.max()).astype(np.float32) if len(logs) else logs.astype(np.float32)
         out = []
         for sentence in sentences:
             concept = conse_scores(evidence, self.vocabulary.table.relevance(sentence))
             projection = None if self.projection is None or self.projection_weight == 0 else (keys @ self.projection.apply(sentence)).astype(np.float32)
             scores = concept if projection is None else (concept + np.float32(self.projection_weight) * projection).astype(np.float32)
+            if self.proposal_weight > 0:
+                scores = (scores + np.float32(self.proposal_weight) * prior).astype(np.float32)
             out.append(ScoredProposals(boxes=boxes, objectness=np.asarray(objectness, np.float32), scores=scores, concept=concept, projection=projection))
         return out
 

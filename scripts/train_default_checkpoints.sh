@@ -10,9 +10,10 @@
 #   1. engine synth: 1500 images of 320x320, seed 1                          ~20 s
 #   2. backbone feature cache (built by the first `engine train`, reused)     ~3 min (1500 images, ~9 images/s)
 #   2b. engine synth --world stamps: 3000 images of 512 px, seed 0            ~50 s (+ ~35 s `engine data fetch` once)
-#   3. engine train rpn on both worlds (12 epochs of ~2.6 min from the cached maps, 3,308 train images)
-#      34 min with both caches built on a loaded machine -> engine/checkpoints/rpn.pt, 0.29 MB; test recall@100 (IoU > 0.5):
-#      stamps objects 85.8 %, regions 87.2 % (582 images); shapes objects 98.6 %, regions 94.2 % (153 images)
+#   3. engine train rpn on both worlds: the anchor RPN (12 epochs of ~2.6 min from the cached maps, 3,308 train
+#      images; 34 min on a loaded machine), then its box head (8 epochs of ~1.5 min, ~15 min) -> engine/checkpoints/rpn.pt.
+#      The shipped file was made in two steps: the anchor RPN by this command without a box head (2026-12-06), then
+#      `engine train rpn ... --init <that file>` (2026-12-07); its manifest records both (extra.init).
 #   3b. engine train key-whitening on both worlds (keys of 356K boxes of the train images) ~4 min -> 0.75 MB
 #   3c. engine train text-projection on both worlds (18,865 described regions, 30,778 background keys) ~2.5 min -> 0.67 MB
 #   4. engine train grn (conv GRN)                                            ~8 min; the baselines and ablations

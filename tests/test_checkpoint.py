@@ -97,7 +97,7 @@ def test_shipped_rpn_checkpoint_is_installed_and_verifies() -> None:
     found = {path.stem: manifest for path, manifest in installed_checkpoints()}
     assert "rpn" in found, f"engine/checkpoints/rpn.pt is missing from {PACKAGE_CHECKPOINTS}"
     manifest = found["rpn"]
-    assert manifest.model == "rpn" and manifest.size_bytes < 5_000_000
+    assert manifest.model == "rpn" and manifest.size_bytes < 10_000_000  # 7.8 MB with the box head
     # trained on both worlds: each world's own test recall is recorded, the shapes world's kept high
     assert manifest.metrics["synth/test_regions@100"] >= 0.9 and manifest.metrics["synth/test_objects@100"] >= 0.98
     assert manifest.metrics["stamps/test_objects@100"] >= 0.8

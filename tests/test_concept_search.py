@@ -48,9 +48,10 @@ def test_text_only_understands_any_english(photo_engine) -> None:
     engine, _ = photo_engine
     hits = engine.search(text="a kitten", k=3)
     assert _names(hits)[0].startswith("chelsea")
-    assert set(hits[0].scores) == {"concept", "projection", "san"}  # ConSE, the text projection's cosine, the shipped SAN (MiniLM)
-    weight = engine.config.projection_weight
-    rest = [(h.score - h.scores["concept"] - weight * h.scores["projection"]) / (engine.config.san_weight * h.scores["san"]) for h in hits if abs(h.scores["san"]) > 1e-3]
+    assert set(hits[0].scores) == {"concept", "projection", "san", "proposal"}  # ConSE, the text projection's cosine, the shipped SAN (MiniLM), log proposal score
+    weight, prior = engine.config.projection_weight, engine.config.proposal_weight
+    assert all(h.scores["proposal"] <= 0 for h in hits)  # the log of a score in (0, 1]
+    rest = [(h.score - h.scores["concept"] - weight * h.scores["projection"] - prior * h.scores["proposal"]) / (engine.config.san_weight * h.scores["san"]) for h in hits if abs(h.scores["san"]) > 1e-3]
     assert rest and all(0 - 1e-4 <= g <= 1 + 1e-4 and g == pytest.approx(rest[0], abs=1e-3) for g in rest)  # one confidence gate per query
     assert _names(engine.search(text="a cup of espresso", k=1)) == ["coffee.jpg"]
     assert len(engine.search(text="grandma's old rag doll", k=3)) == 3  # no word is out of vocabulary
@@ -126,7 +127,7 @@ def test_projection_weight_zero_ranks_by_the_vocabulary_alone(photo_engine) -> N
     from dataclasses import replace
 
     engine, _ = photo_engine
-    with Engine(engine.index_dir, config=replace(engine.config, projection_weight=0.0, san_weight=0.0)) as plain:
+    with Engine(engine.index_dir, config=replace(engine.config, projection_weight=0.0, san_weight=0.0, proposal_weight=0.0)) as plain:
         hits = plain.search(text="a kitten", k=3)
         assert set(hits[0].scores) == {"concept"} and hits[0].score == pytest.approx(hits[0].scores["concept"])
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -229,24 +230,24 @@ def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp
     corpus.mkdir()
     for name in ("chelsea", "coffee", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).save(corpus / f"{name}.jpg", quality=92)
-    config = EngineConfig(san_checkpoint=san, san_weight=2.0)
+    config = EngineConfig(san_checkpoint=san, san_weight=2.0, san_text_gate=(-1.0, -1.0))  # SAN's full weight whatever its confidence
     with Engine(tmp_path / "index", config=config) as engine:
         engine.index(corpus)
         for text in ("a kitten", "a red circle"):  # shapes words too: SAN reads every word, so it is one part of every text-only query
             hits = engine.search(text=text, k=3)
-            assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san"}
+            assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san", "proposal"}
             for h in hits:
-                expected = h.scores["concept"] + config.projection_weight * h.scores["projection"] + 2.0 * h.scores["san"]
+                expected = h.scores["concept"] + config.projection_weight * h.scores["projection"] + 2.0 * h.scores["san"] + config.proposal_weight * h.scores["proposal"]
                 assert h.score == pytest.approx(expected, abs=1e-4)
         store = engine.pipeline.store
         assert store.read_arrays("san", store.all_regions().rows[:2]).shape == (2, 16)  # this SAN's vectors were indexed
     with Engine(tmp_path / "index", config=replace(config, san_text_gate=(1.5, 2.0))) as doubtful:  # SAN's best match is never that confident
         for h in doubtful.search(text="a kitten", k=3):
-            assert "san" in h.scores and h.score == pytest.approx(h.scores["concept"] + config.projection_weight * h.scores["projection"], abs=1e-4)
+            assert "san" in h.scores and h.score == pytest.approx(h.scores["concept"] + config.projection_weight * h.scores["projection"] + config.proposal_weight * h.scores["proposal"], abs=1e-4)
     with pytest.raises(Exception, match="san_text_gate"):
         replace(config, san_text_gate=(0.7, 0.5))
     with Engine(tmp_path / "index", config=replace(config, san_weight=0.0)) as plain:
-        assert set(plain.search(text="a kitten", k=1)[0].scores) == {"concept", "projection"}
+        assert set(plain.search(text="a kitten", k=1)[0].scores) == {"concept", "projection", "proposal"}
     with Engine(tmp_path / "index", config=replace(config, combined_san_weight=1.0)) as combined:
         hits = combined.search(image=corpus / "chelsea.jpg", text="a kitten", k=3)
         assert all("san" in h.scores and "concept" in h.scores for h in hits)
@@ -258,3 +259,26 @@ def test_a_san_reading_minilm_joins_every_text_only_query(tiny_corpus: Path, tmp
         scored = ConceptRescorer(store=store, base=base, vector=np.zeros(1, np.float32), relevance=relevance, weight=0.2, gate=0.5, san=san, san_weight=2.0)(rows)
         np.testing.assert_allclose(scored.final, 0.25 + 0.5 * (0.2 * scored.concept + 2.0 * 0.5), atol=1e-6)  # base + gate · (w · concept + w_s · san)
         assert np.all(scored.san == 0.5)
+
+
+def test_the_proposal_prior_is_the_log_of_each_regions_stored_score_within_its_image(photo_engine) -> None:
+    """Text-only queries add ``proposal_weight ·`` the log of each hit's stored proposal score relative to its image's
+    best candidate; weight 0 leaves it out."""
+    from dataclasses import replace
+
+    from query.concept_search import proposal_prior
+
+    engine, _ = photo_engine
+    store = engine.pipeline.store
+    regions = store.all_regions()
+    some = regions.take(np.arange(0, len(regions), max(1, len(regions) // 7)))
+    by_id = {row.id: row.objectness for row in store.regions(some.ids.tolist())}
+    logs = np.log(np.maximum([by_id[int(i)] for i in some.ids], 1e-4))
+    assert len(set(np.round(logs, 4))) > 1  # the shipped RPN's scores differ from box to box
+    best = {img: max(v for j, v in zip(some.image_ids, logs) if j == img) for img in set(some.image_ids.tolist())}
+    expected = logs - np.array([best[int(j)] for j in some.image_ids])
+    np.testing.assert_allclose(proposal_prior(store, some), expected, rtol=1e-5, atol=1e-6)  # relative to the image's best
+    hits = engine.search(text="a kitten", k=5)
+    assert hits and all(h.scores["proposal"] <= 1e-6 for h in hits)
+    with Engine(engine.index_dir, config=replace(engine.config, proposal_weight=0.0)) as without:
+        assert all("proposal" not in h.scores for h in without.search(text="a kitten", k=5))

@@ -205,3 +205,80 @@ def test_rpn_provider_refuses_another_backbone(shipped_provider) -> None:
 
     with pytest.raises(CheckpointError, match="trained on efficientnet_lite0"):
         RpnProposals(network=shipped_provider.network, backbone=_Other())  # type: ignore[arg-type]
+
+
+def _fixed_box_head(net: ProposalNetwork, quality_logit: float, deltas: tuple[float, float, float, float]) -> None:
+    """Make the box head predict the same quality logit and deltas for every box."""
+    assert net.box_head is not None
+    with torch.no_grad():
+        for layer in (net.box_head.fc1, net.box_head.fc2, net.box_head.out):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        net.box_head.out.bias.copy_(torch.tensor([quality_logit, *deltas]))
+
+
+def test_the_box_head_refines_and_rescores_the_proposals() -> None:
+    """A box head predicting fixed deltas moves the one confident anchor by them (Fast R-CNN Eq. 3 decoding) and
+    its score becomes sqrt(predicted IoU x objectness) (quality_weight 0.5)."""
+    net = ProposalNetwork(config=RpnConfig(box_head=16))
+    cfg = net.config
+    level, y, x = 1, 7, 11
+    anchor = cfg.aspect_ratios.index(1.0) * len(cfg.anchor_sizes[level]) + 1  # 128 px square
+    net.rpn.head = _OneHotHead(level, y, x, anchor, cfg.anchors_per_cell)
+    _fixed_box_head(net, quality_logit=2.0, deltas=(1.0, -0.5, 0.0, 0.0))  # dx = 1.0 / 10 of the width, dy = -0.05
+    (boxes, scores), = net.propose(_maps(), [ORIGINAL], max_proposals=50)
+    centre = np.array([15.5 + 16 * x + 12.8, 15.5 + 16 * y - 6.4])
+    expected = np.concatenate([centre - 64, centre + 64]) * 2
+    np.testing.assert_allclose(boxes[0], expected, atol=1e-3)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    assert scores[0] == pytest.approx(np.sqrt(sig(2.0) * sig(5.0)), rel=1e-5)
+    assert (np.diff(scores) <= 0).all() and (boxes[:, 2] <= ORIGINAL[0]).all() and (boxes[:, 3] <= ORIGINAL[1]).all()
+
+
+def test_a_box_head_predicting_nothing_leaves_the_proposals_as_they_are() -> None:
+    """Zero deltas and one quality for every box: the same boxes in the same order as without a box head."""
+    net = ProposalNetwork(config=RpnConfig(box_head=8))
+    _fixed_box_head(net, quality_logit=0.0, deltas=(0.0, 0.0, 0.0, 0.0))
+    plain = ProposalNetwork(config=RpnConfig())
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("box_head.")})
+    (refined, _), = net.propose(_maps(), [ORIGINAL], max_proposals=1000)
+    (unrefined, _), = plain.propose(_maps(), [ORIGINAL], max_proposals=1000)
+    np.testing.assert_allclose(refined, unrefined, atol=1e-3)
+
+
+def test_box_head_training_samples_cover_every_iou_range() -> None:
+    from engine.models.rpn_box_head import IOU_BINS, sample_training_boxes
+
+    target = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    widths = torch.linspace(101, 1000, 400)  # IoU 100 / w, from ~0.99 down to 0.1
+    boxes = torch.stack([torch.zeros_like(widths), torch.zeros_like(widths), widths, torch.full_like(widths, 100.0)], 1)
+    g = torch.Generator().manual_seed(0)
+    picked, iou, matched = sample_training_boxes(boxes, target, per_bin=5, generator=g)
+    np.testing.assert_allclose(iou.numpy(), (100.0 / picked[:, 2]).numpy(), rtol=1e-5)
+    counts = np.bincount(np.digitize(iou.numpy(), IOU_BINS), minlength=4)
+    assert counts.tolist() == [5, 5, 5, 5]
+    assert (matched == target).all()
+    none, iou0, same = sample_training_boxes(boxes, torch.zeros((0, 4)), per_bin=3, generator=g)
+    assert len(none) == 3 and (iou0 == 0).all() and torch.equal(same, none)
+
+
+def test_the_box_head_loss_trains_only_the_box_head() -> None:
+    net = ProposalNetwork(config=RpnConfig(box_head=8))
+    targets = [torch.tensor([[100.0, 80.0, 300.0, 260.0], [400.0, 300.0, 480.0, 380.0]])]
+    losses = net.box_head_loss(_maps(), [FRAME], targets, torch.Generator().manual_seed(0))
+    assert set(losses) == {"quality", "box"} and all(torch.isfinite(v) for v in losses.values())
+    (losses["quality"] + losses["box"]).backward()
+    assert all(p.grad is None for n, p in net.named_parameters() if not n.startswith("box_head."))
+    assert all(p.grad is not None for p in net.box_head.parameters())
+    assert net.training  # left in the mode it was in
+    with pytest.raises(InvalidInputError, match="no box head"):
+        ProposalNetwork().box_head_loss(_maps(), [FRAME], targets, torch.Generator())
+
+
+def test_a_config_written_before_the_box_head_loads_without_one() -> None:
+    raw = RpnConfig().to_dict()
+    del raw["box_head"], raw["quality_weight"]
+    cfg = RpnConfig.from_dict(raw)
+    assert cfg.box_head == 0 and ProposalNetwork(config=cfg).box_head is None
+    with pytest.raises(InvalidInputError, match="quality_weight"):
+        RpnConfig(box_head=8, quality_weight=1.5)

@@ -54,7 +54,7 @@ def test_a_described_region_is_found_by_its_description_alone(engine320: Engine,
         region = ann.regions[0]
         hits = engine320.search(text=region.description, k=10)
         assert len(hits) == 10
-        assert all(set(h.scores) == {"concept", "projection", "san"} for h in hits)  # the open vocabulary with SAN as a part
+        assert all(set(h.scores) == {"concept", "projection", "san", "proposal"} for h in hits)  # the open vocabulary with SAN as a part, and the proposal prior
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
         found += _found(hits, ann.image, region.box) > 0
     assert total > 250
@@ -90,7 +90,7 @@ def test_a_vocabulary_san_keeps_the_first_wave_path(corpus320: Path, tmp_path: P
         np.testing.assert_allclose([h.score for h in hits], model.score(text, vectors), atol=1e-5)
         v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         np.testing.assert_allclose([h.scores["san_text"] for h in hits], v @ model.text_vector(text), atol=2e-3)
-        assert set(engine.search(text="zorblax quuxly", k=1)[0].scores) == {"concept", "projection"}  # no word it knows: the open vocabulary
+        assert set(engine.search(text="zorblax quuxly", k=1)[0].scores) == {"concept", "projection", "proposal"}  # no word it knows: the open vocabulary
 
 
 def test_cli_text_only_query(engine320: Engine) -> None:
@@ -124,7 +124,7 @@ def test_wordless_text_is_an_error_and_unknown_words_go_through_the_open_vocabul
     with pytest.raises(InvalidInputError):
         engine320.search(text="   ")
     hits = engine320.search(text="zorblax quuxly", k=3)  # no word is unknown: ConSE, the projection and SAN (MiniLM word pieces) answer
-    assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san"}
+    assert len(hits) == 3 and set(hits[0].scores) == {"concept", "projection", "san", "proposal"}
     assert "san" in engine320.search(text="a red circle", k=1)[0].scores
 
 
@@ -133,7 +133,7 @@ def test_an_index_without_san_answers_text_through_the_open_vocabulary_alone(tin
     engine = Engine(index, config=EngineConfig(device="cpu", san=False))
     engine.index(tiny_corpus, config=IndexConfig(proposals="gt"))
     assert not (index / "vectors-san.faiss").exists()
-    assert set(engine.search(text="a red circle", k=1)[0].scores) == {"concept", "projection"}
+    assert set(engine.search(text="a red circle", k=1)[0].scores) == {"concept", "projection", "proposal"}
     engine.close()
     # the default engine (SAN on) still updates that index, without SAN, and answers without SAN's part
     with Engine(index, config=EngineConfig(device="cpu")) as again:
@@ -141,7 +141,7 @@ def test_an_index_without_san_answers_text_through_the_open_vocabulary_alone(tin
         assert summary.unchanged == 16 and summary.errors == 0
         q = read_annotations(tiny_corpus)[0]
         assert again.search(image=tiny_corpus / q.image, region=q.regions[0].box, text=q.regions[0].description, k=3)
-        assert set(again.search(text="a red circle", k=1)[0].scores) == {"concept", "projection"}
+        assert set(again.search(text="a red circle", k=1)[0].scores) == {"concept", "projection", "proposal"}
     result = CliRunner().invoke(main, ["query", "--index", str(index), "--text", "a red circle", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["hits"]
 

@@ -36,6 +36,42 @@ def test_train_rpn_writes_checkpoint_and_manifest(trained: tuple[Path, str], spl
         assert all(0 <= v <= 1 for v in values) and values == sorted(values)  # recall grows with N
     assert manifest["config"]["offsets"] == [7.5, 15.5, 31.5]
     assert len(manifest["extra"]["history"]) == 1
+    assert manifest["config"]["box_head"] == 512 and len(manifest["extra"]["box_head_history"]) == 1  # both stages
+    assert metrics["box_head_best_epoch"] == 1
+
+
+def test_train_rpn_from_a_checkpoint_trains_only_the_box_head(trained: tuple[Path, str], split_corpus: Path, tmp_path: Path) -> None:
+    """--init keeps the first stage of the given checkpoint bit for bit, trains a fresh box head and records where it started."""
+    import torch
+
+    from engine.models.rpn import ProposalNetwork
+
+    first, _ = trained
+    out = tmp_path / "rpn2.pt"
+    args = ["train", "rpn", "--data", str(split_corpus), "--init", str(first), "--out", str(out), "--epochs", "1", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    before = json.loads(first.with_suffix(".json").read_text())
+    assert manifest["extra"]["init"]["sha256"] == before["sha256"] and manifest["extra"]["init"]["command"] == before["command"]
+    assert manifest["extra"]["history"] == before["extra"]["history"] and len(manifest["extra"]["box_head_history"]) == 1
+    assert f"--init {first}" in manifest["command"]
+    old, new = ProposalNetwork.from_checkpoint(first), ProposalNetwork.from_checkpoint(out)
+    old_state, new_state = old.state_dict(), new.state_dict()
+    for name, value in new_state.items():
+        if name.startswith("box_head."):
+            assert not torch.equal(value, old_state[name]) or value.abs().sum() == 0
+        else:
+            assert torch.equal(value, old_state[name]), name
+
+
+def test_init_is_refused_where_it_does_not_apply(trained: tuple[Path, str], split_corpus: Path, tmp_path: Path) -> None:
+    first, _ = trained
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "grn", "--data", str(split_corpus), "--init", str(first), "--quiet"])
+    assert result.exit_code != 0 and "--init applies to rpn only" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["train", "rpn", "--data", str(split_corpus), "--init", str(tmp_path / "none.pt"), "--quiet"])
+    assert result.exit_code != 0 and "is not a file" in result.output and "Traceback" not in result.output
 
 
 def test_trained_network_loads_and_proposes_inside_the_image(trained: tuple[Path, str], split_corpus: Path) -> None:

@@ -41,7 +41,10 @@ def test_vocabulary_scores_are_the_search_formula() -> None:
     grounder = Engine(Path("unused-index")).vocabulary_grounder()
     [scored] = grounder.score(Image.fromarray(skimage.data.coffee()), ["a cup of espresso"])
     assert len(scored.boxes) == len(scored.scores) == len(scored.objectness) > 1
-    np.testing.assert_allclose(scored.scores, scored.concept + grounder.projection_weight * scored.projection, atol=1e-6)
+    logs = np.log(np.maximum(scored.objectness.astype(np.float64), 1e-4))
+    prior = logs - logs.max()  # the proposal prior, relative to the image's best proposal
+    assert grounder.proposal_weight > 0
+    np.testing.assert_allclose(scored.scores, scored.concept + grounder.projection_weight * scored.projection + grounder.proposal_weight * prior, atol=1e-5)
     [grounding] = grounder.ground(Image.fromarray(skimage.data.coffee()), ["a cup of espresso"])
     assert grounding.method == "vocabulary" and grounding.peak == pytest.approx(float(scored.scores.max()))
     assert grounding.heat.max() == pytest.approx(1.0)

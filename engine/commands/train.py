@@ -52,12 +52,13 @@ class _TrainCommand(click.Command):
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), required=True, multiple=True, help="Dataset folder with annotations.jsonl (train/val/test split per image), e.g. made by `engine synth`. Give it more than once to learn several worlds together: rpn, key-whitening, text-projection and instance-head read each folder; any other model trains on their union (made once in the data cache).")
 @format_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file to write (its manifest goes beside it as .json); default MODEL.pt in the working directory.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's own; for rpn, the epochs of each of its two stages).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of every random choice; the same seed and data give the same checkpoint on the same machine.")
 @click.option("--text-encoder", type=click.Choice(["minilm", "vocab"]), default="minilm", show_default=True, help="Where a text model's word features come from: the frozen English encoder all-MiniLM-L6-v2 (every English word), or `vocab`, the words of the training text (the first wave's, an ablation). Only for models that read words (the GRN family, SAN, MCB, Ref-NMS, CM-Att); for any other it is an error.")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=Path), help="rpn only: start from this RPN checkpoint; its first stage (neck and anchor head) is kept as it is and only the box head that refines its proposals trains.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, text_encoder: str, device: str, quiet: bool) -> None:
+def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Path | None, epochs: int | None, seed: int, text_encoder: str, init: Path | None, device: str, quiet: bool) -> None:
     """Train MODEL on DATA's cached backbone maps and write a checkpoint with its manifest.
 
     MODEL is a name of the model registry (all are listed under Models
@@ -76,6 +77,7 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
       engine synth data/synth --images 1500 --seed 1
       engine train rpn --data data/synth --out rpn.pt --seed 0
       engine train rpn --data data/synth --data data/stamps --out rpn.pt
+      engine train rpn --data data/synth --data data/stamps --init rpn.pt --out rpn2.pt
       engine train key-whitening --data data/synth --data data/stamps
       engine train grn --data data/synth --epochs 5
       engine train text-projection --format vg --data ~/data/visual-genome
@@ -97,15 +99,16 @@ def train_command(model: str, data: tuple[Path, ...], data_format: str, out: Pat
         seed=seed,
         device=device,
         progress=not quiet,
-        command=_command_line(model, data, out, epochs, seed, device, data_format, text_encoder),
+        command=_command_line(model, data, out, epochs, seed, device, data_format, text_encoder, init),
         text_encoder=text_encoder,
+        init=init,
     )
     started = time.perf_counter()
     manifest = train_model(model, options)
     click.echo(_summary(options.out, manifest, time.perf_counter() - started))
 
 
-def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, data_format: str = "engine", text_encoder: str = "minilm") -> str:
+def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: int | None, seed: int, device: str, data_format: str = "engine", text_encoder: str = "minilm", init: Path | None = None) -> str:
     """The reproducing command line recorded in the manifest (progress flags left out)."""
     parts = ["engine", "train", model]
     if data_format != "engine":
@@ -119,6 +122,8 @@ def _command_line(model: str, data: tuple[Path, ...], out: Path | None, epochs: 
     parts += ["--seed", str(seed)]
     if text_encoder != "minilm":
         parts += ["--text-encoder", text_encoder]
+    if init is not None:
+        parts += ["--init", str(init)]
     if device != "auto":
         parts += ["--device", device]
     return shlex.join(parts)

@@ -95,6 +95,7 @@ class SearchEvalConfig:
     concept_weight: float | None = None  # None: the engine's default (EngineConfig.concept_weight)
     san_gate: float | None = None  # None: the engine's default (EngineConfig.san_gate)
     projection_weight: float | None = None  # None: the engine's default (EngineConfig.projection_weight)
+    proposal_weight: float | None = None  # None: the engine's default (EngineConfig.proposal_weight)
     san_weight: float | None = None  # None: the engine's default (EngineConfig.san_weight)
     combined_san_weight: float | None = None  # None: the engine's default (EngineConfig.combined_san_weight)
     san_text_gate: tuple[float, float] | None = None  # None: the engine's default (EngineConfig.san_text_gate)
@@ -153,7 +154,7 @@ class SearchEvalResult:
         return sum(o.refused for o in self.outcomes)
 
     def to_dict(self, *, command: str | None = None) -> dict[str, Any]:
-        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, INSTANCE_SHORTLIST, INSTANCE_WEIGHT, LAYOUT_SHORTLIST, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, SAN_GATE, SAN_TEXT_GATE, SAN_WEIGHT
+        from engine.config import CONCEPT_GATE, CONCEPT_WEIGHT, INSTANCE_SHORTLIST, INSTANCE_WEIGHT, LAYOUT_SHORTLIST, LAYOUT_WEIGHT, COMBINED_SAN_WEIGHT, PROJECTION_WEIGHT, PROPOSAL_WEIGHT, SAN_GATE, SAN_TEXT_GATE, SAN_WEIGHT
 
         c = self.config
         return {
@@ -173,6 +174,7 @@ class SearchEvalResult:
             "concept_gate": list(CONCEPT_GATE),
             "san_gate": c.san_gate if c.san_gate is not None else SAN_GATE,
             "projection_weight": c.projection_weight if c.projection_weight is not None else PROJECTION_WEIGHT,
+            "proposal_weight": c.proposal_weight if c.proposal_weight is not None else PROPOSAL_WEIGHT,
             "san_weight": c.san_weight if c.san_weight is not None else SAN_WEIGHT,
             "combined_san_weight": c.combined_san_weight if c.combined_san_weight is not None else COMBINED_SAN_WEIGHT,
             "san_text_gate": list(c.san_text_gate if c.san_text_gate is not None else SAN_TEXT_GATE),
@@ -403,6 +405,8 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, san_gate=config.san_gate)
     if config.projection_weight is not None:
         settings = replace(settings, projection_weight=config.projection_weight)
+    if config.proposal_weight is not None:
+        settings = replace(settings, proposal_weight=config.proposal_weight)
     if config.san_weight is not None:
         settings = replace(settings, san_weight=config.san_weight)
     if config.combined_san_weight is not None:

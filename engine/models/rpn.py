@@ -10,6 +10,11 @@ sampler, box coder, losses, NMS) on a small neck:
   stride-8 level, large objects and small regions on stride 16, multi-object regions up to the
   whole image on stride 32 (see :class:`RpnConfig`).
 
+* **box head** (second stage, :mod:`engine.models.rpn_box_head`) — refines each of the first stage's
+  proposals and predicts its IoU with an object; the refined boxes, ranked by predicted IoU and
+  objectness, go through the final NMS. Without it the loose duplicates the first stage leaves around
+  large objects crowd small objects out of an image's first 100 proposals.
+
 **Cell centres.** torchvision's ``AnchorGenerator`` centres the anchors of feature cell ``i`` at
 ``i * stride``. The backbone's true cell centres are at ``Backbone.offsets[level] + i * stride``
 (TF "same" padding pads bottom/right, so EfficientNet-Lite0's are at 7.5 / 15.5 / 31.5 px, not
@@ -41,6 +46,7 @@ from torchvision.ops import boxes as box_ops
 
 from engine.errors import CheckpointError, InvalidInputError
 from engine.models.checkpoint import checkpoint_path, load_checkpoint
+from engine.models.rpn_box_head import BoxHead
 from engine.imaging import resized_size
 
 __all__ = ["RpnConfig", "OffsetAnchorGenerator", "ProposalNetwork", "MODEL_NAME", "MODEL_VERSION"]
@@ -61,7 +67,12 @@ class RpnConfig:
     at aspect 1, resized-frame pixels). ``backbone`` and ``max_size`` name the frozen backbone and
     resize the maps come from. The rest are torchvision's RPN settings: IoU thresholds of the
     matcher, anchors sampled per image and their positive fraction, top-n per level before NMS and
-    total after NMS, for training and for inference.
+    total after NMS, for training and for inference. ``box_head``: hidden width of the second stage
+    (:class:`~engine.models.rpn_box_head.BoxHead`; 0 = none, as in checkpoints made before it), which refines
+    the first ``refine_top`` proposals (by objectness) and predicts each one's IoU ``q``, ``refine_steps`` times
+    in a row (iterative box regression, each step on the boxes of the one before that its NMS kept; ``q`` of
+    the last), reading RoIAlign features with ``roi_sampling`` points per bin and axis; proposals are then
+    ranked by ``q ** quality_weight * objectness ** (1 - quality_weight)``.
     """
 
     levels: tuple[str, ...] = ("c3", "c4", "c5")
@@ -84,6 +95,11 @@ class RpnConfig:
     pre_nms_test: int = 1000
     post_nms_test: int = 1000
     nms: float = 0.7
+    box_head: int = 0
+    quality_weight: float = 0.5
+    refine_steps: int = 1
+    refine_top: int = 1000
+    roi_sampling: int = 2
 
     def __post_init__(self) -> None:
         n = len(self.levels)
@@ -94,6 +110,8 @@ class RpnConfig:
             )
         if len({len(s) for s in self.anchor_sizes}) != 1:
             raise InvalidInputError(f"every level needs the same number of anchor sizes (one RPNHead serves all), got {self.anchor_sizes}")
+        if self.box_head < 0 or self.refine_steps < 1 or not 0.0 <= self.quality_weight <= 1.0:
+            raise InvalidInputError(f"RpnConfig needs box_head >= 0, refine_steps >= 1 and quality_weight in [0, 1], got {self.box_head}, {self.refine_steps} and {self.quality_weight}")
 
     @property
     def anchors_per_cell(self) -> int:
@@ -181,6 +199,7 @@ class ProposalNetwork(nn.Module):
             post_nms_top_n={"training": c.post_nms_train, "testing": c.post_nms_test},
             nms_thresh=c.nms,
         )
+        self.box_head = BoxHead(levels=c.levels, width=c.width, hidden=c.box_head, sampling=c.roi_sampling) if c.box_head else None
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -288,6 +307,44 @@ class ProposalNetwork(nn.Module):
         image_sizes = [(int(h), int(w)) for (w, h) in frame_sizes]
         return self.rpn.filter_proposals(proposals, objectness, image_sizes, per_level)
 
+    def _stage_one(self, features: "OrderedDict[str, Tensor]", frame_sizes: Sequence[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`_proposals` with the inference settings (top-n), whatever mode the network is in; no gradient."""
+        was_training = self.rpn.training
+        self.rpn.train(False)
+        try:
+            with torch.no_grad():
+                return self._proposals(features, frame_sizes)
+        finally:
+            self.rpn.train(was_training)
+
+    def box_head_loss(self, maps: Mapping[str, Tensor], frame_sizes: Sequence[tuple[int, int]], targets: Sequence[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """The second stage's losses (:meth:`BoxHead.loss`) on the first stage's inference proposals; the first stage
+        and the neck get no gradient. ``frame_sizes`` are RESIZED ``(w, h)``; ``targets`` per image ``[G, 4]`` in the frame."""
+        if self.box_head is None:
+            raise InvalidInputError("this RPN has no box head (config.box_head is 0); build it with RpnConfig(box_head=...)")
+        with torch.no_grad():
+            features = self._features(maps)
+        boxes, _ = self._stage_one(features, frame_sizes)
+        device = boxes[0].device if boxes else torch.device("cpu")
+        frames_hw = [(int(h), int(w)) for (w, h) in frame_sizes]
+        return self.box_head.loss(features, boxes, [t.to(device=device, dtype=torch.float32).reshape(-1, 4) for t in targets], frames_hw, generator)
+
+    def _second_stage(self, features: "OrderedDict[str, Tensor]", boxes: list[Tensor], objectness: list[Tensor], frames_hw: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
+        """The box head on the first ``refine_top`` proposals, ``refine_steps`` times; each step after the first
+        refines only the boxes the previous step's NMS kept. Returns the boxes and their scores (:class:`RpnConfig`)."""
+        assert self.box_head is not None
+        c = self.config
+        boxes, objectness = [b[: c.refine_top] for b in boxes], [s[: c.refine_top] for s in objectness]
+        for step in range(c.refine_steps):
+            # image by image: an image's proposals do not depend on the batch it came in (crash-resume, Ray)
+            refined = [self.box_head.refine(OrderedDict((k, f[i : i + 1]) for k, f in features.items()), [b], [hw]) for i, (b, hw) in enumerate(zip(boxes, frames_hw))]
+            boxes, quality = [r[0][0] for r in refined], [r[1][0] for r in refined]
+            scores = [q.pow(c.quality_weight) * s.pow(1.0 - c.quality_weight) for q, s in zip(quality, objectness)]
+            if step + 1 < c.refine_steps:
+                keeps = [box_ops.nms(b, s, c.nms) for b, s in zip(boxes, scores)]
+                boxes, objectness = [b[k] for b, k in zip(boxes, keeps)], [s[k] for s, k in zip(objectness, keeps)]
+        return boxes, scores
+
     @torch.no_grad()
     def propose(
         self,
@@ -308,9 +365,11 @@ class ProposalNetwork(nn.Module):
 
         Returns:
             per image ``(boxes, objectness)``: float32 ``[N, 4]`` xyxy in original pixels clipped to the image
-            and float32 ``[N]`` in (0, 1], sorted by decreasing objectness, ``N <= max_proposals``. Boxes are
-            the top ``pre_nms_test`` anchors per level, decoded, after torchvision's per-level NMS and a final
-            class-agnostic NMS over all levels (IoU ``config.nms``, 0.7).
+            and float32 ``[N]`` in (0, 1], sorted by decreasing score, ``N <= max_proposals``. Boxes are
+            the top ``pre_nms_test`` anchors per level, decoded, after torchvision's per-level NMS, refined by
+            the box head when the network has one (the score is then predicted IoU and objectness combined,
+            :class:`RpnConfig`; objectness alone otherwise), and a final class-agnostic NMS over all levels
+            (IoU ``config.nms``, 0.7).
         """
         if max_proposals < 1:
             raise InvalidInputError(f"max_proposals must be a positive integer, got {max_proposals}")
@@ -324,6 +383,8 @@ class ProposalNetwork(nn.Module):
                 raise InvalidInputError(f"got maps of {batch} images but {len(sizes)} sizes; pass one original (w, h) per image")
             frames = [resized_size(int(w), int(h), max_size) for (w, h) in sizes]
             boxes, scores = self._proposals(features, frames)
+            if self.box_head is not None:
+                boxes, scores = self._second_stage(features, boxes, scores, [(h, w) for (w, h) in frames])
         finally:
             self.train(was_training)
         out: list[tuple[np.ndarray, np.ndarray]] = []

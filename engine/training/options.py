@@ -23,6 +23,8 @@ class TrainOptions:
     ``minilm`` (the frozen English encoder, the default) or ``vocab`` (words of the training text, the ablation).
     ``extra_data`` are more dataset folders trained on together with ``data`` (``engine train rpn --data A
     --data B``: the proposal network learns both worlds); the other trainers read ``data`` only and refuse them.
+    ``init``: a checkpoint to start from (``engine train rpn --init rpn.pt``: its first stage is kept and only the
+    box head trains); the other trainers refuse it.
     """
 
     data: Path
@@ -35,6 +37,7 @@ class TrainOptions:
     cache_dir: Path | None = None
     extra_data: tuple[Path, ...] = ()
     text_encoder: str = "minilm"
+    init: Path | None = None
 
     def __post_init__(self) -> None:
         from engine.models.word_features import check_kind
@@ -45,6 +48,8 @@ class TrainOptions:
         for folder in self.datasets:
             if not Path(folder).is_dir():
                 raise InvalidInputError(f"--data {folder} is not a folder; pass a dataset folder (e.g. made by `engine synth`)")
+        if self.init is not None and not Path(self.init).is_file():
+            raise InvalidInputError(f"--init {self.init} is not a file; pass an existing checkpoint")
         names = [Path(d).resolve().name for d in self.datasets]
         if len(set(names)) != len(names):
             raise InvalidInputError(f"--data folders need distinct names (got {', '.join(names)}): each names its dataset in the manifest")

@@ -14,11 +14,12 @@ if TYPE_CHECKING:
     from engine.models.checkpoint import Manifest
     from engine.training.options import TrainOptions
 
-__all__ = ["TRAINERS", "MULTI_DATASET_FAMILIES", "WORD_FAMILIES", "train_model", "trains_on_several"]
+__all__ = ["TRAINERS", "INIT_FAMILIES", "MULTI_DATASET_FAMILIES", "WORD_FAMILIES", "train_model", "trains_on_several"]
 
 Trainer = Callable[[str, "TrainOptions"], "Manifest"]
 
 MULTI_DATASET_FAMILIES = frozenset({"rpn", "key-whitening", "text-projection", "instance-head"})  # families whose trainer reads every --data folder
+INIT_FAMILIES = frozenset({"rpn"})  # families whose trainer can start from a checkpoint (--init)
 
 
 def _rpn(name: str, options: TrainOptions) -> Manifest:
@@ -116,6 +117,8 @@ def train_model(name: str, options: TrainOptions) -> Manifest:
     family = family_of_name(name).name
     if options.text_encoder != "minilm" and (family not in WORD_FAMILIES or name == "visual"):
         raise InvalidInputError(f"{name} reads no words, so --text-encoder {options.text_encoder} does not apply; leave it out (it applies to: {', '.join(sorted(WORD_FAMILIES))})")
+    if options.init is not None and family not in INIT_FAMILIES:
+        raise InvalidInputError(f"{name} cannot start from a checkpoint: --init applies to {', '.join(sorted(INIT_FAMILIES))} only")
     if options.extra_data and family not in MULTI_DATASET_FAMILIES:
         raise InvalidInputError(f"{name} trains on one dataset: give --data once (several --data folders work for: {', '.join(sorted(MULTI_DATASET_FAMILIES))})")
     return TRAINERS[family](name, options)
