@@ -29,7 +29,7 @@ from indexer.region_table import Regions
 from indexer.store import IndexStore
 from query.rerank import Rescorer, StageScores, visual_cosine
 
-__all__ = ["ConceptRescorer", "SanPart", "concept_scores", "best_first", "proposal_prior", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
+__all__ = ["ConceptRescorer", "SanPart", "concept_scores", "best_first", "proposal_prior", "relative_log_scores", "text_candidates", "text_models_cover", "content_words", "concept_gate"]
 
 
 def content_words(text: str) -> list[str]:
@@ -120,22 +120,30 @@ def text_candidates(store: IndexStore, regions: Regions, concept: np.ndarray, pr
         final = final + np.float32(san_weight) * san_scores
     prior = None
     if proposal_weight > 0:
-        prior = proposal_prior(store, pool)
+        prior = proposal_prior(pool)
         final = final + np.float32(proposal_weight) * prior
     return pool, StageScores(final=final.astype(np.float32), concept=pool_concept, projection=projection, san=san_scores, proposal=prior)
 
 
-def proposal_prior(store: IndexStore, regions: Regions) -> np.ndarray:
+def proposal_prior(regions: Regions) -> np.ndarray:
     """Float32 ``[n]``: the ``log`` of each region's stored proposal score (the RPN's predicted IoU and
     objectness, :class:`~engine.models.rpn.RpnConfig`; 1 for annotated boxes; floored at 1e-4) minus the best
     such log among the same image's ``regions``. Relative within an image, it picks among a photograph's boxes
     the one that fits an object best (not a part of it) without ranking whole photographs by how familiar
-    they look to the RPN (absolute scores sank a real rocket's photograph under "a rocket")."""
-    by_id = {row.id: row.objectness for row in store.regions(regions.ids.tolist())}
-    prior = np.log(np.maximum(np.array([by_id.get(int(i), 1.0) for i in regions.ids], np.float64), 1e-4))
-    best = np.full(int(regions.image_ids.max()) + 1 if len(regions) else 0, -np.inf)
-    np.maximum.at(best, regions.image_ids, prior)
-    return (prior - best[regions.image_ids]).astype(np.float32)
+    they look to the RPN (absolute scores sank a real rocket's photograph under "a rocket"). The scores come
+    from the in-memory region table (no database read)."""
+    return relative_log_scores(regions.scores, regions.image_ids)
+
+
+def relative_log_scores(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Float32 ``log(max(score, 1e-4))`` minus the largest such value among the entries of the same group."""
+    logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-4))
+    if not len(logs):
+        return logs.astype(np.float32)
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    best = np.full(int(group.max()) + 1, -np.inf)
+    np.maximum.at(best, group, logs)
+    return (logs - best[group]).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from engine.models.concepts import conse_scores
+from query.concept_search import relative_log_scores
 from query.explain import Grounding
 
 if TYPE_CHECKING:
@@ -86,8 +87,7 @@ class VocabularyGrounder:
         keys = self.extractor.key(key_maps, [image.size], [boxes])
         keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         evidence = self.evidence.evidence(maps, [image.size], [boxes])[0]
-        logs = np.log(np.maximum(np.asarray(objectness, np.float64), 1e-4))
-        prior = (logs - logs.max()).astype(np.float32) if len(logs) else logs.astype(np.float32)
+        prior = relative_log_scores(np.asarray(objectness), np.zeros(len(objectness), np.int64))  # one image: relative to its best
         out = []
         for sentence in sentences:
             concept = conse_scores(evidence, self.vocabulary.table.relevance(sentence))

@@ -277,7 +277,7 @@ def test_the_proposal_prior_is_the_log_of_each_regions_stored_score_within_its_i
     assert len(set(np.round(logs, 4))) > 1  # the shipped RPN's scores differ from box to box
     best = {img: max(v for j, v in zip(some.image_ids, logs) if j == img) for img in set(some.image_ids.tolist())}
     expected = logs - np.array([best[int(j)] for j in some.image_ids])
-    np.testing.assert_allclose(proposal_prior(store, some), expected, rtol=1e-5, atol=1e-6)  # relative to the image's best
+    np.testing.assert_allclose(proposal_prior(some), expected, rtol=1e-5, atol=1e-6)  # relative to the image's best
     hits = engine.search(text="a kitten", k=5)
     assert hits and all(h.scores["proposal"] <= 1e-6 for h in hits)
     with Engine(engine.index_dir, config=replace(engine.config, proposal_weight=0.0)) as without:

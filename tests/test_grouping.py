@@ -56,7 +56,7 @@ def test_ranked_hits_over_the_best_candidates_equal_suppressing_them_all(k: int,
     boxes = np.concatenate([xy, xy + rng.uniform(20, 120, (n, 2))], axis=1).astype(np.float32)
     image_ids = rng.integers(0, 40, n)
     final = rng.standard_normal(n).astype(np.float32)
-    found = Regions(np.arange(n), np.arange(n), image_ids, boxes)
+    found = Regions(np.arange(n), np.arange(n), image_ids, boxes, np.ones(n, np.float32))
     hit_filter = {"max1": HitFilter(max_per_image=1), "glob": HitFilter(path_glob="/img/3?.jpg", max_per_image=0), None: HitFilter(max_per_image=0)}[filters]
     rows = _Rows(image_ids, boxes)
     got = ranked_hits(rows, Candidates(found, final), StageScores(final=final), SearchOptions(k=k, filters=hit_filter))[:k]

@@ -16,7 +16,7 @@ SHAPES = {"visual": (DIM,), "maps": (2, 2, 2)}
 
 def _regions(ids: list[int]) -> Regions:
     n = len(ids)
-    records = np.column_stack([ids, np.arange(n) + 100, np.asarray(ids) // 10, np.tile([1.0, 2.0, 3.0, 4.0], (n, 1))])
+    records = np.column_stack([ids, np.arange(n) + 100, np.asarray(ids) // 10, np.tile([1.0, 2.0, 3.0, 4.0], (n, 1)), np.asarray(ids) / 100.0])
     return Regions.from_records(records)
 
 
@@ -26,6 +26,7 @@ def test_lookup_keeps_the_asked_order_and_drops_unknown_ids() -> None:
     assert found.ids.tolist() == [14, 2, 5]
     assert found.rows.tolist() == [103, 100, 101] and found.image_ids.tolist() == [1, 0, 0]
     assert found.boxes.dtype == np.float32 and found.boxes.shape == (3, 4)
+    np.testing.assert_allclose(found.scores, np.asarray([14, 2, 5]) / 100.0, rtol=1e-6)  # each region's proposal score travels with it
     assert len(table.lookup([])) == 0 and len(RegionTable(Regions.empty(), generation=0, region_seq=0, tomb_seq=0).lookup([1])) == 0
 
 
@@ -48,13 +49,13 @@ def _expected(store: IndexStore) -> dict[int, tuple]:
     """Every region by id from SQLite (the slow path): image id, box, and its visual features."""
     regions = store.regions(store.all_region_ids())
     visual = store.read_arrays("visual", np.asarray([r.row for r in regions], np.int64))
-    return {r.id: (r.image_id, tuple(np.float32(v) for v in r.box), visual[i].tobytes()) for i, r in enumerate(regions)}
+    return {r.id: (r.image_id, tuple(np.float32(v) for v in r.box), np.float32(r.objectness), visual[i].tobytes()) for i, r in enumerate(regions)}
 
 
 def _from_table(store: IndexStore) -> dict[int, tuple]:
     table = store.all_regions()
     visual = store.read_arrays("visual", table.rows)  # rows are valid in the generation open after the call
-    return {int(i): (int(img), tuple(box), visual[j].tobytes()) for j, (i, img, box) in enumerate(zip(table.ids, table.image_ids, table.boxes))}
+    return {int(i): (int(img), tuple(box), score, visual[j].tobytes()) for j, (i, img, box, score) in enumerate(zip(table.ids, table.image_ids, table.boxes, table.scores))}
 
 
 def test_a_reader_table_follows_commits_removals_pruning_and_compaction(tmp_path: Path) -> None:

@@ -297,12 +297,12 @@ def _first_stage_only(network: ProposalNetwork) -> Iterator[None]:
 
 def _from_init(path: Path, train_config: RpnTrainConfig) -> tuple[ProposalNetwork, Manifest]:
     """The network of checkpoint ``path`` with a fresh box head as ``train_config`` sets it (its own, if any, is dropped)."""
-    from engine.models.checkpoint import load_checkpoint
+    from engine.models.checkpoint import read_manifest
 
     if train_config.box_head <= 0:
         raise InvalidInputError("--init trains the box head of an RPN checkpoint's first stage; a config without a box head has nothing to train")
-    manifest, _ = load_checkpoint(path, expected_model=MODEL_NAME)
-    old = ProposalNetwork.from_checkpoint(path)
+    old = ProposalNetwork.from_checkpoint(path)  # reads and verifies the file once
+    manifest = read_manifest(path)
     head = {
         "box_head": train_config.box_head,
         "refine_steps": train_config.refine_steps,
