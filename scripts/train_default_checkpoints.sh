@@ -13,7 +13,8 @@
 #   3. engine train rpn on both worlds: the anchor RPN (12 epochs of ~2.6 min from the cached maps, 3,308 train
 #      images; 34 min on a loaded machine), then its box head (8 epochs of ~1.5 min, ~15 min) -> engine/checkpoints/rpn.pt.
 #      The shipped file was made in two steps: the anchor RPN by this command without a box head (2026-12-06), then
-#      `engine train rpn ... --init <that file>` (2026-12-07); its manifest records both (extra.init).
+#      `engine train rpn ... --init <that file>` (2026-12-08: the rank-64 box head, 8 epochs, 494 s); its manifest
+#      records both (extra.init).
 #   3b. engine train key-whitening on both worlds (keys of 356K boxes of the train images) ~4 min -> 0.75 MB
 #   3c. engine train text-projection on both worlds (18,865 described regions, 30,778 background keys) ~2.5 min -> 0.67 MB
 #   4. engine train grn (conv GRN)                                            ~8 min; the baselines and ablations

@@ -282,3 +282,26 @@ def test_a_config_written_before_the_box_head_loads_without_one() -> None:
     assert cfg.box_head == 0 and ProposalNetwork(config=cfg).box_head is None
     with pytest.raises(InvalidInputError, match="quality_weight"):
         RpnConfig(box_head=8, quality_weight=1.5)
+
+
+def test_a_low_rank_box_head_is_the_full_head_with_the_product_of_its_first_two_layers() -> None:
+    """``box_rank`` factors the first layer through a bottleneck: the same function as a full head whose first
+    layer is the product, and fewer weights; a config without ``box_rank`` (before it) has none."""
+    low = ProposalNetwork(config=RpnConfig(box_head=8, box_rank=3))
+    full = ProposalNetwork(config=RpnConfig(box_head=8))
+    assert low.box_head is not None and full.box_head is not None
+    state = {k: v for k, v in low.state_dict().items() if not k.startswith("box_head.")}
+    head = {k.removeprefix("box_head."): v for k, v in low.state_dict().items() if k.startswith("box_head.")}
+    head["fc1.weight"] = head.pop("fc1.weight") @ head.pop("reduce.weight")
+    full.load_state_dict(state, strict=False)
+    full.box_head.load_state_dict(head)
+    (a, sa), = low.propose(_maps(), [ORIGINAL], max_proposals=100)
+    (b, sb), = full.propose(_maps(), [ORIGINAL], max_proposals=100)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-6)
+    assert sum(p.numel() for p in low.box_head.parameters()) < sum(p.numel() for p in full.box_head.parameters()) / 2
+    raw = RpnConfig(box_head=8).to_dict()
+    del raw["box_rank"]
+    assert RpnConfig.from_dict(raw).box_rank == 0
+    with pytest.raises(InvalidInputError, match="box_rank"):
+        RpnConfig(box_head=8, box_rank=-1)

@@ -71,7 +71,8 @@ class RpnConfig:
     (:class:`~engine.models.rpn_box_head.BoxHead`; 0 = none, as in checkpoints made before it), which refines
     the first ``refine_top`` proposals (by objectness) and predicts each one's IoU ``q``, ``refine_steps`` times
     in a row (iterative box regression, each step on the boxes of the one before that its NMS kept; ``q`` of
-    the last), reading RoIAlign features with ``roi_sampling`` points per bin and axis; proposals are then
+    the last), reading RoIAlign features with ``roi_sampling`` points per bin and axis through a rank-``box_rank``
+    linear bottleneck (0 = none, as in checkpoints made before it); proposals are then
     ranked by ``q ** quality_weight * objectness ** (1 - quality_weight)``.
     """
 
@@ -100,6 +101,7 @@ class RpnConfig:
     refine_steps: int = 1
     refine_top: int = 1000
     roi_sampling: int = 2
+    box_rank: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.levels)
@@ -110,8 +112,8 @@ class RpnConfig:
             )
         if len({len(s) for s in self.anchor_sizes}) != 1:
             raise InvalidInputError(f"every level needs the same number of anchor sizes (one RPNHead serves all), got {self.anchor_sizes}")
-        if self.box_head < 0 or self.refine_steps < 1 or not 0.0 <= self.quality_weight <= 1.0:
-            raise InvalidInputError(f"RpnConfig needs box_head >= 0, refine_steps >= 1 and quality_weight in [0, 1], got {self.box_head}, {self.refine_steps} and {self.quality_weight}")
+        if self.box_head < 0 or self.box_rank < 0 or self.refine_steps < 1 or not 0.0 <= self.quality_weight <= 1.0:
+            raise InvalidInputError(f"RpnConfig needs box_head >= 0, box_rank >= 0, refine_steps >= 1 and quality_weight in [0, 1], got {self.box_head}, {self.box_rank}, {self.refine_steps} and {self.quality_weight}")
 
     @property
     def anchors_per_cell(self) -> int:
@@ -199,7 +201,7 @@ class ProposalNetwork(nn.Module):
             post_nms_top_n={"training": c.post_nms_train, "testing": c.post_nms_test},
             nms_thresh=c.nms,
         )
-        self.box_head = BoxHead(levels=c.levels, width=c.width, hidden=c.box_head, sampling=c.roi_sampling) if c.box_head else None
+        self.box_head = BoxHead(levels=c.levels, width=c.width, hidden=c.box_head, sampling=c.roi_sampling, rank=c.box_rank) if c.box_head else None
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod

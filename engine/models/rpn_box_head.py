@@ -38,12 +38,18 @@ class BoxHead(nn.Module):
         width: the neck's channels.
         hidden: width of the two hidden layers.
         sampling: RoIAlign's sampling points per bin and axis.
+        rank: 0, or the width of a linear bottleneck (no bias, no activation) before the first hidden layer:
+            the first layer, ``width * 49`` inputs wide, is most of the head's arithmetic, and its trained
+            weights are close to low rank (a rank-64 SVD truncation of the full 512-wide layer kept the val
+            recall@100 on both worlds; ``rank`` 64 costs 3136 * 64 + 64 * 512 instead of 3136 * 512 a box).
     """
 
-    def __init__(self, *, levels: Sequence[str], width: int, hidden: int, sampling: int = 2) -> None:
+    def __init__(self, *, levels: Sequence[str], width: int, hidden: int, sampling: int = 2, rank: int = 0) -> None:
         super().__init__()
         self.pool = MultiScaleRoIAlign(list(levels), ROI_SIZE, sampling_ratio=sampling)
-        self.fc1 = nn.Linear(width * ROI_SIZE * ROI_SIZE, hidden)
+        inputs = width * ROI_SIZE * ROI_SIZE
+        self.reduce = nn.Linear(inputs, rank, bias=False) if rank else nn.Identity()
+        self.fc1 = nn.Linear(rank or inputs, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, 5)
         self.coder = BoxCoder(BOX_CODER_WEIGHTS)
@@ -53,7 +59,7 @@ class BoxHead(nn.Module):
 
         ``boxes`` are per image ``[n_i, 4]`` xyxy in resized-frame pixels; ``frames_hw`` each image's resized ``(h, w)``.
         """
-        x = self.pool(features, list(boxes), list(frames_hw)).flatten(1)
+        x = self.reduce(self.pool(features, list(boxes), list(frames_hw)).flatten(1))
         out = self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
         return out[:, 0], out[:, 1:]
 

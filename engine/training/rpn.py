@@ -70,6 +70,7 @@ class RpnTrainConfig:
     quality_weight: float = 0.5
     refine_top: int = 500
     roi_sampling: int = 1
+    box_rank: int = 64
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
             quality_weight=train_config.quality_weight,
             refine_top=train_config.refine_top,
             roi_sampling=train_config.roi_sampling,
+            box_rank=train_config.box_rank,
         )
     if config.backbone != backbone.version:
         raise InvalidInputError(f"the RPN to train reads {config.backbone} maps, but the backbone is {backbone.version}; train from scratch (without --init)")
@@ -309,6 +311,7 @@ def _from_init(path: Path, train_config: RpnTrainConfig) -> tuple[ProposalNetwor
         "quality_weight": train_config.quality_weight,
         "refine_top": train_config.refine_top,
         "roi_sampling": train_config.roi_sampling,
+        "box_rank": train_config.box_rank,
     }
     network = ProposalNetwork(config=replace(old.config, **head))
     state = {k: v for k, v in old.state_dict().items() if not k.startswith("box_head.")}
