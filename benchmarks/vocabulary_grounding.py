@@ -3,7 +3,8 @@ vocabulary``), measured on the stamps world: each object's own description ("a r
 among its image's RPN proposals; right when the chosen box has IoU > 0.5 with the object's box.
 
 Variants, all from one scoring pass per image: ConSE alone, the text projection alone, and the shipped
-``concept + w · projection`` for a few ``w``; ``mcb attention`` is MCB's box (``--mcb`` another checkpoint); ``oracle`` is the share of objects some proposal covers
+``concept + w · projection`` for a few ``w``, ``shipped`` (the grounder's own score: the shipped ``w`` and
+the proposal prior) and that score ``+ a · objectness``; ``mcb attention`` is MCB's box (``--mcb`` another checkpoint); ``oracle`` is the share of objects some proposal covers
 (IoU > 0.5), the ceiling of any choice among them. ``--split val`` fits, ``--split test`` reports; 95 %
 bootstrap intervals over phrases. Writes ``benchmarks/results/vocabulary-grounding-<split>.json``.
 
@@ -45,7 +46,7 @@ def main() -> None:
     started = time.perf_counter()
     images = read_dataset(args.data).split(args.split).images[: args.images]
     grounder = Engine(Path("unused-index")).vocabulary_grounder()
-    rows: dict[str, list[bool]] = {"concept": [], "projection": [], "oracle": [], **{f"w={w}": [] for w in WEIGHTS}, **{f"+{a}*objectness": [] for a in PRIORS}, "mcb attention": []}
+    rows: dict[str, list[bool]] = {"concept": [], "projection": [], "oracle": [], **{f"w={w}": [] for w in WEIGHTS}, "shipped": [], **{f"+{a}*objectness": [] for a in PRIORS}, "mcb attention": []}
     from query.explain import AttentionGrounder
 
     mcb = AttentionGrounder(args.mcb)
@@ -62,6 +63,7 @@ def main() -> None:
             rows["projection"].append(bool(right[int(np.argmax(scored.projection))]))
             for w in WEIGHTS:
                 rows[f"w={w}"].append(bool(right[int(np.argmax(scored.concept + w * scored.projection))]))
+            rows["shipped"].append(bool(right[int(np.argmax(scored.scores))]))
             for a in PRIORS:
                 rows[f"+{a}*objectness"].append(bool(right[int(np.argmax(scored.scores + a * scored.objectness))]))
         for region, grounding in zip(objects, mcb.ground(pil, [r.description for r in objects])):
