@@ -122,6 +122,15 @@ def test_cli_end_to_end_then_text_mode_reusing_the_index(grn_corpus: Path, tmp_p
     one = _check_json(tmp_path / "one.json", "region")
     assert one["instance_shortlist"] == INSTANCE_SHORTLIST and one["layout_shortlist"] == 1 and one["metrics"]["img@10"]["value"] == one["metrics"]["img@1"]["value"]
 
+    # --grn: stage 2 of combined queries with another GRN-family checkpoint (query time: the index is reused)
+    checkpoints = Path(__file__).resolve().parents[1] / "engine" / "checkpoints"
+    sixth = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--mode", "region+text", "--grn", str(checkpoints / "grn-fc.pt"), "--limit", "2", "--device", "cpu", "-q", "--json", str(tmp_path / "fc.json")])
+    assert sixth.exit_code == 0, sixth.output
+    fc = _check_json(tmp_path / "fc.json", "region+text")
+    assert fc["index_reused"] is True and fc["grn_checkpoint"].endswith("grn-fc.pt") and region["grn_checkpoint"] == "default"
+    wrong = runner.invoke(main, ["eval", "search", "--data", str(grn_corpus), "--index", str(index), "--mode", "region+text", "--grn", str(checkpoints / "san.pt"), "--limit", "2", "--device", "cpu", "-q"])
+    assert wrong.exit_code != 0 and "Traceback" not in wrong.output and "grn" in wrong.output.lower(), wrong.output
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -100,6 +100,7 @@ class SearchEvalConfig:
     combined_san_weight: float | None = None  # None: the engine's default (EngineConfig.combined_san_weight)
     san_text_gate: tuple[float, float] | None = None  # None: the engine's default (EngineConfig.san_text_gate)
     san_checkpoint: Path | None = None  # None: the shipped SAN (EngineConfig.san_checkpoint)
+    grn_checkpoint: Path | None = None  # None: the engine's choice (EngineConfig.grn_checkpoint)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -179,6 +180,7 @@ class SearchEvalResult:
             "combined_san_weight": c.combined_san_weight if c.combined_san_weight is not None else COMBINED_SAN_WEIGHT,
             "san_text_gate": list(c.san_text_gate if c.san_text_gate is not None else SAN_TEXT_GATE),
             "san_checkpoint": str(c.san_checkpoint) if c.san_checkpoint is not None else "san",
+            "grn_checkpoint": str(c.grn_checkpoint) if c.grn_checkpoint is not None else "default",
             "queries": self.queries,
             "skipped_queries": self.skipped,
             "refused_queries": self.refused,
@@ -415,8 +417,12 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, san_text_gate=tuple(config.san_text_gate))
     if config.san_checkpoint is not None:
         settings = replace(settings, san_checkpoint=Path(config.san_checkpoint))
+    if config.grn_checkpoint is not None:
+        settings = replace(settings, grn_checkpoint=Path(config.grn_checkpoint))
     with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
+        if config.grn_checkpoint is not None:
+            engine.retrieval_model  # noqa: B018 -- a wrong --grn file is one error now, not every query refused
         if summary.errors:
             raise InvalidInputError(f"{summary.errors} image(s) of split {config.split!r} could not be indexed; see engine info --index {index_dir} --errors")
         yield _Indexed(engine=engine, links=links.resolve(), reused=reused, temporary=temporary, seconds=time.perf_counter() - started)
