@@ -37,7 +37,7 @@ from tqdm import tqdm
 from engine.boxes import Box, box_iou
 from engine.datasets.annotations import ANNOTATIONS_FILE, QUERIES_FILE, read_dataset
 from engine.datasets.types import Dataset, RetrievalQuery
-from engine.errors import EngineError, IndexNotFoundError, InvalidInputError
+from engine.errors import CheckpointError, EngineError, IndexNotFoundError, InvalidInputError
 from indexer.component_configs import RegionFeatureConfig
 from engine.evaluation.bootstrap import CONFIDENCE, RESAMPLES, SEED, Interval, bootstrap_interval
 
@@ -311,10 +311,13 @@ def split_queries(config: SearchEvalConfig) -> tuple[Dataset, list[tuple[Retriev
 
 def _measure(run_query, query: RetrievalQuery, targets: list[Target], k: int) -> QueryOutcome:  # noqa: ANN001
     """One query's outcome; a query the engine refuses (:class:`EngineError`) is a miss with ``refused=True``,
-    as a user gets no hit for it (its time is that of the refusal)."""
+    as a user gets no hit for it (its time is that of the refusal). A model that cannot be loaded
+    (:class:`CheckpointError`, e.g. a wrong ``--grn`` or ``--san`` file) is not a refusal: it ends the run."""
     started = time.perf_counter()
     try:
         shown, deep, seconds = run_query(query)
+    except CheckpointError:
+        raise
     except EngineError as exc:
         log.debug("query %s refused: %s", query.region_id, exc)
         return QueryOutcome(box_at_1=False, box_at_k=False, img_at_1=False, img_at_k=False, rank=float("inf"), seconds=time.perf_counter() - started, refused=True)
@@ -421,8 +424,6 @@ def _engine_over(config: SearchEvalConfig, index_dir: Path, images: Sequence[str
         settings = replace(settings, grn_checkpoint=Path(config.grn_checkpoint))
     with Engine(index_dir, config=settings) as engine:
         summary = engine.index(links, config=IndexConfig(), progress=config.progress)  # a reused index: nothing to do
-        if config.grn_checkpoint is not None:
-            engine.retrieval_model  # noqa: B018 -- a wrong --grn file is one error now, not every query refused
         if summary.errors:
             raise InvalidInputError(f"{summary.errors} image(s) of split {config.split!r} could not be indexed; see engine info --index {index_dir} --errors")
         yield _Indexed(engine=engine, links=links.resolve(), reused=reused, temporary=temporary, seconds=time.perf_counter() - started)
