@@ -72,6 +72,10 @@ class RpnTrainConfig:
     roi_sampling: int = 1
     box_rank: int = 64
 
+    def box_head_settings(self) -> dict[str, Any]:
+        """The :class:`RpnConfig` fields of the box head these settings train."""
+        return {name: getattr(self, name) for name in ("box_head", "refine_steps", "quality_weight", "refine_top", "roi_sampling", "box_rank")}
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -189,12 +193,7 @@ def train_rpn(options: TrainOptions, *, config: RpnConfig | None = None, train_c
             offsets=tuple(backbone.offsets[lvl] for lvl in RpnConfig.levels),
             backbone=backbone.version,
             max_size=backbone.max_size,
-            box_head=train_config.box_head,
-            refine_steps=train_config.refine_steps,
-            quality_weight=train_config.quality_weight,
-            refine_top=train_config.refine_top,
-            roi_sampling=train_config.roi_sampling,
-            box_rank=train_config.box_rank,
+            **train_config.box_head_settings(),
         )
     if config.backbone != backbone.version:
         raise InvalidInputError(f"the RPN to train reads {config.backbone} maps, but the backbone is {backbone.version}; train from scratch (without --init)")
@@ -305,15 +304,7 @@ def _from_init(path: Path, train_config: RpnTrainConfig) -> tuple[ProposalNetwor
         raise InvalidInputError("--init trains the box head of an RPN checkpoint's first stage; a config without a box head has nothing to train")
     old = ProposalNetwork.from_checkpoint(path)  # reads and verifies the file once
     manifest = read_manifest(path)
-    head = {
-        "box_head": train_config.box_head,
-        "refine_steps": train_config.refine_steps,
-        "quality_weight": train_config.quality_weight,
-        "refine_top": train_config.refine_top,
-        "roi_sampling": train_config.roi_sampling,
-        "box_rank": train_config.box_rank,
-    }
-    network = ProposalNetwork(config=replace(old.config, **head))
+    network = ProposalNetwork(config=replace(old.config, **train_config.box_head_settings()))
     state = {k: v for k, v in old.state_dict().items() if not k.startswith("box_head.")}
     missing, unexpected = network.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("box_head.") for k in missing), (missing, unexpected)
